@@ -1,0 +1,49 @@
+# nanoVLM-scale: every target depends on .venv, so on a fresh machine `make test` alone does all the set-up.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+CONFIG ?= toolkit/configs/tiny.yaml
+ARGS ?=
+SRC ?=
+OUT ?=
+PYTEST_ARGS ?=
+
+.PHONY: install test lint format demo shard-data train bench test-multinode clean
+
+install: $(STAMP)
+
+# torch first, pinned: a bare `torch` requirement would pull a multi-GB CUDA build.
+$(STAMP): setup.py
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check toolkit tests
+	$(BIN)/ruff format --check toolkit tests
+
+format: $(STAMP)
+	$(BIN)/ruff format toolkit tests
+	$(BIN)/ruff check --fix toolkit tests
+
+shard-data: $(STAMP)
+	@test -n "$(SRC)" -a -n "$(OUT)" || { echo "usage: make shard-data SRC=<dataset> OUT=<folder> [ARGS=...]"; exit 2; }
+	$(BIN)/python -m toolkit shard-data $(SRC) $(OUT) $(ARGS)
+
+train: $(STAMP)
+	$(BIN)/python -m toolkit train --config $(CONFIG) $(ARGS)
+
+bench: $(STAMP)
+	$(BIN)/python -m toolkit bench packing
+	$(BIN)/python -m toolkit bench pipeline
+	$(BIN)/python -m toolkit bench overhead
+	$(BIN)/python -m toolkit bench memory
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache

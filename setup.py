@@ -1,0 +1,32 @@
+"""Package definition for nanoVLM-scale.
+
+torch is deliberately left to the Makefile's pinned install (`torch==2.13.0`, the CPU wheel on disk): a bare
+`torch` requirement resolved by pip would pull a multi-GB CUDA build on a machine that has no GPU.
+The range below admits that pin and the GPU machines' torch 2.11 alike.
+"""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="nanovlm-scale",
+    version="0.1.0",
+    description="Scale-out training of nanoVLM-family vision-language models (DeepSpeed ZeRO / FSDP2).",
+    python_requires=">=3.10",
+    packages=find_packages(include=["toolkit", "toolkit.*"]),
+    package_data={"toolkit": ["configs/*.yaml"]},
+    install_requires=[
+        "torch>=2.5",
+        "deepspeed>=0.16",
+        "transformers>=4.50",
+        "datasets>=3.0",
+        "webdataset>=0.2.100",
+        "tensorboard>=2.15",
+        "pyyaml>=6.0",
+        "safetensors>=0.4",
+        "pillow>=10.0",
+        "torchdata>=0.11",
+        "tqdm>=4.66",
+    ],
+    extras_require={"dev": ["pytest>=8.0", "ruff>=0.6", "pytest-timeout>=2.3"]},
+    entry_points={"console_scripts": ["nanovlm-scale=toolkit.__main__:main"]},
+)
