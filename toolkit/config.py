@@ -1,0 +1,401 @@
+"""Run configuration: four dataclasses, YAML presets and `section.field=value` overrides.
+
+Every field carries its help text in `metadata`, so `--help`, the README's config reference and the error
+messages all read from one place. Validation happens here, before any process group, model or loader exists:
+a typo or an impossible shape must cost the user a second, not a cluster allocation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+PRESETS_DIR = Path(__file__).parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message names the field and what would be accepted."""
+
+
+def opt(default: Any, help: str, *, choices: tuple | None = None) -> Any:  # noqa: A002 - mirrors argparse
+    """A dataclass field with its help text (and allowed values) kept beside the default."""
+    meta = {"help": help, "choices": choices}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def default_extra_tokens() -> dict[str, str]:
+    """nanoVLM's `vlm_extra_tokens`: the image token, the global-image token and an 8x8 grid of tile tokens."""
+    tokens = {"image_token": "<|image|>", "global_image_token": "<|global_image|>"}
+    for r in range(1, 9):
+        for c in range(1, 9):
+            tokens[f"r{r}c{c}"] = f"<row_{r}_col_{c}>"
+    return tokens
+
+
+NANOVLM_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+@dataclass
+class ModelConfig:
+    """Model shape. Field names are nanoVLM's VLMConfig names so that its config.json loads as it is."""
+
+    vit_hidden_dim: int = opt(768, "Width of the vision transformer.")
+    vit_inter_dim: int = opt(3072, "Hidden width of the ViT MLP.")
+    vit_patch_size: int = opt(16, "Side of one ViT patch in pixels.")
+    vit_img_size: int = opt(512, "Side of one image tile fed to the ViT, in pixels.")
+    vit_n_heads: int = opt(12, "Attention heads in the ViT.")
+    vit_dropout: float = opt(0.0, "Dropout inside the ViT.")
+    vit_n_blocks: int = opt(12, "Number of ViT blocks.")
+    vit_ln_eps: float = opt(1e-6, "LayerNorm epsilon in the ViT.")
+    vit_cls_flag: bool = opt(False, "Prepend a CLS token and return only it (nanoVLM keeps this False).")
+    vit_model_type: str = opt("google/siglip2-base-patch16-512", "Name of the vision backbone (metadata).")
+    lm_hidden_dim: int = opt(960, "Width of the language decoder.")
+    lm_inter_dim: int = opt(2560, "Hidden width of the decoder's SwiGLU MLP.")
+    lm_rms_eps: float = opt(1e-5, "RMSNorm epsilon in the decoder.")
+    lm_re_base: int = opt(100000, "RoPE base (theta).")
+    lm_max_position_embeddings: int = opt(8192, "Positions RoPE was trained for; longer inputs scale the frequencies.")
+    lm_base_vocab_size: int = opt(49152, "Vocabulary of the tokenizer before the extra image tokens.")
+    extra_token_amount: int = opt(66, "Number of extra tokens nanoVLM adds (image, global image, 64 tile tokens).")
+    lm_vocab_size: int = opt(49218, "Decoder vocabulary: lm_base_vocab_size + extra_token_amount.")
+    lm_n_heads: int = opt(15, "Query heads in the decoder.")
+    lm_n_kv_heads: int = opt(5, "Key/value heads in the decoder (grouped-query attention).")
+    lm_dropout: float = opt(0.0, "Dropout inside the decoder.")
+    lm_n_blocks: int = opt(32, "Number of decoder blocks.")
+    lm_attn_scaling: float = opt(1.0, "Multiplier on RoPE cos/sin (nanoVLM's attention scaling).")
+    lm_max_length: int = opt(4096, "Tokens per packed row: the packer's capacity.")
+    lm_use_tokens: bool = opt(False, "nanoVLM flag: decoder returns logits itself (kept for config compatibility).")
+    lm_tie_weights: bool = opt(True, "Share the input embedding and the output head.")
+    lm_model_type: str = opt("HuggingFaceTB/SmolLM2-360M-Instruct", "Name of the language backbone (metadata).")
+    lm_tokenizer: str = opt("HuggingFaceTB/SmolLM2-360M-Instruct", "Tokenizer named in nanoVLM's config.json.")
+    lm_chat_template: str = opt(NANOVLM_CHAT_TEMPLATE, "Jinja chat template (nanoVLM's ChatML).")
+    mp_pixel_shuffle_factor: int = opt(4, "Pixel-shuffle factor of the projector (tokens per tile shrink by its square).")
+    mp_image_token_length: int = opt(64, "Image tokens per tile after pixel shuffle.")
+    max_img_size: int = opt(2048, "Longest image side after resizing, in pixels.")
+    resize_to_max_side_len: bool = opt(False, "Always resize the long side to max_img_size (else only shrink to fit).")
+    vlm_extra_tokens: dict = opt(default_extra_tokens(), "Extra special tokens by attribute name, in id order.")
+    vlm_load_backbone_weights: bool = opt(False, "nanoVLM flag (metadata); use vision_backbone/language_backbone.")
+    vlm_checkpoint_path: str = opt("checkpoints", "nanoVLM field (metadata).")
+    hf_repo_name: str = opt("nanoVLM", "nanoVLM field (metadata).")
+    vision_backbone: str = opt("", "Local Hugging Face folder of a SigLIP/SigLIP2 vision tower to start from.")
+    language_backbone: str = opt("", "Local Hugging Face folder of a Llama-family causal LM to start from.")
+    tokenizer: str = opt("", "Local tokenizer folder; overrides lm_tokenizer when set.")
+
+    def validate(self) -> None:
+        _require(self.vit_hidden_dim % self.vit_n_heads == 0, "model.vit_n_heads", "must divide model.vit_hidden_dim")
+        _require(self.vit_img_size % self.vit_patch_size == 0, "model.vit_patch_size", "must divide vit_img_size")
+        side = self.vit_img_size // self.vit_patch_size
+        _require(
+            side % self.mp_pixel_shuffle_factor == 0,
+            "model.mp_pixel_shuffle_factor",
+            f"must divide the patch grid side {side} (vit_img_size / vit_patch_size)",
+        )
+        tokens = (side // self.mp_pixel_shuffle_factor) ** 2
+        _require(
+            self.mp_image_token_length == tokens,
+            "model.mp_image_token_length",
+            f"must be (vit_img_size / vit_patch_size / mp_pixel_shuffle_factor)^2 = {tokens}",
+        )
+        _require(self.lm_hidden_dim % self.lm_n_heads == 0, "model.lm_n_heads", "must divide model.lm_hidden_dim")
+        _require((self.lm_hidden_dim // self.lm_n_heads) % 2 == 0, "model.lm_n_heads", "must leave an even head dim")
+        _require(self.lm_n_heads % self.lm_n_kv_heads == 0, "model.lm_n_kv_heads", "must divide model.lm_n_heads")
+        _require(
+            self.lm_vocab_size >= self.lm_base_vocab_size + self.extra_token_amount,
+            "model.lm_vocab_size",
+            f"must be at least lm_base_vocab_size + extra_token_amount = "
+            f"{self.lm_base_vocab_size + self.extra_token_amount}",
+        )
+        _require(
+            len(self.vlm_extra_tokens) == self.extra_token_amount,
+            "model.extra_token_amount",
+            f"must equal the number of vlm_extra_tokens ({len(self.vlm_extra_tokens)})",
+        )
+        _require(self.max_img_size >= self.vit_img_size, "model.max_img_size", "must be at least vit_img_size")
+        for name in ("vit_hidden_dim", "vit_n_blocks", "lm_hidden_dim", "lm_n_blocks", "lm_max_length"):
+            _require(getattr(self, name) > 0, f"model.{name}", "must be positive")
+
+    @property
+    def tokenizer_path(self) -> str:
+        return self.tokenizer or self.lm_tokenizer
+
+
+@dataclass
+class DataConfig:
+    """Where the shards are and how samples become packed rows."""
+
+    train_shards: Any = opt("", "Brace pattern, folder or manifest.json; or a list of {pattern, weight} to mix sets.")
+    val_shards: str = opt("", "Held-out shards (brace pattern, folder or manifest.json); empty = no validation.")
+    max_sample_length: int = opt(4096, "Samples with more tokens are dropped and counted.")
+    max_images_per_example: int = opt(4, "Samples with more images are dropped and counted.")
+    max_images_per_knapsack: int = opt(18, "Most images in one packed row.")
+    max_tiles_per_knapsack: int = opt(0, "Most tiles in one packed row (0 = no limit beyond tokens).")
+    buffer_packs: int = opt(32, "Packs the packer keeps open at once; more packs fill better and hold more memory.")
+    shuffle_buffer: int = opt(1000, "Samples in the shuffle buffer.")
+    num_workers: int = opt(2, "Data-loader worker processes per rank.")
+    prefetch_factor: int = opt(2, "Batches each worker prepares ahead.")
+    seed: int = opt(0, "Seed of shard order, sample shuffle and mixture sampling.")
+
+    def validate(self) -> None:
+        for name in ("max_sample_length", "max_images_per_example", "max_images_per_knapsack", "buffer_packs"):
+            _require(getattr(self, name) > 0, f"data.{name}", "must be positive")
+        _require(self.num_workers >= 0, "data.num_workers", "must be >= 0")
+        _require(self.shuffle_buffer >= 1, "data.shuffle_buffer", "must be >= 1 (1 = no shuffle)")
+        shards = self.train_shards
+        if isinstance(shards, list):
+            for i, item in enumerate(shards):
+                ok = isinstance(item, dict) and set(item) <= {"pattern", "weight"} and "pattern" in item
+                _require(ok, f"data.train_shards[{i}]", "must be a mapping {pattern: ..., weight: ...}")
+                _require(float(item.get("weight", 1.0)) > 0, f"data.train_shards[{i}].weight", "must be > 0")
+        else:
+            _require(isinstance(shards, str), "data.train_shards", "must be a string or a list of {pattern, weight}")
+
+
+@dataclass
+class TrainConfig:
+    """nanoVLM's optimisation recipe plus the run's cadence and lifecycle."""
+
+    batch_size: int = opt(1, "Packed rows per rank per micro-step.")
+    gradient_accumulation_steps: int = opt(1, "Micro-steps per optimizer step.")
+    max_training_steps: int = opt(1000, "Optimizer steps of the run; the LR schedule spans them.")
+    lr_mp: float = opt(5e-3, "Peak learning rate of the modality projector (0 = frozen).")
+    lr_vision_backbone: float = opt(5e-5, "Peak learning rate of the vision encoder (0 = frozen).")
+    lr_language_backbone: float = opt(5e-5, "Peak learning rate of the decoder (0 = frozen).")
+    weight_decay: float = opt(0.0, "AdamW weight decay.")
+    warmup_ratio: float = opt(0.03, "Share of max_training_steps spent in linear warmup (nanoVLM: 0.03).")
+    min_lr_ratio: float = opt(0.1, "Cosine floor as a share of each group's peak (nanoVLM: 0.1).")
+    max_grad_norm: float = opt(1.0, "Clip the global gradient norm to this (0 = no clipping).")
+    max_bad_steps: int = opt(5, "Stop after this many NaN/inf losses in a row.")
+    eval_interval: int = opt(0, "Validate every N steps (0 = only at the end when val_shards is set).")
+    eval_max_batches: int = opt(0, "Cap on validation batches per rank (0 = the whole held-out set).")
+    checkpoint_interval: int = opt(0, "Checkpoint every N steps (0 = only at the end).")
+    export_interval: int = opt(0, "Export nanoVLM format every N steps (0 = never during training).")
+    keep_checkpoints: int = opt(2, "Checkpoints kept on disk; the one 'latest' names is never deleted.")
+    log_interval: int = opt(1, "Log a progress line every N steps.")
+    activation_checkpointing: str = opt(
+        "none", "Recompute activations per block.", choices=("none", "vision", "language", "all")
+    )
+    compile: bool = opt(False, "torch.compile each block.")
+    seed: int = opt(0, "Seed of model initialisation and dropout.")
+    run_dir: str = opt("runs/default", "Run folder: config, checkpoints, exports, TensorBoard, metrics.jsonl.")
+    resume: str = opt("auto", "'auto' resumes from run_dir's latest checkpoint if any, 'none' starts fresh, or a path.")
+
+    def validate(self) -> None:
+        for name in ("batch_size", "gradient_accumulation_steps", "max_training_steps"):
+            _require(getattr(self, name) > 0, f"train.{name}", "must be positive")
+        for name in ("lr_mp", "lr_vision_backbone", "lr_language_backbone", "max_grad_norm", "weight_decay"):
+            _require(getattr(self, name) >= 0, f"train.{name}", "must be >= 0")
+        _require(0 <= self.warmup_ratio < 1, "train.warmup_ratio", "must be in [0, 1)")
+        _require(0 <= self.min_lr_ratio <= 1, "train.min_lr_ratio", "must be in [0, 1]")
+        _require(self.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1")
+
+
+@dataclass
+class BackendConfig:
+    """Which distributed engine runs the step."""
+
+    name: str = opt("single", "Training backend.", choices=("single", "ddp", "deepspeed", "fsdp"))
+    ds_config: str = opt("ds_configs/zero2.json", "DeepSpeed ZeRO settings file (backend.name=deepspeed).")
+    fsdp_sharding: str = opt("full", "FSDP2 sharding: full, or hybrid (shard in a node, replicate across).",
+                             choices=("full", "hybrid"))
+    fsdp_defer_grad_sync: bool = opt(
+        True, "FSDP2: skip gradient reduce-scatter on micro-steps before the last (faster, holds unsharded grads)."
+    )
+    precision: str = opt("bf16", "Compute precision; master weights and optimizer state stay fp32.",
+                         choices=("bf16", "fp32"))
+    device: str = opt("auto", "auto (CUDA when present), cuda or cpu.", choices=("auto", "cuda", "cpu"))
+
+    def validate(self) -> None:
+        if self.name == "deepspeed":
+            _require(bool(self.ds_config), "backend.ds_config", "must name a ZeRO settings file for deepspeed")
+
+
+@dataclass
+class Config:
+    """A whole run: model, data, train and backend sections."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    backend: BackendConfig = field(default_factory=BackendConfig)
+
+    def validate(self) -> Config:
+        for section in SECTIONS:
+            sub = getattr(self, section)
+            _check_types(sub, section)
+            _check_choices(sub, section)
+            sub.validate()
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+SECTIONS = ("model", "data", "train", "backend")
+
+
+def _require(ok: bool, name: str, what: str) -> None:
+    if not ok:
+        raise ConfigError(f"{name} {what}")
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _check_choices(obj: Any, section: str) -> None:
+    for f in dataclasses.fields(obj):
+        choices = f.metadata.get("choices")
+        value = getattr(obj, f.name)
+        if choices and value not in choices:
+            raise ConfigError(f"{section}.{f.name}={value!r} is not allowed; choose one of {', '.join(choices)}")
+
+
+def _check_types(obj: Any, section: str) -> None:
+    for name, tp in _field_types(type(obj)).items():
+        value = getattr(obj, name)
+        setattr(obj, name, _coerce(value, tp, f"{section}.{name}"))
+
+
+def _coerce(value: Any, tp: Any, name: str) -> Any:
+    """Accept what YAML or the command line gives when it means the field's type; refuse everything else."""
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    elif tp is dict or typing.get_origin(tp) is dict:
+        if isinstance(value, dict):
+            return value
+    elif isinstance(tp, types.UnionType):
+        return value
+    type_name = getattr(tp, "__name__", str(tp))
+    raise ConfigError(f"{name}={value!r} must be of type {type_name}")
+
+
+def section_fields(section: str) -> list[str]:
+    return [f.name for f in dataclasses.fields(_SECTION_TYPES[section])]
+
+
+_SECTION_TYPES: dict[str, type] = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "train": TrainConfig,
+    "backend": BackendConfig,
+}
+
+
+def _unknown(kind: str, name: str, allowed: list[str]) -> ConfigError:
+    close = difflib.get_close_matches(name.split(".")[-1], allowed, n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    return ConfigError(f"unknown {kind} {name!r}.{hint} Allowed: {', '.join(allowed)}")
+
+
+def apply_mapping(cfg: Config, data: dict, origin: str = "config") -> None:
+    """Set fields from a nested {section: {field: value}} mapping, refusing unknown names."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{origin} must be a mapping of sections ({', '.join(SECTIONS)})")
+    for section, values in data.items():
+        if section not in SECTIONS:
+            raise _unknown("config section", str(section), list(SECTIONS))
+        if not isinstance(values, dict):
+            raise ConfigError(f"{origin}: section {section!r} must be a mapping of fields")
+        allowed = section_fields(section)
+        for key, value in values.items():
+            if key not in allowed:
+                raise _unknown("field", f"{section}.{key}", allowed)
+            setattr(getattr(cfg, section), key, value)
+
+
+def parse_override(text: str) -> tuple[str, str, Any]:
+    """'train.lr_mp=1e-3' -> ('train', 'lr_mp', 0.001); the value is read as YAML so lists and bools work."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like section.field=value")
+    key, raw = text.split("=", 1)
+    if key.count(".") != 1:
+        raise ConfigError(f"override {text!r}: the key must be section.field, one of sections {', '.join(SECTIONS)}")
+    section, name = key.split(".")
+    if section not in SECTIONS:
+        raise _unknown("config section", section, list(SECTIONS))
+    if name not in section_fields(section):
+        raise _unknown("field", key, section_fields(section))
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {text!r}: value is not valid YAML ({exc})") from exc
+    tp = _field_types(_SECTION_TYPES[section])[name]
+    if tp is str and not isinstance(value, str):
+        value = raw  # '0001' or 'none' stay strings when the field is a string
+    return section, name, value
+
+
+def resolve_preset(path_or_name: str) -> Path:
+    """A path, or the name of a preset shipped in toolkit/configs ('tiny', 'nanovlm-450m')."""
+    path = Path(path_or_name)
+    if path.exists():
+        return path
+    preset = PRESETS_DIR / f"{path_or_name.removesuffix('.yaml')}.yaml"
+    if preset.exists():
+        return preset
+    names = ", ".join(sorted(p.stem for p in PRESETS_DIR.glob("*.yaml")))
+    raise ConfigError(f"config {path_or_name!r} is neither a file nor a preset; presets: {names}")
+
+
+def load_config(path: str | None = None, overrides: list[str] | None = None) -> Config:
+    """Preset or YAML file, then overrides, then validation: the one way a run's config is made."""
+    cfg = Config()
+    if path:
+        file = resolve_preset(path)
+        with open(file) as fh:
+            apply_mapping(cfg, yaml.safe_load(fh) or {}, origin=str(file))
+    for text in overrides or []:
+        section, name, value = parse_override(text)
+        setattr(getattr(cfg, section), name, value)
+    return cfg.validate()
+
+
+def config_from_dict(data: dict) -> Config:
+    cfg = Config()
+    apply_mapping(cfg, data)
+    return cfg.validate()
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    with open(path, "w") as fh:
+        yaml.safe_dump(cfg.to_dict(), fh, sort_keys=False)
+
+
+def describe_fields() -> str:
+    """Every field with its default and help: the text `--help` and the README's config reference show."""
+    lines = []
+    for section, cls in _SECTION_TYPES.items():
+        lines.append(f"[{section}] {cls.__doc__.strip()}")
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            shown = "{...}" if isinstance(default, dict) else repr(default)
+            if isinstance(default, str) and len(default) > 40:
+                shown = repr(default[:37] + "...")
+            choices = f" (one of: {', '.join(f.metadata['choices'])})" if f.metadata.get("choices") else ""
+            lines.append(f"  {section}.{f.name} = {shown}: {f.metadata.get('help', '')}{choices}")
+    return "\n".join(lines)

@@ -1,0 +1,146 @@
+"""Causal attention that keeps packed samples apart, with the kernel chosen by device.
+
+A packed row holds several samples; `position_ids` restart at 0 where each one begins, so the sample ("document")
+of every token is `cumsum(position_ids == 0)`. That is the only packing signal the model needs: it survives
+slicing, needs no extra tensor in the batch contract, and is what HF's varlen paths use too.
+
+Kernels, picked once per forward and shared by every block:
+- `causal`: plain SDPA `is_causal` when nothing is packed or padded (generation prefill, nanoVLM parity).
+- `dense`:  SDPA with a (B, 1, Q, K) boolean mask. Used on CPU and with a KV cache; O(S^2) memory.
+- `flex`:   FlexAttention with a document block mask; on CUDA it never materialises an S x S mask.
+- `varlen`: flash-attn's varlen kernel over cu_seqlens when flash-attn is installed (CUDA, bf16/fp16).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+try:  # FlexAttention exists from torch 2.5; CPU runs it eagerly (slow, exact), CUDA compiles it.
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+except ImportError:  # pragma: no cover - older torch
+    create_block_mask = flex_attention = None
+
+try:
+    from flash_attn import flash_attn_varlen_func
+except ImportError:
+    flash_attn_varlen_func = None
+
+KERNELS = ("auto", "causal", "dense", "flex", "varlen")
+
+
+@dataclass
+class AttentionPlan:
+    """What every attention layer of one forward needs; built once by `plan_attention`."""
+
+    kind: str
+    mask: torch.Tensor | None = None  # dense: (B, 1, Q, K) bool, True = may attend
+    block_mask: object | None = None  # flex
+    cu_seqlens: torch.Tensor | None = None  # varlen: (docs + 1,) int32 over the flattened batch
+    max_seqlen: int = 0
+
+
+def document_ids(position_ids: torch.Tensor) -> torch.Tensor:
+    """(B, S) positions -> (B, S) sample index within the row; a new sample starts wherever the position is 0."""
+    return (position_ids == 0).cumsum(dim=-1)
+
+
+def _dense_mask(
+    q_len: int, kv_len: int, docs: torch.Tensor | None, key_valid: torch.Tensor | None, device: torch.device
+) -> torch.Tensor:
+    offset = kv_len - q_len  # queries are the last q_len positions of the kv sequence
+    q_idx = torch.arange(q_len, device=device)[:, None] + offset
+    k_idx = torch.arange(kv_len, device=device)[None, :]
+    mask = (k_idx <= q_idx)[None, None]  # (1, 1, Q, K)
+    if docs is not None:
+        mask = mask & (docs[:, None, -q_len:, None] == docs[:, None, None, :])
+    if key_valid is not None:
+        mask = mask & key_valid[:, None, None, :].bool()
+    # A query always sees itself, so a fully padded row yields its own value instead of NaN.
+    return mask | (k_idx == q_idx)[None, None]
+
+
+@functools.lru_cache(maxsize=1)
+def _compiled_flex():
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def _flex_block_mask(docs: torch.Tensor, key_valid: torch.Tensor | None):
+    batch, seq = docs.shape
+    valid = key_valid.bool() if key_valid is not None else torch.ones_like(docs, dtype=torch.bool)
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        same = docs[b, q_idx] == docs[b, kv_idx]
+        return (q_idx >= kv_idx) & same & (valid[b, kv_idx] | (q_idx == kv_idx))
+
+    return create_block_mask(mask_mod, B=batch, H=None, Q_LEN=seq, KV_LEN=seq, device=docs.device)
+
+
+def _cu_seqlens(docs: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Sample boundaries over the flattened (B*S) batch, as flash-attn's varlen kernel wants them."""
+    batch, seq = docs.shape
+    flat = (docs + torch.arange(batch, device=docs.device)[:, None] * (seq + 1)).flatten()
+    _, counts = torch.unique_consecutive(flat, return_counts=True)
+    cu = F.pad(counts.cumsum(0), (1, 0)).to(torch.int32)
+    return cu, int(counts.max())
+
+
+def choose_kernel(device: torch.device, dtype: torch.dtype, packed: bool, cached: bool) -> str:
+    if cached or not packed:
+        return "dense"
+    if device.type == "cuda":
+        if flash_attn_varlen_func is not None and dtype in (torch.bfloat16, torch.float16):
+            return "varlen"
+        if flex_attention is not None:
+            return "flex"
+    return "dense"
+
+
+def plan_attention(
+    *,
+    q_len: int,
+    kv_len: int,
+    position_ids: torch.Tensor | None,
+    attention_mask: torch.Tensor | None,
+    device: torch.device,
+    dtype: torch.dtype,
+    kernel: str = "auto",
+) -> AttentionPlan:
+    """Decide once per forward how every layer attends. `position_ids` given means: honour packed samples."""
+    packed = position_ids is not None
+    cached = kv_len != q_len
+    if not packed and attention_mask is None and not cached:
+        return AttentionPlan("causal")
+    if kernel == "auto":
+        kernel = choose_kernel(device, dtype, packed, cached)
+    docs = document_ids(position_ids) if packed else None
+    if kernel == "flex" and docs is not None and not cached:
+        return AttentionPlan("flex", block_mask=_flex_block_mask(docs, attention_mask))
+    if kernel == "varlen" and docs is not None and not cached and attention_mask is None:
+        cu, longest = _cu_seqlens(docs)
+        return AttentionPlan("varlen", cu_seqlens=cu, max_seqlen=longest)
+    return AttentionPlan("dense", mask=_dense_mask(q_len, kv_len, docs, attention_mask, device))
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: AttentionPlan, dropout: float) -> torch.Tensor:
+    """q (B, H, Q, hd), k/v (B, Hkv, K, hd) -> (B, H, Q, hd). GQA heads are shared, never copied."""
+    if plan.kind == "causal":
+        return F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] > 1, dropout_p=dropout, enable_gqa=True)
+    if plan.kind == "dense":
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=plan.mask, dropout_p=dropout, enable_gqa=True)
+    if plan.kind == "flex":
+        fn = _compiled_flex() if q.is_cuda else flex_attention
+        return fn(q, k, v, block_mask=plan.block_mask, enable_gqa=True)
+    return _varlen(q, k, v, plan, dropout)
+
+
+def _varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: AttentionPlan, dropout: float) -> torch.Tensor:
+    b, h, s, hd = q.shape
+    flat = [t.transpose(1, 2).reshape(b * s, t.shape[1], hd) for t in (q, k, v)]  # (B*S, heads, hd)
+    out = flash_attn_varlen_func(
+        *flat, plan.cu_seqlens, plan.cu_seqlens, plan.max_seqlen, plan.max_seqlen, dropout_p=dropout, causal=True
+    )
+    return out.reshape(b, s, h, hd).transpose(1, 2)
