@@ -1,0 +1,148 @@
+"""Command line: `python -m toolkit {train, shard-data, synth, data-stats, eval, generate, export, bench, report}`.
+
+Each subcommand imports its implementation lazily, so `--help` answers instantly and a data-only command
+never pays for importing DeepSpeed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from toolkit.config import ConfigError, describe_fields, load_config
+
+COMMANDS = {
+    "train": "Train a model: --config CFG [section.field=value ...]",
+    "shard-data": "Convert a Hugging Face dataset or JSONL + images into WebDataset tar shards",
+    "synth": "Write the shapes-VQA synthetic dataset and its tokenizer",
+    "data-stats": "Run the data pipeline without a model and report counts, skips and fill rate",
+    "eval": "Validation loss and answer accuracy of a checkpoint on held-out shards",
+    "generate": "Answer a prompt about an image with a checkpoint",
+    "export": "Write a run's checkpoint in nanoVLM format (config.json + model.safetensors)",
+    "bench": "Run a benchmark: packing, pipeline, overhead, memory, gpu",
+    "report": "Plot a run's metrics (loss, LR per group, grad norm, tokens/s) to a PNG",
+}
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default="tiny", help="YAML file or preset name (tiny, nanovlm-222m, nanovlm-450m)")
+    p.add_argument("overrides", nargs="*", help="section.field=value, e.g. train.lr_mp=1e-3")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m toolkit",
+        description="nanoVLM-scale: train nanoVLM-family vision-language models on many GPUs.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Config fields (set with section.field=value):\n" + describe_fields(),
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, text in COMMANDS.items():
+        sub.add_parser(name, help=text, description=text)
+    _config_args(sub.choices["train"])
+    p = sub.choices["shard-data"]
+    p.add_argument("src", help="datasets folder (save_to_disk), parquet/arrow files, cached hub name, or JSONL")
+    p.add_argument("out", help="output folder for the shards and manifest.json")
+    p.add_argument("--subsets", default="", help="comma-separated subsets (configs) to concatenate")
+    p.add_argument("--shard-size", default="256MB", help="target shard size: bytes (256MB) or samples (1000)")
+    p.add_argument("--workers", type=int, default=1, help="parallel writer processes")
+    p.add_argument("--tokenizer", default="", help="tokenizer folder, for the token-length histogram")
+    p.add_argument("--images", default="", help="image folder for JSONL input")
+    p.add_argument("--split", default="train", help="dataset split to read")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run into the same OUT")
+    p = sub.choices["synth"]
+    p.add_argument("out", help="output folder: OUT/train, OUT/val, OUT/tokenizer")
+    p.add_argument("--samples", type=int, default=4000, help="training samples")
+    p.add_argument("--val-samples", type=int, default=400, help="held-out samples")
+    p.add_argument("--seed", type=int, default=0)
+    p = sub.choices["data-stats"]
+    _config_args(p)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--max-packs", type=int, default=0, help="stop after this many packs (0 = one full pass)")
+    p = sub.choices["eval"]
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--shards", required=True)
+    p.add_argument("--max-samples", type=int, default=0)
+    p = sub.choices["generate"]
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--image", required=True)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--sample", action="store_true", help="top-k/top-p sampling instead of greedy")
+    p = sub.choices["export"]
+    p.add_argument("run_or_checkpoint")
+    p.add_argument("out")
+    p = sub.choices["bench"]
+    p.add_argument("name", choices=("packing", "pipeline", "overhead", "memory", "gpu"))
+    p.add_argument("--json", action="store_true")
+    p = sub.choices["report"]
+    p.add_argument("run")
+    return parser
+
+
+def _not_yet(name: str) -> int:
+    print(f"`{name}` is not implemented in this version of nanoVLM-scale yet.", file=sys.stderr)
+    return 2
+
+
+def _synth(args: argparse.Namespace) -> int:
+    from toolkit.data.synthetic import write_synth
+
+    write_synth(args.out, samples=args.samples, val_samples=args.val_samples, seed=args.seed)
+    return 0
+
+
+def _shard_data(args: argparse.Namespace) -> int:
+    from toolkit.data.shard_writer import shard_data
+
+    manifest = shard_data(
+        args.src,
+        args.out,
+        subsets=[s for s in args.subsets.split(",") if s],
+        shard_size=args.shard_size,
+        workers=args.workers,
+        tokenizer=args.tokenizer or None,
+        images=args.images or None,
+        split=args.split,
+        resume=args.resume,
+    )
+    print(json.dumps({k: v for k, v in manifest.items() if k != "shards"}, indent=2))
+    return 0
+
+
+def _data_stats(args: argparse.Namespace) -> int:
+    from toolkit.data.loader import data_stats
+
+    stats = data_stats(load_config(args.config, args.overrides), max_packs=args.max_packs)
+    if args.json:
+        print(json.dumps(stats))
+    else:
+        for k, v in stats.items():
+            print(f"{k:>24}: {v}")
+    return 0
+
+
+HANDLERS = {"synth": _synth, "shard-data": _shard_data, "data-stats": _data_stats}
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    handler = HANDLERS.get(args.command)
+    if handler is None:
+        return _not_yet(args.command)
+    try:
+        return handler(args)
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
