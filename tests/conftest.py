@@ -24,10 +24,25 @@ def reference_dir() -> Path:
 def tiny_model_config(**overrides) -> ModelConfig:
     """2 ViT + 2 decoder blocks, 32 px tiles of 4 image tokens, 450-token vocabulary."""
     cfg = ModelConfig(
-        vit_hidden_dim=32, vit_inter_dim=64, vit_patch_size=8, vit_img_size=32, vit_n_heads=2, vit_n_blocks=2,
-        lm_hidden_dim=48, lm_inter_dim=96, lm_n_heads=4, lm_n_kv_heads=2, lm_n_blocks=2,
-        lm_base_vocab_size=384, lm_vocab_size=450, lm_max_position_embeddings=1024, lm_max_length=256,
-        mp_pixel_shuffle_factor=2, mp_image_token_length=4, max_img_size=64, resize_to_max_side_len=True,
+        vit_hidden_dim=32,
+        vit_inter_dim=64,
+        vit_patch_size=8,
+        vit_img_size=32,
+        vit_n_heads=2,
+        vit_n_blocks=2,
+        lm_hidden_dim=48,
+        lm_inter_dim=96,
+        lm_n_heads=4,
+        lm_n_kv_heads=2,
+        lm_n_blocks=2,
+        lm_base_vocab_size=384,
+        lm_vocab_size=450,
+        lm_max_position_embeddings=1024,
+        lm_max_length=256,
+        mp_pixel_shuffle_factor=2,
+        mp_image_token_length=4,
+        max_img_size=64,
+        resize_to_max_side_len=True,
     )
     for k, v in overrides.items():
         setattr(cfg, k, v)

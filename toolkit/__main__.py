@@ -113,9 +113,10 @@ def _shard_data(args: argparse.Namespace) -> int:
 
 
 def _data_stats(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)  # config errors before the pipeline is even imported
     from toolkit.data.loader import data_stats
 
-    stats = data_stats(load_config(args.config, args.overrides), max_packs=args.max_packs)
+    stats = data_stats(cfg, max_packs=args.max_packs)
     if args.json:
         print(json.dumps(stats))
     else:

@@ -24,7 +24,7 @@ class ConfigError(ValueError):
     """A config value that cannot work; the message names the field and what would be accepted."""
 
 
-def opt(default: Any, help: str, *, choices: tuple | None = None) -> Any:  # noqa: A002 - mirrors argparse
+def opt(default: Any, help: str, *, choices: tuple | None = None) -> Any:
     """A dataclass field with its help text (and allowed values) kept beside the default."""
     meta = {"help": help, "choices": choices}
     if isinstance(default, (list, dict)):
@@ -42,7 +42,8 @@ def default_extra_tokens() -> dict[str, str]:
 
 
 NANOVLM_CHAT_TEMPLATE = (
-    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+    "{% for message in messages %}"
+    "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
@@ -80,7 +81,9 @@ class ModelConfig:
     lm_model_type: str = opt("HuggingFaceTB/SmolLM2-360M-Instruct", "Name of the language backbone (metadata).")
     lm_tokenizer: str = opt("HuggingFaceTB/SmolLM2-360M-Instruct", "Tokenizer named in nanoVLM's config.json.")
     lm_chat_template: str = opt(NANOVLM_CHAT_TEMPLATE, "Jinja chat template (nanoVLM's ChatML).")
-    mp_pixel_shuffle_factor: int = opt(4, "Pixel-shuffle factor of the projector (tokens per tile shrink by its square).")
+    mp_pixel_shuffle_factor: int = opt(
+        4, "Pixel-shuffle factor of the projector (tokens per tile shrink by its square)."
+    )
     mp_image_token_length: int = opt(64, "Image tokens per tile after pixel shuffle.")
     max_img_size: int = opt(2048, "Longest image side after resizing, in pixels.")
     resize_to_max_side_len: bool = opt(False, "Always resize the long side to max_img_size (else only shrink to fit).")
@@ -206,13 +209,15 @@ class BackendConfig:
 
     name: str = opt("single", "Training backend.", choices=("single", "ddp", "deepspeed", "fsdp"))
     ds_config: str = opt("ds_configs/zero2.json", "DeepSpeed ZeRO settings file (backend.name=deepspeed).")
-    fsdp_sharding: str = opt("full", "FSDP2 sharding: full, or hybrid (shard in a node, replicate across).",
-                             choices=("full", "hybrid"))
+    fsdp_sharding: str = opt(
+        "full", "FSDP2 sharding: full, or hybrid (shard in a node, replicate across).", choices=("full", "hybrid")
+    )
     fsdp_defer_grad_sync: bool = opt(
         True, "FSDP2: skip gradient reduce-scatter on micro-steps before the last (faster, holds unsharded grads)."
     )
-    precision: str = opt("bf16", "Compute precision; master weights and optimizer state stay fp32.",
-                         choices=("bf16", "fp32"))
+    precision: str = opt(
+        "bf16", "Compute precision; master weights and optimizer state stay fp32.", choices=("bf16", "fp32")
+    )
     device: str = opt("auto", "auto (CUDA when present), cuda or cpu.", choices=("auto", "cuda", "cpu"))
 
     def validate(self) -> None:
@@ -282,6 +287,11 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
     elif tp is str:
         if isinstance(value, str):
             return value

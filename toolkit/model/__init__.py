@@ -2,4 +2,4 @@
 
 from toolkit.model.vlm import VisionLanguageModel, VLMOutput
 
-__all__ = ["VisionLanguageModel", "VLMOutput"]
+__all__ = ["VLMOutput", "VisionLanguageModel"]

@@ -74,8 +74,11 @@ def load_exact(model: VisionLanguageModel, state: dict[str, torch.Tensor], *, so
     tied = model.cfg.lm_tie_weights
     missing = [k for k in own if k not in state and not (tied and k == TIED_ALIAS and "decoder.head.weight" in state)]
     unexpected = [k for k in state if k not in own]
-    shapes = [f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}" for k, v in state.items()
-              if k in own and v.shape != own[k].shape]
+    shapes = [
+        f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+        for k, v in state.items()
+        if k in own and v.shape != own[k].shape
+    ]
     problems = []
     if missing:
         problems.append(f"missing {missing}")
@@ -170,10 +173,11 @@ def vision_state_from_hf(cfg: ModelConfig, folder: str | Path) -> dict[str, torc
     raw, state = _read_hf_folder(folder)
     hf = _vision_config(raw)
     _check_shape_fields(cfg, hf, VISION_PAIRS, folder)
-    prefix = "vision_model."
-    src = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-    if not src:
-        raise CheckpointError(f"{folder} has no vision_model.* tensors; is it a SigLIP checkpoint?")
+    # Full SigLIP checkpoints prefix the tower with "vision_model."; a saved SiglipVisionModel may not.
+    prefix = "vision_model." if any(k.startswith("vision_model.") for k in state) else ""
+    src = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix) and not k.startswith("text_model.")}
+    if "embeddings.patch_embedding.weight" not in src:
+        raise CheckpointError(f"{folder} has no SigLIP vision embeddings; is it a SigLIP/SigLIP2 checkpoint?")
     used: set[str] = set()
 
     def take(name: str) -> torch.Tensor:
@@ -210,11 +214,12 @@ def _patch_embedding(cfg: ModelConfig, take) -> dict[str, torch.Tensor]:
         weight = weight.reshape(d, p, p, 3).permute(0, 3, 1, 2).contiguous()
     pos = take("embeddings.position_embedding.weight")  # (n_pos, D)
     side = cfg.vit_img_size // p
-    src_side = int(round(pos.shape[0] ** 0.5))
+    src_side = round(pos.shape[0] ** 0.5)
     if src_side != side:  # SigLIP2 resizes its position grid to the image; we resize once to our tile grid
         grid = pos.reshape(1, src_side, src_side, d).permute(0, 3, 1, 2).float()
-        grid = torch.nn.functional.interpolate(grid, size=(side, side), mode="bilinear", align_corners=False,
-                                               antialias=True)
+        grid = torch.nn.functional.interpolate(
+            grid, size=(side, side), mode="bilinear", align_corners=False, antialias=True
+        )
         pos = grid.permute(0, 2, 3, 1).reshape(side * side, d).to(pos.dtype)
     return {
         "patch_embedding.conv.weight": weight,
@@ -261,8 +266,12 @@ def language_state_from_hf(cfg: ModelConfig, folder: str | Path, model: VisionLa
         return state[name]
 
     out = {}
-    names = {"q_proj": "self_attn.q_proj", "k_proj": "self_attn.k_proj", "v_proj": "self_attn.v_proj",
-             "out_proj": "self_attn.o_proj"}
+    names = {
+        "q_proj": "self_attn.q_proj",
+        "k_proj": "self_attn.k_proj",
+        "v_proj": "self_attn.v_proj",
+        "out_proj": "self_attn.o_proj",
+    }
     for i in range(cfg.lm_n_blocks):
         hf_l, ours = f"model.layers.{i}.", f"blocks.{i}."
         for mine, theirs in names.items():
@@ -272,7 +281,9 @@ def language_state_from_hf(cfg: ModelConfig, folder: str | Path, model: VisionLa
         out[f"{ours}norm1.weight"] = take(f"{hf_l}input_layernorm.weight")
         out[f"{ours}norm2.weight"] = take(f"{hf_l}post_attention_layernorm.weight")
     out["norm.weight"] = take("model.norm.weight")
-    out["token_embedding.weight"] = _extend_rows(model.decoder.token_embedding.weight, take("model.embed_tokens.weight"))
+    out["token_embedding.weight"] = _extend_rows(
+        model.decoder.token_embedding.weight, take("model.embed_tokens.weight")
+    )
     if not cfg.lm_tie_weights:
         out["head.weight"] = _extend_rows(model.decoder.head.weight, take("lm_head.weight"))
     leftover = sorted(k for k in state if k not in used and not k.endswith("rotary_emb.inv_freq"))

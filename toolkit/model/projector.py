@@ -15,7 +15,7 @@ from toolkit.config import ModelConfig
 def pixel_shuffle(x: torch.Tensor, factor: int) -> torch.Tensor:
     """(N, T, D) with T a square grid -> (N, T / f^2, D * f^2), neighbourhoods in nanoVLM's order."""
     n, t, d = x.shape
-    side = int(round(t**0.5))
+    side = round(t**0.5)
     if side * side != t or side % factor:
         raise ValueError(f"pixel shuffle needs a square patch grid divisible by {factor}, got {t} patches")
     out = side // factor

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from toolkit.config import ModelConfig
-from toolkit.model.language import KVCache, LanguageModel
+from toolkit.model.language import LanguageModel
 from toolkit.model.projector import ModalityProjector
 from toolkit.model.vision import ViT
 
@@ -122,15 +122,16 @@ class VisionLanguageModel(nn.Module):
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
         """Decode up to max_new_tokens (B, T); rows that emitted EOS are padded with EOS after it."""
-        b, s = input_ids.shape
+        b = input_ids.shape[0]
         mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
         pos = (mask.long().cumsum(-1) - 1).clamp(min=0)  # left padding does not shift positions
         x = self.embed(input_ids, pixel_values)
         logits, cache = self._step_logits(x, pos, mask, None)
         out, done = [], torch.zeros(b, dtype=torch.bool, device=input_ids.device)
         for _ in range(max_new_tokens):
-            token = sample_next(logits, greedy=greedy, top_k=top_k, top_p=top_p, temperature=temperature,
-                                generator=generator)
+            token = sample_next(
+                logits, greedy=greedy, top_k=top_k, top_p=top_p, temperature=temperature, generator=generator
+            )
             if eos_token_id is not None:
                 token = torch.where(done, torch.full_like(token, eos_token_id), token)
                 done |= token == eos_token_id
