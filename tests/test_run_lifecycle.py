@@ -1,0 +1,98 @@
+"""Run folder mechanics that need no process group: atomic latest, keep-last-k, FLOPs accounting."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from tests.conftest import tiny_model_config
+from toolkit.model import VisionLanguageModel
+from toolkit.train import checkpoint as ckpt
+from toolkit.train.metrics import language_flops, vision_flops_per_tile
+
+
+def _save(run: ckpt.RunDir, step: int, keep: int = 2) -> None:
+    path = run.step_dir(step)
+    ckpt.prepare_step_dir(path)
+    ckpt.write_rank_state(path, 0, {"cursor": step})
+    ckpt.commit(run, step, {"step": step}, keep=keep)
+
+
+def test_latest_is_last_complete_and_pruning_keeps_k(tmp_path):
+    run = ckpt.RunDir(tmp_path)
+    assert run.latest() is None
+    for step in (10, 20, 30):
+        _save(run, step)
+    assert run.latest() == run.step_dir(30)
+    assert sorted(p.name for p in run.checkpoints.glob("step_*")) == ["step_20", "step_30"]
+    # A save killed before commit leaves step_40 without trainer.json: latest stays, resume uses step_30.
+    ckpt.prepare_step_dir(run.step_dir(40))
+    ckpt.write_rank_state(run.step_dir(40), 0, {"cursor": 40})
+    assert run.latest() == run.step_dir(30)
+    assert ckpt.resolve_resume(run, "auto") == run.step_dir(30)
+    assert ckpt.read_rank_state(run.latest(), 0)["loader"] == {"cursor": 30}
+    _save(run, 50)
+    assert sorted(p.name for p in run.checkpoints.glob("step_*")) == ["step_30", "step_50"]
+    assert json.loads((run.latest() / "trainer.json").read_text()) == {"step": 50}
+
+
+def test_resume_none_and_explicit_paths(tmp_path):
+    run = ckpt.RunDir(tmp_path)
+    _save(run, 5)
+    assert ckpt.resolve_resume(run, "none") is None
+    assert ckpt.resolve_resume(run, str(run.step_dir(5))) == run.step_dir(5)
+    assert ckpt.resolve_resume(run, str(tmp_path)) == run.step_dir(5)
+    with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
+        ckpt.resolve_resume(run, str(tmp_path / "nowhere"))
+
+
+def test_missing_rank_state_explains_world_size(tmp_path):
+    run = ckpt.RunDir(tmp_path)
+    _save(run, 1)
+    with pytest.raises(FileNotFoundError, match="written by 1 ranks"):
+        ckpt.read_rank_state(run.latest(), 1)
+
+
+def test_rng_state_round_trip():
+    state = ckpt.rng_state()
+    a = (torch.rand(3), torch.randint(0, 100, (2,)))
+    ckpt.set_rng_state(state)
+    b = (torch.rand(3), torch.randint(0, 100, (2,)))
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def _counted_flops(fn) -> int:
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def _matmul_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, enable_gqa=False, scale=None):
+    """SDPA spelled out in matmuls, so FlopCounterMode (which counts CPU SDPA as 0) sees attention's FLOPs."""
+    if enable_gqa:
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+        v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+    scores = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5
+    if is_causal:
+        attn_mask = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool).tril()
+    if attn_mask is not None:
+        scores = scores.masked_fill(~attn_mask, float("-inf"))
+    return scores.softmax(-1) @ v
+
+
+def test_flop_formulas_match_counted_matmuls(monkeypatch):
+    """MFU's numerator against torch's own FLOP counter (forward + backward, matmuls and convs)."""
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", _matmul_attention)
+    cfg = tiny_model_config()
+    model = VisionLanguageModel(cfg).eval()  # eval: no dummy vision tile in the text-only count
+    tile = torch.rand(1, 3, cfg.vit_img_size, cfg.vit_img_size)
+    counted = _counted_flops(lambda: model.MP(model.vision_encoder(tile)).sum().backward())
+    assert counted == pytest.approx(vision_flops_per_tile(cfg), rel=0.02)
+    seq = 64
+    ids = torch.randint(0, 300, (1, seq))
+    counted = _counted_flops(lambda: model(input_ids=ids).logits.sum().backward())
+    # The counter charges SDPA for the full S x S square; our formula charges causal halves, so pass 2 S^2.
+    assert counted == pytest.approx(language_flops(cfg, seq, 2 * seq * seq), rel=0.02)

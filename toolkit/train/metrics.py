@@ -1,0 +1,130 @@
+"""What a run reports: FLOPs and MFU, TensorBoard, metrics.jsonl and a progress bar, all from rank 0.
+
+MFU counts the model FLOPs a step needs (vision + projector + language, forward and backward, attention over
+each packed sample's own length since packed samples do not attend to each other) against the device's peak.
+It does not count recomputation from activation checkpointing: MFU measures useful work, not work done.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from toolkit.config import ModelConfig
+
+log = logging.getLogger(__name__)
+
+# Dense bf16 peak per device, FLOP/s (no sparsity). Unknown devices report no MFU rather than a wrong one.
+PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12, "L40S": 362e12}
+
+
+def device_peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, peak in PEAK_BF16.items():
+        if key in name:
+            return peak
+    return None
+
+
+def vision_flops_per_tile(cfg: ModelConfig) -> float:
+    """Forward + backward FLOPs of the ViT and projector for one tile."""
+    patches = (cfg.vit_img_size // cfg.vit_patch_size) ** 2
+    d, inter = cfg.vit_hidden_dim, cfg.vit_inter_dim
+    per_block = 4 * d * d + 2 * d * inter  # qkv + out, fc1 + fc2 (weights per token)
+    attn = cfg.vit_n_blocks * 4 * patches * patches * d  # QK^T and AV, forward, bidirectional
+    proj = cfg.mp_image_token_length * cfg.vit_hidden_dim * cfg.mp_pixel_shuffle_factor**2 * cfg.lm_hidden_dim
+    patch_embed = patches * 3 * cfg.vit_patch_size**2 * d
+    # x3 = forward + input grad + weight grad; the patch embedding has no input grad (pixels need none).
+    return 3 * (2 * cfg.vit_n_blocks * per_block * patches + attn + 2 * proj) + 4 * patch_embed
+
+
+def language_flops(cfg: ModelConfig, n_tokens: int, sum_sq_lengths: float) -> float:
+    """Forward + backward FLOPs of the decoder over n_tokens whose samples have the given sum of squared lengths."""
+    d, hd = cfg.lm_hidden_dim, cfg.lm_hidden_dim // cfg.lm_n_heads
+    kv = cfg.lm_n_kv_heads * hd
+    per_block = 2 * d * d + 2 * d * kv + 3 * d * cfg.lm_inter_dim
+    dense = cfg.lm_n_blocks * per_block + d * cfg.lm_vocab_size  # + output head
+    attn = cfg.lm_n_blocks * 2 * sum_sq_lengths * d  # causal: half of 4 * L^2 * d per sample, forward
+    return 3 * (2 * dense * n_tokens + attn)
+
+
+def step_flops(cfg: ModelConfig, *, n_tokens: int, sum_sq_lengths: float, n_tiles: int) -> float:
+    return language_flops(cfg, n_tokens, sum_sq_lengths) + n_tiles * vision_flops_per_tile(cfg)
+
+
+def _flatten(prefix: str, value: Any, out: dict[str, float]) -> None:
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _flatten(f"{prefix}/{k}" if prefix else str(k), v, out)
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        out[prefix] = float(value)
+
+
+class MetricsWriter:
+    """Rank 0 writes; other ranks hold a no-op writer so call sites never ask which rank they are on."""
+
+    def __init__(self, run_root: Path, *, rank: int, total_steps: int, log_interval: int = 1) -> None:
+        self.active = rank == 0
+        self.total = total_steps
+        self.log_interval = max(1, log_interval)
+        self.started = time.monotonic()
+        self.first_step: int | None = None
+        self._jsonl = self._tb = self._bar = None
+        if not self.active:
+            return
+        run_root.mkdir(parents=True, exist_ok=True)
+        self._jsonl = open(run_root / "metrics.jsonl", "a")  # noqa: SIM115 - kept open for the run
+        from torch.utils.tensorboard import SummaryWriter
+
+        self._tb = SummaryWriter(str(run_root / "tb"))
+        if sys.stdout.isatty():
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total_steps, dynamic_ncols=True)
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        """One optimizer step's metrics: a JSON line, TensorBoard scalars, and the progress display."""
+        if not self.active:
+            return
+        record = {"step": step, **metrics}
+        self._jsonl.write(json.dumps(record) + "\n")
+        self._jsonl.flush()
+        flat: dict[str, float] = {}
+        _flatten("", metrics, flat)
+        for key, value in flat.items():
+            self._tb.add_scalar(key, value, step)
+        self._progress(step, metrics)
+
+    def _progress(self, step: int, m: dict[str, Any]) -> None:
+        if self.first_step is None:
+            self.first_step, self.started = step, time.monotonic()
+        done = step - self.first_step
+        rate = done / max(time.monotonic() - self.started, 1e-9)
+        eta = (self.total - step) / rate if rate > 0 else float("nan")
+        text = f"loss {m.get('loss', float('nan')):.4f} tok/s {m.get('tokens_per_s', 0):,.0f} eta {eta / 60:.1f} min"
+        if self._bar is not None:
+            self._bar.n = step
+            self._bar.set_postfix_str(text, refresh=True)
+        elif step % self.log_interval == 0 or step == self.total:
+            log.info("step %d/%d %s", step, self.total, text)
+
+    def flush(self) -> None:
+        if self.active:
+            self._jsonl.flush()
+            self._tb.flush()
+
+    def close(self) -> None:
+        if not self.active:
+            return
+        self._jsonl.close()
+        self._tb.close()
+        if self._bar is not None:
+            self._bar.close()
