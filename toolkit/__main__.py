@@ -125,7 +125,20 @@ def _data_stats(args: argparse.Namespace) -> int:
     return 0
 
 
-HANDLERS = {"synth": _synth, "shard-data": _shard_data, "data-stats": _data_stats}
+def _generate(args: argparse.Namespace) -> int:
+    from PIL import Image
+
+    from toolkit.evaluate import answer, load_for_inference
+
+    model, tok = load_for_inference(args.checkpoint)
+    with Image.open(args.image) as img:
+        text = answer(model, tok, [img.convert("RGB")], args.prompt, max_new_tokens=args.max_new_tokens,
+                      greedy=not args.sample)
+    print(text)
+    return 0
+
+
+HANDLERS = {"synth": _synth, "shard-data": _shard_data, "data-stats": _data_stats, "generate": _generate}
 
 
 def main(argv: list[str] | None = None) -> int:

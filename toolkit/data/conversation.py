@@ -59,3 +59,9 @@ def encode_sample(
     tok: VLMTokenizer, texts: list[dict], grids: list[tuple[int, int]], tokens_per_tile: int
 ) -> tuple[list[int], list[int]]:
     return encode_messages(tok, to_messages(texts, image_string(tok, grids, tokens_per_tile)))
+
+
+def encode_prompt(tok: VLMTokenizer, question: str, grids: list[tuple[int, int]], tokens_per_tile: int) -> list[int]:
+    """A user question (with its images) rendered up to the assistant's turn, for generation."""
+    messages = [{"role": "user", "content": image_string(tok, grids, tokens_per_tile) + question}]
+    return tok.encode(tok.render(messages, add_generation_prompt=True))

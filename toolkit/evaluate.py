@@ -1,0 +1,99 @@
+"""Evaluation: validation loss over held-out shards and answer accuracy by greedy generation.
+
+Answer accuracy compares the first word of the generated answer with the reference answer, case- and
+punctuation-insensitively: the shapes-VQA questions (and most VQA benchmarks) have one-word answers, and a
+model that says "Red." for "red" is right. Results are grouped by the sample's `question_type` when present.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from toolkit.data.conversation import encode_prompt
+from toolkit.data.images import process_image
+from toolkit.data.tokenizer import VLMTokenizer, load_tokenizer
+from toolkit.model import VisionLanguageModel
+
+
+def normalise(text: str) -> str:
+    words = re.findall(r"[a-z0-9]+", text.lower())
+    return words[0] if words else ""
+
+
+@dataclass
+class Accuracy:
+    correct: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    total: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+
+    def add(self, kind: str, ok: bool) -> None:
+        self.correct[kind] += int(ok)
+        self.total[kind] += 1
+
+    def table(self) -> dict[str, float]:
+        out = {k: self.correct[k] / self.total[k] for k in sorted(self.total)}
+        n = sum(self.total.values())
+        out["all"] = sum(self.correct.values()) / n if n else 0.0
+        return out
+
+
+def tiles_for(model: VisionLanguageModel, images: list[Image.Image]) -> tuple[torch.Tensor | None, list]:
+    cfg = model.cfg
+    processed = [
+        process_image(img, tile=cfg.vit_img_size, max_side=cfg.max_img_size, resize_to_max=cfg.resize_to_max_side_len)
+        for img in images
+    ]
+    if not processed:
+        return None, []
+    return torch.cat([t for t, _ in processed]), [g for _, g in processed]
+
+
+@torch.no_grad()
+def answer(
+    model: VisionLanguageModel,
+    tok: VLMTokenizer,
+    images: list[Image.Image],
+    question: str,
+    *,
+    max_new_tokens: int = 16,
+    greedy: bool = True,
+) -> str:
+    """One question about one sample's images -> the decoded answer."""
+    device = next(model.parameters()).device
+    pixels, grids = tiles_for(model, images)
+    ids = torch.tensor([encode_prompt(tok, question, grids, model.cfg.mp_image_token_length)], device=device)
+    pixels = pixels.to(device) if pixels is not None else None
+    out = model.generate(ids, pixels, max_new_tokens=max_new_tokens, greedy=greedy, eos_token_id=tok.eos_token_id)
+    return tok.decode(out[0].tolist(), skip_special_tokens=True).strip()
+
+
+def answer_accuracy(
+    model: VisionLanguageModel, tok: VLMTokenizer, samples: Iterable[dict], *, max_samples: int = 0
+) -> tuple[Accuracy, list[dict]]:
+    """samples: dicts with `images` (PIL), `texts` (first turn is asked), optional `question_type`."""
+    acc, shown = Accuracy(), []
+    model.eval()
+    for i, sample in enumerate(samples):
+        if max_samples and i >= max_samples:
+            break
+        turn = sample["texts"][0]
+        said = answer(model, tok, sample["images"], turn["user"])
+        ok = normalise(said) == normalise(turn["assistant"])
+        acc.add(sample.get("question_type", "all questions"), ok)
+        shown.append({"question": turn["user"], "expected": turn["assistant"], "answer": said, "correct": ok,
+                      "description": sample.get("description", "")})
+    return acc, shown
+
+
+def load_for_inference(checkpoint: str | Path, device: str = "auto") -> tuple[VisionLanguageModel, VLMTokenizer]:
+    """A nanoVLM-format folder (an export, or nanoVLM's own checkpoint) -> model in eval mode + tokenizer."""
+    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else "cpu" if device == "auto"
+                       else device)
+    model = VisionLanguageModel.from_pretrained(str(checkpoint)).to(dev).eval()
+    return model, load_tokenizer(model.cfg)
