@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Launch training with torchrun on this node; run the same command on every node of the job.
+#
+#   NNODES=2 MASTER_ADDR=node-001 launch/torchrun.sh --config nanovlm-450m backend.name=fsdp
+#
+# Reads:
+#   NNODES          number of nodes (default 1)
+#   NPROC_PER_NODE  processes per node (default: number of visible GPUs, else 1)
+#   MASTER_ADDR     host of the c10d rendezvous, reachable from every node (default localhost)
+#   MASTER_PORT     rendezvous port (default 29500)
+#   RDZV_ID         job id shared by all nodes (default: nanovlm-$USER)
+#   PYTHON          interpreter (default: .venv/bin/python of this checkout)
+#   NCCL_*          read by NCCL on every rank (e.g. NCCL_SOCKET_IFNAME, NCCL_IB_HCA)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-$PWD/.venv/bin/python}
+if [ -z "${NPROC_PER_NODE:-}" ]; then
+  NPROC_PER_NODE=$("$PYTHON" -c 'import torch; print(max(torch.cuda.device_count(), 1))')
+fi
+exec "$PYTHON" -m torch.distributed.run \
+  --nnodes "${NNODES:-1}" --nproc_per_node "$NPROC_PER_NODE" \
+  --rdzv_backend c10d --rdzv_endpoint "${MASTER_ADDR:-localhost}:${MASTER_PORT:-29500}" \
+  --rdzv_id "${RDZV_ID:-nanovlm-${USER:-user}}" \
+  -m toolkit train "$@"
