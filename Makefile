@@ -45,5 +45,9 @@ bench: $(STAMP)
 	$(BIN)/python -m toolkit bench overhead
 	$(BIN)/python -m toolkit bench memory
 
+# Two hosts in network namespaces on this machine, `deepspeed --hostfile` across them (needs root).
+test-multinode: $(STAMP)
+	PYTHON=$(abspath $(BIN))/python bash launch/test_multinode.sh
+
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache
