@@ -1,0 +1,257 @@
+"""The loader: bit-exact resume through workers, the batch contract, and what it feeds the model."""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+import shutil
+import tarfile
+from pathlib import Path
+
+import pytest
+import shardgen
+import torch
+from PIL import Image
+from shardgen import Spec, batch_keys, tiny_config, write_shard
+
+from toolkit.data import loader as loader_module
+from toolkit.data.collate import IGNORE, Encoded, collate
+from toolkit.data.conversation import encode_sample
+from toolkit.data.images import process_image
+from toolkit.data.loader import build_loader, data_stats, stream_states
+from toolkit.data.shards import ShardError
+from toolkit.data.tokenizer import load_tokenizer
+from toolkit.model.attention import document_ids
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory) -> tuple[str, int]:
+    return shardgen.make_tokenizer(tmp_path_factory.mktemp("tok"))
+
+
+def varied_set(folder: Path, prefix: str, *, shards: int, per_shard: int, seed: int) -> list[Spec]:
+    """Samples of uneven length: 0-2 images of random size, 1-4 turns, so packs differ from batch to batch."""
+    rng = random.Random(seed)
+    folder.mkdir(parents=True)
+    specs = []
+    for s in range(shards):
+        shard = []
+        for i in range(per_shard):
+            key, n_img = f"{prefix}{s:02d}x{i:03d}", rng.choice([0, 1, 1, 1, 2])
+            spec = shardgen.good(key, images=0, turns=rng.randint(1, 4))
+            fmt = rng.choice(["PNG", "JPEG"])
+            ext = "png" if fmt == "PNG" else "jpg"
+            for j in range(n_img):
+                size = (rng.randint(20, 90), rng.randint(20, 90))
+                spec.images.append((f"img{j}.{ext}", shardgen.image_bytes(*size, fmt=fmt, seed=rng.randrange(10**6))))
+            shard.append(spec)
+        write_shard(folder / f"shard-{s:06d}.tar", shard)
+        specs += shard
+    return specs
+
+
+@pytest.fixture(scope="module")
+def mixed(tok, tmp_path_factory) -> list[dict]:
+    root = tmp_path_factory.mktemp("mixed")
+    varied_set(root / "a", "a", shards=4, per_shard=14, seed=1)
+    varied_set(root / "b", "b", shards=2, per_shard=10, seed=2)
+    return [{"pattern": str(root / "a"), "weight": 2.0}, {"pattern": str(root / "b"), "weight": 1.0}]
+
+
+def take(loader_or_iterator, n: int) -> list[dict]:
+    """The next `n` batches; a loader starts a new iteration, an iterator goes on."""
+    it = iter(loader_or_iterator)
+    return [next(it) for _ in range(n)]
+
+
+def assert_same_batches(a: list[dict], b: list[dict]) -> None:
+    assert len(a) == len(b)
+    for x, y in zip(a, b, strict=True):
+        assert x["keys"] == y["keys"]
+        for name in ("input_ids", "labels", "position_ids", "pixel_values"):
+            assert x[name].dtype == y[name].dtype and torch.equal(x[name], y[name]), name
+
+
+def streams(state: dict) -> list[dict]:
+    return sorted(stream_states(state), key=lambda s: s["slot"])
+
+
+@pytest.mark.parametrize(("workers", "world", "rank", "before"), [(2, 1, 0, 5), (0, 3, 1, 4)],
+                         ids=["2-workers", "by-sample-in-process"])  # fmt: skip
+def test_resume_gives_the_same_batches_bit_for_bit(tok, mixed, workers: int, world: int, rank: int, before: int):
+    cfg = tiny_config(tok, mixed, data={"num_workers": workers, "shuffle_buffer": 6, "buffer_packs": 3})
+    first = build_loader(cfg, rank=rank, world=world)
+    uninterrupted = iter(first)
+    take(uninterrupted, before)
+    state = first.state_dict()
+    after = take(uninterrupted, 12)  # far enough to cross epochs of the smaller set
+    for stream in streams(state):  # mid-epoch, with samples in every buffer
+        assert stream["shuffle"] and stream["packer"] and stream["readers"][0]["ordinal"] > 0
+    resumed = build_loader(cfg, rank=rank, world=world)
+    resumed.load_state_dict(state)
+    assert_same_batches(take(resumed, 12), after)
+    assert batch_keys(after) != batch_keys(take(build_loader(cfg, rank=rank, world=world), 12))
+
+
+def test_resume_at_every_batch_of_a_finite_pass(tok, mixed) -> None:
+    """Including the tail, where the flushed packer leaves finished rows waiting for the next batch."""
+    cfg = tiny_config(tok, mixed, data={"shuffle_buffer": 5, "buffer_packs": 5}, train={"batch_size": 3})
+    loader = build_loader(cfg, rank=0, world=1, finite=True)
+    states, batches = [], []
+    for batch in loader:
+        states.append(loader.state_dict())
+        batches.append(batch)
+    assert any(streams(s)[0]["ready"] for s in states), "no state with rows waiting; the tail went untested"
+    for i, state in enumerate(states):
+        resumed = build_loader(cfg, rank=0, world=1, finite=True)
+        resumed.load_state_dict(state)
+        assert_same_batches(list(resumed), batches[i + 1 :])
+        assert resumed.counts() == loader.counts()  # counters carry over: 'read' counts each sample once
+
+
+def test_iterating_a_training_loader_again_continues(tok, mixed) -> None:
+    cfg = tiny_config(tok, mixed)
+    one = build_loader(cfg, rank=0, world=1)
+    it = iter(one)
+    whole = take(it, 7)
+    two = build_loader(cfg, rank=0, world=1)
+    assert_same_batches(take(two, 3) + take(two, 4), whole)
+
+
+def test_state_stays_small_and_restoring_decodes_only_the_buffers(tok, mixed, monkeypatch) -> None:
+    """The state holds buffer references and counters, not the epoch so far: its size does not grow with time,
+    and a restore decodes the buffered samples only."""
+    cfg = tiny_config(tok, mixed)
+    loader = build_loader(cfg, rank=0, world=1)
+    sizes = []
+    for i, _ in enumerate(loader):
+        if i in (3, 40):
+            sizes.append(len(json.dumps(loader.state_dict())))
+        if i == 40:
+            break
+    state = loader.state_dict()
+    (stream,) = streams(state)
+    assert len(stream["shuffle"]) == cfg.data.shuffle_buffer - 1  # one slot waits to be refilled
+    assert stream["readers"][0]["epoch"] >= 1  # 40 batches went past the end of an epoch
+    assert sizes[1] < 1.5 * sizes[0]
+    decoded = []
+    real = loader_module.decode_sample
+    monkeypatch.setattr(loader_module, "decode_sample", lambda raw, *a: decoded.append(raw.ref) or real(raw, *a))
+    resumed = build_loader(cfg, rank=0, world=1)
+    resumed.load_state_dict(state)
+    iter(resumed)  # in-process: the stream restores here, before the first batch
+    assert len(decoded) == len(stream["packer"]) + sum(len(row) for row in stream["ready"]) < 30
+    assert stream["counts"]["read"] > 150
+
+
+def test_a_moved_dataset_resumes(tok, mixed, tmp_path: Path) -> None:
+    """Shards copied to another folder (a new machine's local disk) are the same data: the state still applies."""
+    cfg = tiny_config(tok, mixed)
+    loader = build_loader(cfg, rank=0, world=1)
+    it = iter(loader)
+    take(it, 3)
+    state = loader.state_dict()
+    moved = [{**m, "pattern": str(shutil.copytree(m["pattern"], tmp_path / str(i)))} for i, m in enumerate(mixed)]
+    resumed = build_loader(tiny_config(tok, moved), rank=0, world=1)
+    resumed.load_state_dict(state)
+    assert batch_keys(take(resumed, 4)) == batch_keys(take(it, 4))
+
+
+def test_state_from_another_reader_layout_is_refused(tok, mixed) -> None:
+    cfg = tiny_config(tok, mixed)
+    loader = build_loader(cfg, rank=0, world=2)
+    take(loader, 1)
+    other = build_loader(cfg, rank=0, world=1)
+    other.load_state_dict(loader.state_dict())
+    with pytest.raises(ShardError, match=r"same world size and data\.num_workers"):
+        take(other, 1)
+
+
+def encoded(n: int, *, first: int, tiles: int, images: int = 1) -> Encoded:
+    ids = list(range(first, first + n))
+    pixels = torch.full((tiles, 3, 4, 4), float(first))  # the value names the sample, to check the order
+    return Encoded(ids, [i + 1 for i in ids], pixels, images=images, key=f"k{first}")
+
+
+def test_collate_contract() -> None:
+    rows = [[encoded(3, first=10, tiles=2), encoded(4, first=20, tiles=0, images=0)], [encoded(5, first=30, tiles=1)]]
+    batch = collate(rows, capacity=10, pad_id=0, tile=4, batch_rows=3)
+    assert batch["input_ids"].shape == batch["labels"].shape == batch["position_ids"].shape == (3, 10)
+    assert batch["input_ids"].dtype == batch["labels"].dtype == torch.long
+    assert batch["input_ids"][0].tolist() == [10, 11, 12, 20, 21, 22, 23, 0, 0, 0]
+    assert batch["labels"][0].tolist() == [11, 12, IGNORE, 21, 22, 23, IGNORE, IGNORE, IGNORE, IGNORE]
+    assert batch["position_ids"][0].tolist() == [0, 1, 2, 0, 1, 2, 3, 0, 1, 2]
+    assert batch["position_ids"][2].tolist() == list(range(10))  # an empty row: all padding, one segment
+    assert (batch["labels"][2] == IGNORE).all()
+    assert document_ids(batch["position_ids"])[0].tolist() == [1, 1, 1, 2, 2, 2, 2, 3, 3, 3]
+    assert batch["pixel_values"].shape == (3, 3, 4, 4) and batch["pixel_values"].dtype == torch.float32
+    assert batch["pixel_values"][:, 0, 0, 0].tolist() == [10.0, 10.0, 30.0]  # row by row, in token order
+    assert batch["stats"] == {"rows": 2, "samples": 3, "images": 2, "tiles": 3, "tokens": 12, "targets": 9}
+    text_only = collate([[encoded(3, first=1, tiles=0, images=0)]], capacity=4, pad_id=9, tile=4)
+    assert text_only["pixel_values"].shape == (0, 3, 4, 4)
+
+
+def test_samples_are_encoded_by_the_conversation_and_image_modules(tok, mixed) -> None:
+    """Each sample in a batch equals encode_sample + process_image applied to its raw tar members."""
+    cfg = tiny_config(tok, mixed, data={"shuffle_buffer": 1})
+    tokenizer = load_tokenizer(cfg.model)
+    batch = take(build_loader(cfg, rank=0, world=1), 1)[0]
+    members = {}
+    for pattern in (mixed[0]["pattern"], mixed[1]["pattern"]):
+        for shard in sorted(Path(pattern).glob("*.tar")):
+            with tarfile.open(shard) as tar:
+                for m in tar.getmembers():
+                    members[m.name] = tar.extractfile(m).read()
+    m = cfg.model
+    pixels, row_ids = [], []
+    for row in batch["keys"]:
+        ids = []
+        for where in row:
+            key = where.rsplit(":", 1)[1]
+            imgs = [Image.open(io.BytesIO(members[n])) for n in sorted(members) if n.startswith(f"{key}.img")]
+            tiles = [process_image(i, tile=m.vit_img_size, max_side=m.max_img_size, resize_to_max=True) for i in imgs]
+            texts = json.loads(members[f"{key}.json"])["texts"]
+            ids += encode_sample(tokenizer, texts, [g for _, g in tiles], m.mp_image_token_length)[0]
+            pixels += [t for t, _ in tiles]
+        row_ids.append(ids)
+    for r, ids in enumerate(row_ids):
+        assert batch["input_ids"][r, : len(ids)].tolist() == ids
+    assert torch.equal(batch["pixel_values"], torch.cat(pixels))
+
+
+def test_a_batch_feeds_the_tiny_model(tok, mixed) -> None:
+    from toolkit.model.vlm import VisionLanguageModel
+
+    cfg = tiny_config(tok, mixed)
+    batch = take(build_loader(cfg, rank=0, world=1), 1)[0]
+    model = VisionLanguageModel(cfg.model).eval()
+    with torch.no_grad():
+        out = model(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"], labels=batch["labels"],
+                    position_ids=batch["position_ids"])  # fmt: skip
+    assert out.logits.shape[:2] == batch["input_ids"].shape
+    assert torch.isfinite(out.loss)
+
+
+def test_val_split_is_one_ordered_pass(tok, tmp_path: Path) -> None:
+    keys = shardgen.make_dataset(tmp_path / "val", shards=2, per_shard=9)
+    cfg = tiny_config(tok, str(tmp_path / "val"), data={"val_shards": str(tmp_path / "val")})
+    loader = build_loader(cfg, rank=0, world=1, split="val")
+    first, second = batch_keys(list(loader)), batch_keys(list(loader))
+    assert sorted(first) == sorted(keys) and first == second  # finite, and a second pass starts over
+    empty, real = loader.empty_batch(), next(iter(loader))
+    assert empty["input_ids"].shape == real["input_ids"].shape and empty["stats"]["targets"] == 0
+    cfg.data.val_shards = ""
+    with pytest.raises(ShardError, match=r"data\.val_shards is empty"):
+        build_loader(cfg, rank=0, world=1, split="val")
+
+
+def test_data_stats(tok, tmp_path: Path) -> None:
+    shardgen.make_dataset(tmp_path, shards=2, per_shard=10)
+    write_shard(tmp_path / "shard-000002.tar", [Spec("nt", {"source": "x"})])
+    (tmp_path / "manifest.json").unlink()
+    stats = data_stats(tiny_config(tok, str(tmp_path)))
+    assert stats["samples_read"] == 21 and stats["samples_packed"] == 20
+    assert stats["skipped"] == {"no_texts": 1}
+    assert stats["packs"] * stats["samples_per_pack"] == pytest.approx(20, abs=0.1)
+    assert 0.5 < stats["fill"] <= 1.0 and stats["images_per_pack"] == stats["samples_per_pack"]

@@ -1,0 +1,79 @@
+"""Packed rows -> the batch contract of DESIGN.md.
+
+Every row is `capacity` tokens long and every batch has the same number of rows, so shapes are static (no
+recompiles, no ragged all-reduces). Samples in a row are told apart by `position_ids` restarting at 0, which is all
+the model's document attention reads (`document_ids = cumsum(position_ids == 0)`); the padding tail is one more
+segment starting at 0, so real tokens never attend to it. Labels arrive already shifted per sample and the last
+label of each sample is forced to -100, so no sample learns to predict its neighbour's first token.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+IGNORE = -100
+
+
+@dataclass
+class Encoded:
+    """One sample ready for a row: token ids, next-token labels and its tiles in token order."""
+
+    input_ids: list[int]
+    labels: list[int]
+    pixel_values: torch.Tensor  # (n_tiles, 3, tile, tile), float32 in [0, 1]
+    images: int = 0
+    key: str = ""
+
+
+def collate(
+    rows: Sequence[Sequence[Encoded]],
+    *,
+    capacity: int,
+    pad_id: int,
+    tile: int,
+    batch_rows: int | None = None,
+) -> dict:
+    """Rows of samples -> {input_ids, labels, position_ids, pixel_values, keys, stats}.
+
+    `batch_rows` pads with empty rows (all padding, no targets) so the last batch of a finite pass keeps the shape.
+    """
+    n_rows = max(len(rows), batch_rows or 0)
+    input_ids = torch.full((n_rows, capacity), pad_id, dtype=torch.long)  # (B, S)
+    labels = torch.full((n_rows, capacity), IGNORE, dtype=torch.long)  # (B, S)
+    position_ids = torch.arange(capacity, dtype=torch.long).repeat(n_rows, 1)  # (B, S); empty rows: one segment
+    tiles: list[torch.Tensor] = []
+    keys: list[list[str]] = []
+    for r, row in enumerate(rows):
+        cursor = 0
+        for sample in row:
+            n = len(sample.input_ids)
+            if cursor + n > capacity:
+                raise ValueError(f"row {r} holds more than capacity={capacity} tokens; the packer must prevent this")
+            input_ids[r, cursor : cursor + n] = torch.as_tensor(sample.input_ids, dtype=torch.long)
+            labels[r, cursor : cursor + n] = torch.as_tensor(sample.labels, dtype=torch.long)
+            labels[r, cursor + n - 1] = IGNORE
+            position_ids[r, cursor : cursor + n] = torch.arange(n)
+            tiles.append(sample.pixel_values)
+            cursor += n
+        position_ids[r, cursor:] = torch.arange(capacity - cursor)  # padding tail: its own segment
+        keys.append([sample.key for sample in row])
+    pixel_values = torch.cat(tiles) if tiles else torch.empty(0, 3, tile, tile)  # (N, 3, tile, tile)
+    stats = {
+        "rows": len(rows),
+        "samples": sum(len(row) for row in rows),
+        "images": sum(s.images for row in rows for s in row),
+        "tiles": int(pixel_values.shape[0]),
+        "tokens": sum(len(s.input_ids) for row in rows for s in row),
+        "targets": int((labels != IGNORE).sum()),
+    }
+    return {
+        "input_ids": input_ids,
+        "labels": labels,
+        "position_ids": position_ids,
+        "pixel_values": pixel_values.float(),
+        "keys": keys,
+        "stats": stats,
+    }

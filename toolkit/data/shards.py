@@ -1,0 +1,556 @@
+"""Tar shards -> decoded samples: shard lists, the reader split, shuffling, tar reading and bad-sample accounting.
+
+Each stage is a small object with a `next()` and an explicit, JSON-friendly state, not a chain of generators:
+the loader must be able to say, between any two batches, exactly where every stage stands, and a generator's
+position cannot be saved. State stays O(buffers): a reader's cursor is (epoch, shard position, sample ordinal),
+buffered samples are saved as (set, shard, ordinal) references and re-read on restore, and randomness is a pure
+function of (seed, reader, draw counter), so no RNG state needs saving.
+
+Split. Readers are (rank, loader worker) pairs. With at least as many shards as readers, each reader takes every
+`readers`-th shard of the epoch's order; with fewer, every reader walks all shards and keeps the samples whose
+running index falls to it (reading only the tar headers of the others), so no reader idles or hangs.
+
+Bad data never stops a run: a truncated or unreadable tar, an undecodable image, a JSON without texts or with wrong
+types is skipped, counted by reason and logged once with its shard and key. Only a shard that is missing when
+the run starts is an error, because that is a wrong path, not bad data.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import io
+import json
+import logging
+import os
+import random
+import re
+import tarfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from toolkit.config import Config, ConfigError
+from toolkit.data.conversation import encode_sample
+from toolkit.data.images import process_image, target_size, tile_count
+from toolkit.data.tokenizer import VLMTokenizer
+
+log = logging.getLogger(__name__)
+
+FORMAT = "nanovlm-scale-shards/1"
+MANIFEST = "manifest.json"
+IMAGE_MEMBER = re.compile(r"^img(\d+)\.\w+$")
+MAX_LOGGED = 100  # distinct bad samples logged per reader; later ones are only counted
+
+
+class ShardError(ConfigError):
+    """The shard list cannot be read as configured; the message names the path and what to do."""
+
+
+# ---------------------------------------------------------------------------------------------- shard lists
+
+
+@dataclass(frozen=True)
+class Shard:
+    path: str
+    samples: int | None = None  # from the manifest when there is one; lets a silently short tar be noticed
+
+
+@dataclass(frozen=True)
+class ShardSet:
+    pattern: str
+    shards: tuple[Shard, ...]
+    weight: float = 1.0
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """'a-{000..002}.tar' -> a-000.tar, a-001.tar, a-002.tar; '{x,y}' lists too; several groups multiply."""
+    m = re.search(r"\{([^{}]*)\}", pattern)
+    if m is None:
+        return [pattern]
+    head, tail, body = pattern[: m.start()], pattern[m.end() :], m.group(1)
+    rng = re.fullmatch(r"(\d+)\.\.(\d+)", body)
+    if rng:
+        lo, hi = rng.group(1), rng.group(2)
+        width = len(lo) if lo.startswith("0") or len(lo) == len(hi) else 0
+        options = [str(i).zfill(width) for i in range(int(lo), int(hi) + 1)]
+    else:
+        options = body.split(",")
+    return [p for opt in options for p in expand_braces(head + opt + tail)]
+
+
+def _read_manifest(path: Path, name: str) -> list[Shard]:
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ShardError(f"{name}: cannot read {path} ({exc}); rerun shard-data or point at the .tar files") from exc
+    if manifest.get("format") != FORMAT:
+        raise ShardError(f"{name}: {path} has format {manifest.get('format')!r}, expected {FORMAT!r}")
+    if manifest.get("complete") is not True:
+        raise ShardError(f"{name}: {path} is from a shard-data run that did not finish; rerun it into the same folder")
+    try:
+        return [Shard(str(path.parent / s["name"]), int(s["samples"])) for s in manifest.get("shards", [])]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ShardError(f"{name}: {path} lists a shard without name/samples ({exc}); rerun shard-data") from exc
+
+
+def resolve_shards(spec: str, *, name: str = "data.train_shards") -> list[Shard]:
+    """A brace pattern, a glob, a folder (its manifest.json, else its *.tar), a manifest.json, or one .tar."""
+    if not spec:
+        raise ShardError(
+            f"{name} is empty; set it to a shard folder (written by `python -m toolkit shard-data` or `synth`)"
+        )
+    path = Path(spec)
+    if path.is_dir():
+        if (path / MANIFEST).exists():
+            shards = _read_manifest(path / MANIFEST, name)
+        else:
+            shards = [Shard(p) for p in sorted(glob.glob(str(path / "*.tar")))]
+    elif spec.endswith(".json"):
+        shards = _read_manifest(path, name)
+    elif "{" in spec:
+        shards = [Shard(p) for p in expand_braces(spec)]
+    elif any(c in spec for c in "*?["):
+        shards = [Shard(p) for p in sorted(glob.glob(spec))]
+    elif path.exists():
+        shards = [Shard(spec)]
+    else:
+        raise ShardError(f"{name}={spec!r} does not exist; give a shard folder, a manifest.json or a brace pattern")
+    if not shards:
+        raise ShardError(f"{name}={spec!r} matched no shards; check the path (a folder, manifest.json or pattern)")
+    missing = [s.path for s in shards if not os.path.isfile(s.path)]
+    if missing:
+        listed = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        raise ShardError(
+            f"{name}={spec!r}: {len(missing)} of {len(shards)} shards are missing: {listed}. "
+            "Fix the pattern's range or path, or rerun shard-data to write them."
+        )
+    return shards
+
+
+def resolve_sets(spec: str | list, *, name: str = "data.train_shards") -> list[ShardSet]:
+    """One set for a string; several weighted sets for a list of {pattern, weight}."""
+    if isinstance(spec, str):
+        return [ShardSet(spec, tuple(resolve_shards(spec, name=name)))]
+    sets = []
+    for i, entry in enumerate(spec):
+        shards = resolve_shards(entry["pattern"], name=f"{name}[{i}].pattern")
+        sets.append(ShardSet(entry["pattern"], tuple(shards), float(entry.get("weight", 1.0))))
+    if not sets:
+        raise ShardError(f"{name} is an empty list; give at least one {{pattern, weight}}")
+    return sets
+
+
+def fingerprint(sets: list[ShardSet]) -> str:
+    """Identifies the shard lists a saved state refers to, so a state is never applied to other data. File names,
+    not paths: a run may resume on another machine with the same shards copied elsewhere."""
+    text = "\n".join(f"{s.weight}|" + "|".join(f"{Path(sh.path).name}:{sh.samples}" for sh in s.shards) for s in sets)
+    return hashlib.sha1(text.encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------------- split, randomness
+
+
+@dataclass(frozen=True)
+class ReaderSlot:
+    """Reader `index` of `count`: one (rank, loader worker) pair of the whole job."""
+
+    index: int = 0
+    count: int = 1
+
+
+def reader_slot(rank: int, world: int) -> ReaderSlot:
+    """Rank and world come from the caller (testable without a process group); the worker from torch."""
+    info = torch.utils.data.get_worker_info()
+    workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
+    return ReaderSlot(index=rank * workers + worker, count=world * workers)
+
+
+def uniform(*key: object) -> float:
+    """A float in [0, 1) that depends only on `key`: randomness that needs no saved RNG state."""
+    digest = hashlib.blake2b(repr(key).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") / 2.0**64
+
+
+def shard_order(n: int, *, seed: int, set_index: int, epoch: int) -> list[int]:
+    order = list(range(n))
+    random.Random(f"shards/{seed}/{set_index}/{epoch}").shuffle(order)
+    return order
+
+
+# ---------------------------------------------------------------------------------------------- tar reading
+
+
+@dataclass
+class RawSample:
+    """One sample's tar members, undecoded. `ref` = (set, shard, ordinal) finds it again after a resume."""
+
+    ref: tuple[int, int, int]
+    key: str
+    shard: str
+    files: dict[str, bytes]
+
+    @property
+    def where(self) -> str:
+        return f"{self.shard}:{self.key}"
+
+
+def split_member(name: str) -> tuple[str, str]:
+    """WebDataset's convention: the key is the path up to the first dot of the file name."""
+    folder, _, base = name.rpartition("/")
+    stem, _, ext = base.partition(".")
+    return (f"{folder}/{stem}" if folder else stem), ext
+
+
+class ShardScan:
+    """The samples of one tar from ordinal `start` on (only those `keep` accepts have their data read).
+
+    After iteration, `groups` is how many complete samples the tar held and `error` is (reason, message) if it
+    could not be read to the end; the sample in progress at a truncation is dropped, as it may lack images.
+    """
+
+    def __init__(self, path: str, *, start: int = 0, keep: Callable[[int], bool] | None = None) -> None:
+        self.path, self.start, self.keep = path, start, keep
+        self.groups = 0
+        self.error: tuple[str, str] | None = None
+
+    def __iter__(self) -> Iterator[tuple[int, str, dict[str, bytes]]]:
+        try:
+            fh = open(self.path, "rb")  # noqa: SIM115 - closed below, after the generator finishes
+        except OSError as exc:
+            self.error = ("unreadable_shard", str(exc))
+            return
+        with fh:
+            try:
+                tar = tarfile.open(fileobj=fh, mode="r:*")  # noqa: SIM115 - the file closes it
+            except (tarfile.TarError, EOFError, OSError) as exc:
+                self.error = ("bad_tar", str(exc))
+                return
+            yield from self._samples(tar)
+
+    def _samples(self, tar: tarfile.TarFile) -> Iterator[tuple[int, str, dict[str, bytes]]]:
+        key, ordinal, files, wanted = None, -1, {}, False
+        try:
+            while (member := tar.next()) is not None:
+                tar.members.clear()  # only next() is used; the member list would grow with the shard
+                if not member.isfile():
+                    continue
+                k, ext = split_member(member.name)
+                if k != key:
+                    if wanted:
+                        yield ordinal, key, files
+                    key, ordinal, files = k, ordinal + 1, {}
+                    wanted = ordinal >= self.start and (self.keep is None or self.keep(ordinal))
+                if wanted:
+                    files[ext] = tar.extractfile(member).read()
+            if wanted:
+                yield ordinal, key, files
+            self.groups = ordinal + 1
+        except (tarfile.TarError, EOFError, OSError) as exc:
+            self.error = ("truncated_tar", f"{exc} after sample #{ordinal}")
+            self.groups = max(ordinal, 0)
+
+
+# ---------------------------------------------------------------------------------------------- accounting
+
+
+@dataclass
+class SkipCounter:
+    """Samples read and skipped by reason on one reader; logs each bad (reason, shard:key) once."""
+
+    read: int = 0
+    skipped: dict[str, int] = field(default_factory=dict)
+    _logged: set = field(default_factory=set, repr=False)
+
+    def skip(self, reason: str, where: str, detail: str = "") -> None:
+        self.skipped[reason] = self.skipped.get(reason, 0) + 1
+        if (reason, where) in self._logged or len(self._logged) > MAX_LOGGED:
+            return
+        self._logged.add((reason, where))
+        more = " (further bad samples are counted, not logged)" if len(self._logged) > MAX_LOGGED else ""
+        log.warning("skipped %s: %s %s%s", where, reason, detail, more)
+
+    def state(self) -> dict:
+        return {"read": self.read, "skipped": dict(self.skipped)}
+
+    def restore(self, state: dict) -> None:
+        self.read, self.skipped = int(state["read"]), dict(state["skipped"])
+
+
+# ---------------------------------------------------------------------------------------------- readers
+
+
+class SetReader:
+    """Raw samples of one shard set for one reader: epochs of shuffled shard order, resumable at any sample."""
+
+    def __init__(
+        self, shard_set: ShardSet, set_index: int, *, slot: ReaderSlot, seed: int, finite: bool, counter: SkipCounter
+    ) -> None:
+        self.set, self.set_index, self.slot = shard_set, set_index, slot
+        self.seed, self.finite, self.counter = seed, finite, counter
+        self.by_sample = len(shard_set.shards) < slot.count
+        self.epoch = self.pos = self.ordinal = self.offset = self.kept = 0
+        self.done = False
+        self._scan: ShardScan | None = None
+        self._iter: Iterator | None = None
+        self._plan_epoch, self._plan = -1, []
+
+    def state(self) -> dict:
+        keys = ("epoch", "pos", "ordinal", "offset", "kept", "done")
+        return {k: getattr(self, k) for k in keys}
+
+    def restore(self, state: dict) -> None:
+        for k, v in state.items():
+            setattr(self, k, v)
+        self._scan = self._iter = None
+
+    def plan(self) -> list[int]:
+        """Shard indices this reader visits in the current epoch."""
+        if self._plan_epoch != self.epoch:
+            order = shard_order(len(self.set.shards), seed=self.seed, set_index=self.set_index, epoch=self.epoch)
+            self._plan = order if self.by_sample else order[self.slot.index :: self.slot.count]
+            self._plan_epoch = self.epoch
+        return self._plan
+
+    def next(self) -> RawSample | None:
+        while not self.done:
+            if self._iter is None:
+                if self.pos >= len(self.plan()):
+                    self._end_epoch()
+                    continue
+                self._open()
+            item = next(self._iter, None)
+            if item is None:
+                self._close()
+                continue
+            ordinal, key, files = item
+            self.ordinal = ordinal + 1
+            self.kept += 1
+            self.counter.read += 1
+            shard_index = self.plan()[self.pos]
+            return RawSample((self.set_index, shard_index, ordinal), key, self.set.shards[shard_index].path, files)
+        return None
+
+    def _open(self) -> None:
+        offset, slot = self.offset, self.slot
+        keep = (lambda o: (offset + o) % slot.count == slot.index) if self.by_sample else None
+        self._scan = ShardScan(self.set.shards[self.plan()[self.pos]].path, start=self.ordinal, keep=keep)
+        self._iter = iter(self._scan)
+
+    def _close(self) -> None:
+        """End of a shard: account for a broken or short tar (once per job, not once per reader)."""
+        scan, shard = self._scan, self.set.shards[self.plan()[self.pos]]
+        counts_events = not self.by_sample or self.pos % self.slot.count == self.slot.index
+        if scan.error is None and shard.samples is not None and scan.groups < shard.samples:
+            scan.error = ("truncated_tar", f"{scan.groups} of the {shard.samples} samples the manifest lists")
+        if scan.error and counts_events:
+            self.counter.skip(scan.error[0], shard.path, scan.error[1])
+        self.offset += scan.groups
+        self.pos += 1
+        self.ordinal = 0
+        self._scan = self._iter = None
+
+    def _end_epoch(self) -> None:
+        if self.finite:
+            self.done = True
+            return
+        if self.kept == 0:
+            raise ShardError(
+                f"shard set {self.set.pattern!r} gave reader {self.slot.index} of {self.slot.count} no samples in a "
+                f"whole epoch (all shards unreadable, or fewer samples than readers); check the shards "
+                f"(`python -m toolkit data-stats`) or lower data.num_workers"
+            )
+        self.epoch += 1
+        self.pos = self.offset = self.kept = 0
+
+
+def read_refs(sets: list[ShardSet], refs: list[tuple[int, int, int]]) -> dict[tuple[int, int, int], RawSample]:
+    """Re-read buffered samples after a resume: one scan per shard, reading only the wanted samples' data."""
+    by_shard: dict[tuple[int, int], set[int]] = {}
+    for s, sh, o in refs:
+        by_shard.setdefault((s, sh), set()).add(o)
+    found: dict[tuple[int, int, int], RawSample] = {}
+    for (s, sh), ordinals in by_shard.items():
+        path = sets[s].shards[sh].path
+        for ordinal, key, files in ShardScan(path, keep=ordinals.__contains__):
+            found[(s, sh, ordinal)] = RawSample((s, sh, ordinal), key, path, files)
+            if all((s, sh, o) in found for o in ordinals):
+                break
+        lost = [o for o in ordinals if (s, sh, o) not in found]
+        if lost:
+            raise ShardError(
+                f"{path} no longer holds sample #{lost[0]} that the saved loader state refers to; shards must not "
+                "change under a run: restore them, or resume with a fresh data stream"
+            )
+    return found
+
+
+class Mixture:
+    """Picks the set of the next sample with probability proportional to its weight; counter-based, so resumable."""
+
+    def __init__(self, readers: list[SetReader], weights: list[float], *, seed: int, slot: ReaderSlot) -> None:
+        self.readers, self.weights, self.seed, self.slot = readers, weights, seed, slot
+        self.draws = 0
+
+    def next(self) -> RawSample | None:
+        while True:
+            active = [i for i, r in enumerate(self.readers) if not r.done]
+            if not active:
+                return None
+            choice = active[0]
+            if len(active) > 1:
+                u = uniform("mix", self.seed, self.slot.index, self.draws) * sum(self.weights[i] for i in active)
+                self.draws += 1
+                for choice in active:
+                    u -= self.weights[choice]
+                    if u < 0:
+                        break
+            raw = self.readers[choice].next()
+            if raw is not None:
+                return raw
+
+
+class ShuffleBuffer:
+    """Bounded sample shuffle: keep `size` raw samples, hand out a random one, refill from the source."""
+
+    def __init__(self, source: Callable[[], RawSample | None], size: int, *, seed: int, slot: ReaderSlot) -> None:
+        self.source, self.size, self.seed, self.slot = source, size, seed, slot
+        self.items: list[RawSample] = []
+        self.draws = 0
+
+    def next(self) -> RawSample | None:
+        while len(self.items) < self.size:
+            raw = self.source()
+            if raw is None:
+                break
+            self.items.append(raw)
+        if not self.items:
+            return None
+        j = int(uniform("shuffle", self.seed, self.slot.index, self.draws) * len(self.items))
+        self.draws += 1
+        self.items[j], self.items[-1] = self.items[-1], self.items[j]
+        return self.items.pop()
+
+
+# ---------------------------------------------------------------------------------------------- decoding
+
+
+class Skip(Exception):
+    """A sample that cannot be trained on; `reason` is the counter it goes to."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason, self.detail = reason, detail
+
+
+@dataclass(frozen=True)
+class DecodeSpec:
+    """Everything decoding needs from the config, in one picklable value."""
+
+    tile: int
+    max_side: int
+    resize_to_max: bool
+    tokens_per_tile: int
+    max_length: int  # min(data.max_sample_length, model.lm_max_length): longer samples could never be packed
+    max_images: int  # min(data.max_images_per_example, data.max_images_per_knapsack)
+    max_tiles: int = 0
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> DecodeSpec:
+        m, d = cfg.model, cfg.data
+        return cls(
+            tile=m.vit_img_size,
+            max_side=m.max_img_size,
+            resize_to_max=m.resize_to_max_side_len,
+            tokens_per_tile=m.mp_image_token_length,
+            max_length=min(d.max_sample_length, m.lm_max_length),
+            max_images=min(d.max_images_per_example, d.max_images_per_knapsack),
+            max_tiles=d.max_tiles_per_knapsack,
+        )
+
+
+@dataclass
+class Sample:
+    """A decoded sample as the packer holds it: tokens and the images' *encoded* bytes (pixels come at collate)."""
+
+    ref: tuple[int, int, int]
+    where: str
+    input_ids: list[int]
+    labels: list[int]
+    images: list[bytes]
+    grids: list[tuple[int, int]]
+    tiles: int
+
+
+def parse_texts(files: dict[str, bytes]) -> list[dict]:
+    if "json" not in files:
+        raise Skip("no_json", "the sample has no .json member")
+    try:
+        meta = json.loads(files["json"])
+    except ValueError as exc:
+        raise Skip("bad_json", str(exc)) from exc
+    texts = meta.get("texts") if isinstance(meta, dict) else None
+    if not texts:
+        raise Skip("no_texts", "the JSON has no 'texts'")
+    if not isinstance(texts, list) or not all(
+        isinstance(t, dict) and isinstance(t.get("user"), str) and isinstance(t.get("assistant"), str) for t in texts
+    ):
+        raise Skip("bad_types", "'texts' must be a list of {user: str, assistant: str}")
+    return texts
+
+
+def image_members(files: dict[str, bytes]) -> list[bytes]:
+    """img0.*, img1.*, ... in index order."""
+    found = sorted((int(m.group(1)), ext) for ext in files if (m := IMAGE_MEMBER.match(ext)))
+    return [files[ext] for _, ext in found]
+
+
+def image_grid(data: bytes, spec: DecodeSpec) -> tuple[int, int]:
+    """Tile grid from the image header alone; the full decode waits until the sample is collated."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            w, h = img.size
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise Skip("bad_image", str(exc)) from exc
+    th, tw = target_size(h, w, tile=spec.tile, max_side=spec.max_side, resize_to_max=spec.resize_to_max)
+    return th // spec.tile, tw // spec.tile
+
+
+def decode_sample(raw: RawSample, tok: VLMTokenizer, spec: DecodeSpec) -> Sample:
+    """Raw tar members -> tokens and labels (nanoVLM's chat template and image string), or `Skip`."""
+    texts = parse_texts(raw.files)
+    images = image_members(raw.files)
+    if len(images) > spec.max_images:
+        raise Skip("too_many_images", f"{len(images)} images > {spec.max_images}")
+    grids = [image_grid(data, spec) for data in images]
+    tiles = sum(tile_count(g) for g in grids)
+    if spec.max_tiles and tiles > spec.max_tiles:
+        raise Skip("too_many_tiles", f"{tiles} tiles > data.max_tiles_per_knapsack={spec.max_tiles}")
+    input_ids, labels = encode_sample(tok, texts, grids, spec.tokens_per_tile)
+    if len(input_ids) > spec.max_length:
+        raise Skip("too_long", f"{len(input_ids)} tokens > {spec.max_length}")
+    if input_ids.count(tok.image_token_id) != tiles * spec.tokens_per_tile:
+        raise Skip("bad_text", "the text itself contains image tokens")
+    return Sample(raw.ref, raw.where, input_ids, labels, images, grids, tiles)
+
+
+def load_tiles(sample: Sample, spec: DecodeSpec) -> torch.Tensor:
+    """Full decode and nanoVLM tiling of every image: (tiles, 3, tile, tile) in token order, or `Skip`."""
+    out = []
+    for data, grid in zip(sample.images, sample.grids, strict=True):
+        try:
+            with Image.open(io.BytesIO(data)) as img:
+                tiles, got = process_image(
+                    img, tile=spec.tile, max_side=spec.max_side, resize_to_max=spec.resize_to_max
+                )
+        except (OSError, ValueError, Image.DecompressionBombError) as exc:
+            raise Skip("bad_image", str(exc)) from exc
+        if got != grid:
+            raise Skip("bad_image", f"decoded grid {got} differs from the header's {grid}")
+        out.append(tiles)
+    if not out:
+        return torch.empty(0, 3, spec.tile, spec.tile)
+    return torch.cat(out)
