@@ -125,6 +125,17 @@ def _data_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    from toolkit.train.trainer import TrainingDiverged, run_training
+
+    try:
+        run_training(load_config(args.config, args.overrides))
+    except TrainingDiverged as exc:
+        print(f"training stopped: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _generate(args: argparse.Namespace) -> int:
     from PIL import Image
 
@@ -138,7 +149,13 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
-HANDLERS = {"synth": _synth, "shard-data": _shard_data, "data-stats": _data_stats, "generate": _generate}
+HANDLERS = {
+    "train": _train,
+    "synth": _synth,
+    "shard-data": _shard_data,
+    "data-stats": _data_stats,
+    "generate": _generate,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,38 @@
+"""Training backends: `single`, `ddp`, `deepspeed` (ZeRO 0-3), `fsdp` (FSDP2). See base.py for the interface.
+
+`build_backend` only reads and checks the config (including the DeepSpeed JSON), so a wrong backend name or a
+conflicting ds_configs value fails before any process group, model or data loader exists. Each engine's
+module is imported on demand: DeepSpeed's import alone takes seconds.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import torch
+
+from toolkit.config import Config, ConfigError
+from toolkit.dist import DistEnv, dist_env, resolve_device
+from toolkit.train.backends.base import Backend, StepResult
+
+BACKENDS = {
+    "single": ("toolkit.train.backends.single", "SingleBackend"),
+    "ddp": ("toolkit.train.backends.single", "DDPBackend"),
+    "deepspeed": ("toolkit.train.backends.deepspeed", "DeepSpeedBackend"),
+    "fsdp": ("toolkit.train.backends.fsdp", "FSDPBackend"),
+}
+
+
+def build_backend(cfg: Config, *, env: DistEnv | None = None, device: torch.device | None = None) -> Backend:
+    """The backend cfg.backend.name names, configured but not set up (no process group is started)."""
+    name = cfg.backend.name
+    if name not in BACKENDS:
+        raise ConfigError(f"backend.name={name!r} is not a backend; choose one of {', '.join(BACKENDS)}")
+    env = env or dist_env()
+    device = device or resolve_device(cfg.backend.device, env)
+    module_name, class_name = BACKENDS[name]
+    cls = getattr(importlib.import_module(module_name), class_name)
+    return cls(cfg, env=env, device=device)
+
+
+__all__ = ["BACKENDS", "Backend", "StepResult", "build_backend"]

@@ -1,0 +1,234 @@
+"""The backend seam: one interface the training loop calls, whatever engine runs the step.
+
+    setup(model, param_groups, schedule)        wrap/shard the model, build AdamW + LambdaLR on what results
+    forward_backward(micro_batch, loss_scale)   one micro-step; returns this rank's detached sum of token losses
+    step(skip=False) -> StepResult              clip on the global norm, update, advance the schedule
+    save(dir, client_state) / load(dir)         the engine's native checkpoint of model + optimizer + schedule
+    full_state_dict()                           fp32 weights gathered on rank 0 (collective), for export
+
+Token weighting lives in this contract: the loop passes `loss_scale = 1 / (target tokens of the whole optimizer
+step, summed over micro-batches and ranks)`, and every backend turns `loss_sum * loss_scale` into gradients that
+*sum* over micro-batches and ranks. Data-parallel engines average gradients over ranks (DDP, FSDP2, DeepSpeed)
+and DeepSpeed also divides by the accumulation steps; each backend undoes exactly its own averaging, so a step
+is the gradient of one token mean however the global batch is split.
+
+Activation checkpointing and torch.compile wrap each block here, not in model/: the model stays plain torch
+with its own parameter names, and a checkpointed block saves only its input.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import types
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from toolkit.config import Config
+from toolkit.dist import DistEnv
+from toolkit.train.optim import ParamGroup
+from toolkit.train.schedule import WarmupCosine
+
+MODEL_KEYS = ("input_ids", "labels", "position_ids", "pixel_values", "attention_mask")
+
+
+@dataclass
+class StepResult:
+    grad_norm: float  # global L2 norm of the gradient before clipping (inf/NaN when the step was skipped)
+    lrs: dict[str, float]  # LR each group used for this update, by group name (frozen = 0)
+    skipped: bool = False  # no update: the loss or the gradient was not finite
+
+
+def model_inputs(batch: dict[str, Any], device: torch.device) -> dict[str, torch.Tensor]:
+    """The batch keys the model takes, on the device; loader extras (stats, keys) are left out."""
+    return {k: batch[k].to(device, non_blocking=True) for k in MODEL_KEYS if batch.get(k) is not None}
+
+
+def _checkpointed_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """A block's own forward, recomputed in backward instead of storing its activations."""
+    forward = type(self).forward
+    if not torch.is_grad_enabled():
+        return forward(self, *args, **kwargs)
+    return checkpoint(forward, self, *args, use_reentrant=False, **kwargs)
+
+
+def prepare_blocks(model: nn.Module, *, activation_checkpointing: str, compile_blocks: bool) -> None:
+    """Checkpoint (none / vision / language / all) and optionally compile each block, before any wrapping.
+
+    The checkpointed forward is bound to the block instance, so parameter names, state dicts and FSDP2's
+    per-block sharding see the unchanged module; non-reentrant checkpointing re-enters submodules through
+    their hooks, which ZeRO-3 needs to gather parameters again for the recomputation.
+    """
+    chosen = {
+        "none": [],
+        "vision": model.vision_blocks(),
+        "language": model.language_blocks(),
+        "all": model.blocks(),
+    }[activation_checkpointing]
+    for block in chosen:
+        block.forward = types.MethodType(_checkpointed_forward, block)
+    if compile_blocks:
+        for block in model.blocks():
+            block.compile()
+
+
+def clip_grad_norm(params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
+    """Global L2 norm of the gradients (across shards for DTensors) and, when max_norm > 0, clip to it.
+
+    Returns the pre-clip norm; the clip factor is torch's max_norm / (norm + 1e-6), the same as DeepSpeed's.
+    """
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    total = torch.nn.utils.get_total_norm(grads)
+    if hasattr(total, "full_tensor"):  # FSDP2: a DTensor holding per-shard partial norms
+        total = total.full_tensor()
+    if max_norm > 0 and math.isfinite(float(total)):
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
+    return total
+
+
+class Backend(ABC):
+    """One training engine. Construction reads and checks the config only: no process group, no model."""
+
+    name = ""
+
+    def __init__(self, cfg: Config, *, env: DistEnv, device: torch.device) -> None:
+        self.cfg = cfg
+        self.env = env
+        self.device = device
+        self.groups: list[ParamGroup] = []
+        self.scheduler: torch.optim.lr_scheduler.LambdaLR | None = None
+        self._micro = 0
+
+    # -- derived settings --
+    @property
+    def accumulation(self) -> int:
+        return self.cfg.train.gradient_accumulation_steps
+
+    @property
+    def bf16(self) -> bool:
+        return self.cfg.backend.precision == "bf16"
+
+    @property
+    def grad_average_factor(self) -> float:
+        """What the engine divides summed gradients by; the loss is multiplied by it to get sums back."""
+        return 1.0
+
+    @property
+    @abstractmethod
+    def module(self) -> nn.Module:
+        """The model itself (unwrapped; sharded under FSDP2/ZeRO-3), for names, eval and inspection."""
+
+    # -- the interface --
+    @abstractmethod
+    def setup(self, model: nn.Module, param_groups: list[ParamGroup], schedule: WarmupCosine) -> None: ...
+
+    def forward_backward(self, micro_batch: dict[str, Any], loss_scale: float) -> torch.Tensor:
+        """Forward and backward of one micro-batch; gradients accumulate until `step`.
+
+        `loss_scale` is 1 / (global target tokens of this optimizer step). Returns this rank's summed token loss
+        of the micro-batch (detached, fp32) for reporting.
+        """
+        if self._micro >= self.accumulation:
+            raise RuntimeError(
+                f"{self.accumulation} micro-batches per step (train.gradient_accumulation_steps); "
+                "call step() before the next forward_backward"
+            )
+        last = self._micro == self.accumulation - 1
+        self._micro += 1
+        inputs = model_inputs(micro_batch, self.device)
+        with self._micro_step(last=last):
+            out = self._forward(inputs)
+            self._backward(out.loss_sum * (loss_scale * self.grad_average_factor))
+        return out.loss_sum.detach().float()
+
+    def step(self, *, skip: bool = False) -> StepResult:
+        """Clip, update and advance the schedule; `skip` (a non-finite loss) drops the gradients instead.
+
+        The schedule advances on a skipped step too, so the LR stays a function of the step index (and of the
+        batches consumed), which is what resuming relies on.
+        """
+        if self._micro != self.accumulation:
+            raise RuntimeError(f"step() after {self._micro} micro-batches; expected {self.accumulation}")
+        self._micro = 0
+        return self._step(skip)
+
+    @abstractmethod
+    def save(self, path: str | Path, client_state: dict | None = None) -> None:
+        """Collective: every rank writes its part of model, optimizer and schedule state under `path`."""
+
+    @abstractmethod
+    def load(self, path: str | Path) -> dict:
+        """Collective: restore what `save` wrote (after `setup`); returns the client_state saved with it."""
+
+    @abstractmethod
+    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """Collective: the full fp32 model state (module.state_dict() keys) on rank 0, None on other ranks."""
+
+    @abstractmethod
+    def optimizer_state_numel(self) -> int:
+        """Elements of optimizer state tensors held by this rank (AdamW moments), for tests and benchmarks."""
+
+    def close(self) -> None:
+        """Release engine resources (threads, hooks) before the process group goes; a no-op by default."""
+        return
+
+    @torch.no_grad()
+    def eval_loss(self, micro_batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sum of token losses, target tokens) of one micro-batch without gradients.
+
+        Dropout is off, but the root keeps its training flag so a rank without an image still runs the vision
+        encoder: under ZeRO-3 and FSDP2 every rank must join every parameter gather, in evaluation too.
+        """
+        module = self.module
+        module.eval()
+        module.training = True
+        try:
+            with self._autocast():
+                out = self._model_call(model_inputs(micro_batch, self.device))
+        finally:
+            module.train()
+        return out.loss_sum.detach().float(), out.n_targets.detach()
+
+    # -- what subclasses provide --
+    def _micro_step(self, *, last: bool) -> contextlib.AbstractContextManager:
+        """Context around one micro-step's forward and backward (e.g. DDP's no_sync before the last)."""
+        return contextlib.nullcontext()
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
+
+    def _forward(self, inputs: dict[str, torch.Tensor]) -> Any:
+        with self._autocast():
+            return self._model_call(inputs)
+
+    @abstractmethod
+    def _model_call(self, inputs: dict[str, torch.Tensor]) -> Any: ...
+
+    @abstractmethod
+    def _backward(self, loss: torch.Tensor) -> None: ...
+
+    @abstractmethod
+    def _step(self, skip: bool) -> StepResult: ...
+
+    # -- shared helpers --
+    def trainable_parameters(self) -> Iterator[nn.Parameter]:
+        return (p for p in self.module.parameters() if p.requires_grad)
+
+
+def tensor_state_numel(state: dict) -> int:
+    """Elements of every per-parameter optimizer state tensor except the scalar step counters."""
+    total = 0
+    for per_param in state.values():
+        for key, value in per_param.items():
+            if key != "step" and torch.is_tensor(value):
+                total += value.numel() if not hasattr(value, "to_local") else value.to_local().numel()
+    return total

@@ -1,0 +1,236 @@
+"""DeepSpeed ZeRO stage 0-3 (and the offload variants) behind the backend interface.
+
+The files in ds_configs/ hold ZeRO settings only. Batch size, accumulation, clipping and bf16 are the toolkit
+config's: they are filled in here, and a value written by hand that disagrees is an error naming both, since a
+silent mismatch changes the effective batch or the precision without anyone noticing. The optimizer is the
+toolkit's AdamW with one group per module and the schedule the toolkit's LambdaLR, stepped here rather than by
+DeepSpeed: DeepSpeed's WarmupCosineLR would write one LR into every group, and stepping it ourselves keeps a
+skipped step (non-finite loss) advancing the schedule the same way under every ZeRO stage.
+
+Loss scaling: DeepSpeed averages gradients over data-parallel ranks; `backward(scale_wrt_gas=False)` stops its
+1/accumulation scaling, and the loss is multiplied by the world size, so gradients are token-weighted sums.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from toolkit import dist
+from toolkit.config import Config, ConfigError
+from toolkit.train.backends.base import Backend, StepResult, clip_grad_norm, prepare_blocks, tensor_state_numel
+from toolkit.train.optim import ParamGroup, build_optimizer, freeze_frozen_groups, group_lrs
+from toolkit.train.schedule import WarmupCosine, build_scheduler
+
+CHECKPOINT_TAG = "deepspeed"
+REPO_ROOT = Path(__file__).resolve().parents[3]
+
+
+def _find_config(path: str) -> Path:
+    for candidate in (Path(path), REPO_ROOT / path):
+        if candidate.is_file():
+            return candidate
+    shipped = ", ".join(sorted(p.name for p in (REPO_ROOT / "ds_configs").glob("*.json")))
+    raise ConfigError(f"backend.ds_config={path} is not a file; the shipped ones are ds_configs/{{{shipped}}}")
+
+
+def _same(given: Any, expected: Any) -> bool:
+    if isinstance(given, bool) or isinstance(expected, bool):
+        return given is expected
+    if isinstance(given, (int, float)) and isinstance(expected, (int, float)):
+        return math.isclose(float(given), float(expected))
+    return given == expected
+
+
+def resolve_ds_config(cfg: Config, world_size: int) -> dict:
+    """Read backend.ds_config and fill in what the toolkit config owns; a disagreeing hand-set value is an error."""
+    path = _find_config(cfg.backend.ds_config)
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"backend.ds_config={path} is not valid JSON: {exc}") from exc
+    for owned in ("optimizer", "scheduler"):
+        if owned in raw:
+            raise ConfigError(
+                f"{path} has a '{owned}' section; remove it: the toolkit builds AdamW with per-module LR groups and "
+                "nanoVLM's warmup-cosine itself (train.lr_*, train.warmup_ratio)"
+            )
+    if raw.get("fp16", {}).get("enabled") is True:
+        raise ConfigError(f"{path} enables fp16; remove the fp16 section and use backend.precision=bf16 or fp32")
+    stage = raw.get("zero_optimization", {}).get("stage")
+    if stage not in (0, 1, 2, 3):
+        raise ConfigError(f"{path} must set zero_optimization.stage to 0, 1, 2 or 3 (got {stage!r})")
+    tc = cfg.train
+    owned_values = {
+        "train_micro_batch_size_per_gpu": (tc.batch_size, "train.batch_size"),
+        "gradient_accumulation_steps": (tc.gradient_accumulation_steps, "train.gradient_accumulation_steps"),
+        "train_batch_size": (
+            tc.batch_size * tc.gradient_accumulation_steps * world_size,
+            f"train.batch_size x train.gradient_accumulation_steps x {world_size} ranks",
+        ),
+        "gradient_clipping": (tc.max_grad_norm, "train.max_grad_norm"),
+    }
+    resolved = dict(raw)
+    for key, (value, source) in owned_values.items():
+        _check_owned(path, key, raw.get(key, "auto"), value, source)
+        resolved[key] = value
+    bf16_section = dict(raw.get("bf16", raw.get("bfloat16", {})))
+    _check_owned(
+        path,
+        "bf16.enabled",
+        bf16_section.get("enabled", "auto"),
+        cfg.backend.precision == "bf16",
+        f"backend.precision={cfg.backend.precision}",
+    )
+    resolved.pop("bfloat16", None)
+    resolved["bf16"] = {**bf16_section, "enabled": cfg.backend.precision == "bf16"}
+    resolved.setdefault("steps_per_print", 2**62)  # the toolkit logs; DeepSpeed's own progress lines would repeat it
+    resolved.setdefault("zero_allow_untested_optimizer", True)
+    if raw.get("zero_optimization", {}).get("compute_grad_norm") is False:
+        raise ConfigError(f"{path} sets zero_optimization.compute_grad_norm=false; remove it: every step reports it")
+    if "offload_optimizer" in raw.get("zero_optimization", {}):
+        resolved.setdefault("zero_force_ds_cpu_optimizer", False)  # torch AdamW when DeepSpeedCPUAdam can't build
+    return resolved
+
+
+def _check_owned(path: Path, key: str, given: Any, expected: Any, source: str) -> None:
+    if given != "auto" and not _same(given, expected):
+        raise ConfigError(
+            f'{path} sets {key}={given!r} but {source} gives {expected!r}; set {key} to "auto" (or delete it) '
+            f"in {path.name} and choose the value through the toolkit config"
+        )
+
+
+def _import_deepspeed(device: torch.device):
+    """Import DeepSpeed pointing it at the CPU accelerator when we train on CPU (it would probe for CUDA)."""
+    if device.type == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+
+    return deepspeed
+
+
+@contextlib.contextmanager
+def _updates_disabled(optimizer: torch.optim.Optimizer) -> Iterator[None]:
+    """Run DeepSpeed's step with the inner AdamW update switched off.
+
+    A skipped step must leave weights and AdamW moments untouched under every ZeRO stage. Going through
+    engine.step() keeps DeepSpeed's own bookkeeping (micro-step counters, partitioned gradient buffers) right;
+    only the torch update is replaced by a no-op for that one call.
+    """
+    optimizer.step = lambda *args, **kwargs: None
+    try:
+        yield
+    finally:
+        del optimizer.step
+
+
+class DeepSpeedBackend(Backend):
+    name = "deepspeed"
+
+    def __init__(self, cfg: Config, **kwargs: Any) -> None:
+        super().__init__(cfg, **kwargs)
+        self.ds_config = resolve_ds_config(cfg, self.env.world_size)
+        self.stage = int(self.ds_config["zero_optimization"]["stage"])
+        self.engine = None
+        self.optimizer: torch.optim.Optimizer | None = None  # the torch AdamW inside DeepSpeed's wrapper
+
+    @property
+    def module(self) -> nn.Module:
+        return self.engine.module
+
+    @property
+    def grad_average_factor(self) -> float:
+        return float(dist.get_world_size())
+
+    def setup(self, model: nn.Module, param_groups: list[ParamGroup], schedule: WarmupCosine) -> None:
+        deepspeed = _import_deepspeed(self.device)
+        self.groups = param_groups
+        freeze_frozen_groups(model, param_groups)
+        tc = self.cfg.train
+        prepare_blocks(model, activation_checkpointing=tc.activation_checkpointing, compile_blocks=tc.compile)
+        self.optimizer = build_optimizer(model, param_groups, weight_decay=tc.weight_decay)
+        deepspeed.init_distributed(dist_backend="nccl" if self.device.type == "cuda" else "gloo")
+        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=self.optimizer, config=self.ds_config)
+        # ZeRO rewrites the param lists of the AdamW's groups in place; the group dicts (lr, name) stay ours.
+        self.scheduler = build_scheduler(self.optimizer, schedule)
+        self.engine.train()
+
+    def _model_call(self, inputs: dict[str, torch.Tensor]) -> Any:
+        return self.engine(**inputs)
+
+    def _backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss, scale_wrt_gas=False)
+        if self._micro < self.accumulation:
+            self.engine.step()  # not a boundary: DeepSpeed only counts the micro-step
+
+    def _step(self, skip: bool) -> StepResult:
+        if not self.engine.is_gradient_accumulation_boundary():
+            raise RuntimeError("DeepSpeed engine is not at an accumulation boundary; micro-step counts disagree")
+        fallback = None
+        if self.stage == 0 and not self.bf16:  # plain torch AdamW: DeepSpeed clips but does not record the norm
+            fallback = float(clip_grad_norm(list(self.trainable_parameters()), 0.0))
+            skip = skip or not math.isfinite(fallback)
+        lrs = group_lrs(self.optimizer.param_groups, self.groups)
+        with _updates_disabled(self.optimizer) if skip else contextlib.nullcontext():
+            self.engine.step()
+        norm = fallback if fallback is not None else float(self.engine.get_global_grad_norm())
+        self.scheduler.step()
+        return StepResult(grad_norm=norm, lrs=lrs, skipped=skip or not math.isfinite(norm))
+
+    def close(self) -> None:
+        """DeepSpeed's offload keeps helper threads; ending the process without destroy() aborts it."""
+        if self.engine is not None:
+            self.engine.destroy()
+            self.engine = None
+
+    def save(self, path: str | Path, client_state: dict | None = None) -> None:
+        state = {"toolkit_client_state": client_state or {}, "toolkit_scheduler": self.scheduler.state_dict()}
+        self.engine.save_checkpoint(str(path), tag=CHECKPOINT_TAG, client_state=state, save_latest=False)
+
+    def load(self, path: str | Path) -> dict:
+        loaded, state = self.engine.load_checkpoint(
+            str(path), tag=CHECKPOINT_TAG, load_optimizer_states=True, load_lr_scheduler_states=False
+        )
+        if loaded is None or state is None:
+            raise FileNotFoundError(f"no DeepSpeed checkpoint under {Path(path) / CHECKPOINT_TAG}")
+        self.scheduler.load_state_dict(state["toolkit_scheduler"])
+        return state["toolkit_client_state"]
+
+    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """fp32 master weights (not the bf16 working copy); frozen parameters as the module holds them."""
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        module = self.engine.module
+        full: dict[int, torch.Tensor] = {}
+        for p in module.parameters():  # collective under ZeRO-3: every rank walks the same parameters
+            value = safe_get_full_fp32_param(p) if p.requires_grad else None
+            if value is None:
+                value = self._gathered(p)
+            full[id(p)] = value.detach().float().cpu()
+        if self.env.rank != 0:
+            return None
+        named = dict(module.named_parameters(remove_duplicate=False))
+        state = {}
+        for key, value in module.state_dict().items():
+            state[key] = full[id(named[key])] if key in named else value.detach().cpu().clone()
+        return state
+
+    def _gathered(self, p: nn.Parameter) -> torch.Tensor:
+        if not hasattr(p, "ds_id"):
+            return p.data.clone()
+        from deepspeed.runtime.zero import GatheredParameters
+
+        with GatheredParameters([p]):
+            return p.data.clone()
+
+    def optimizer_state_numel(self) -> int:
+        return tensor_state_numel(self.optimizer.state)

@@ -1,0 +1,158 @@
+"""FSDP2 (`fully_shard`): each ViT block and decoder block is one shard group, the root holds the rest.
+
+Per-block groups bound memory to one block's gathered parameters at a time and let the gather of the next
+block overlap the current one's compute. The root group holds the patch embedding, projector, token embedding,
+final norm and the output head; with tied weights the head *is* the token embedding, and keeping both in the
+root group means the one shared parameter is sharded, gathered and reduced once.
+
+`hybrid` sharding is a 2-D mesh (replicate across nodes, shard within a node): parameter gathers stay on the
+fast intra-node links and only gradient all-reduces cross nodes. Mixed precision: parameters are gathered in
+bf16 and gradients reduced in fp32 onto fp32 shards, which AdamW updates. FSDP2 averages gradients over the
+data-parallel ranks, so the loss is multiplied by the world size to keep token-weighted sums.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+from toolkit import dist
+from toolkit.config import ConfigError
+from toolkit.train.backends.base import Backend, StepResult, clip_grad_norm, prepare_blocks, tensor_state_numel
+from toolkit.train.optim import ParamGroup, build_optimizer, freeze_frozen_groups, group_lrs
+from toolkit.train.schedule import WarmupCosine, build_scheduler
+
+EXTRA_FILE = "fsdp_extra.pt"  # schedule state and client state, written by rank 0 beside the DCP shards
+
+
+class FSDPBackend(Backend):
+    name = "fsdp"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        env = self.env
+        if self.cfg.backend.fsdp_sharding == "hybrid" and env.world_size % env.local_world_size:
+            raise ConfigError(
+                f"backend.fsdp_sharding=hybrid needs the same number of ranks on every node; world size "
+                f"{env.world_size} is not a multiple of {env.local_world_size} ranks per node"
+            )
+        self.model: nn.Module | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
+
+    @property
+    def module(self) -> nn.Module:
+        return self.model
+
+    @property
+    def grad_average_factor(self) -> float:
+        return float(dist.get_world_size())
+
+    def _mesh(self) -> DeviceMesh:
+        world = dist.get_world_size()
+        if self.cfg.backend.fsdp_sharding == "hybrid":
+            per_node = min(self.env.local_world_size, world)
+            shape, names = (world // per_node, per_node), ("replicate", "shard")
+            return init_device_mesh(self.device.type, shape, mesh_dim_names=names)
+        return init_device_mesh(self.device.type, (world,), mesh_dim_names=("shard",))
+
+    def setup(self, model: nn.Module, param_groups: list[ParamGroup], schedule: WarmupCosine) -> None:
+        if not dist.is_distributed():
+            raise RuntimeError("backend fsdp needs a process group: call toolkit.dist.init_distributed first")
+        self.groups = param_groups
+        freeze_frozen_groups(model, param_groups)
+        tc = self.cfg.train
+        prepare_blocks(model, activation_checkpointing=tc.activation_checkpointing, compile_blocks=tc.compile)
+        model.to(self.device)
+        mesh = self._mesh()
+        policy = (
+            MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+            if self.bf16
+            else (MixedPrecisionPolicy())
+        )
+        for block in model.blocks():
+            fully_shard(block, mesh=mesh, mp_policy=policy)
+        fully_shard(model, mesh=mesh, mp_policy=policy)
+        self.model = model
+        self.model.train()
+        self.optimizer = build_optimizer(model, param_groups, weight_decay=tc.weight_decay)
+        self.scheduler = build_scheduler(self.optimizer, schedule)
+
+    def _micro_step(self, *, last: bool) -> contextlib.AbstractContextManager:
+        # Deferred sync keeps unsharded gradients until the last micro-step: one reduce-scatter per step.
+        self.model.set_requires_gradient_sync(last or not self.cfg.backend.fsdp_defer_grad_sync)
+        return contextlib.nullcontext()
+
+    def _model_call(self, inputs: dict[str, torch.Tensor]) -> Any:
+        return self.model(**inputs)
+
+    def _backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def _step(self, skip: bool) -> StepResult:
+        params = list(self.trainable_parameters())
+        norm = float(clip_grad_norm(params, 0.0 if skip else self.cfg.train.max_grad_norm))
+        skip = skip or not math.isfinite(norm)
+        lrs = group_lrs(self.optimizer.param_groups, self.groups)
+        if not skip:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        return StepResult(grad_norm=norm, lrs=lrs, skipped=skip)
+
+    def _sharded_state(self) -> dict[str, Any]:
+        return {
+            "model": get_model_state_dict(self.model),
+            "optim": get_optimizer_state_dict(self.model, self.optimizer),
+        }
+
+    def save(self, path: str | Path, client_state: dict | None = None) -> None:
+        """Every rank writes its shards (torch.distributed.checkpoint); rank 0 adds schedule and client state."""
+        path = Path(path)
+        dcp.save(self._sharded_state(), checkpoint_id=str(path))
+        if self.env.rank == 0:
+            extra = {"scheduler": self.scheduler.state_dict(), "client_state": client_state or {}}
+            torch.save(extra, path / EXTRA_FILE)
+        dist.barrier()
+
+    def load(self, path: str | Path) -> dict:
+        path = Path(path)
+        if not (path / EXTRA_FILE).exists():
+            raise FileNotFoundError(f"{path / EXTRA_FILE} not found: not a checkpoint of backend fsdp")
+        state = self._sharded_state()
+        dcp.load(state, checkpoint_id=str(path))
+        set_model_state_dict(self.model, state["model"])
+        set_optimizer_state_dict(self.model, self.optimizer, state["optim"])
+        extra = torch.load(path / EXTRA_FILE, map_location="cpu", weights_only=False)
+        self.scheduler.load_state_dict(extra["scheduler"])
+        return extra["client_state"]
+
+    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        state = get_model_state_dict(self.model, options=options)
+        if self.env.rank != 0:
+            return None
+        # Tied weights: make sure both names are there, as in module.state_dict().
+        named = dict(self.model.named_parameters(remove_duplicate=False))
+        first = {id(p): n for n, p in reversed(list(named.items()))}
+        for name, p in named.items():
+            if name not in state and first[id(p)] in state:
+                state[name] = state[first[id(p)]]
+        return state
+
+    def optimizer_state_numel(self) -> int:
+        return tensor_state_numel(self.optimizer.state)

@@ -1,0 +1,133 @@
+"""`single` (one process) and `ddp` (DistributedDataParallel): full fp32 replicas, bf16 through autocast.
+
+Both keep the whole model, its gradients and AdamW's state on every rank, so their checkpoint is one file
+written by rank 0. DDP averages gradients over ranks in its all-reduce, and skips that all-reduce on micro-steps
+before the last (`no_sync`), so accumulation costs one gradient exchange per optimizer step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from toolkit import dist
+from toolkit.config import ConfigError
+from toolkit.train.backends.base import Backend, StepResult, clip_grad_norm, prepare_blocks, tensor_state_numel
+from toolkit.train.optim import ParamGroup, build_optimizer, freeze_frozen_groups, group_lrs
+from toolkit.train.schedule import WarmupCosine, build_scheduler
+
+STATE_FILE = "state.pt"
+
+
+class SingleBackend(Backend):
+    """One process, one device; also the reference every other backend is tested against."""
+
+    name = "single"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if self.name == "single" and self.env.world_size > 1:
+            raise ConfigError(
+                f"backend.name=single runs one process but the launcher started {self.env.world_size} ranks; "
+                "use backend.name=ddp, fsdp or deepspeed, or launch one process"
+            )
+        self._module: nn.Module | None = None
+        self.model: nn.Module | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
+
+    @property
+    def module(self) -> nn.Module:
+        return self._module
+
+    def setup(self, model: nn.Module, param_groups: list[ParamGroup], schedule: WarmupCosine) -> None:
+        self.groups = param_groups
+        freeze_frozen_groups(model, param_groups)
+        tc = self.cfg.train
+        prepare_blocks(model, activation_checkpointing=tc.activation_checkpointing, compile_blocks=tc.compile)
+        self._module = model.to(self.device)
+        self.model = self._wrap(self._module)
+        self.model.train()
+        self.optimizer = build_optimizer(self._module, param_groups, weight_decay=tc.weight_decay)
+        self.scheduler = build_scheduler(self.optimizer, schedule)
+
+    def _wrap(self, module: nn.Module) -> nn.Module:
+        return module
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if not self.bf16:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+
+    def _model_call(self, inputs: dict[str, torch.Tensor]) -> Any:
+        return self.model(**inputs)
+
+    def _backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def _step(self, skip: bool) -> StepResult:
+        params = list(self.trainable_parameters())
+        norm = float(clip_grad_norm(params, 0.0 if skip else self.cfg.train.max_grad_norm))
+        skip = skip or not math.isfinite(norm)
+        lrs = group_lrs(self.optimizer.param_groups, self.groups)
+        if not skip:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        return StepResult(grad_norm=norm, lrs=lrs, skipped=skip)
+
+    def save(self, path: str | Path, client_state: dict | None = None) -> None:
+        """Rank 0 writes model, optimizer and schedule in one file; replicas are identical, so one copy suffices."""
+        path = Path(path)
+        if self.env.rank == 0:
+            path.mkdir(parents=True, exist_ok=True)
+            state = {
+                "model": self._module.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "client_state": client_state or {},
+            }
+            torch.save(state, path / STATE_FILE)
+        dist.barrier()
+
+    def load(self, path: str | Path) -> dict:
+        file = Path(path) / STATE_FILE
+        if not file.exists():
+            raise FileNotFoundError(f"{file} not found: not a checkpoint of backend {self.name} (single/ddp)")
+        state = torch.load(file, map_location="cpu", weights_only=False)
+        self._module.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        return state["client_state"]
+
+    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        if self.env.rank != 0:
+            return None
+        return {k: v.detach().to("cpu", copy=True) for k, v in self._module.state_dict().items()}
+
+    def optimizer_state_numel(self) -> int:
+        return tensor_state_numel(self.optimizer.state)
+
+
+class DDPBackend(SingleBackend):
+    """DistributedDataParallel over every rank; gradients all-reduced once per optimizer step."""
+
+    name = "ddp"
+
+    @property
+    def grad_average_factor(self) -> float:
+        return float(dist.get_world_size())
+
+    def _wrap(self, module: nn.Module) -> nn.Module:
+        if not dist.is_distributed():
+            raise RuntimeError("backend ddp needs a process group: call toolkit.dist.init_distributed first")
+        device_ids = [self.device.index] if self.device.type == "cuda" else None
+        return DistributedDataParallel(module, device_ids=device_ids, gradient_as_bucket_view=True)
+
+    def _micro_step(self, *, last: bool) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext() if last else self.model.no_sync()

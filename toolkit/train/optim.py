@@ -1,0 +1,82 @@
+"""Parameter groups per module (projector, vision, language), each with its own peak LR, and AdamW.
+
+Groups are described by parameter *names*, not tensors: FSDP2 replaces every parameter with a sharded DTensor
+and DeepSpeed flattens them, so a list of tensors taken before wrapping would point at dead objects. Each
+backend resolves the names on the module it ends up training. A group whose peak LR is 0 is frozen: its
+parameters get `requires_grad=False` before any wrapper sees them, so they get no gradient, no gradient
+communication and no optimizer state (AdamW would otherwise keep 8 bytes per frozen parameter for nothing).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from toolkit.config import TrainConfig
+
+# Module prefix -> group name; nanoVLM's parameter names start with one of these.
+GROUP_PREFIXES = {"MP.": "mp", "vision_encoder.": "vision", "decoder.": "language"}
+
+
+@dataclass
+class ParamGroup:
+    name: str  # mp, vision or language
+    lr: float  # peak LR; 0 = frozen
+    param_names: list[str]
+
+    @property
+    def frozen(self) -> bool:
+        return self.lr == 0
+
+
+def param_groups(model: nn.Module, cfg: TrainConfig) -> list[ParamGroup]:
+    """mp / vision / language groups with lr_mp / lr_vision_backbone / lr_language_backbone as peaks."""
+    peaks = {"mp": cfg.lr_mp, "vision": cfg.lr_vision_backbone, "language": cfg.lr_language_backbone}
+    names: dict[str, list[str]] = {g: [] for g in peaks}
+    for name, _ in model.named_parameters():  # tied weights appear once, under their first name
+        group = next((g for prefix, g in GROUP_PREFIXES.items() if name.startswith(prefix)), None)
+        if group is None:
+            raise ValueError(
+                f"parameter {name} belongs to no optimizer group; expected a prefix in {list(GROUP_PREFIXES)}"
+            )
+        names[group].append(name)
+    return [ParamGroup(g, peaks[g], names[g]) for g in peaks if names[g]]
+
+
+def freeze_frozen_groups(model: nn.Module, groups: list[ParamGroup]) -> None:
+    """requires_grad=False on every parameter of a group at LR 0; must run before DDP/FSDP/DeepSpeed wrap."""
+    params = dict(model.named_parameters())
+    for group in groups:
+        for name in group.param_names:
+            params[name].requires_grad_(not group.frozen)
+
+
+def trainable_numel(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def build_optimizer(module: nn.Module, groups: list[ParamGroup], *, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW over the trainable groups, resolved by name on `module` (the unwrapped or FSDP-sharded model).
+
+    Each torch param group keeps its `name`, so LRs can be reported per module under every backend.
+    """
+    params = dict(module.named_parameters())
+    torch_groups = []
+    for group in groups:
+        if group.frozen:
+            continue
+        missing = [n for n in group.param_names if n not in params]
+        if missing:
+            raise ValueError(f"optimizer group {group.name}: parameters {missing[:3]} are not in the model")
+        torch_groups.append({"params": [params[n] for n in group.param_names], "lr": group.lr, "name": group.name})
+    if not torch_groups:
+        raise ValueError("every parameter group has LR 0: set train.lr_mp, lr_vision_backbone or lr_language_backbone")
+    return torch.optim.AdamW(torch_groups, lr=torch_groups[0]["lr"], weight_decay=weight_decay)
+
+
+def group_lrs(optimizer_groups: list[dict], groups: list[ParamGroup]) -> dict[str, float]:
+    """The LR each group trains at now, by name; frozen groups report 0."""
+    current = {g["name"]: float(g["lr"]) for g in optimizer_groups}
+    return {g.name: current.get(g.name, 0.0) for g in groups}

@@ -1,0 +1,269 @@
+"""The training loop: gather micro-batches, weight by tokens, step, report. It never asks which backend it has.
+
+One optimizer step is `gradient_accumulation_steps` micro-batches per rank. Before any backward pass the loop
+all-reduces one small vector per step: target tokens (the denominator of the step's loss, so the gradient is
+that of a token mean over the whole global batch, not a mean of per-micro-batch means), token and tile counts
+for throughput, and a "my data ran out" flag, so that no rank starts a step another cannot finish. A stop
+request (a signal seen by one rank) travels with the loss all-reduce at the end of the step, so every rank
+stops after the same step and before drawing the next batches from its loader.
+
+A step whose loss (or gradient norm) is NaN/inf is skipped by the backend and counted; `max_bad_steps` of them
+in a row stop the run with an error instead of training on garbage.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any, Protocol
+
+import torch
+
+from toolkit import dist
+from toolkit.config import Config
+from toolkit.train.backends.base import Backend
+
+log = logging.getLogger(__name__)
+
+# Layout of the all-reduced counts vector, gathered before the step's first forward pass.
+TARGETS, TOKENS, TILES, SUM_SQ, EXHAUSTED = range(5)
+
+
+class TrainingDiverged(RuntimeError):
+    """Too many consecutive steps with a non-finite loss or gradient."""
+
+
+class MetricsSink(Protocol):
+    def log(self, step: int, metrics: dict[str, Any]) -> None: ...
+
+
+@dataclass
+class TrainerState:
+    step: int = 0  # optimizer steps taken, skipped ones included (the schedule advanced for them too)
+    bad_in_row: int = 0
+    skipped_total: int = 0
+    tokens_seen: int = 0
+
+
+def _sum_sq_lengths(batch: dict[str, Any]) -> float:
+    """Sum over packed samples of length^2 (attention cost); samples start where position_ids is 0."""
+    ids = batch["input_ids"]
+    pos = batch.get("position_ids")
+    if pos is None:
+        return float(ids.shape[0] * ids.shape[1] ** 2)
+    docs = (pos == 0).cumsum(-1) + torch.arange(pos.shape[0], device=pos.device)[:, None] * (pos.shape[1] + 1)
+    lengths = torch.unique(docs.flatten(), return_counts=True)[1].double()
+    return float((lengths**2).sum())
+
+
+def local_counts(micro_batches: Sequence[dict[str, Any]], *, exhausted: bool) -> torch.Tensor:
+    """This rank's contribution to the step's all-reduced counts (float64: exact integers far past 2^31)."""
+    counts = torch.zeros(5, dtype=torch.float64)
+    for mb in micro_batches:
+        counts[TARGETS] += int((mb["labels"] != -100).sum())
+        stats = mb.get("stats") or {}
+        counts[TOKENS] += stats.get("tokens", mb["input_ids"].numel())  # real tokens when the loader says
+        pixels = mb.get("pixel_values")
+        counts[TILES] += 0 if pixels is None else pixels.shape[0]
+        counts[SUM_SQ] += _sum_sq_lengths(mb)
+    counts[EXHAUSTED] = float(exhausted)
+    return counts
+
+
+class Trainer:
+    """Runs optimizer steps on a set-up backend; metrics go to `history` and, on rank 0, to `writer`."""
+
+    def __init__(
+        self,
+        backend: Backend,
+        cfg: Config,
+        *,
+        writer: MetricsSink | None = None,
+        callbacks: Sequence[Callable[[Trainer, dict[str, Any]], None]] = (),
+        peak_flops: float | None = None,
+    ) -> None:
+        self.backend = backend
+        self.cfg = cfg
+        self.writer = writer
+        self.callbacks = list(callbacks)
+        self.peak_flops = peak_flops
+        self.state = TrainerState()
+        self.history: list[dict[str, Any]] = []
+        self._stop_requested = False  # this rank saw a signal
+        self._stopping = False  # some rank did: agreed by all after the last step
+
+    def state_dict(self) -> dict[str, Any]:
+        return asdict(self.state)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.state = TrainerState(**state)
+
+    def request_stop(self) -> None:
+        """Ask every rank to stop (safe from a signal handler, on any one rank).
+
+        Ranks agree at the end of a step: a request made during a step's forward/backward stops after that step,
+        one made later (e.g. from a callback) after the next. Either way no rank draws batches it will not train.
+        """
+        self._stop_requested = True
+
+    def fit(self, batches: Iterable[dict[str, Any]], *, max_steps: int | None = None) -> list[dict[str, Any]]:
+        """Train until max_steps (default train.max_training_steps), the data ends, or a stop is requested."""
+        end = max_steps or self.cfg.train.max_training_steps
+        stream = iter(batches)
+        while self.state.step < end:
+            if self._stopping:  # checked before fetching: no batch is drawn from the loader and then dropped
+                dist.log0("stopping after step %d: a stop was requested", self.state.step)
+                break
+            started = time.perf_counter()
+            micro = self._take(stream)
+            wait = time.perf_counter() - started
+            counts = self._global_counts(micro, exhausted=len(micro) < self.backend.accumulation)
+            if counts[EXHAUSTED] > 0:
+                dist.log0("stopping after step %d: the training data ran out", self.state.step)
+                break
+            metrics = self._run_step(micro, counts, started=started, data_wait=wait)
+            for callback in self.callbacks:
+                callback(self, metrics)
+        return self.history
+
+    def train_step(self, micro_batches: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        """One optimizer step over this rank's micro-batches (collective: every rank calls it)."""
+        started = time.perf_counter()
+        counts = self._global_counts(micro_batches, exhausted=False)
+        return self._run_step(micro_batches, counts, started=started, data_wait=0.0)
+
+    def _take(self, stream: Iterator[dict[str, Any]]) -> list[dict[str, Any]]:
+        micro = []
+        for _ in range(self.backend.accumulation):
+            try:
+                micro.append(next(stream))
+            except StopIteration:
+                break
+        return micro
+
+    def _global_counts(self, micro: Sequence[dict[str, Any]], *, exhausted: bool) -> torch.Tensor:
+        counts = local_counts(micro, exhausted=exhausted)
+        return dist.all_reduce_sum(counts.to(self.backend.device)).cpu()
+
+    def _run_step(
+        self, micro: Sequence[dict[str, Any]], counts: torch.Tensor, *, started: float, data_wait: float
+    ) -> dict[str, Any]:
+        n_targets = max(int(counts[TARGETS]), 1)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.backend.device)
+        for mb in micro:
+            loss_sum += self.backend.forward_backward(mb, 1.0 / n_targets).double()
+        # The stop flag rides on the loss all-reduce, so ranks agree on stopping without an extra collective.
+        reduced = dist.all_reduce_sum(torch.stack([loss_sum, loss_sum.new_tensor(float(self._stop_requested))]))
+        loss, self._stopping = float(reduced[0]) / n_targets, bool(reduced[1] > 0)
+        result = self.backend.step(skip=not math.isfinite(loss))
+        self._count(result.skipped)
+        elapsed = time.perf_counter() - started
+        metrics = {
+            "loss": loss,
+            "grad_norm": result.grad_norm,
+            "lr": result.lrs,
+            "tokens_per_s": float(counts[TOKENS]) / max(elapsed, 1e-9),
+            "n_targets": int(counts[TARGETS]),
+            "tokens": int(counts[TOKENS]),
+            "tiles": int(counts[TILES]),
+            "skipped": result.skipped,
+            "step_time_s": elapsed,
+            "data_wait_s": data_wait,
+            **self._mfu(counts, elapsed),
+        }
+        self.state.tokens_seen += int(counts[TOKENS])
+        self.history.append({"step": self.state.step, **metrics})
+        if self.writer is not None:
+            self.writer.log(self.state.step, metrics)
+        self._check_divergence()
+        return metrics
+
+    def _mfu(self, counts: torch.Tensor, elapsed: float) -> dict[str, float]:
+        """Model FLOPs utilisation when the device's peak is known (CUDA); nothing otherwise."""
+        if not self.peak_flops:
+            return {}
+        from toolkit.train.metrics import step_flops
+
+        flops = step_flops(
+            self.cfg.model,
+            n_tokens=int(counts[TOKENS]),
+            sum_sq_lengths=float(counts[SUM_SQ]),
+            n_tiles=int(counts[TILES]),
+        )
+        return {"mfu": flops / (elapsed * self.peak_flops * dist.get_world_size())}
+
+    def _count(self, skipped: bool) -> None:
+        self.state.step += 1
+        if not skipped:
+            self.state.bad_in_row = 0
+            return
+        self.state.bad_in_row += 1
+        self.state.skipped_total += 1
+        dist.log0(
+            "step %d skipped: loss or gradient not finite (%d in a row)",
+            self.state.step,
+            self.state.bad_in_row,
+            level=logging.WARNING,
+        )
+
+    def _check_divergence(self) -> None:
+        limit = self.cfg.train.max_bad_steps
+        if self.state.bad_in_row >= limit:
+            raise TrainingDiverged(
+                f"{self.state.bad_in_row} optimizer steps in a row had a NaN/inf loss or gradient (up to step "
+                f"{self.state.step}; train.max_bad_steps={limit}). Lower train.lr_* or train.max_grad_norm, try "
+                "backend.precision=fp32 to rule out bf16 overflow, or check the data for broken images or labels"
+            )
+
+
+def run_training(cfg: Config) -> list[dict[str, Any]]:
+    """`python -m toolkit train`: check the config, start ranks, build model and data, train, report.
+
+    Everything that can be wrong with the config (backend name, DeepSpeed file) fails in build_backend, before
+    a process group, model or loader exists.
+    """
+    import signal
+
+    from toolkit.config import save_config
+    from toolkit.data.loader import build_loader
+    from toolkit.data.tokenizer import load_tokenizer
+    from toolkit.model import VisionLanguageModel
+    from toolkit.model.hub import load_backbones
+    from toolkit.train.backends import build_backend
+    from toolkit.train.checkpoint import RunDir
+    from toolkit.train.metrics import MetricsWriter, device_peak_flops
+    from toolkit.train.optim import param_groups
+    from toolkit.train.schedule import schedule_from_config
+
+    backend = build_backend(cfg)
+    env = backend.env
+    if cfg.backend.name != "single":
+        dist.init_distributed(backend.device, env)
+    dist.seed_everything(cfg.train.seed)  # identical initial weights on every rank
+    model = VisionLanguageModel(cfg.model)
+    if cfg.model.vision_backbone or cfg.model.language_backbone:
+        load_backbones(model)
+    tokenizer = load_tokenizer(cfg.model)
+    loader = build_loader(cfg, rank=env.rank, world=env.world_size, tokenizer=tokenizer, split="train")
+    backend.setup(model, param_groups(model, cfg.train), schedule_from_config(cfg.train))
+    dist.seed_everything(cfg.train.seed + env.rank)  # dropout differs across ranks, as in DDP training
+    run = RunDir(cfg.train.run_dir)
+    if env.is_main:
+        run.root.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run.root / "config.yaml")
+    writer = MetricsWriter(
+        run.root, rank=env.rank, total_steps=cfg.train.max_training_steps, log_interval=cfg.train.log_interval
+    )
+    trainer = Trainer(backend, cfg, writer=writer, peak_flops=device_peak_flops(backend.device))
+    signal.signal(signal.SIGTERM, lambda *_: trainer.request_stop())  # finish the step, then stop on all ranks
+    dist.log0("training %s on %d rank(s), backend %s", cfg.train.run_dir, env.world_size, cfg.backend.name)
+    try:
+        history = trainer.fit(loader)
+    finally:
+        writer.close()
+        backend.close()
+    dist.destroy_distributed()
+    return history
