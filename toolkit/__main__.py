@@ -42,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name, text in COMMANDS.items():
         sub.add_parser(name, help=text, description=text)
     _config_args(sub.choices["train"])
+    # `deepspeed` passes --local_rank to every process; the rank layout is read from the environment instead.
+    sub.choices["train"].add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     p = sub.choices["shard-data"]
     p.add_argument("src", help="datasets folder (save_to_disk), parquet/arrow files, cached hub name, or JSONL")
     p.add_argument("out", help="output folder for the shards and manifest.json")
@@ -126,10 +128,12 @@ def _data_stats(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from toolkit.train.trainer import TrainingDiverged, run_training
+    cfg = load_config(args.config, args.overrides)  # config errors before anything heavy is imported
+    from toolkit.train.run import run_training
+    from toolkit.train.trainer import TrainingDiverged
 
     try:
-        run_training(load_config(args.config, args.overrides))
+        run_training(cfg)
     except TrainingDiverged as exc:
         print(f"training stopped: {exc}", file=sys.stderr)
         return 1
@@ -143,13 +147,23 @@ def _generate(args: argparse.Namespace) -> int:
 
     model, tok = load_for_inference(args.checkpoint)
     with Image.open(args.image) as img:
-        text = answer(model, tok, [img.convert("RGB")], args.prompt, max_new_tokens=args.max_new_tokens,
-                      greedy=not args.sample)
+        text = answer(
+            model, tok, [img.convert("RGB")], args.prompt, max_new_tokens=args.max_new_tokens, greedy=not args.sample
+        )
     print(text)
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from toolkit.train.checkpoint import export_offline
+
+    ckpt = export_offline(args.run_or_checkpoint, args.out)
+    print(f"exported {ckpt} to {args.out} (nanoVLM format: config.json + model.safetensors)")
+    return 0
+
+
 HANDLERS = {
+    "export": _export,
     "train": _train,
     "synth": _synth,
     "shard-data": _shard_data,

@@ -174,7 +174,7 @@ class TrainConfig:
     lr_mp: float = opt(5e-3, "Peak learning rate of the modality projector (0 = frozen).")
     lr_vision_backbone: float = opt(5e-5, "Peak learning rate of the vision encoder (0 = frozen).")
     lr_language_backbone: float = opt(5e-5, "Peak learning rate of the decoder (0 = frozen).")
-    weight_decay: float = opt(0.0, "AdamW weight decay.")
+    weight_decay: float = opt(0.01, "AdamW weight decay (nanoVLM: torch's AdamW default, 0.01).")
     warmup_ratio: float = opt(0.03, "Share of max_training_steps spent in linear warmup (nanoVLM: 0.03).")
     min_lr_ratio: float = opt(0.1, "Cosine floor as a share of each group's peak (nanoVLM: 0.1).")
     max_grad_norm: float = opt(1.0, "Clip the global gradient norm to this (0 = no clipping).")
@@ -183,7 +183,11 @@ class TrainConfig:
     eval_max_batches: int = opt(0, "Cap on validation batches per rank (0 = the whole held-out set).")
     checkpoint_interval: int = opt(0, "Checkpoint every N steps (0 = only at the end).")
     export_interval: int = opt(0, "Export nanoVLM format every N steps (0 = never during training).")
+    export_best: bool = opt(True, "Export to run_dir/export/best whenever validation loss improves.")
     keep_checkpoints: int = opt(2, "Checkpoints kept on disk; the one 'latest' names is never deleted.")
+    stop_at_step: int = opt(
+        0, "Checkpoint and exit 0 after this step; the schedule still spans max_training_steps (time-boxed jobs)."
+    )
     log_interval: int = opt(1, "Log a progress line every N steps.")
     activation_checkpointing: str = opt(
         "none", "Recompute activations per block.", choices=("none", "vision", "language", "all")

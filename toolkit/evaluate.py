@@ -16,8 +16,11 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from toolkit import dist
+from toolkit.config import Config
 from toolkit.data.conversation import encode_prompt
 from toolkit.data.images import process_image
+from toolkit.data.shards import ShardScan, Skip, image_members, parse_texts, resolve_shards
 from toolkit.data.tokenizer import VLMTokenizer, load_tokenizer
 from toolkit.model import VisionLanguageModel
 
@@ -86,14 +89,66 @@ def answer_accuracy(
         said = answer(model, tok, sample["images"], turn["user"])
         ok = normalise(said) == normalise(turn["assistant"])
         acc.add(sample.get("question_type", "all questions"), ok)
-        shown.append({"question": turn["user"], "expected": turn["assistant"], "answer": said, "correct": ok,
-                      "description": sample.get("description", "")})
+        shown.append(
+            {
+                "question": turn["user"],
+                "expected": turn["assistant"],
+                "answer": said,
+                "correct": ok,
+                "description": sample.get("description", ""),
+            }
+        )
     return acc, shown
 
 
 def load_for_inference(checkpoint: str | Path, device: str = "auto") -> tuple[VisionLanguageModel, VLMTokenizer]:
     """A nanoVLM-format folder (an export, or nanoVLM's own checkpoint) -> model in eval mode + tokenizer."""
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else "cpu" if device == "auto"
-                       else device)
+    dev = torch.device(
+        "cuda" if device == "auto" and torch.cuda.is_available() else "cpu" if device == "auto" else device
+    )
     model = VisionLanguageModel.from_pretrained(str(checkpoint)).to(dev).eval()
     return model, load_tokenizer(model.cfg)
+
+
+def iter_eval_samples(shards: str) -> Iterable[dict]:
+    """Raw held-out samples (PIL images, texts, question_type, description) in shard order; bad ones skipped."""
+    import io
+    import json
+
+    for shard in resolve_shards(shards, name="--shards"):
+        for _, _, files in ShardScan(shard.path):
+            try:
+                texts = parse_texts(files)
+                images = [Image.open(io.BytesIO(b)).convert("RGB") for b in image_members(files)]
+            except (Skip, OSError, ValueError):
+                continue
+            meta = json.loads(files["json"])
+            yield {
+                "texts": texts,
+                "images": images,
+                "question_type": meta.get("question_type", "all questions"),
+                "description": meta.get("description", ""),
+            }
+
+
+def validation_loss(backend, cfg: Config, tokenizer: VLMTokenizer, *, max_batches: int = 0) -> float:
+    """Token-mean loss over one pass of data.val_shards, on every rank (collective).
+
+    Ranks can finish a finite pass after different numbers of batches; a rank that has run out feeds an empty
+    batch while any other still has data, because ZeRO-3 and FSDP need every rank in every forward.
+    """
+    from toolkit.data.loader import build_loader
+
+    env = backend.env
+    loader = build_loader(cfg, rank=env.rank, world=env.world_size, tokenizer=tokenizer, split="val")
+    stream, total, n = iter(loader), torch.zeros(2, dtype=torch.float64), 0
+    while not max_batches or n < max_batches:
+        batch = next(stream, None)
+        live = dist.all_reduce_sum(torch.tensor([float(batch is not None)], device=backend.device))
+        if float(live[0]) == 0:
+            break
+        loss_sum, targets = backend.eval_loss(batch if batch is not None else loader.empty_batch())
+        total += torch.stack([loss_sum.double().cpu(), targets.double().cpu()])
+        n += 1
+    total = dist.all_reduce_sum(total.to(backend.device)).cpu()
+    return float(total[0] / total[1].clamp(min=1))

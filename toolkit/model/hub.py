@@ -99,24 +99,25 @@ def nanovlm_state_dict(model: VisionLanguageModel) -> dict[str, torch.Tensor]:
     return state
 
 
-def save_nanovlm(
-    model: VisionLanguageModel,
-    folder: str | Path,
-    *,
-    tokenizer_dir: str | None = None,
-    state: dict[str, torch.Tensor] | None = None,
+def save_nanovlm(model: VisionLanguageModel, folder: str | Path, *, tokenizer_dir: str | None = None) -> None:
+    """Write config.json + model.safetensors (+ tokenizer/ when given or when model.tokenizer is a folder)."""
+    write_nanovlm(model.cfg, nanovlm_state_dict(model), folder, tokenizer_dir=tokenizer_dir)
+
+
+def write_nanovlm(
+    model_cfg: ModelConfig, state: dict[str, torch.Tensor], folder: str | Path, *, tokenizer_dir: str | None = None
 ) -> None:
-    """Write config.json + model.safetensors (+ tokenizer/ when given). `state` lets a backend pass a gathered copy."""
+    """nanoVLM's folder from a config and a full state dict (e.g. one a sharded backend gathered on rank 0)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    cfg = dataclasses.replace(model.cfg)
+    cfg = dataclasses.replace(model_cfg)
     tok_src = tokenizer_dir or (cfg.tokenizer if cfg.tokenizer and Path(cfg.tokenizer).is_dir() else None)
     if tok_src:
         shutil.copytree(tok_src, folder / "tokenizer", dirs_exist_ok=True)
         cfg.lm_tokenizer = "tokenizer"
-    tensors = state if state is not None else nanovlm_state_dict(model)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
     if cfg.lm_tie_weights:
-        tensors = {k: v for k, v in tensors.items() if k != TIED_ALIAS}
+        tensors.pop(TIED_ALIAS, None)
     metadata = {TIED_ALIAS: "decoder.head.weight"} if cfg.lm_tie_weights else {"format": "pt"}
     save_file(tensors, str(folder / "model.safetensors"), metadata=metadata)
     (folder / "config.json").write_text(json.dumps(nanovlm_config_dict(cfg), indent=4))

@@ -149,3 +149,139 @@ def resolve_resume(run: RunDir, resume: str) -> Path | None:
     if not (path / "trainer.json").exists():
         raise FileNotFoundError(f"train.resume={resume} is not a complete checkpoint folder (no trainer.json)")
     return path
+
+
+# ---------------------------------------------------------------- collective save / restore / export
+
+
+def save_checkpoint(run: RunDir, step: int, *, backend, loader, trainer_state: dict, keep: int) -> Path:
+    """Every rank: backend shards, then its loader and RNG state; rank 0 marks it complete last."""
+    from toolkit import dist
+
+    env = backend.env
+    path = run.step_dir(step)
+    if env.is_main:
+        prepare_step_dir(path)
+    dist.barrier()
+    backend.save(path / "model", client_state={"step": step})
+    write_rank_state(path, env.rank, loader.state_dict() if loader is not None else None)
+    dist.barrier()  # every rank's files are on disk before `latest` may name them
+    if env.is_main:
+        meta = {"backend": backend.name, "world_size": env.world_size, "trainer": trainer_state}
+        commit(run, step, meta, keep)
+    dist.barrier()
+    return path
+
+
+def restore_checkpoint(path: Path, *, backend, loader) -> dict:
+    """Every rank: model/optimizer/schedule, then loader and RNG state; returns the saved trainer state.
+
+    FSDP reshards model and optimizer onto a different number of ranks (DCP); the data stream cannot be resharded,
+    so on a different world size the loader starts a fresh pass (logged) and RNG comes from rank 0's state.
+    """
+    from toolkit import dist
+
+    meta = json.loads((path / "trainer.json").read_text())
+    saved_world, world = meta["world_size"], backend.env.world_size
+    if meta["backend"] != backend.name:
+        raise ValueError(f"{path} was written by backend {meta['backend']}; resume with backend.name={meta['backend']}")
+    if saved_world != world and backend.name != "fsdp":
+        raise ValueError(
+            f"{path} was written by {saved_world} ranks and this run has {world}; backend {backend.name} needs the "
+            "same number of ranks (DeepSpeed: convert with its universal checkpoint; FSDP reshards on its own)"
+        )
+    backend.load(path / "model")
+    rank_state = read_rank_state(path, backend.env.rank if saved_world == world else 0)
+    if saved_world == world and loader is not None and rank_state["loader"] is not None:
+        loader.load_state_dict(rank_state["loader"])
+    elif loader is not None:
+        dist.log0(
+            "resumed %s ranks -> %s: the data stream starts a new pass (it cannot be resharded)",
+            saved_world,
+            world,
+            level=30,
+        )
+    set_rng_state(rank_state["rng"])
+    return meta["trainer"]
+
+
+def export_live(backend, model_cfg, out: Path, *, tokenizer_dir: str | None = None) -> None:
+    """Collective: gather the full fp32 weights on rank 0 (parameter by parameter, never the optimizer state)
+    and write nanoVLM's format atomically (a temp folder renamed into place)."""
+    from toolkit import dist
+    from toolkit.model.hub import write_nanovlm
+
+    state = backend.full_state_dict()
+    if backend.env.is_main:
+        write_atomically(out, lambda tmp: write_nanovlm(model_cfg, state, tmp, tokenizer_dir=tokenizer_dir))
+    dist.barrier()
+
+
+def write_atomically(out: Path, write) -> None:
+    out = Path(out)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    write(tmp)
+    old = out.with_name(out.name + ".old")
+    if out.exists():
+        os.replace(out, old)
+    os.replace(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- offline export (no process group)
+
+
+def find_checkpoint(path: str | Path) -> Path:
+    """A run folder (its latest checkpoint), its checkpoints/ folder, or one step_N folder."""
+    path = Path(path)
+    if (path / "trainer.json").exists():
+        return path
+    found = resolve_resume(RunDir(path), str(path)) if path.exists() else None
+    if found is None:
+        raise FileNotFoundError(f"{path} is neither a run folder with a checkpoint nor a checkpoint folder (step_N)")
+    return found
+
+
+def offline_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
+    """Full fp32 model weights from any backend's checkpoint, in one process, without the training ranks.
+
+    DeepSpeed: its zero_to_fp32 reader (master weights from the optimizer shards, any stage); FSDP: DCP's
+    dcp_to_torch_save; single/ddp: the state file.
+    """
+    meta = json.loads((ckpt / "trainer.json").read_text())
+    model_dir = ckpt / "model"
+    if meta["backend"] == "deepspeed":
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        return get_fp32_state_dict_from_zero_checkpoint(str(model_dir), tag="deepspeed")
+    if meta["backend"] == "fsdp":
+        import tempfile
+
+        from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+        with tempfile.TemporaryDirectory() as tmp:
+            dcp_to_torch_save(str(model_dir), f"{tmp}/full.pt")
+            return torch.load(f"{tmp}/full.pt", map_location="cpu", weights_only=False)["model"]
+    return torch.load(next(model_dir.glob("*.pt")), map_location="cpu", weights_only=False)["model"]
+
+
+def export_offline(src: str | Path, out: str | Path) -> Path:
+    """`python -m toolkit export RUN_OR_CHECKPOINT OUT`: nanoVLM format from a checkpoint on disk."""
+    from toolkit.config import Config, apply_mapping
+    from toolkit.model.hub import write_nanovlm
+
+    ckpt = find_checkpoint(src)
+    run_root = ckpt.parent.parent
+    config_file = run_root / "config.yaml"
+    if not config_file.exists():
+        raise FileNotFoundError(f"{config_file} not found: export needs the run folder the checkpoint belongs to")
+    import yaml
+
+    cfg = Config()
+    apply_mapping(cfg, yaml.safe_load(config_file.read_text()), origin=str(config_file))
+    cfg.validate()
+    state = {k: v.float() if v.is_floating_point() else v for k, v in offline_state_dict(ckpt).items()}
+    tok = cfg.model.tokenizer_path if Path(cfg.model.tokenizer_path).is_dir() else None
+    write_atomically(Path(out), lambda tmp: write_nanovlm(cfg.model, state, tmp, tokenizer_dir=tok))
+    return ckpt

@@ -101,7 +101,8 @@ class MetricsWriter:
         _flatten("", metrics, flat)
         for key, value in flat.items():
             self._tb.add_scalar(key, value, step)
-        self._progress(step, metrics)
+        if "loss" in metrics:
+            self._progress(step, metrics)
 
     def _progress(self, step: int, m: dict[str, Any]) -> None:
         if self.first_step is None:

@@ -29,7 +29,7 @@ from toolkit.train.backends.base import Backend
 log = logging.getLogger(__name__)
 
 # Layout of the all-reduced counts vector, gathered before the step's first forward pass.
-TARGETS, TOKENS, TILES, SUM_SQ, EXHAUSTED = range(5)
+TARGETS, TOKENS, TILES, SUM_SQ, EXHAUSTED, SLOTS, IMAGES, ROWS = range(8)
 
 
 class TrainingDiverged(RuntimeError):
@@ -46,6 +46,8 @@ class TrainerState:
     bad_in_row: int = 0
     skipped_total: int = 0
     tokens_seen: int = 0
+    best_val_loss: float = float("inf")
+    best_step: int = 0
 
 
 def _sum_sq_lengths(batch: dict[str, Any]) -> float:
@@ -59,13 +61,25 @@ def _sum_sq_lengths(batch: dict[str, Any]) -> float:
     return float((lengths**2).sum())
 
 
+def peak_memory_gb(device: torch.device) -> float:
+    """Peak allocated accelerator memory, or this process's peak resident memory on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
 def local_counts(micro_batches: Sequence[dict[str, Any]], *, exhausted: bool) -> torch.Tensor:
     """This rank's contribution to the step's all-reduced counts (float64: exact integers far past 2^31)."""
-    counts = torch.zeros(5, dtype=torch.float64)
+    counts = torch.zeros(8, dtype=torch.float64)
     for mb in micro_batches:
         counts[TARGETS] += int((mb["labels"] != -100).sum())
         stats = mb.get("stats") or {}
         counts[TOKENS] += stats.get("tokens", mb["input_ids"].numel())  # real tokens when the loader says
+        counts[SLOTS] += mb["input_ids"].numel()
+        counts[IMAGES] += stats.get("images", 0)
+        counts[ROWS] += stats.get("rows", mb["input_ids"].shape[0])
         pixels = mb.get("pixel_values")
         counts[TILES] += 0 if pixels is None else pixels.shape[0]
         counts[SUM_SQ] += _sum_sq_lengths(mb)
@@ -82,7 +96,7 @@ class Trainer:
         cfg: Config,
         *,
         writer: MetricsSink | None = None,
-        callbacks: Sequence[Callable[[Trainer, dict[str, Any]], None]] = (),
+        callbacks: Sequence[Callable[[Trainer, dict[str, Any]], None]] = (),  # per step; may add to metrics
         peak_flops: float | None = None,
     ) -> None:
         self.backend = backend
@@ -124,9 +138,7 @@ class Trainer:
             if counts[EXHAUSTED] > 0:
                 dist.log0("stopping after step %d: the training data ran out", self.state.step)
                 break
-            metrics = self._run_step(micro, counts, started=started, data_wait=wait)
-            for callback in self.callbacks:
-                callback(self, metrics)
+            self._run_step(micro, counts, started=started, data_wait=wait)
         return self.history
 
     def train_step(self, micro_batches: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -172,9 +184,15 @@ class Trainer:
             "skipped": result.skipped,
             "step_time_s": elapsed,
             "data_wait_s": data_wait,
+            "data_wait_share": data_wait / max(elapsed, 1e-9),
+            "fill_rate": float(counts[TOKENS]) / max(float(counts[SLOTS]), 1.0),
+            "images_per_pack": float(counts[IMAGES]) / max(float(counts[ROWS]), 1.0),
+            "peak_memory_gb": peak_memory_gb(self.backend.device),
             **self._mfu(counts, elapsed),
         }
         self.state.tokens_seen += int(counts[TOKENS])
+        for callback in self.callbacks:  # after the update, before logging: they may add metrics (val_loss, ...)
+            callback(self, metrics)
         self.history.append({"step": self.state.step, **metrics})
         if self.writer is not None:
             self.writer.log(self.state.step, metrics)
@@ -217,53 +235,3 @@ class Trainer:
                 f"{self.state.step}; train.max_bad_steps={limit}). Lower train.lr_* or train.max_grad_norm, try "
                 "backend.precision=fp32 to rule out bf16 overflow, or check the data for broken images or labels"
             )
-
-
-def run_training(cfg: Config) -> list[dict[str, Any]]:
-    """`python -m toolkit train`: check the config, start ranks, build model and data, train, report.
-
-    Everything that can be wrong with the config (backend name, DeepSpeed file) fails in build_backend, before
-    a process group, model or loader exists.
-    """
-    import signal
-
-    from toolkit.config import save_config
-    from toolkit.data.loader import build_loader
-    from toolkit.data.tokenizer import load_tokenizer
-    from toolkit.model import VisionLanguageModel
-    from toolkit.model.hub import load_backbones
-    from toolkit.train.backends import build_backend
-    from toolkit.train.checkpoint import RunDir
-    from toolkit.train.metrics import MetricsWriter, device_peak_flops
-    from toolkit.train.optim import param_groups
-    from toolkit.train.schedule import schedule_from_config
-
-    backend = build_backend(cfg)
-    env = backend.env
-    if cfg.backend.name != "single":
-        dist.init_distributed(backend.device, env)
-    dist.seed_everything(cfg.train.seed)  # identical initial weights on every rank
-    model = VisionLanguageModel(cfg.model)
-    if cfg.model.vision_backbone or cfg.model.language_backbone:
-        load_backbones(model)
-    tokenizer = load_tokenizer(cfg.model)
-    loader = build_loader(cfg, rank=env.rank, world=env.world_size, tokenizer=tokenizer, split="train")
-    backend.setup(model, param_groups(model, cfg.train), schedule_from_config(cfg.train))
-    dist.seed_everything(cfg.train.seed + env.rank)  # dropout differs across ranks, as in DDP training
-    run = RunDir(cfg.train.run_dir)
-    if env.is_main:
-        run.root.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run.root / "config.yaml")
-    writer = MetricsWriter(
-        run.root, rank=env.rank, total_steps=cfg.train.max_training_steps, log_interval=cfg.train.log_interval
-    )
-    trainer = Trainer(backend, cfg, writer=writer, peak_flops=device_peak_flops(backend.device))
-    signal.signal(signal.SIGTERM, lambda *_: trainer.request_stop())  # finish the step, then stop on all ranks
-    dist.log0("training %s on %d rank(s), backend %s", cfg.train.run_dir, env.world_size, cfg.backend.name)
-    try:
-        history = trainer.fit(loader)
-    finally:
-        writer.close()
-        backend.close()
-    dist.destroy_distributed()
-    return history

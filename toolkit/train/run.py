@@ -1,0 +1,162 @@
+"""`python -m toolkit train`: one run's lifecycle around the loop.
+
+Build (config checked first, then ranks, model, data, backend), resume from `latest`, then train with the
+cadence of checkpoints, validation and exports. SIGTERM / SIGUSR1 (what schedulers send before preemption) and
+the stop file named by $NANOVLM_STOP_FILE (see launch/train.slurm) ask every rank to stop after the current step;
+the run then writes a checkpoint of that step and exits 0, and `train.resume=auto` continues from it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+from toolkit import dist
+from toolkit.config import Config, save_config
+from toolkit.train.checkpoint import RunDir, export_live, resolve_resume, restore_checkpoint, save_checkpoint
+from toolkit.train.trainer import Trainer, TrainerState
+
+STOP_FILE_ENV = "NANOVLM_STOP_FILE"
+
+
+class Lifecycle:
+    """The per-step callback: checkpoint, validate and export on their intervals; watch for stop requests."""
+
+    def __init__(self, cfg: Config, run: RunDir, *, backend, loader, tokenizer, writer) -> None:
+        self.cfg, self.run, self.backend, self.loader = cfg, run, backend, loader
+        self.tokenizer, self.writer = tokenizer, writer
+        self.saved_step = -1
+        self.stop_file = os.environ.get(STOP_FILE_ENV)
+
+    def __call__(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
+        t, step = self.cfg.train, trainer.state.step
+        if self.stop_file and Path(self.stop_file).exists():
+            trainer.request_stop()
+        if step % t.log_interval == 0 or step == t.max_training_steps:
+            metrics["samples"] = self.data_counts()
+        if t.eval_interval and step % t.eval_interval == 0:
+            metrics["val_loss"] = self.validate(trainer)
+        if t.checkpoint_interval and step % t.checkpoint_interval == 0:
+            self.checkpoint(trainer)
+        if t.export_interval and step % t.export_interval == 0:
+            self.export(f"step_{step}")
+
+    def data_counts(self) -> dict[str, Any]:
+        """Samples read and skipped by reason, summed over ranks (collective)."""
+        read, skipped = 0, {}
+        for counts in dist.all_gather_object(self.loader.counts()):
+            read += counts["read"]
+            for reason, n in counts["skipped"].items():
+                skipped[reason] = skipped.get(reason, 0) + n
+        return {"read": read, "skipped": skipped}
+
+    def checkpoint(self, trainer: Trainer) -> None:
+        step = trainer.state.step
+        if step == self.saved_step:
+            return
+        save_checkpoint(
+            self.run,
+            step,
+            backend=self.backend,
+            loader=self.loader,
+            trainer_state=trainer.state_dict(),
+            keep=self.cfg.train.keep_checkpoints,
+        )
+        self.saved_step = step
+        dist.log0("checkpoint step %d written to %s", step, self.run.step_dir(step))
+
+    def validate(self, trainer: Trainer) -> float | None:
+        if not self.cfg.data.val_shards:
+            return None
+        from toolkit.evaluate import validation_loss
+
+        loss = validation_loss(self.backend, self.cfg, self.tokenizer, max_batches=self.cfg.train.eval_max_batches)
+        state: TrainerState = trainer.state
+        best = loss < state.best_val_loss
+        if best:
+            state.best_val_loss, state.best_step = loss, state.step
+        dist.log0("step %d: validation loss %.4f%s", state.step, loss, " (best so far)" if best else "")
+        if best and self.cfg.train.export_best:
+            self.export("best")
+        return loss
+
+    def export(self, name: str) -> None:
+        tok_dir = self.cfg.model.tokenizer_path if Path(self.cfg.model.tokenizer_path).is_dir() else None
+        export_live(self.backend, self.cfg.model, self.run.exports / name, tokenizer_dir=tok_dir)
+
+
+def _build(cfg: Config):
+    from toolkit.data.loader import build_loader
+    from toolkit.data.tokenizer import load_tokenizer
+    from toolkit.model import VisionLanguageModel
+    from toolkit.model.hub import load_backbones
+    from toolkit.train.backends import build_backend
+    from toolkit.train.optim import param_groups
+    from toolkit.train.schedule import schedule_from_config
+
+    backend = build_backend(cfg)  # config errors (backend name, DeepSpeed file) before any process group
+    env = backend.env
+    if cfg.backend.name != "single":
+        dist.init_distributed(backend.device, env)
+    dist.seed_everything(cfg.train.seed)  # identical initial weights on every rank
+    model = VisionLanguageModel(cfg.model)
+    if cfg.model.vision_backbone or cfg.model.language_backbone:
+        load_backbones(model)
+    tokenizer = load_tokenizer(cfg.model)
+    loader = build_loader(cfg, rank=env.rank, world=env.world_size, tokenizer=tokenizer, split="train")
+    backend.setup(model, param_groups(model, cfg.train), schedule_from_config(cfg.train))
+    return backend, tokenizer, loader
+
+
+def run_training(cfg: Config) -> list[dict[str, Any]]:
+    from toolkit.train.metrics import MetricsWriter, device_peak_flops
+
+    backend, tokenizer, loader = _build(cfg)
+    env, run = backend.env, RunDir(cfg.train.run_dir)
+    resume_from = resolve_resume(run, cfg.train.resume)
+    if env.is_main:
+        run.root.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run.root / "config.yaml")
+    writer = MetricsWriter(
+        run.root, rank=env.rank, total_steps=cfg.train.max_training_steps, log_interval=cfg.train.log_interval
+    )
+    trainer = Trainer(backend, cfg, writer=writer, peak_flops=device_peak_flops(backend.device))
+    life = Lifecycle(cfg, run, backend=backend, loader=loader, tokenizer=tokenizer, writer=writer)
+    trainer.callbacks.append(life)
+    if resume_from is not None:
+        trainer.load_state_dict(restore_checkpoint(resume_from, backend=backend, loader=loader))
+        life.saved_step = trainer.state.step
+        dist.log0("resumed from %s at step %d", resume_from, trainer.state.step)
+    else:
+        dist.seed_everything(cfg.train.seed + env.rank)  # dropout differs across ranks, as in DDP training
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, lambda *_: trainer.request_stop())
+    dist.log0("training %s on %d rank(s), backend %s", cfg.train.run_dir, env.world_size, cfg.backend.name)
+    try:
+        history = trainer.fit(loader, max_steps=cfg.train.stop_at_step or None)
+        _finish(cfg, trainer, life)
+        print(f"rank {env.rank}/{env.world_size} finished at step {trainer.state.step}", flush=True)
+    finally:
+        writer.close()
+        backend.close()
+    dist.destroy_distributed()
+    return history
+
+
+def _finish(cfg: Config, trainer: Trainer, life: Lifecycle) -> None:
+    """Last checkpoint (also on a stop request), final validation when due, and where the best export is."""
+    done = trainer.state.step >= cfg.train.max_training_steps
+    if done and cfg.data.val_shards and (not cfg.train.eval_interval or trainer.state.step % cfg.train.eval_interval):
+        loss = life.validate(trainer)
+        life.writer.log(trainer.state.step, {"val_loss": loss})  # after the loop: its own line for the last step
+    life.checkpoint(trainer)
+    if done and not math.isinf(trainer.state.best_val_loss):
+        dist.log0(
+            "best validation loss %.4f at step %d, exported to %s",
+            trainer.state.best_val_loss,
+            trainer.state.best_step,
+            life.run.exports / "best",
+        )
