@@ -181,6 +181,7 @@ class TrainConfig:
     max_bad_steps: int = opt(5, "Stop after this many NaN/inf losses in a row.")
     eval_interval: int = opt(0, "Validate every N steps (0 = only at the end when val_shards is set).")
     eval_max_batches: int = opt(0, "Cap on validation batches per rank (0 = the whole held-out set).")
+    eval_accuracy_samples: int = opt(0, "Held-out samples answered by greedy generation at each validation (0 = off).")
     checkpoint_interval: int = opt(0, "Checkpoint every N steps (0 = only at the end).")
     export_interval: int = opt(0, "Export nanoVLM format every N steps (0 = never during training).")
     export_best: bool = opt(True, "Export to run_dir/export/best whenever validation loss improves.")

@@ -38,7 +38,7 @@ class Lifecycle:
         if step % t.log_interval == 0 or step == t.max_training_steps:
             metrics["samples"] = self.data_counts()
         if t.eval_interval and step % t.eval_interval == 0:
-            metrics["val_loss"] = self.validate(trainer)
+            metrics.update(self.validate(trainer))
         if t.checkpoint_interval and step % t.checkpoint_interval == 0:
             self.checkpoint(trainer)
         if t.export_interval and step % t.export_interval == 0:
@@ -68,9 +68,10 @@ class Lifecycle:
         self.saved_step = step
         dist.log0("checkpoint step %d written to %s", step, self.run.step_dir(step))
 
-    def validate(self, trainer: Trainer) -> float | None:
+    def validate(self, trainer: Trainer) -> dict[str, Any]:
+        """Validation loss on every rank; answer accuracy on rank 0 from a gathered copy (collective)."""
         if not self.cfg.data.val_shards:
-            return None
+            return {}
         from toolkit.evaluate import validation_loss
 
         loss = validation_loss(self.backend, self.cfg, self.tokenizer, max_batches=self.cfg.train.eval_max_batches)
@@ -81,7 +82,25 @@ class Lifecycle:
         dist.log0("step %d: validation loss %.4f%s", state.step, loss, " (best so far)" if best else "")
         if best and self.cfg.train.export_best:
             self.export("best")
-        return loss
+        out: dict[str, Any] = {"val_loss": loss}
+        if self.cfg.train.eval_accuracy_samples:
+            out["val_accuracy"] = self.accuracy()
+        return out
+
+    def accuracy(self) -> dict[str, float] | None:
+        from toolkit.evaluate import answer_accuracy, iter_eval_samples
+        from toolkit.model import VisionLanguageModel
+
+        state = self.backend.full_state_dict()  # collective; None off rank 0
+        table = None
+        if state is not None:
+            model = VisionLanguageModel(self.cfg.model).to(self.backend.device)
+            model.load_state_dict(state)
+            samples = iter_eval_samples(self.cfg.data.val_shards)
+            acc, _ = answer_accuracy(model, self.tokenizer, samples, max_samples=self.cfg.train.eval_accuracy_samples)
+            table = acc.table()
+            dist.log0("answer accuracy: %s", ", ".join(f"{k} {v:.1%}" for k, v in table.items()))
+        return dist.all_gather_object(table)[0]
 
     def export(self, name: str) -> None:
         tok_dir = self.cfg.model.tokenizer_path if Path(self.cfg.model.tokenizer_path).is_dir() else None
@@ -150,8 +169,7 @@ def _finish(cfg: Config, trainer: Trainer, life: Lifecycle) -> None:
     """Last checkpoint (also on a stop request), final validation when due, and where the best export is."""
     done = trainer.state.step >= cfg.train.max_training_steps
     if done and cfg.data.val_shards and (not cfg.train.eval_interval or trainer.state.step % cfg.train.eval_interval):
-        loss = life.validate(trainer)
-        life.writer.log(trainer.state.step, {"val_loss": loss})  # after the loop: its own line for the last step
+        life.writer.log(trainer.state.step, life.validate(trainer))  # after the loop: its own line for the last step
     life.checkpoint(trainer)
     if done and not math.isinf(trainer.state.best_val_loss):
         dist.log0(

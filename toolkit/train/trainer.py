@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol
@@ -29,7 +30,7 @@ from toolkit.train.backends.base import Backend
 log = logging.getLogger(__name__)
 
 # Layout of the all-reduced counts vector, gathered before the step's first forward pass.
-TARGETS, TOKENS, TILES, SUM_SQ, EXHAUSTED, SLOTS, IMAGES, ROWS = range(8)
+TARGETS, TOKENS, TILES, SUM_SQ, EXHAUSTED, SLOTS, IMAGES, ROWS, DIGEST = range(9)
 
 
 class TrainingDiverged(RuntimeError):
@@ -72,7 +73,7 @@ def peak_memory_gb(device: torch.device) -> float:
 
 def local_counts(micro_batches: Sequence[dict[str, Any]], *, exhausted: bool) -> torch.Tensor:
     """This rank's contribution to the step's all-reduced counts (float64: exact integers far past 2^31)."""
-    counts = torch.zeros(8, dtype=torch.float64)
+    counts = torch.zeros(9, dtype=torch.float64)
     for mb in micro_batches:
         counts[TARGETS] += int((mb["labels"] != -100).sum())
         stats = mb.get("stats") or {}
@@ -80,6 +81,8 @@ def local_counts(micro_batches: Sequence[dict[str, Any]], *, exhausted: bool) ->
         counts[SLOTS] += mb["input_ids"].numel()
         counts[IMAGES] += stats.get("images", 0)
         counts[ROWS] += stats.get("rows", mb["input_ids"].shape[0])
+        # A fingerprint of the step's tokens (sum of CRC32s stays exact in float64): resume tests compare batches.
+        counts[DIGEST] += zlib.crc32(mb["input_ids"].cpu().numpy().tobytes())
         pixels = mb.get("pixel_values")
         counts[TILES] += 0 if pixels is None else pixels.shape[0]
         counts[SUM_SQ] += _sum_sq_lengths(mb)
@@ -181,6 +184,7 @@ class Trainer:
             "n_targets": int(counts[TARGETS]),
             "tokens": int(counts[TOKENS]),
             "tiles": int(counts[TILES]),
+            "batch_digest": int(counts[DIGEST]),
             "skipped": result.skipped,
             "step_time_s": elapsed,
             "data_wait_s": data_wait,

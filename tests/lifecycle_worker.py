@@ -1,0 +1,59 @@
+"""Launched by tests/test_lifecycle.py (torchrun or plain python). Modes:
+
+live RUN OUT       restore RUN's latest checkpoint on this world size, run the first held-out batch through the
+                   live (sharded) model, and save its logits and token-mean loss to OUT (rank 0)
+kill-at RUN STEP   train with RUN's config and SIGKILL this process in the middle of writing checkpoint STEP
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from pathlib import Path
+
+import torch
+
+from toolkit import dist
+from toolkit.config import load_config
+from toolkit.train import checkpoint as ckpt
+from toolkit.train import run as run_mod
+
+
+def live(run_dir: str, out: str) -> None:
+    cfg = load_config(str(Path(run_dir) / "config.yaml"), [f"train.run_dir={run_dir}"])
+    backend, tokenizer, _ = run_mod._build(cfg)
+    ckpt.restore_checkpoint(ckpt.RunDir(run_dir).latest(), backend=backend, loader=None)
+    from toolkit.data.loader import build_loader
+    from toolkit.train.backends.base import model_inputs
+
+    probe = next(iter(build_loader(cfg, rank=0, world=1, tokenizer=tokenizer, split="val")))
+    module = backend.module
+    module.eval()
+    with torch.no_grad():
+        out_ = module(**model_inputs(probe, backend.device))
+    if backend.env.is_main:
+        torch.save({"logits": out_.logits.float().cpu(), "loss": out_.loss.double().cpu(), "probe": probe}, out)
+    dist.barrier()
+    backend.close()
+    dist.destroy_distributed()
+
+
+def kill_at(run_dir: str, step: str, overrides: list[str]) -> None:
+    real = ckpt.write_rank_state
+
+    def dying(path, rank, loader_state):
+        real(path, rank, loader_state)  # backend shards and this rank's state are on disk, trainer.json is not
+        if path.name == f"step_{step}":
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    ckpt.write_rank_state = dying
+    run_mod.run_training(load_config("tiny", [*overrides, f"train.run_dir={run_dir}"]))
+
+
+if __name__ == "__main__":
+    mode, *args = sys.argv[1:]
+    if mode == "live":
+        live(*args)
+    else:
+        kill_at(args[0], args[1], args[2:])
