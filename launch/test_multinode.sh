@@ -116,7 +116,7 @@ check_run() {  # $1 = two-host run dir
   grep -q "^$IP2: .*rank 1/2 finished" "$1.log" || fail "no finished rank 1 on host $IP2"
   local step="$1/checkpoints/step_$STEPS"
   for r in 0 1; do
-    ls "$step"/*/zero_pp_rank_${r}_*optim_states.pt >/dev/null 2>&1 || fail "no ZeRO-3 shard of rank $r in $step"
+    ls "$step"/model/deepspeed/zero_pp_rank_${r}_*optim_states.pt >/dev/null 2>&1 || fail "no ZeRO-3 shard of rank $r in $step"
     [ -f "$step/rank_$r.pt" ] || fail "no loader/RNG state of rank $r in $step"
   done
 }

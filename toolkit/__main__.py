@@ -38,12 +38,12 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Config fields (set with section.field=value):\n" + describe_fields(),
     )
+    # `deepspeed --module toolkit` inserts --local_rank=N before the subcommand; ranks come from the environment.
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, text in COMMANDS.items():
         sub.add_parser(name, help=text, description=text)
     _config_args(sub.choices["train"])
-    # `deepspeed` passes --local_rank to every process; the rank layout is read from the environment instead.
-    sub.choices["train"].add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     p = sub.choices["shard-data"]
     p.add_argument("src", help="datasets folder (save_to_disk), parquet/arrow files, cached hub name, or JSONL")
     p.add_argument("out", help="output folder for the shards and manifest.json")
