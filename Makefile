@@ -47,7 +47,7 @@ bench: $(STAMP)
 
 # Two hosts in network namespaces on this machine, `deepspeed --hostfile` across them (needs root).
 test-multinode: $(STAMP)
-	PYTHON=$(abspath $(BIN))/python bash launch/test_multinode.sh; s=$$?; [ $$s -eq 3 ] && exit 3; exit $$s
+	PYTHON=$(abspath $(BIN))/python bash launch/test_multinode.sh
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache
