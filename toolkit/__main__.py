@@ -162,7 +162,28 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval(args: argparse.Namespace) -> int:
+    from toolkit.evaluate import answer_accuracy, heldout_loss, iter_eval_samples, load_for_inference
+
+    model, tok = load_for_inference(args.checkpoint)
+    loss = heldout_loss(model, tok, args.shards)
+    acc, _ = answer_accuracy(model, tok, iter_eval_samples(args.shards), max_samples=args.max_samples)
+    print(f"validation loss: {loss:.4f}")
+    for kind, value in acc.table().items():
+        print(f"accuracy {kind:>14}: {value:6.1%}  ({acc.total.get(kind, sum(acc.total.values()))} questions)")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from toolkit.report import write_report
+
+    print(f"wrote {write_report(args.run)}")
+    return 0
+
+
 HANDLERS = {
+    "report": _report,
+    "eval": _eval,
     "export": _export,
     "train": _train,
     "synth": _synth,
@@ -186,6 +207,9 @@ def main(argv: list[str] | None = None) -> int:
         return handler(args)
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, FileExistsError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 2
 
 

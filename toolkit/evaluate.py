@@ -101,13 +101,49 @@ def answer_accuracy(
     return acc, shown
 
 
+def nanovlm_folder(path: str | Path) -> Path:
+    """A nanoVLM-format folder itself, or a run folder's best export (else its newest exported step)."""
+    path = Path(path)
+    if (path / "config.json").exists():
+        return path
+    exports = path / "export"
+    candidates = [exports / "best"] if (exports / "best" / "config.json").exists() else []
+    candidates += sorted(exports.glob("step_*"), key=lambda p: int(p.name.split("_")[1]), reverse=True)
+    if not candidates:
+        raise FileNotFoundError(
+            f"{path} holds no nanoVLM checkpoint (config.json) and no exports; "
+            f"run `python -m toolkit export {path} OUT` first and pass OUT"
+        )
+    return candidates[0]
+
+
 def load_for_inference(checkpoint: str | Path, device: str = "auto") -> tuple[VisionLanguageModel, VLMTokenizer]:
-    """A nanoVLM-format folder (an export, or nanoVLM's own checkpoint) -> model in eval mode + tokenizer."""
-    dev = torch.device(
-        "cuda" if device == "auto" and torch.cuda.is_available() else "cpu" if device == "auto" else device
-    )
-    model = VisionLanguageModel.from_pretrained(str(checkpoint)).to(dev).eval()
+    """A nanoVLM-format folder (an export, nanoVLM's own checkpoint) or a run folder -> eval model + tokenizer."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = VisionLanguageModel.from_pretrained(str(nanovlm_folder(checkpoint))).to(device).eval()
     return model, load_tokenizer(model.cfg)
+
+
+@torch.no_grad()
+def heldout_loss(model: VisionLanguageModel, tok: VLMTokenizer, shards: str, *, max_batches: int = 0) -> float:
+    """Token-mean loss of one model in this process over one pass of `shards` (the toolkit's own pipeline)."""
+    from toolkit.data.loader import build_loader
+
+    cfg = Config(model=model.cfg)
+    cfg.data.val_shards, cfg.data.num_workers = shards, 0
+    cfg.data.max_sample_length = model.cfg.lm_max_length
+    cfg.data.max_images_per_example = cfg.data.max_images_per_knapsack
+    total, n_targets = 0.0, 0
+    device = next(model.parameters()).device
+    for i, batch in enumerate(build_loader(cfg, rank=0, world=1, tokenizer=tok, split="val")):
+        if max_batches and i >= max_batches:
+            break
+        inputs = {k: batch[k].to(device) for k in ("input_ids", "labels", "position_ids", "pixel_values")}
+        out = model(**inputs)
+        total += float(out.loss_sum)
+        n_targets += int(out.n_targets)
+    return total / max(n_targets, 1)
 
 
 def iter_eval_samples(shards: str) -> Iterable[dict]:

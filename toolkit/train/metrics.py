@@ -71,7 +71,11 @@ def _flatten(prefix: str, value: Any, out: dict[str, float]) -> None:
 class MetricsWriter:
     """Rank 0 writes; other ranks hold a no-op writer so call sites never ask which rank they are on."""
 
-    def __init__(self, run_root: Path, *, rank: int, total_steps: int, log_interval: int = 1) -> None:
+    def __init__(
+        self, run_root: Path, *, rank: int, total_steps: int, log_interval: int = 1, resume_step: int = 0
+    ) -> None:
+        """resume_step > 0: continue a run from that step; what was logged after it (steps redone after a
+        crash) is dropped from metrics.jsonl and TensorBoard, so each step appears once."""
         self.active = rank == 0
         self.total = total_steps
         self.log_interval = max(1, log_interval)
@@ -81,10 +85,15 @@ class MetricsWriter:
         if not self.active:
             return
         run_root.mkdir(parents=True, exist_ok=True)
-        self._jsonl = open(run_root / "metrics.jsonl", "a")  # noqa: SIM115 - kept open for the run
+        path = run_root / "metrics.jsonl"
+        kept = []
+        if resume_step and path.exists():
+            kept = [ln for ln in path.read_text().splitlines() if json.loads(ln)["step"] <= resume_step]
+        path.write_text("".join(ln + "\n" for ln in kept))
+        self._jsonl = open(path, "a")  # noqa: SIM115 - kept open for the run
         from torch.utils.tensorboard import SummaryWriter
 
-        self._tb = SummaryWriter(str(run_root / "tb"))
+        self._tb = SummaryWriter(str(run_root / "tb"), purge_step=resume_step + 1 if resume_step else None)
         if sys.stdout.isatty():
             from tqdm import tqdm
 

@@ -133,24 +133,34 @@ def _build(cfg: Config):
 def run_training(cfg: Config) -> list[dict[str, Any]]:
     from toolkit.train.metrics import MetricsWriter, device_peak_flops
 
+    run = RunDir(cfg.train.run_dir)
+    resume_from = resolve_resume(run, cfg.train.resume)  # before any rank starts: a bad path fails at once
+    if resume_from is None and cfg.train.resume == "none" and (run.checkpoints / "latest").exists():
+        raise FileExistsError(
+            f"{run.root} already holds checkpoints; continue it with train.resume=auto or start a new train.run_dir"
+        )
     backend, tokenizer, loader = _build(cfg)
-    env, run = backend.env, RunDir(cfg.train.run_dir)
-    resume_from = resolve_resume(run, cfg.train.resume)
+    env = backend.env
     if env.is_main:
         run.root.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run.root / "config.yaml")
-    writer = MetricsWriter(
-        run.root, rank=env.rank, total_steps=cfg.train.max_training_steps, log_interval=cfg.train.log_interval
-    )
-    trainer = Trainer(backend, cfg, writer=writer, peak_flops=device_peak_flops(backend.device))
-    life = Lifecycle(cfg, run, backend=backend, loader=loader, tokenizer=tokenizer, writer=writer)
-    trainer.callbacks.append(life)
+    trainer = Trainer(backend, cfg, peak_flops=device_peak_flops(backend.device))
     if resume_from is not None:
         trainer.load_state_dict(restore_checkpoint(resume_from, backend=backend, loader=loader))
-        life.saved_step = trainer.state.step
         dist.log0("resumed from %s at step %d", resume_from, trainer.state.step)
     else:
         dist.seed_everything(cfg.train.seed + env.rank)  # dropout differs across ranks, as in DDP training
+    writer = MetricsWriter(
+        run.root,
+        rank=env.rank,
+        total_steps=cfg.train.max_training_steps,
+        log_interval=cfg.train.log_interval,
+        resume_step=trainer.state.step,
+    )
+    trainer.writer = writer
+    life = Lifecycle(cfg, run, backend=backend, loader=loader, tokenizer=tokenizer, writer=writer)
+    life.saved_step = trainer.state.step if resume_from is not None else -1
+    trainer.callbacks.append(life)
     for sig in (signal.SIGTERM, signal.SIGUSR1):
         signal.signal(sig, lambda *_: trainer.request_stop())
     dist.log0("training %s on %d rank(s), backend %s", cfg.train.run_dir, env.world_size, cfg.backend.name)
