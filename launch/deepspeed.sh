@@ -18,6 +18,13 @@ HOSTFILE=${1:?usage: launch/deepspeed.sh HOSTFILE [--config CFG] [section.field=
 shift
 PYTHON=${PYTHON:-$PWD/.venv/bin/python}
 FIRST_HOST=$(grep -v '^\s*#' "$HOSTFILE" | awk 'NF {print $1; exit}')
+# Reach every host first: DeepSpeed's own check tries only the first one and pdsh's error is easy to miss.
+for host in $(grep -v '^\s*#' "$HOSTFILE" | awk 'NF {print $1}'); do
+  ssh -o BatchMode=yes -o ConnectTimeout=5 ${SSH_PORT:+-p "$SSH_PORT"} "$host" true 2>/dev/null || {
+    echo "host $host in $HOSTFILE is unreachable by passwordless ssh: run ssh-copy-id $host (or fix the hostfile)" >&2
+    exit 1
+  }
+done
 ARGS=(--hostfile "$HOSTFILE" --master_addr "${MASTER_ADDR:-$FIRST_HOST}" --master_port "${MASTER_PORT:-29500}")
 [ -n "${SSH_PORT:-}" ] && ARGS+=(--ssh_port "$SSH_PORT")
 exec "$PYTHON" -m deepspeed.launcher.runner "${ARGS[@]}" --module toolkit train "$@" backend.name=deepspeed

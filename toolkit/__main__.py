@@ -12,6 +12,7 @@ import logging
 import sys
 
 from toolkit.config import ConfigError, describe_fields, load_config
+from toolkit.errors import OOM_HINT, UserError
 
 COMMANDS = {
     "train": "Train a model: --config CFG [section.field=value ...]",
@@ -193,6 +194,12 @@ HANDLERS = {
 }
 
 
+def _device_name() -> str:
+    import torch
+
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     parser = build_parser()
@@ -208,9 +215,14 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, FileExistsError) as exc:
+    except (UserError, FileNotFoundError, FileExistsError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except Exception as exc:
+        if type(exc).__name__ == "OutOfMemoryError" or "out of memory" in str(exc).lower():
+            print(f"error: {OOM_HINT.format(device=_device_name())}", file=sys.stderr)
+            return 3
+        raise
 
 
 if __name__ == "__main__":

@@ -20,6 +20,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from toolkit.errors import UserError
+
 log = logging.getLogger("toolkit")
 
 
@@ -75,7 +77,7 @@ def resolve_device(name: str, env: DistEnv | None = None) -> torch.device:
     if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if not torch.cuda.is_available():
-        raise RuntimeError("backend.device=cuda but torch sees no CUDA device; set backend.device=cpu or auto")
+        raise UserError("backend.device=cuda but torch sees no CUDA device; set backend.device=cpu or auto")
     return torch.device("cuda", env.local_rank % torch.cuda.device_count())
 
 
@@ -95,7 +97,7 @@ def init_distributed(device: torch.device, env: DistEnv | None = None, timeout_s
         return env
     missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(k)]
     if missing:
-        raise RuntimeError(
+        raise UserError(
             f"{' and '.join(missing)} not set for a {env.world_size}-rank job: launch with torchrun or deepspeed, "
             "or export MASTER_ADDR (first node's address) and MASTER_PORT under SLURM (launch/ scripts do)"
         )

@@ -13,10 +13,11 @@ from pathlib import Path
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from toolkit.config import ModelConfig
+from toolkit.errors import UserError
 
 
-class TokenizerError(RuntimeError):
-    pass
+class TokenizerError(UserError):
+    """The tokenizer cannot be found or does not fit the model config."""
 
 
 @dataclass

@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from toolkit.config import ConfigError, ModelConfig
+from toolkit.errors import UserError
 from toolkit.model.vlm import VisionLanguageModel
 
 log = logging.getLogger(__name__)
@@ -26,7 +27,7 @@ TOOLKIT_ONLY_FIELDS = ("vision_backbone", "language_backbone", "tokenizer")
 TIED_ALIAS = "decoder.token_embedding.weight"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError):
     """A checkpoint whose tensors or config do not fit the model; the message names them."""
 
 

@@ -1,0 +1,61 @@
+"""What a newcomer hits ends in one line that says what to do, not a traceback (issue 6)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from toolkit import __main__ as cli
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "toolkit", *args], cwd=REPO, capture_output=True, text=True)
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["train", "--config", "tiny", "model.tokenizer=/nowhere/tok"], "Set model.tokenizer="),
+        (["data-stats", "--config", "tiny", "data.train_shards=/nowhere/shard-{000..003}.tar"], "4 of 4 shards are missing"),
+        (["train", "--config", "tiny", "backend.name=horovod"], "choose one of single, ddp, deepspeed, fsdp"),
+        (["generate", "--checkpoint", "/nowhere", "--image", "x.png", "--prompt", "hi"], "no nanoVLM checkpoint"),
+        (["report", "/nowhere"], "pass a run folder"),
+    ],
+)
+def test_errors_end_in_one_line_of_advice(args, says, tmp_path):
+    done = run_cli(*args)
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr
+    assert says in done.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message when no GPU is present")
+def test_gpu_asked_for_but_absent(tmp_path):
+    done = run_cli("train", "--config", "tiny", "backend.device=cuda", f"train.run_dir={tmp_path}")
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "set backend.device=cpu or auto" in done.stderr
+
+
+def test_out_of_memory_gets_a_hint(monkeypatch, capsys):
+    def boom(args):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setitem(cli.HANDLERS, "report", boom)
+    assert cli.main(["report", "x"]) == 3
+    err = capsys.readouterr().err
+    assert "lower train.batch_size" in err and "train.activation_checkpointing" in err
+
+
+def test_unreachable_hostfile_host(tmp_path):
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("# a host that does not resolve\nno-such-host.invalid slots=8\n")
+    done = subprocess.run(["bash", "launch/deepspeed.sh", str(hostfile), "--config", "tiny"], cwd=REPO,
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert done.returncode == 1
+    assert "no-such-host.invalid" in done.stderr and "ssh-copy-id" in done.stderr
