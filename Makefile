@@ -32,6 +32,10 @@ format: $(STAMP)
 	$(BIN)/ruff format toolkit tests
 	$(BIN)/ruff check --fix toolkit tests
 
+# Shapes-VQA end to end: synth data, train the tiny preset (CUDA when present), accuracy before/after.
+demo: $(STAMP)
+	$(BIN)/python -m toolkit.demo $(ARGS)
+
 shard-data: $(STAMP)
 	@test -n "$(SRC)" -a -n "$(OUT)" || { echo "usage: make shard-data SRC=<dataset> OUT=<folder> [ARGS=...]"; exit 2; }
 	$(BIN)/python -m toolkit shard-data $(SRC) $(OUT) $(ARGS)

@@ -2,9 +2,24 @@
 
 from __future__ import annotations
 
-import pytest
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from toolkit import bench
+from toolkit.bench import gpu, overhead, pipeline
 from toolkit.bench.packing import measure, nanovlm_knapsack, ours, vlm_length_mix
+from toolkit.data.collate import Encoded
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.parametrize(("buffer_packs", "target"), [(8, 0.985), (32, 0.995)])
@@ -17,3 +32,175 @@ def test_pack_stream_fill_target_on_vlm_mix(buffer_packs, target):
     # The baseline behaves as nanoVLM's balanced knapsack is described to (about 58% at 8 packs, 85% at 32).
     expected_base = {8: (0.52, 0.64), 32: (0.80, 0.90)}[buffer_packs]
     assert expected_base[0] < base["fill"] < expected_base[1]
+
+
+# -- pipeline ---------------------------------------------------------------------------------------------------------
+
+
+def test_knapsack_rows_packs_real_samples_exactly_as_the_knapsack_packs_their_shapes():
+    items = vlm_length_mix(600, seed=3)
+    samples = [
+        Encoded([0] * t, [-100] * t, torch.empty(0, 3, 1, 1), images=i, key=str(k)) for k, (t, i) in enumerate(items)
+    ]
+    kw = {"capacity": 4096, "max_images": 18, "buffer_packs": 8}
+    rows = list(pipeline.knapsack_rows(samples, **kw))
+    assert sorted(s.key for row in rows for s in row) == sorted(s.key for s in samples)  # each sample exactly once
+    assert [[(len(s.input_ids), s.images) for s in row] for row in rows] == list(nanovlm_knapsack(items, **kw))
+
+
+@pytest.fixture(scope="module")
+def synth_pipeline(tmp_path_factory):
+    from toolkit.data.tokenizer import load_tokenizer
+
+    root = tmp_path_factory.mktemp("pipeline")
+    cfg = pipeline.make_data(root / "synth", samples=48, seed=0)
+    tok = load_tokenizer(cfg.model)
+    rows = pipeline.read_rows(cfg.data.train_shards)
+    return cfg, tok, rows, pipeline.build_table(rows, root / "table")
+
+
+def test_both_pipelines_deliver_every_sample_of_the_same_data(synth_pipeline):
+    cfg, tok, rows, table = synth_pipeline
+    assert len(rows) == len(table) == 48
+    with Image.open(io.BytesIO(rows[5]["images"][0])) as img:
+        expected = np.asarray(img.convert("RGB"))
+    assert np.array_equal(np.asarray(table[5]["images"][0].convert("RGB")), expected)  # same pixels, datasets-decoded
+    assert table[5]["texts"] == rows[5]["texts"]
+    assert pipeline.toolkit_pass(cfg, tok) == pipeline.nanovlm_pass(table.shuffle(seed=1), cfg, tok) == 48
+
+
+def test_stage_shares_account_for_the_whole_end_to_end_time(synth_pipeline):
+    cfg, tok, _, table = synth_pipeline
+    stages = pipeline.stage_costs(cfg, tok, table, repeats=1)
+    assert set(stages) == {*pipeline.TOOLKIT_STAGES, *pipeline.NANOVLM_STAGES}
+    assert all(v > 0 for v in stages.values())
+    timed = {"toolkit": {"cpu": 2.0, "samples": 48}, "nanovlm": {"cpu": 3.0, "samples": 48}}
+    rows = pipeline.table_rows(timed, stages)
+    for name in ("toolkit", "nanovlm"):
+        parts = [r["share"] for r in rows if r["pipeline"] == name and r["stage"] != "end to end"]
+        assert sum(parts) == pytest.approx(1.0)
+
+
+# -- overhead ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("max_steps", "warmup_ratio"), [(100, 0.03), (10, 0.3), (7, 0.2)])
+def test_plain_loop_schedule_is_the_toolkit_schedule(max_steps, warmup_ratio):
+    from toolkit.train.schedule import WarmupCosine
+
+    ours = WarmupCosine(max_steps, warmup_ratio=warmup_ratio, min_lr_ratio=0.1)
+    plain = overhead.warmup_cosine(max_steps, warmup_ratio, 0.1)
+    assert [plain(s) for s in range(max_steps + 3)] == pytest.approx([ours(s) for s in range(max_steps + 3)])
+
+
+@pytest.fixture
+def one_thread():
+    """Two torch threads on a shared 2-core box run several times slower than one; the result does not change."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_toolkit_step_and_plain_loop_do_the_same_work(tmp_path, one_thread):
+    cfg, batches = overhead.loader_batches(3, seed=0, tmp=tmp_path)
+    cfg.train.max_training_steps = 6
+    ours, our_model = overhead.toolkit_step(cfg, seed=0)
+    plain, plain_model = overhead.plain_step(cfg, seed=0)
+    for batch in batches * 2:  # 6 steps: warmup, peak and decay of the LR, clipping on the first ones
+        assert ours(batch) == pytest.approx(plain(batch), rel=1e-5)
+    for (name, a), b in zip(our_model.named_parameters(), plain_model.parameters()):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6), name
+
+
+def test_interleave_alternates_blocks_on_the_same_batch_sequence():
+    seen: dict[str, list[int]] = {"a": [], "b": []}
+    order: list[str] = []
+
+    def recorder(name):
+        def step(batch):
+            seen[name].append(batch["i"])
+            order.append(name)
+            return 0.0
+
+        return step
+
+    batches = [{"i": i} for i in range(5)]
+    timings = overhead.interleave({"a": recorder("a"), "b": recorder("b")}, batches, blocks=3, block=2, warmup=1)
+    assert seen["a"] == seen["b"] == [0, 1, 2, 3, 4, 0, 1]  # warm-up step, then 3 blocks of 2, cycling the batches
+    assert {k: len(v) for k, v in timings.items()} == {"a": 6, "b": 6}  # the warm-up step is not kept
+    assert order == ["b", "a", "a", "a", "b", "b", "b", "b", "a", "a", "a", "a", "b", "b"]
+
+
+# -- gpu --------------------------------------------------------------------------------------------------------------
+
+
+def test_gpu_bench_skips_cleanly_without_cuda(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    result = bench.run("gpu", out_dir=tmp_path)
+    assert result["rows"] == [{"variant": "-", "status": "skipped: needs CUDA (no GPU visible to torch)"}]
+    assert "skipped: needs CUDA" in capsys.readouterr().out
+    assert json.loads((tmp_path / "gpu.json").read_text())["headline"] == {"skipped": "needs CUDA"}
+
+
+def test_cli_bench_gpu_exits_0_without_cuda(monkeypatch, tmp_path, capsys):
+    from toolkit.__main__ import main
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.chdir(tmp_path)  # the result goes to runs/bench/ under the working directory
+    assert main(["bench", "gpu", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["headline"] == {"skipped": "needs CUDA"}
+    assert (tmp_path / "runs" / "bench" / "gpu.json").exists()
+
+
+def test_gpu_synthetic_packs_follow_the_batch_contract():
+    from toolkit.train.metrics import step_flops
+
+    cfg = gpu.bench_config("nanovlm-450m", gpu.Variant("plain"), batch_size=2, device="cpu", overrides=[])
+    m = cfg.model
+    image_id = m.lm_base_vocab_size + list(m.vlm_extra_tokens).index("image_token")
+    for batch in gpu.synthetic_batches(cfg, 1, seed=0, device=torch.device("cpu")):  # 2 packs of 4096 tokens
+        ids, labels, pos, stats = batch["input_ids"], batch["labels"], batch["position_ids"], batch["stats"]
+        assert ids.shape == labels.shape == pos.shape == (2, m.lm_max_length)
+        tiles = batch["pixel_values"].shape[0]
+        assert int((ids == image_id).sum()) == tiles * m.mp_image_token_length  # 64 image tokens per tile
+        assert not bool((labels[ids == image_id] != -100).any())
+        segments = [
+            n
+            for row in pos
+            for n in torch.diff(torch.nonzero(row == 0).flatten(), append=torch.tensor([len(row)])).tolist()
+        ]
+        lengths = stats["lengths"]
+        assert sum(segments) == pos.numel() and set(lengths) <= set(segments)  # samples restart position_ids
+        assert stats["tokens"] == sum(lengths) >= 0.95 * pos.numel()  # full packs from a full buffer
+        sum_sq = float(sum(n * n for n in lengths))
+        assert stats["flops"] == pytest.approx(
+            step_flops(m, n_tokens=sum(lengths), sum_sq_lengths=sum_sq, n_tiles=tiles)
+        )
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_gpu_bench_runs_every_code_path_on_cpu(tmp_path):
+    """The `gpu` bench end to end on the CPU with the tiny preset: every backend, checkpointing and compile.
+
+    A correctness check of the harness (rows, MFU and tokens/s arithmetic, same work in every variant), not a speed
+    figure. It runs as `python -m toolkit.bench.gpu` in a child process: engines and process groups stay out of pytest.
+    """
+    variants = "plain,single,zero2,zero3,fsdp,fsdp+ac,single+compile"
+    cmd = [sys.executable, "-m", "toolkit.bench.gpu", "--device=cpu", "--preset=tiny", "--steps=1", "--warmup=1"]
+    cmd += ["--batch-size=2", f"--variants={variants}", "--peak-flops=1e12"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=540)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = {r["variant"]: r for r in json.loads((tmp_path / "runs" / "bench" / "gpu.json").read_text())["rows"]}
+    assert list(rows) == ["plain", "single", "zero2", "zero3", "fsdp", "fsdp ac=language", "single compile"]
+    assert all(r["status"] == "ok" for r in rows.values()), rows
+    cfg = gpu.bench_config("tiny", gpu.Variant("plain"), batch_size=2, device="cpu", overrides=[])
+    timed = gpu.synthetic_batches(cfg, 2, seed=0, device=torch.device("cpu"))[1]  # the warm-up step took batch 0
+    for r in rows.values():
+        assert r["mfu"] * 1e12 * r["step_s"] == pytest.approx(timed["stats"]["flops"], rel=1e-6)
+        assert r["tokens_per_s"] * r["step_s"] == pytest.approx(timed["stats"]["tokens"], rel=1e-6)
+    losses = [r["last_loss"] for r in rows.values()]
+    assert max(losses) / min(losses) < 1.02, losses  # same init, same batches: every variant trains the same model
+    assert rows["plain"]["vs_plain"] == 1.0

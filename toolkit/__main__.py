@@ -182,7 +182,15 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from toolkit.bench import run
+
+    run(args.name, as_json=args.json)
+    return 0
+
+
 HANDLERS = {
+    "bench": _bench,
     "report": _report,
     "eval": _eval,
     "export": _export,

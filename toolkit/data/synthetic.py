@@ -3,7 +3,7 @@
 Each 64x64 image holds saturated shapes (circle, square, triangle, cross) in five far-apart colours on a light,
 plain or lightly noisy background, and each sample asks one question with a one-word answer. The question types
 are balanced by index (colour, shape, count, position, colour, ...), and each type gets a layout that makes its
-answer unambiguous: colour and shape questions show one large shape near the centre; count questions put one
+answer unambiguous: colour and shape questions show one shape nearly filling the image; count questions put one
 small shape in each of 1-4 distinct quadrants (so every 32 px tile holds at most one shape); position questions
 put one shape against the middle of an edge, clear of the centre lines.
 
@@ -97,10 +97,11 @@ def _pick(rng: np.random.Generator, options: tuple[str, ...] | list[str]) -> str
 
 
 def _centred(rng: np.random.Generator) -> Shape:
-    # Large, of nearly one size and barely moved: each shape then covers nearly the same 8 px patches in every
-    # image, so a small ViT trained from scratch tells a circle from a square by its corners within minutes.
-    size = float(rng.uniform(42, 46))
-    cx, cy = (float(IMAGE_SIZE / 2 + rng.uniform(-1.5, 1.5)) for _ in range(2))
+    # Nearly filling the image, of nearly one size and barely moved: the image tokens of the four corner 16 px
+    # cells then differ per shape (square full, circle a third, triangle bottom only, cross empty), which a
+    # small model trained from scratch picks up within minutes; smaller shapes differ only inside a token.
+    size = float(rng.uniform(55, 58))
+    cx, cy = (float(IMAGE_SIZE / 2 + rng.uniform(-1, 1)) for _ in range(2))
     return Shape(_pick(rng, SHAPES), _pick(rng, list(COLOURS)), cx, cy, size)
 
 

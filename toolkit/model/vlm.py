@@ -8,7 +8,7 @@ multiplied by 0): under ZeRO-3 and FSDP every rank must take part in every param
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -20,8 +20,9 @@ from toolkit.model.projector import ModalityProjector
 from toolkit.model.vision import ViT
 
 
-@dataclass
-class VLMOutput:
+class VLMOutput(NamedTuple):
+    """A tuple, so engines that hook module outputs (DeepSpeed ZeRO-3) see every tensor in it."""
+
     logits: torch.Tensor | None
     loss: torch.Tensor | None = None  # mean over target tokens (nanoVLM's loss)
     loss_sum: torch.Tensor | None = None  # sum over target tokens: what token-weighted accumulation needs

@@ -37,7 +37,7 @@ class Lifecycle:
             trainer.request_stop()
         if step % t.log_interval == 0 or step == t.max_training_steps:
             metrics["samples"] = self.data_counts()
-        if t.eval_interval and step % t.eval_interval == 0:
+        if (t.eval_interval and step % t.eval_interval == 0) or step == t.max_training_steps:
             metrics.update(self.validate(trainer))
         if t.checkpoint_interval and step % t.checkpoint_interval == 0:
             self.checkpoint(trainer)
@@ -176,10 +176,8 @@ def run_training(cfg: Config) -> list[dict[str, Any]]:
 
 
 def _finish(cfg: Config, trainer: Trainer, life: Lifecycle) -> None:
-    """Last checkpoint (also on a stop request), final validation when due, and where the best export is."""
+    """Last checkpoint (also on a stop request) and where the best export is (the last step validated itself)."""
     done = trainer.state.step >= cfg.train.max_training_steps
-    if done and cfg.data.val_shards and (not cfg.train.eval_interval or trainer.state.step % cfg.train.eval_interval):
-        life.writer.log(trainer.state.step, life.validate(trainer))  # after the loop: its own line for the last step
     life.checkpoint(trainer)
     if done and not math.isinf(trainer.state.best_val_loss):
         dist.log0(

@@ -1,0 +1,343 @@
+"""`bench gpu`: tokens/s, MFU and peak memory of nanovlm-450m on one GPU under each backend, vs a plain loop.
+
+The model has random weights (speed does not depend on their values) and trains on synthetic packs of
+`model.lm_max_length` (4096) tokens: samples of 0-2 images of 1-17 tiles of 64 tokens each plus ~200 text tokens,
+packed by the toolkit's own packer (>99% full), with random pixels. Every variant sees the same few batches in the
+same order; warm-up steps (compilation, allocator growth, the first recompile on a new tile count) are not timed.
+
+Per variant: real (non-padding) tokens/s; MFU = (vision + projector + language FLOPs of the step, as
+`toolkit.train.metrics.step_flops` counts them, excluding recomputation) / (step time x the device's bf16 peak,
+989 TFLOP/s on an H100/H200); and the peak memory the variant allocated on top of what was allocated before it
+started. The baseline is a plain PyTorch loop of the same model and batches (autocast bf16 over fp32 weights,
+AdamW, clipping, LambdaLR). Variants: the `single`, ZeRO-2, ZeRO-3 and FSDP2 backends at world size 1, each with and
+without activation checkpointing (the preset's `language` setting) and torch.compile, ordered so that a time
+budget cuts the most expensive (compiled) ones first; a variant that does not fit the budget, or fails (an
+out-of-memory error, say), becomes a row that says so and the rest still run.
+
+Without CUDA the benchmark prints one "skipped: needs CUDA" row. `device="cpu"` with a tiny config runs every code
+path on the CPU; that is what the tests do, and it says nothing about GPU speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import logging
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from toolkit.config import Config, load_config
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Variant:
+    backend: str  # plain (the baseline loop), single, zero2, zero3 or fsdp
+    checkpointing: str = "none"  # train.activation_checkpointing
+    compile: bool = False
+
+    @property
+    def label(self) -> str:
+        extras = [f"ac={self.checkpointing}"] if self.checkpointing != "none" else []
+        return " ".join([self.backend, *extras, *(["compile"] if self.compile else [])])
+
+
+def default_variants(checkpointing: str = "language") -> list[Variant]:
+    """The baseline, then every backend eager, then with checkpointing, compiled, and both: cheapest first."""
+    backends = ("single", "zero2", "zero3", "fsdp")
+    out = [Variant("plain")]
+    for ac, compiled in (("none", False), (checkpointing, False), ("none", True), (checkpointing, True)):
+        out += [Variant(b, ac, compiled) for b in backends]
+    return out
+
+
+def parse_variants(text: str, checkpointing: str = "language") -> list[Variant]:
+    """'plain,single,zero3+ac,fsdp+ac+compile' -> variants; `+ac` sets train.activation_checkpointing=checkpointing."""
+    out = []
+    for label in filter(None, (t.strip() for t in text.split(","))):
+        backend, *flags = label.split("+")
+        if backend not in ("plain", "single", "zero2", "zero3", "fsdp") or set(flags) - {"ac", "compile"}:
+            raise ValueError(
+                f"variant {label!r}: expected BACKEND[+ac][+compile], BACKEND one of plain, single, zero2, zero3, fsdp"
+            )
+        out.append(Variant(backend, checkpointing if "ac" in flags else "none", "compile" in flags))
+    return out
+
+
+def bench_config(preset: str, variant: Variant, *, batch_size: int | None, device: str, overrides: list[str]) -> Config:
+    """The preset with this variant's backend, checkpointing and compile; bf16, world size 1, no accumulation."""
+    backend = {
+        "plain": ["backend.name=single"],
+        "single": ["backend.name=single"],
+        "fsdp": ["backend.name=fsdp"],
+    }.get(variant.backend, ["backend.name=deepspeed", f"backend.ds_config=ds_configs/{variant.backend}.json"])
+    settings = [
+        *backend,
+        "backend.precision=bf16",
+        f"backend.device={device}",
+        "train.gradient_accumulation_steps=1",
+        f"train.activation_checkpointing={variant.checkpointing}",
+        f"train.compile={variant.compile}",
+    ]
+    if batch_size is not None:
+        settings.append(f"train.batch_size={batch_size}")
+    return load_config(preset, [*settings, *overrides])
+
+
+def synthetic_samples(n: int, seed: int, *, max_tokens: int, tokens_per_tile: int) -> list[tuple[int, int, int]]:
+    """(tiles, text tokens, images) per sample: mostly one image of 1-17 tiles, some none or two, ~200 text tokens."""
+    rng = random.Random(seed)
+    out = []
+    while len(out) < n:
+        images = rng.choices((0, 1, 2), weights=(5, 85, 10))[0]
+        tiles = sum(rng.randint(1, 17) for _ in range(images))
+        text = min(max(int(rng.lognormvariate(5.2, 0.5)), 16), 1500)
+        if tiles * tokens_per_tile + text <= max_tokens:
+            out.append((tiles, text, images))
+    return out
+
+
+def synthetic_batches(cfg: Config, n_batches: int, *, seed: int, device: torch.device) -> list[dict[str, Any]]:
+    """`n_batches` batches of train.batch_size full packs each, on `device`, with their real tokens and FLOPs."""
+    from toolkit.data.packing import pack_stream
+
+    m, rows_per_batch = cfg.model, cfg.train.batch_size
+    tpt = m.mp_image_token_length
+    wanted = n_batches * rows_per_batch
+    samples = synthetic_samples(
+        (wanted + 2 * cfg.data.buffer_packs) * 16, seed, max_tokens=m.lm_max_length, tokens_per_tile=tpt
+    )
+    packs = pack_stream(
+        samples,
+        length=lambda s: s[0] * tpt + s[1],
+        images=lambda s: s[2],
+        capacity=m.lm_max_length,
+        max_images=cfg.data.max_images_per_knapsack,
+        buffer_packs=cfg.data.buffer_packs,
+    )
+    rows = [row for row, _ in zip(packs, range(wanted))]  # the first packs: built from a full buffer
+    gen = torch.Generator().manual_seed(seed)
+    return [make_batch(cfg, rows[i : i + rows_per_batch], gen, device) for i in range(0, wanted, rows_per_batch)]
+
+
+def make_batch(cfg: Config, rows: list[list[tuple[int, int, int]]], gen: torch.Generator, device: torch.device) -> dict:
+    """Packed rows -> the batch contract: each sample is a start token, its image tokens, then text with targets."""
+    from toolkit.train.metrics import step_flops
+
+    m = cfg.model
+    seq, tpt = m.lm_max_length, m.mp_image_token_length
+    image_id = m.lm_base_vocab_size + list(m.vlm_extra_tokens).index("image_token")
+    ids = torch.randint(0, m.lm_base_vocab_size, (len(rows), seq), generator=gen)  # (B, S)
+    labels = torch.full((len(rows), seq), -100, dtype=torch.long)  # (B, S)
+    position_ids = torch.zeros((len(rows), seq), dtype=torch.long)  # (B, S)
+    tiles, lengths = 0, []
+    for r, row in enumerate(rows):
+        at = 0
+        for n_tiles, text, _ in row:
+            length, image_end = n_tiles * tpt + text, at + 1 + n_tiles * tpt
+            ids[r, at + 1 : image_end] = image_id
+            labels[r, image_end : at + length - 1] = ids[r, image_end + 1 : at + length]
+            position_ids[r, at : at + length] = torch.arange(length)
+            at, tiles = at + length, tiles + n_tiles
+            lengths.append(length)
+        position_ids[r, at:] = torch.arange(seq - at)  # the padding tail: a segment of its own
+    side = m.vit_img_size
+    real = sum(lengths)
+    flops = step_flops(m, n_tokens=real, sum_sq_lengths=float(sum(n * n for n in lengths)), n_tiles=tiles)
+    return {
+        "input_ids": ids.to(device),
+        "labels": labels.to(device),
+        "position_ids": position_ids.to(device),
+        "pixel_values": torch.rand(tiles, 3, side, side, generator=gen).to(device),  # (N, 3, H, W)
+        "stats": {"tokens": real, "tiles": tiles, "flops": flops, "lengths": lengths},
+    }
+
+
+def make_step(variant: Variant, cfg: Config, device: torch.device, seed: int) -> tuple[Callable[[dict], float], Any]:
+    """A step function for the variant and what to close afterwards: the plain loop or backend + Trainer."""
+    from toolkit.bench.overhead import new_model, plain_step
+    from toolkit.train.backends import build_backend
+    from toolkit.train.optim import param_groups
+    from toolkit.train.schedule import schedule_from_config
+    from toolkit.train.trainer import Trainer
+
+    if variant.backend == "plain":
+        step, _ = plain_step(cfg, seed, device)
+        return step, None
+    model = new_model(cfg, seed, device)
+    backend = build_backend(cfg, device=device)
+    backend.setup(model, param_groups(model, cfg.train), schedule_from_config(cfg.train))
+    trainer = Trainer(backend, cfg)
+    return (lambda batch: trainer.train_step([batch])["loss"]), backend
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_variant(
+    variant: Variant, cfg: Config, batches: list[dict], *, steps: int, warmup: int, device: torch.device, seed: int
+) -> dict[str, Any]:
+    """Warm up, then time `steps` steps; real tokens/s, FLOP/s and the peak memory this variant added."""
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device) if cuda else 0
+    step, backend = make_step(variant, cfg, device, seed)
+    try:
+        for i in range(warmup):
+            step(batches[i % len(batches)])
+        _sync(device)
+        timed = [batches[(warmup + i) % len(batches)] for i in range(steps)]
+        start = time.perf_counter()
+        for batch in timed:
+            loss = step(batch)
+        _sync(device)
+        elapsed = time.perf_counter() - start
+    finally:
+        if backend is not None:
+            backend.close()
+    peak = torch.cuda.max_memory_allocated(device) - before if cuda else None
+    return {
+        "step_s": elapsed / steps,
+        "tokens_per_s": sum(b["stats"]["tokens"] for b in timed) / elapsed,
+        "flops_per_s": sum(b["stats"]["flops"] for b in timed) / elapsed,
+        "peak_GB": peak / 1e9 if peak is not None else "-",
+        "last_loss": loss,
+    }
+
+
+def _release(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def run(
+    *,
+    device: str | None = None,
+    preset: str = "nanovlm-450m",
+    steps: int = 10,
+    warmup: int = 3,
+    budget_s: float = 300.0,
+    batch_size: int | None = None,
+    overrides: tuple[str, ...] | list[str] = (),
+    variants: list[Variant] | None = None,
+    n_batches: int = 2,
+    seed: int = 0,
+    peak_flops: float | None = None,
+) -> dict:
+    """Every variant on one device within `budget_s` seconds; `device=None` means CUDA, or skip without it."""
+    if steps < 1 or warmup < 0 or n_batches < 1:
+        raise ValueError(f"need steps >= 1, warmup >= 0 and n_batches >= 1, got {steps}, {warmup}, {n_batches}")
+    if device is None and not torch.cuda.is_available():
+        row = {"variant": "-", "status": "skipped: needs CUDA (no GPU visible to torch)"}
+        return {"name": "gpu", "rows": [row], "headline": {"skipped": "needs CUDA"}, "config": {"preset": preset}}
+    from toolkit import dist
+    from toolkit.train.metrics import device_peak_flops
+
+    dev = torch.device(device or "cuda")
+    if dev.type == "cuda" and dev.index is None:  # torch.cuda.set_device (in init_distributed) needs an index
+        dev = torch.device("cuda", torch.cuda.current_device())
+    own_group = not dist.is_distributed()
+    dist.init_distributed(dev, dist.DistEnv())  # world size 1: ZeRO and FSDP2 still need a process group
+    settings = {"batch_size": batch_size, "device": dev.type, "overrides": list(overrides)}
+    try:
+        plain_cfg = bench_config(preset, Variant("plain"), **settings)
+        batches = synthetic_batches(plain_cfg, n_batches, seed=seed, device=dev)
+        peak = peak_flops or device_peak_flops(dev)  # None (no MFU) for a device whose peak is unknown
+        rows, started = [], time.perf_counter()
+        for variant in variants or default_variants():
+            if time.perf_counter() - started > budget_s:
+                rows.append({"variant": variant.label, "status": f"skipped: time budget ({budget_s:.0f} s)"})
+                continue
+            cfg = bench_config(preset, variant, **settings)
+            rows.append(_measure(variant, cfg, batches, steps=steps, warmup=warmup, device=dev, seed=seed, peak=peak))
+            _release(dev)
+    finally:
+        if own_group:
+            dist.destroy_distributed()
+    config = {"preset": preset, "steps": steps, "warmup": warmup, "budget_s": budget_s, "n_batches": n_batches}
+    config.update(batch_size=plain_cfg.train.batch_size, seq=plain_cfg.model.lm_max_length, peak_flops=peak)
+    return {"name": "gpu", "rows": _relative(rows), "headline": _headline(rows), "config": config}
+
+
+def _measure(variant: Variant, cfg: Config, batches: list[dict], *, peak: float | None, **kw: Any) -> dict[str, Any]:
+    """One table row; a failure (out of memory, a compile error) is reported in the row, not raised."""
+    row: dict[str, Any] = {"variant": variant.label, "status": "ok"}
+    try:
+        result = time_variant(variant, cfg, batches, **kw)
+    except Exception as exc:  # one broken variant must not hide the others' figures
+        log.exception("bench gpu: variant %s failed", variant.label)
+        row["status"] = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:100] if str(exc) else ''}"
+        return row
+    row.update(result)
+    row["mfu"] = result["flops_per_s"] / peak if peak else "-"
+    return row
+
+
+COLUMNS = ("variant", "status", "step_s", "tokens_per_s", "mfu", "peak_GB", "vs_plain", "last_loss")
+
+
+def _relative(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows with every column (for the table) and tokens/s relative to the plain loop's."""
+    plain = next((r["tokens_per_s"] for r in rows if r["variant"] == "plain" and r["status"] == "ok"), None)
+    out = []
+    for r in rows:
+        full = {c: r.get(c, "-") for c in COLUMNS}
+        if plain and r["status"] == "ok":
+            full["vs_plain"] = r["tokens_per_s"] / plain
+        out.append(full)
+    return out
+
+
+def _headline(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    ok = [r for r in rows if r["status"] == "ok"]
+    if not ok:
+        return {"error": "no variant ran"}
+    plain = next((r for r in ok if r["variant"] == "plain"), None)
+    best = max((r for r in ok if r["variant"] != "plain"), key=lambda r: r["tokens_per_s"], default=None)
+    head: dict[str, Any] = {}
+    if plain:
+        head.update(plain_tokens_per_s=plain["tokens_per_s"], plain_mfu=plain["mfu"])
+    if best:
+        head.update(best=best["variant"], best_tokens_per_s=best["tokens_per_s"], best_mfu=best["mfu"])
+        if plain:
+            head["best_vs_plain"] = best["tokens_per_s"] / plain["tokens_per_s"]
+    return head
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m toolkit.bench.gpu [--steps N] [--budget-s S] ...`: the knobs `bench gpu` keeps at their defaults."""
+    from toolkit.bench import run as run_bench
+
+    p = argparse.ArgumentParser(prog="python -m toolkit.bench.gpu", description=__doc__.splitlines()[0])
+    p.add_argument("--steps", type=int, default=10, help="timed steps per variant")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps per variant (compilation happens here)")
+    p.add_argument("--budget-s", type=float, default=300.0, help="start no new variant after this many seconds")
+    p.add_argument("--batch-size", type=int, default=None, help="packs per step (default: the preset's)")
+    p.add_argument("--preset", default="nanovlm-450m")
+    p.add_argument("--device", default=None, help="default: cuda, or skip without it; cpu runs the code paths only")
+    p.add_argument("--variants", default="", help="e.g. plain,single,zero3+ac,fsdp+compile (default: all 17)")
+    p.add_argument(
+        "--peak-flops", type=float, default=None, help="bf16 FLOP/s of one device, if torch's name is unknown"
+    )
+    p.add_argument("--json", action="store_true")
+    p.add_argument("overrides", nargs="*", help="section.field=value applied to every variant")
+    a = p.parse_args(argv)
+    kw = {"steps": a.steps, "warmup": a.warmup, "budget_s": a.budget_s, "batch_size": a.batch_size}
+    kw["peak_flops"] = a.peak_flops
+    kw["variants"] = parse_variants(a.variants) if a.variants else None
+    run_bench("gpu", as_json=a.json, preset=a.preset, device=a.device, overrides=a.overrides, **kw)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
