@@ -22,7 +22,10 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
     ("args", "says"),
     [
         (["train", "--config", "tiny", "model.tokenizer=/nowhere/tok"], "Set model.tokenizer="),
-        (["data-stats", "--config", "tiny", "data.train_shards=/nowhere/shard-{000..003}.tar"], "4 of 4 shards are missing"),
+        (
+            ["data-stats", "--config", "tiny", "data.train_shards=/nowhere/shard-{000..003}.tar"],
+            "4 of 4 shards are missing",
+        ),
         (["train", "--config", "tiny", "backend.name=horovod"], "choose one of single, ddp, deepspeed, fsdp"),
         (["generate", "--checkpoint", "/nowhere", "--image", "x.png", "--prompt", "hi"], "no nanoVLM checkpoint"),
         (["report", "/nowhere"], "pass a run folder"),
