@@ -9,7 +9,7 @@ SRC ?=
 OUT ?=
 PYTEST_ARGS ?=
 
-.PHONY: install test lint format demo shard-data train bench test-multinode clean
+.PHONY: install test lint format demo shard-data train bench test-multinode docs clean
 
 install: $(STAMP)
 
@@ -52,6 +52,9 @@ bench: $(STAMP)
 # Two hosts in network namespaces on this machine, `deepspeed --hostfile` across them (needs root).
 test-multinode: $(STAMP)
 	PYTHON=$(abspath $(BIN))/python bash launch/test_multinode.sh
+
+docs: $(STAMP)
+	$(BIN)/python -m toolkit.docs README.md
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache

@@ -20,11 +20,13 @@ PYTHON=${PYTHON:-$PWD/.venv/bin/python}
 FIRST_HOST=$(grep -v '^\s*#' "$HOSTFILE" | awk 'NF {print $1; exit}')
 # Reach every host first: DeepSpeed's own check tries only the first one and pdsh's error is easy to miss.
 for host in $(grep -v '^\s*#' "$HOSTFILE" | awk 'NF {print $1}'); do
+  case "$host" in localhost | 127.0.0.1 | "$(hostname)") continue ;; esac  # one local node: no ssh involved
   ssh -o BatchMode=yes -o ConnectTimeout=5 ${SSH_PORT:+-p "$SSH_PORT"} "$host" true 2>/dev/null || {
     echo "host $host in $HOSTFILE is unreachable by passwordless ssh: run ssh-copy-id $host (or fix the hostfile)" >&2
     exit 1
   }
 done
-ARGS=(--hostfile "$HOSTFILE" --master_addr "${MASTER_ADDR:-$FIRST_HOST}" --master_port "${MASTER_PORT:-29500}")
+# Every host was checked above, so DeepSpeed's own (first host only, ssh even for localhost) is skipped.
+ARGS=(--no_ssh_check --hostfile "$HOSTFILE" --master_addr "${MASTER_ADDR:-$FIRST_HOST}" --master_port "${MASTER_PORT:-29500}")
 [ -n "${SSH_PORT:-}" ] && ARGS+=(--ssh_port "$SSH_PORT")
 exec "$PYTHON" -m deepspeed.launcher.runner "${ARGS[@]}" --module toolkit train "$@" backend.name=deepspeed
