@@ -41,8 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("overrides", nargs="*", help="extra train overrides, section.field=value")
     args = p.parse_args(argv)
     data = Path(args.data)
-    if not (data / "train" / "manifest.json").exists():
-        write_synth(str(data), samples=args.samples, val_samples=args.eval_samples, seed=0)
+    write_synth(str(data), samples=args.samples, val_samples=args.eval_samples, seed=0)  # a no-op when done
     overrides = [
         f"model.tokenizer={data / 'tokenizer'}", f"data.train_shards={data / 'train'}",
         f"data.val_shards={data / 'val'}", f"train.run_dir={args.run}", "train.resume=none", *args.overrides,

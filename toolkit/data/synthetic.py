@@ -54,7 +54,7 @@ _WHERE = {
     "bottom": "at the bottom",
 }
 SOURCE = "synth-shapes"
-VERSION = 1  # bump when the generator changes, so an old OUT is never mistaken for the new one
+VERSION = 2  # bump when the generator changes, so an old OUT is never mistaken for the new one
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 _SPLITS = {"train": 0, "val": 1}
 
