@@ -147,6 +147,19 @@ def _read_hf_folder(folder: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     return config, state
 
 
+class _Taker:
+    """Hands out a checkpoint's tensors by name and remembers which were used, so leftovers can be named."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor], missing: str) -> None:
+        self.tensors, self.missing, self.used = tensors, missing, set()
+
+    def __call__(self, name: str) -> torch.Tensor:
+        if name not in self.tensors:
+            raise CheckpointError(f"{self.missing}{name}")
+        self.used.add(name)
+        return self.tensors[name]
+
+
 def _check_shape_fields(cfg: ModelConfig, hf: dict, pairs: dict[str, str], folder: str | Path) -> None:
     for ours, theirs in pairs.items():
         if theirs in hf and hf[theirs] != getattr(cfg, ours):
@@ -180,13 +193,7 @@ def vision_state_from_hf(cfg: ModelConfig, folder: str | Path) -> dict[str, torc
     src = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix) and not k.startswith("text_model.")}
     if "embeddings.patch_embedding.weight" not in src:
         raise CheckpointError(f"{folder} has no SigLIP vision embeddings; is it a SigLIP/SigLIP2 checkpoint?")
-    used: set[str] = set()
-
-    def take(name: str) -> torch.Tensor:
-        if name not in src:
-            raise CheckpointError(f"{folder} lacks vision tensor {prefix}{name}")
-        used.add(name)
-        return src[name]
+    take = _Taker(src, f"{folder} lacks vision tensor {prefix}")
 
     out = {}
     out.update(_patch_embedding(cfg, take))
@@ -203,7 +210,9 @@ def vision_state_from_hf(cfg: ModelConfig, folder: str | Path) -> dict[str, torc
     for part in ("weight", "bias"):
         out[f"layer_norm.{part}"] = take(f"post_layernorm.{part}")
     # The attention-pooling head serves SigLIP's contrastive loss; nanoVLM reads the patch features instead.
-    leftover = sorted(k for k in src if k not in used and not k.startswith("head.") and not k.endswith("position_ids"))
+    leftover = sorted(
+        k for k in src if k not in take.used and not k.startswith("head.") and not k.endswith("position_ids")
+    )
     if leftover:
         raise CheckpointError(f"{folder} has vision tensors the toolkit would ignore: {leftover}")
     return {f"vision_encoder.{k}": v for k, v in out.items()}
@@ -259,13 +268,7 @@ def language_state_from_hf(cfg: ModelConfig, folder: str | Path, model: VisionLa
     """Llama-family causal LM -> decoder.*; extra image-token rows of the embedding keep the model's own init."""
     raw, state = _read_hf_folder(folder)
     _check_llama(cfg, raw, folder)
-    used: set[str] = set()
-
-    def take(name: str) -> torch.Tensor:
-        if name not in state:
-            raise CheckpointError(f"{folder} lacks language tensor {name}")
-        used.add(name)
-        return state[name]
+    take = _Taker(state, f"{folder} lacks language tensor ")
 
     out = {}
     names = {
@@ -288,7 +291,7 @@ def language_state_from_hf(cfg: ModelConfig, folder: str | Path, model: VisionLa
     )
     if not cfg.lm_tie_weights:
         out["head.weight"] = _extend_rows(model.decoder.head.weight, take("lm_head.weight"))
-    leftover = sorted(k for k in state if k not in used and not k.endswith("rotary_emb.inv_freq"))
+    leftover = sorted(k for k in state if k not in take.used and not k.endswith("rotary_emb.inv_freq"))
     if cfg.lm_tie_weights:
         leftover = [k for k in leftover if k != "lm_head.weight"]
     if leftover:

@@ -33,7 +33,7 @@ from torch.utils.checkpoint import checkpoint
 
 from toolkit.config import Config
 from toolkit.dist import DistEnv
-from toolkit.train.optim import ParamGroup
+from toolkit.train.optim import ParamGroup, group_lrs
 from toolkit.train.schedule import WarmupCosine
 
 MODEL_KEYS = ("input_ids", "labels", "position_ids", "pixel_values", "attention_mask")
@@ -232,3 +232,31 @@ def tensor_state_numel(state: dict) -> int:
             if key != "step" and torch.is_tensor(value):
                 total += value.numel() if not hasattr(value, "to_local") else value.to_local().numel()
     return total
+
+
+class TorchOptimizerBackend(Backend):
+    """Engines whose model is called directly and whose step is a plain torch optimizer (single, DDP, FSDP2).
+
+    Subclasses set `self.model`, `self.optimizer` and `self.scheduler` in setup(); clipping uses the global norm
+    (DTensor-aware), and a non-finite norm skips the update like a non-finite loss does.
+    """
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+
+    def _model_call(self, inputs: dict[str, torch.Tensor]) -> Any:
+        return self.model(**inputs)
+
+    def _backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def _step(self, skip: bool) -> StepResult:
+        params = list(self.trainable_parameters())
+        norm = float(clip_grad_norm(params, 0.0 if skip else self.cfg.train.max_grad_norm))
+        skip = skip or not math.isfinite(norm)
+        lrs = group_lrs(self.optimizer.param_groups, self.groups)
+        if not skip:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        return StepResult(grad_norm=norm, lrs=lrs, skipped=skip)

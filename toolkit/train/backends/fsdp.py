@@ -14,7 +14,6 @@ data-parallel ranks, so the loss is multiplied by the world size to keep token-w
 from __future__ import annotations
 
 import contextlib
-import math
 from pathlib import Path
 from typing import Any
 
@@ -33,14 +32,14 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from toolkit import dist
 from toolkit.config import ConfigError
-from toolkit.train.backends.base import Backend, StepResult, clip_grad_norm, prepare_blocks, tensor_state_numel
-from toolkit.train.optim import ParamGroup, build_optimizer, freeze_frozen_groups, group_lrs
+from toolkit.train.backends.base import TorchOptimizerBackend, prepare_blocks, tensor_state_numel
+from toolkit.train.optim import ParamGroup, build_optimizer, freeze_frozen_groups
 from toolkit.train.schedule import WarmupCosine, build_scheduler
 
 EXTRA_FILE = "fsdp_extra.pt"  # schedule state and client state, written by rank 0 beside the DCP shards
 
 
-class FSDPBackend(Backend):
+class FSDPBackend(TorchOptimizerBackend):
     name = "fsdp"
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -96,23 +95,6 @@ class FSDPBackend(Backend):
         # Deferred sync keeps unsharded gradients until the last micro-step: one reduce-scatter per step.
         self.model.set_requires_gradient_sync(last or not self.cfg.backend.fsdp_defer_grad_sync)
         return contextlib.nullcontext()
-
-    def _model_call(self, inputs: dict[str, torch.Tensor]) -> Any:
-        return self.model(**inputs)
-
-    def _backward(self, loss: torch.Tensor) -> None:
-        loss.backward()
-
-    def _step(self, skip: bool) -> StepResult:
-        params = list(self.trainable_parameters())
-        norm = float(clip_grad_norm(params, 0.0 if skip else self.cfg.train.max_grad_norm))
-        skip = skip or not math.isfinite(norm)
-        lrs = group_lrs(self.optimizer.param_groups, self.groups)
-        if not skip:
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
-        return StepResult(grad_norm=norm, lrs=lrs, skipped=skip)
 
     def _sharded_state(self) -> dict[str, Any]:
         return {

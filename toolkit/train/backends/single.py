@@ -8,7 +8,6 @@ before the last (`no_sync`), so accumulation costs one gradient exchange per opt
 from __future__ import annotations
 
 import contextlib
-import math
 from pathlib import Path
 from typing import Any
 
@@ -18,14 +17,14 @@ from torch.nn.parallel import DistributedDataParallel
 
 from toolkit import dist
 from toolkit.config import ConfigError
-from toolkit.train.backends.base import Backend, StepResult, clip_grad_norm, prepare_blocks, tensor_state_numel
-from toolkit.train.optim import ParamGroup, build_optimizer, freeze_frozen_groups, group_lrs
+from toolkit.train.backends.base import TorchOptimizerBackend, prepare_blocks, tensor_state_numel
+from toolkit.train.optim import ParamGroup, build_optimizer, freeze_frozen_groups
 from toolkit.train.schedule import WarmupCosine, build_scheduler
 
 STATE_FILE = "state.pt"
 
 
-class SingleBackend(Backend):
+class SingleBackend(TorchOptimizerBackend):
     """One process, one device; also the reference every other backend is tested against."""
 
     name = "single"
@@ -63,23 +62,6 @@ class SingleBackend(Backend):
         if not self.bf16:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
-
-    def _model_call(self, inputs: dict[str, torch.Tensor]) -> Any:
-        return self.model(**inputs)
-
-    def _backward(self, loss: torch.Tensor) -> None:
-        loss.backward()
-
-    def _step(self, skip: bool) -> StepResult:
-        params = list(self.trainable_parameters())
-        norm = float(clip_grad_norm(params, 0.0 if skip else self.cfg.train.max_grad_norm))
-        skip = skip or not math.isfinite(norm)
-        lrs = group_lrs(self.optimizer.param_groups, self.groups)
-        if not skip:
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
-        return StepResult(grad_norm=norm, lrs=lrs, skipped=skip)
 
     def save(self, path: str | Path, client_state: dict | None = None) -> None:
         """Rank 0 writes model, optimizer and schedule in one file; replicas are identical, so one copy suffices."""
