@@ -58,3 +58,13 @@ def tiny_cfg() -> ModelConfig:
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """`gpu`-marked tests run only where CUDA is present (make test on a GPU machine runs them too)."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
