@@ -8,6 +8,7 @@ run by the demo and by CI themselves. The config reference block must match the 
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -152,3 +153,5 @@ def test_every_readme_command_runs(readme_env):
     manifest = Path(readme_env["DATA"]) / "train" / "manifest.json"
     assert '"samples": 96' in manifest.read_text().replace("\n", " ").replace("  ", " ")
     assert torch.load(run / "checkpoints" / "step_3" / "rank_1.pt", weights_only=False)["loader"] is not None
+    histogram = json.loads(manifest.read_text())["token_histogram"]
+    assert histogram["includes_image_tokens"] and sum(histogram["counts"]) == 96  # --config: exact image tokens

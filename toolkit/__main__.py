@@ -52,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-size", default="256MB", help="target shard size: bytes (256MB) or samples (1000)")
     p.add_argument("--workers", type=int, default=1, help="parallel writer processes")
     p.add_argument("--tokenizer", default="", help="tokenizer folder, for the token-length histogram")
+    p.add_argument(
+        "--config", default="", help="preset or YAML whose model shapes make the histogram count image tokens exactly"
+    )
     p.add_argument("--images", default="", help="image folder for JSONL input")
     p.add_argument("--split", default="train", help="dataset split to read")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run into the same OUT")
@@ -98,6 +101,9 @@ def _synth(args: argparse.Namespace) -> int:
 
 
 def _shard_data(args: argparse.Namespace) -> int:
+    model_config = None
+    if args.config:  # exact counts: the model's tiling and image tokens, with --tokenizer when given
+        model_config = load_config(args.config, [f"model.tokenizer={args.tokenizer}"] if args.tokenizer else []).model
     from toolkit.data.shard_writer import shard_data
 
     manifest = shard_data(
@@ -110,6 +116,7 @@ def _shard_data(args: argparse.Namespace) -> int:
         images=args.images or None,
         split=args.split,
         resume=args.resume,
+        model_config=model_config,
     )
     print(json.dumps({k: v for k, v in manifest.items() if k != "shards"}, indent=2))
     return 0
