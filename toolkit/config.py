@@ -218,7 +218,9 @@ class BackendConfig:
         "full", "FSDP2 sharding: full, or hybrid (shard in a node, replicate across).", choices=("full", "hybrid")
     )
     fsdp_defer_grad_sync: bool = opt(
-        True, "FSDP2: skip gradient reduce-scatter on micro-steps before the last (faster, holds unsharded grads)."
+        False,
+        "FSDP2: reduce-scatter gradients only on an accumulation's last micro-step (fewer collectives, but every rank "
+        "holds unsharded fp32 gradients meanwhile: +4 bytes/param).",
     )
     precision: str = opt(
         "bf16", "Compute precision; master weights and optimizer state stay fp32.", choices=("bf16", "fp32")

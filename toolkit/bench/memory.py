@@ -49,7 +49,7 @@ import torch
 REPO = Path(__file__).resolve().parents[2]
 WORLD = 2
 K_ADAM = 12  # bytes of optimizer state per parameter in mixed-precision Adam: fp32 master + two fp32 moments
-# Scenario -> the ZeRO stage it implements. `fsdp` reduce-scatters every micro-step; `fsdp_defer` is the default
+# Scenario -> the ZeRO stage it implements. `fsdp` (the default) reduce-scatters every micro-step; `fsdp_defer` is
 # backend.fsdp_defer_grad_sync=true, which holds full fp32 gradients between micro-steps (outside the formula).
 SCENARIOS = {"zero0": 0, "zero1": 1, "zero2": 2, "zero3": 3, "fsdp": 3, "fsdp_defer": 3}
 # Widened tiny preset: ~21M parameters, every weight matrix above ZeRO-3's persistence threshold (1e5 elements).
