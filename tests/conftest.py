@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import socket
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,22 @@ from toolkit.config import ModelConfig
 
 REPO = Path(__file__).resolve().parent.parent
 REFERENCE = Path(os.environ.get("NANOVLM_REFERENCE", REPO.parent / "shared" / "reference" / "nanovlm-tiny"))
+
+
+# What every multi-process test runs with: CPU DeepSpeed, one thread per rank, this checkout importable.
+CPU_ENV = {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(nproc: int, *target: str) -> list[str]:
+    """`python -m torch.distributed.run` on a free local port, then the target (a script, or -m module ...)."""
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
+            f"--master_port={free_port()}", *target]  # fmt: skip
 
 
 @pytest.fixture

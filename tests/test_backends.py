@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -23,6 +22,7 @@ import backend_worker as bw
 import pytest
 import torch
 
+from tests.conftest import CPU_ENV, torchrun
 from toolkit import dist
 from toolkit.config import ConfigError, load_config
 from toolkit.model import VisionLanguageModel
@@ -65,31 +65,12 @@ def references() -> dict[str, dict]:
     return {"fp32": run_single(), "frozen": run_single(frozen=True), "bf16": run_single(bf16=True)}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def launched(tmp_path_factory) -> tuple[dict, Path]:
     """Every 2-rank scenario in one torchrun launch; a hang or a crash fails here with the ranks' output."""
     out = tmp_path_factory.mktemp("backends")
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_addr",
-        "127.0.0.1",
-        "--master_port",
-        str(_free_port()),
-        str(REPO / "tests" / "backend_worker.py"),
-        "--out",
-        str(out),
-    ]
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    cmd = torchrun(2, str(REPO / "tests" / "backend_worker.py"), "--out", str(out))
+    env = {**os.environ, **CPU_ENV}
     try:
         proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=480)
     except subprocess.TimeoutExpired as exc:
@@ -560,16 +541,8 @@ def synth_data(tmp_path_factory) -> Path:
 def test_train_command_two_ranks_loss_falls(backend: str, synth_data: Path, tmp_path: Path) -> None:
     """`python -m toolkit train --config tiny` on synthetic shards, 2 ranks (ZeRO-3 / FSDP2, bf16), 20 steps."""
     run = tmp_path / "run"
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_addr",
-        "127.0.0.1",
-        "--master_port",
-        str(_free_port()),
+    cmd = torchrun(
+        2,
         "-m",
         "toolkit",
         "train",
@@ -584,8 +557,8 @@ def test_train_command_two_ranks_loss_falls(backend: str, synth_data: Path, tmp_
         "train.max_training_steps=20",
         "train.batch_size=2",
         f"train.run_dir={run}",
-    ]
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    )
+    env = {**os.environ, **CPU_ENV}
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=360)
     assert proc.returncode == 0, proc.stderr[-6000:]
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.conftest import tiny_model_config
+from tests.conftest import tiny_model_config, torchrun
 from toolkit.model import VisionLanguageModel
 from toolkit.model.attention import choose_kernel
 
@@ -45,12 +43,6 @@ def test_fused_packed_attention_matches_sdpa_reference_in_bf16():
     assert (fused - reference).abs().max().item() <= 5e-2  # bf16 against an fp32 reference
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize(
     "backend",
     [["backend.name=single"], ["backend.name=ddp"], ["backend.name=fsdp"],
@@ -67,8 +59,7 @@ def test_each_backend_trains_on_one_gpu_over_nccl(backend, tmp_path):
         f"data.val_shards={tmp_path / 'data' / 'val'}", "train.max_training_steps=4", "train.eval_interval=2",
         f"train.run_dir={tmp_path / 'run'}",
     ]  # fmt: skip
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1", f"--master_port={_port()}",
-           "-m", "toolkit", "train", *args]  # fmt: skip
+    cmd = torchrun(1, "-m", "toolkit", "train", *args)
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,13 +13,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.conftest import CPU_ENV, torchrun
 from toolkit.data.synthetic import write_synth
 from toolkit.model import VisionLanguageModel
 from toolkit.model.hub import nanovlm_state_dict
 from toolkit.train.checkpoint import RunDir
 
 REPO = Path(__file__).resolve().parent.parent
-ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+ENV = {**os.environ, **CPU_ENV}
 BACKENDS = {
     "zero3": ["backend.name=deepspeed", "backend.ds_config=ds_configs/zero3.json"],
     "fsdp": ["backend.name=fsdp"],
@@ -52,16 +52,9 @@ def common(synth: Path, steps: int = 12) -> list[str]:
     ]
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(args: list[str], *, nproc: int = 2, module: bool = True, timeout: int = 300) -> None:
     target = ["-m", "toolkit", "train", "--config", "tiny", *args] if module else args
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={_port()}"]
-    done = subprocess.run([*cmd, *target], env=ENV, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    done = subprocess.run(torchrun(nproc, *target), env=ENV, cwd=REPO, capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
 
 

@@ -12,7 +12,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import pytest
 import torch
 from PIL import Image
 
+from tests.conftest import free_port
 from toolkit.docs import config_block
 
 REPO = Path(__file__).resolve().parent.parent
@@ -53,12 +53,6 @@ def readme_variables() -> list[str]:
     section = README.split("## From your data to a cluster", 1)[1]
     block = re.findall(r"```bash\n(.*?)```", section, flags=re.S)[0]
     return [ln.split("=", 1)[0] for ln in block.splitlines() if re.match(r"^[A-Z0-9_]+=", ln)]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _tiny_backbones(root: Path, tokenizer: Path) -> tuple[Path, Path]:
@@ -142,7 +136,7 @@ def test_every_readme_command_runs(readme_env):
     commands = readme_commands()
     assert len(commands) >= 10
     for cmd in commands:
-        env = {**readme_env, "MASTER_PORT": str(_free_port())}
+        env = {**readme_env, "MASTER_PORT": str(free_port())}
         done = subprocess.run(["bash", "-c", f"set -euo pipefail; {cmd}"], cwd=REPO, env=env, capture_output=True,
                               text=True, timeout=600)  # fmt: skip
         assert done.returncode == 0, f"{cmd}\n{done.stdout[-3000:]}\n{done.stderr[-4000:]}"
