@@ -79,11 +79,17 @@ def _flex_block_mask(docs: torch.Tensor, key_valid: torch.Tensor | None):
     return create_block_mask(mask_mod, B=batch, H=None, Q_LEN=seq, KV_LEN=seq, device=docs.device)
 
 
-def _cu_seqlens(docs: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Sample boundaries over the flattened (B*S) batch, as flash-attn's varlen kernel wants them."""
+def sample_lengths(position_ids: torch.Tensor) -> torch.Tensor:
+    """(B, S) positions -> lengths of every packed sample (padding tails included), row by row."""
+    docs = document_ids(position_ids)
     batch, seq = docs.shape
     flat = (docs + torch.arange(batch, device=docs.device)[:, None] * (seq + 1)).flatten()
-    _, counts = torch.unique_consecutive(flat, return_counts=True)
+    return torch.unique_consecutive(flat, return_counts=True)[1]
+
+
+def _cu_seqlens(position_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Sample boundaries over the flattened (B*S) batch, as flash-attn's varlen kernel wants them."""
+    counts = sample_lengths(position_ids)
     cu = F.pad(counts.cumsum(0), (1, 0)).to(torch.int32)
     return cu, int(counts.max())
 
@@ -120,7 +126,7 @@ def plan_attention(
     if kernel == "flex" and docs is not None and not cached:
         return AttentionPlan("flex", block_mask=_flex_block_mask(docs, attention_mask))
     if kernel == "varlen" and docs is not None and not cached and attention_mask is None:
-        cu, longest = _cu_seqlens(docs)
+        cu, longest = _cu_seqlens(position_ids)
         return AttentionPlan("varlen", cu_seqlens=cu, max_seqlen=longest)
     return AttentionPlan("dense", mask=_dense_mask(q_len, kv_len, docs, attention_mask, device))
 

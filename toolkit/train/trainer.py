@@ -25,6 +25,7 @@ import torch
 
 from toolkit import dist
 from toolkit.config import Config
+from toolkit.model.attention import sample_lengths
 from toolkit.train.backends.base import Backend
 
 log = logging.getLogger(__name__)
@@ -57,9 +58,7 @@ def _sum_sq_lengths(batch: dict[str, Any]) -> float:
     pos = batch.get("position_ids")
     if pos is None:
         return float(ids.shape[0] * ids.shape[1] ** 2)
-    docs = (pos == 0).cumsum(-1) + torch.arange(pos.shape[0], device=pos.device)[:, None] * (pos.shape[1] + 1)
-    lengths = torch.unique(docs.flatten(), return_counts=True)[1].double()
-    return float((lengths**2).sum())
+    return float((sample_lengths(pos).double() ** 2).sum())
 
 
 def peak_memory_gb(device: torch.device) -> float:
