@@ -16,8 +16,9 @@ REPO = Path(__file__).resolve().parent.parent
 REFERENCE = Path(os.environ.get("NANOVLM_REFERENCE", REPO.parent / "shared" / "reference" / "nanovlm-tiny"))
 
 
-# What every multi-process test runs with: CPU DeepSpeed, one thread per rank, this checkout importable.
-CPU_ENV = {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+# What every multi-process test runs with: CPU DeepSpeed, no GPU (two ranks must not share one over NCCL),
+# one thread per rank, this checkout importable.
+CPU_ENV = {"DS_ACCELERATOR": "cpu", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
 
 
 def free_port() -> int:
@@ -76,6 +77,20 @@ def tiny_cfg() -> ModelConfig:
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _cpu_unless_gpu(request, monkeypatch) -> None:
+    """On a GPU machine, tests not marked `gpu` still run on the CPU, as they do in CI.
+
+    Their expectations (fp32 parity with a single-process run, two gloo ranks on one host) are CPU ones: with
+    CUDA visible, `backend.device=auto` would put two ranks on one GPU over NCCL, which NCCL refuses. The GPU
+    paths are what the `gpu`-marked tests are for.
+    """
+    if "gpu" in request.node.keywords or not torch.cuda.is_available():
+        return
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # subprocesses: torchrun workers, README commands
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # this process: device=auto resolves to cpu
 
 
 def pytest_collection_modifyitems(config, items) -> None:

@@ -14,6 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
+from tests.conftest import CPU_ENV
 from toolkit import bench
 from toolkit.bench import gpu, overhead, pipeline
 from toolkit.bench.packing import measure, nanovlm_knapsack, ours, vlm_length_mix
@@ -190,7 +191,7 @@ def test_gpu_bench_runs_every_code_path_on_cpu(tmp_path):
     variants = "plain,single,zero2,zero3,fsdp,fsdp+ac,single+compile"
     cmd = [sys.executable, "-m", "toolkit.bench.gpu", "--device=cpu", "--preset=tiny", "--steps=1", "--warmup=1"]
     cmd += ["--batch-size=2", f"--variants={variants}", "--peak-flops=1e12"]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
+    env = {**os.environ, **CPU_ENV}
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=540)
     assert proc.returncode == 0, proc.stderr[-4000:]
     rows = {r["variant"]: r for r in json.loads((tmp_path / "runs" / "bench" / "gpu.json").read_text())["rows"]}

@@ -261,6 +261,7 @@ def run(
             cfg = bench_config(preset, variant, **settings)
             rows.append(_measure(variant, cfg, batches, steps=steps, warmup=warmup, device=dev, seed=seed, peak=peak))
             _release(dev)
+            log.info("bench gpu: %s", {k: v for k, v in rows[-1].items() if k != "last_loss"})  # survives a kill
     finally:
         if own_group:
             dist.destroy_distributed()
@@ -332,6 +333,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true")
     p.add_argument("overrides", nargs="*", help="section.field=value applied to every variant")
     a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     kw = {"steps": a.steps, "warmup": a.warmup, "budget_s": a.budget_s, "batch_size": a.batch_size}
     kw["peak_flops"] = a.peak_flops
     kw["variants"] = parse_variants(a.variants) if a.variants else None

@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# One pass over everything that needs a GPU, sized for a few minutes of a lent single-GPU machine.
+#
+# Run from the repository root on a CUDA host whose python3 already has torch; the wheels that host lacks are
+# carried in .whl/ (`bash ../shared/device/make_wheelhouse.sh` fills it). Logs and the bench JSON go to $OUT.
+#   1. the CPU suite (`-m "not gpu"`), in the background on cores 4-, as `make test` would run it there;
+#   2. `python -m toolkit.bench.gpu` on cores 0-3: the README's GPU table (BENCH_BUDGET_S caps its variants);
+#   3. the `gpu`-marked tests.
+# Each stage has its own time limit, so one that hangs cannot take the others' results with it.
+set -u
+OUT=${OUT:-runs/gpu-check}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || exit 1
+  export PYTHONPATH=/tmp/site:$PWD
+fi
+{
+  nvidia-smi -L
+  python3 -c 'import sys, torch, deepspeed; print(sys.version.split()[0], torch.__version__, deepspeed.__version__,
+torch.cuda.get_device_name(0))'
+} 2>&1 | tee "$OUT/env.log"
+
+cores=$(nproc)
+(
+  timeout "${SUITE_TIMEOUT_S:-300}" taskset -c "4-$((cores - 1))" python3 -m pytest -q -n 8 -m "not gpu" \
+    -p no:cacheprovider >"$OUT/suite.log" 2>&1
+  echo "suite exit status: $?" >>"$OUT/suite.log"
+) &
+suite=$!
+
+variants=${BENCH_VARIANTS:-plain,single,zero2,zero3,fsdp,single+compile,single+ac,zero3+ac,fsdp+ac,fsdp+compile,single+ac+compile}
+timeout "${BENCH_TIMEOUT_S:-260}" taskset -c 0-3 python3 -m toolkit.bench.gpu --budget-s "${BENCH_BUDGET_S:-170}" \
+  --steps 8 --warmup 3 --variants "$variants" 2>&1 | tee "$OUT/bench.log"
+cp runs/bench/gpu.json "$OUT/" 2>/dev/null
+
+timeout "${GPU_TESTS_TIMEOUT_S:-150}" python3 -m pytest -q -m gpu -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log"
+
+wait "$suite"
+tail -n 25 "$OUT/suite.log"
