@@ -32,8 +32,12 @@ suite=$!
 
 variants=${BENCH_VARIANTS:-plain,single,zero2,zero3,fsdp,single+compile,single+ac,zero3+ac,fsdp+ac,fsdp+compile,single+ac+compile}
 timeout "${BENCH_TIMEOUT_S:-260}" taskset -c 0-3 python3 -m toolkit.bench.gpu --budget-s "${BENCH_BUDGET_S:-170}" \
-  --steps 8 --warmup 3 --variants "$variants" 2>&1 | tee "$OUT/bench.log"
-cp runs/bench/gpu.json "$OUT/" 2>/dev/null
+  --steps 8 --warmup 3 --variants "$variants" --profile single,single+compile 2>&1 | tee "$OUT/bench.log"
+cp runs/bench/gpu.json runs/bench/gpu_profile_*.txt "$OUT/" 2>/dev/null
+# twice the packs per step: how much of the gap to the peak is a batch too small to fill the GPU
+timeout "${BENCH_TIMEOUT_S:-260}" taskset -c 0-3 python3 -m toolkit.bench.gpu --budget-s 60 --steps 8 --warmup 3 \
+  --batch-size 4 --variants plain,single+compile 2>&1 | tee -a "$OUT/bench.log"
+cp runs/bench/gpu.json "$OUT/gpu_batch4.json" 2>/dev/null
 
 timeout "${GPU_TESTS_TIMEOUT_S:-150}" python3 -m pytest -q -m gpu -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log"
 

@@ -18,7 +18,9 @@ REFERENCE = Path(os.environ.get("NANOVLM_REFERENCE", REPO.parent / "shared" / "r
 
 # What every multi-process test runs with: CPU DeepSpeed, no GPU (two ranks must not share one over NCCL),
 # one thread per rank, this checkout importable.
-CPU_ENV = {"DS_ACCELERATOR": "cpu", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+# PYTHONPATH keeps what the caller had (packages installed with --target, say) after this checkout.
+PYTHONPATH = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+CPU_ENV = {"DS_ACCELERATOR": "cpu", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "PYTHONPATH": PYTHONPATH}
 
 
 def free_port() -> int:

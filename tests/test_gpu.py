@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import tiny_model_config, torchrun
-from toolkit.model import VisionLanguageModel
+from tests.conftest import PYTHONPATH, tiny_model_config, torchrun
+from toolkit.model import VisionLanguageModel, attention
 from toolkit.model.attention import choose_kernel
 
 REPO = Path(__file__).resolve().parent.parent
@@ -29,11 +29,14 @@ def _packed_batch(cfg, device):
     return torch.cat(ids)[None].to(device), torch.cat(pos)[None].to(device), tiles.to(device)
 
 
-def test_fused_packed_attention_matches_sdpa_reference_in_bf16():
-    cfg = tiny_model_config(lm_max_length=256)
+@pytest.mark.parametrize("lm_hidden_dim", [64, 48])  # heads of 16 (the fused kernel) and of 12 (dense fallback)
+def test_fused_packed_attention_matches_sdpa_reference_in_bf16(lm_hidden_dim):
+    cfg = tiny_model_config(lm_max_length=256, lm_hidden_dim=lm_hidden_dim)
     model = VisionLanguageModel(cfg).cuda().eval()
     ids, pos, tiles = _packed_batch(cfg, "cuda")
-    assert choose_kernel(torch.device("cuda"), torch.bfloat16, packed=True, cached=False) in ("flex", "varlen")
+    head_dim = lm_hidden_dim // cfg.lm_n_heads
+    kernel = choose_kernel(torch.device("cuda"), torch.bfloat16, packed=True, cached=False, head_dim=head_dim)
+    assert kernel == ("dense" if head_dim < 16 else ("flex", "varlen")[attention.flash_attn_varlen_func is not None])
     with torch.no_grad():
         model.decoder.attention_kernel = "dense"
         reference = model(input_ids=ids, pixel_values=tiles, position_ids=pos).logits.float()
@@ -60,7 +63,7 @@ def test_each_backend_trains_on_one_gpu_over_nccl(backend, tmp_path):
         f"train.run_dir={tmp_path / 'run'}",
     ]  # fmt: skip
     cmd = torchrun(1, "-m", "toolkit", "train", *args)
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PYTHONPATH": PYTHONPATH}
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
     steps = [json.loads(ln) for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]

@@ -97,6 +97,8 @@ def test_cuda_path_never_picks_a_dense_mask_for_packed_rows():
 
     assert choose_kernel(torch.device("cuda"), torch.bfloat16, packed=True, cached=False) in ("flex", "varlen")
     assert choose_kernel(torch.device("cpu"), torch.float32, packed=True, cached=False) == "dense"
+    # FlexAttention's Triton template refuses heads under 16 wide (the tiny preset's are 12): the dense mask then
+    assert choose_kernel(torch.device("cuda"), torch.float32, packed=True, cached=False, head_dim=12) == "dense"
 
 
 @pytest.mark.parametrize("extra_text", [0, 6])

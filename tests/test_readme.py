@@ -20,7 +20,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.conftest import free_port
+from tests.conftest import CPU_ENV, free_port
 from toolkit.docs import config_block
 
 REPO = Path(__file__).resolve().parent.parent
@@ -121,9 +121,8 @@ def readme_env(tmp_path_factory) -> dict[str, str]:
         "HOSTFILE": str(root / "hostfile"), "STEPS": "3", "NODES": "1", "MASTER": "localhost", "IMAGE": str(image),
     }  # fmt: skip
     assert set(values) == set(readme_variables()), "README's variables changed: give this test stand-ins for them"
-    env = {**os.environ, **values, "PATH": f"{bin_dir}:{os.environ['PATH']}", "DS_ACCELERATOR": "cpu",
-           "OMP_NUM_THREADS": "1", "NPROC_PER_NODE": "2", "GPUS_PER_NODE": "2", "PYTHONPATH": str(REPO),
-           "NANOVLM_STOP_FILE": str(root / "slurm.stop")}  # fmt: skip
+    env = {**os.environ, **values, **CPU_ENV, "PATH": f"{bin_dir}:{os.environ['PATH']}", "NPROC_PER_NODE": "2",
+           "GPUS_PER_NODE": "2", "NANOVLM_STOP_FILE": str(root / "slurm.stop")}  # fmt: skip
     return env
 
 

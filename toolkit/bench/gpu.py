@@ -27,6 +27,7 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -183,9 +184,21 @@ def _sync(device: torch.device) -> None:
 
 
 def time_variant(
-    variant: Variant, cfg: Config, batches: list[dict], *, steps: int, warmup: int, device: torch.device, seed: int
+    variant: Variant,
+    cfg: Config,
+    batches: list[dict],
+    *,
+    steps: int,
+    warmup: int,
+    device: torch.device,
+    seed: int,
+    profile_to: Path | None = None,
 ) -> dict[str, Any]:
-    """Warm up, then time `steps` steps; real tokens/s, FLOP/s and the peak memory this variant added."""
+    """Warm up, then time `steps` steps; real tokens/s, FLOP/s and the peak memory this variant added.
+
+    With `profile_to`, two more steps run under torch.profiler afterwards (outside the timing) and the kernels
+    that took the most device time are written there: where the next speed-up is.
+    """
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
@@ -201,6 +214,8 @@ def time_variant(
             loss = step(batch)
         _sync(device)
         elapsed = time.perf_counter() - start
+        if profile_to is not None:
+            _profile(step, timed[:2], device, profile_to)
     finally:
         if backend is not None:
             backend.close()
@@ -212,6 +227,19 @@ def time_variant(
         "peak_GB": peak / 1e9 if peak is not None else "-",
         "last_loss": loss,
     }
+
+
+def _profile(step: Callable[[dict], float], batches: list[dict], device: torch.device, path: Path) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for batch in batches:
+            step(batch)
+        _sync(device)
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(prof.key_averages().table(sort_by=sort, row_limit=40, max_name_column_width=70))
 
 
 def _release(device: torch.device) -> None:
@@ -233,8 +261,13 @@ def run(
     n_batches: int = 2,
     seed: int = 0,
     peak_flops: float | None = None,
+    profile: list[Variant] | tuple[Variant, ...] = (),
+    profile_dir: str | Path = "runs/bench",
 ) -> dict:
-    """Every variant on one device within `budget_s` seconds; `device=None` means CUDA, or skip without it."""
+    """Every variant on one device within `budget_s` seconds; `device=None` means CUDA, or skip without it.
+
+    Variants in `profile` also write their top kernels to `profile_dir`/gpu_profile_LABEL.txt.
+    """
     if steps < 1 or warmup < 0 or n_batches < 1:
         raise ValueError(f"need steps >= 1, warmup >= 0 and n_batches >= 1, got {steps}, {warmup}, {n_batches}")
     if device is None and not torch.cuda.is_available():
@@ -259,7 +292,10 @@ def run(
                 rows.append({"variant": variant.label, "status": f"skipped: time budget ({budget_s:.0f} s)"})
                 continue
             cfg = bench_config(preset, variant, **settings)
-            rows.append(_measure(variant, cfg, batches, steps=steps, warmup=warmup, device=dev, seed=seed, peak=peak))
+            kw = {"steps": steps, "warmup": warmup, "device": dev, "seed": seed}
+            if variant in profile:
+                kw["profile_to"] = Path(profile_dir) / f"gpu_profile_{variant.label.replace(' ', '_')}.txt"
+            rows.append(_measure(variant, cfg, batches, peak=peak, **kw))
             _release(dev)
             log.info("bench gpu: %s", {k: v for k, v in rows[-1].items() if k != "last_loss"})  # survives a kill
     finally:
@@ -327,6 +363,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--preset", default="nanovlm-450m")
     p.add_argument("--device", default=None, help="default: cuda, or skip without it; cpu runs the code paths only")
     p.add_argument("--variants", default="", help="e.g. plain,single,zero3+ac,fsdp+compile (default: all 17)")
+    p.add_argument("--profile", default="", help="variants (as in --variants) whose top kernels to write out")
     p.add_argument(
         "--peak-flops", type=float, default=None, help="bf16 FLOP/s of one device, if torch's name is unknown"
     )
@@ -337,6 +374,7 @@ def main(argv: list[str] | None = None) -> int:
     kw = {"steps": a.steps, "warmup": a.warmup, "budget_s": a.budget_s, "batch_size": a.batch_size}
     kw["peak_flops"] = a.peak_flops
     kw["variants"] = parse_variants(a.variants) if a.variants else None
+    kw["profile"] = parse_variants(a.profile)
     run_bench("gpu", as_json=a.json, preset=a.preset, device=a.device, overrides=a.overrides, **kw)
     return 0
 

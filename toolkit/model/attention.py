@@ -94,13 +94,20 @@ def _cu_seqlens(position_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
     return cu, int(counts.max())
 
 
-def choose_kernel(device: torch.device, dtype: torch.dtype, packed: bool, cached: bool) -> str:
+# Head sizes the fused kernels accept: flash-attn wants a multiple of 8 up to 256; FlexAttention's Triton
+# template refuses fewer than 16 ("embedding dimension ... must be at least 16"), seen on an H200 with torch 2.11.
+FLEX_MIN_HEAD_DIM = 16
+
+
+def choose_kernel(device: torch.device, dtype: torch.dtype, packed: bool, cached: bool, head_dim: int = 64) -> str:
+    """The fastest kernel that handles this call; the dense SDPA mask is the fallback every shape supports."""
     if cached or not packed:
         return "dense"
     if device.type == "cuda":
-        if flash_attn_varlen_func is not None and dtype in (torch.bfloat16, torch.float16):
+        flash_ok = head_dim % 8 == 0 and head_dim <= 256 and dtype in (torch.bfloat16, torch.float16)
+        if flash_attn_varlen_func is not None and flash_ok:
             return "varlen"
-        if flex_attention is not None:
+        if flex_attention is not None and head_dim >= FLEX_MIN_HEAD_DIM:
             return "flex"
     return "dense"
 
@@ -114,6 +121,7 @@ def plan_attention(
     device: torch.device,
     dtype: torch.dtype,
     kernel: str = "auto",
+    head_dim: int = 64,
 ) -> AttentionPlan:
     """Decide once per forward how every layer attends. `position_ids` given means: honour packed samples."""
     packed = position_ids is not None
@@ -121,7 +129,7 @@ def plan_attention(
     if not packed and attention_mask is None and not cached:
         return AttentionPlan("causal")
     if kernel == "auto":
-        kernel = choose_kernel(device, dtype, packed, cached)
+        kernel = choose_kernel(device, dtype, packed, cached, head_dim)
     docs = document_ids(position_ids) if packed else None
     if kernel == "flex" and docs is not None and not cached:
         return AttentionPlan("flex", block_mask=_flex_block_mask(docs, attention_mask))

@@ -169,6 +169,7 @@ class LanguageModel(nn.Module):
             device=x.device,
             dtype=x.dtype,
             kernel=self.attention_kernel,
+            head_dim=self.blocks[0].attn.head_dim,
         )
         rope = self.rotary_embd(position_ids)
         new_cache: KVCache = []
