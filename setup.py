@@ -28,5 +28,9 @@ setup(
         "tqdm>=4.66",
     ],
     extras_require={"dev": ["pytest>=8.0", "ruff>=0.6", "pytest-timeout>=2.3"]},
-    entry_points={"console_scripts": ["nanovlm-scale=toolkit.__main__:main"]},
+    entry_points={
+        "console_scripts": ["nanovlm-scale=toolkit.__main__:main"],
+        # lmms-eval 0.7+ finds `--model nanovlm_scale` here (lmms-eval itself stays optional)
+        "lmms_eval.models": ["nanovlm_scale=toolkit.lmms:model_manifest"],
+    },
 )

@@ -69,8 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-packs", type=int, default=0, help="stop after this many packs (0 = one full pass)")
     p = sub.choices["eval"]
     p.add_argument("--checkpoint", required=True)
-    p.add_argument("--shards", required=True)
+    p.add_argument("--shards", default=None, help="held-out shards: validation loss and answer accuracy")
     p.add_argument("--max-samples", type=int, default=0)
+    p.add_argument("--lmms-tasks", default=None, help="comma-separated lmms-eval tasks (needs lmms-eval installed)")
+    p.add_argument("--lmms-limit", type=int, default=None, help="at most this many documents per lmms-eval task")
     p = sub.choices["generate"]
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--image", required=True)
@@ -173,12 +175,22 @@ def _export(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     from toolkit.evaluate import answer_accuracy, heldout_loss, iter_eval_samples, load_for_inference
 
-    model, tok = load_for_inference(args.checkpoint)
-    loss = heldout_loss(model, tok, args.shards)
-    acc, _ = answer_accuracy(model, tok, iter_eval_samples(args.shards), max_samples=args.max_samples)
-    print(f"validation loss: {loss:.4f}")
-    for kind, value in acc.table().items():
-        print(f"accuracy {kind:>14}: {value:6.1%}  ({acc.total.get(kind, sum(acc.total.values()))} questions)")
+    if not args.shards and not args.lmms_tasks:
+        raise UserError("eval needs --shards (held-out shards) or --lmms-tasks (lmms-eval benchmarks), or both")
+    if args.shards:
+        model, tok = load_for_inference(args.checkpoint)
+        loss = heldout_loss(model, tok, args.shards)
+        acc, _ = answer_accuracy(model, tok, iter_eval_samples(args.shards), max_samples=args.max_samples)
+        print(f"validation loss: {loss:.4f}")
+        for kind, value in acc.table().items():
+            print(f"accuracy {kind:>14}: {value:6.1%}  ({acc.total.get(kind, sum(acc.total.values()))} questions)")
+    if args.lmms_tasks:
+        from toolkit.lmms import run_tasks
+
+        tasks = [t.strip() for t in args.lmms_tasks.split(",") if t.strip()]
+        for task, metrics in run_tasks(args.checkpoint, tasks, limit=args.lmms_limit).items():
+            shown = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and "stderr" not in k}
+            print(f"lmms-eval {task}: " + ", ".join(f"{k}={v:.4g}" for k, v in shown.items()))
     return 0
 
 
