@@ -73,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-samples", type=int, default=0)
     p.add_argument("--lmms-tasks", default=None, help="comma-separated lmms-eval tasks (needs lmms-eval installed)")
     p.add_argument("--lmms-limit", type=int, default=None, help="at most this many documents per lmms-eval task")
+    p.add_argument("--lmms-include", default=None, help="a folder of your own lmms-eval task YAMLs")
     p = sub.choices["generate"]
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--image", required=True)
@@ -188,7 +189,8 @@ def _eval(args: argparse.Namespace) -> int:
         from toolkit.lmms import run_tasks
 
         tasks = [t.strip() for t in args.lmms_tasks.split(",") if t.strip()]
-        for task, metrics in run_tasks(args.checkpoint, tasks, limit=args.lmms_limit).items():
+        results = run_tasks(args.checkpoint, tasks, limit=args.lmms_limit, include_path=args.lmms_include)
+        for task, metrics in results.items():
             shown = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and "stderr" not in k}
             print(f"lmms-eval {task}: " + ", ".join(f"{k}={v:.4g}" for k, v in shown.items()))
     return 0

@@ -145,14 +145,28 @@ def cut_at_stop(text: str, until: Any) -> str:
     return text.strip()
 
 
-def run_tasks(checkpoint: str, tasks: list[str], *, limit: int | None = None, device: str = "auto") -> dict:
-    """lmms-eval's `simple_evaluate` on this checkpoint; its per-task results dict."""
+def run_tasks(
+    checkpoint: str,
+    tasks: list[str],
+    *,
+    limit: int | None = None,
+    include_path: str | None = None,
+    device: str = "auto",
+) -> dict:
+    """lmms-eval's `simple_evaluate` on this checkpoint; its per-task results dict.
+
+    `include_path` is a folder of your own task YAMLs, as lmms-eval's `--include_path` takes.
+    """
     try:
         from lmms_eval.evaluator import simple_evaluate
+        from lmms_eval.tasks import TaskManager
     except ImportError as exc:
         raise UserError(
             "--lmms-tasks needs lmms-eval: `pip install lmms-eval` in this environment (it is not a dependency)"
         ) from exc
     model = NanoVLMScale(checkpoint, device=device)
-    results = simple_evaluate(model=model, tasks=tasks, limit=limit, batch_size=1, log_samples=False)
+    manager = TaskManager(include_path=include_path) if include_path else None
+    results = simple_evaluate(
+        model=model, tasks=tasks, limit=limit, batch_size=1, log_samples=False, task_manager=manager
+    )
     return (results or {}).get("results", {})
