@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from tests.conftest import tiny_model_config
 from toolkit.model import VisionLanguageModel
@@ -159,3 +160,17 @@ def test_text_only_training_step_still_reaches_the_vision_encoder():
     grads = [p.grad for p in model.vision_encoder.parameters()]
     assert all(g is not None for g in grads)
     assert all(torch.count_nonzero(g) == 0 for g in grads)
+
+
+@pytest.mark.parametrize("side", [32, 36])  # a whole number of patches, and a ragged edge the conv drops too
+def test_patch_matmul_equals_the_convolution_it_replaces(side):
+    from toolkit.model.vision import PatchConv
+
+    torch.manual_seed(0)
+    conv = PatchConv(3, 48, kernel_size=8, stride=8)
+    pixels = torch.randn(5, 3, side, side)
+    reference = F.conv2d(pixels, conv.weight, conv.bias, stride=8)
+    ours = conv(pixels)
+    assert ours.shape == reference.shape
+    assert (ours - reference).abs().max().item() <= 1e-5
+    assert list(conv.state_dict()) == ["weight", "bias"]  # nanoVLM's patch_embedding.conv.* keys

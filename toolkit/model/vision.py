@@ -14,12 +14,30 @@ from torch import nn
 from toolkit.config import ModelConfig
 
 
+class PatchConv(nn.Conv2d):
+    """A stride = kernel convolution (non-overlapping patches) computed as one matrix product.
+
+    Same parameters and state-dict keys as nn.Conv2d (nanoVLM's `patch_embedding.conv`), and the same result up to
+    summation order. Why: on an H200 (torch 2.11, bf16) cuDNN ran the 16x16 patch convolution of 512 px tiles as an
+    implicit GEMM at ~16 TFLOP/s; as a matmul it is an ordinary (N*h*w, 3*p*p) x (3*p*p, D) product. It stays a
+    module called by its parent so that ZeRO-3 still gathers its weight in its own forward hook.
+    """
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        n, c, height, width = pixels.shape
+        p = self.kernel_size[0]
+        h, w = height // p, width // p
+        patches = pixels[:, :, : h * p, : w * p].reshape(n, c, h, p, w, p).permute(0, 2, 4, 1, 3, 5)
+        out = F.linear(patches.reshape(n, h * w, c * p * p), self.weight.flatten(1), self.bias)  # (N, h*w, D)
+        return out.view(n, h, w, -1).permute(0, 3, 1, 2)  # (N, D, h, w) as nn.Conv2d returns, a view: no copy
+
+
 class PatchEmbeddings(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cls_flag = cfg.vit_cls_flag
         self.num_patches = (cfg.vit_img_size // cfg.vit_patch_size) ** 2
-        self.conv = nn.Conv2d(3, cfg.vit_hidden_dim, kernel_size=cfg.vit_patch_size, stride=cfg.vit_patch_size)
+        self.conv = PatchConv(3, cfg.vit_hidden_dim, kernel_size=cfg.vit_patch_size, stride=cfg.vit_patch_size)
         n_pos = self.num_patches + (1 if self.cls_flag else 0)
         if self.cls_flag:
             self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.vit_hidden_dim))

@@ -57,10 +57,14 @@ def trainable_numel(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def build_optimizer(module: nn.Module, groups: list[ParamGroup], *, weight_decay: float) -> torch.optim.AdamW:
+def build_optimizer(
+    module: nn.Module, groups: list[ParamGroup], *, weight_decay: float, fused: bool = False
+) -> torch.optim.AdamW:
     """AdamW over the trainable groups, resolved by name on `module` (the unwrapped or FSDP-sharded model).
 
-    Each torch param group keeps its `name`, so LRs can be reported per module under every backend.
+    Each torch param group keeps its `name`, so LRs can be reported per module under every backend. `fused`
+    asks for torch's single-kernel AdamW; backends pass it for plain tensors already on a GPU (the foreach
+    AdamW step took 19 ms of nanovlm-450m's ~350 ms step on an H200).
     """
     params = dict(module.named_parameters())
     torch_groups = []
@@ -73,7 +77,7 @@ def build_optimizer(module: nn.Module, groups: list[ParamGroup], *, weight_decay
         torch_groups.append({"params": [params[n] for n in group.param_names], "lr": group.lr, "name": group.name})
     if not torch_groups:
         raise ValueError("every parameter group has LR 0: set train.lr_mp, lr_vision_backbone or lr_language_backbone")
-    return torch.optim.AdamW(torch_groups, lr=torch_groups[0]["lr"], weight_decay=weight_decay)
+    return torch.optim.AdamW(torch_groups, lr=torch_groups[0]["lr"], weight_decay=weight_decay, fused=fused or None)
 
 
 def group_lrs(optimizer_groups: list[dict], groups: list[ParamGroup]) -> dict[str, float]:

@@ -52,7 +52,8 @@ class SingleBackend(TorchOptimizerBackend):
         self._module = model.to(self.device)
         self.model = self._wrap(self._module)
         self.model.train()
-        self.optimizer = build_optimizer(self._module, param_groups, weight_decay=tc.weight_decay)
+        fused = self.device.type == "cuda"  # plain CUDA tensors here (DDP too): torch's fused AdamW kernel applies
+        self.optimizer = build_optimizer(self._module, param_groups, weight_decay=tc.weight_decay, fused=fused)
         self.scheduler = build_scheduler(self.optimizer, schedule)
 
     def _wrap(self, module: nn.Module) -> nn.Module:
