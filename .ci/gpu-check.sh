@@ -27,6 +27,11 @@ variants=${BENCH_VARIANTS:-plain,single,zero2,zero3,fsdp,single+compile,zero2+co
 timeout "${BENCH_TIMEOUT_S:-240}" python3 -m toolkit.bench.gpu --budget-s "${BENCH_BUDGET_S:-170}" \
   --steps 8 --warmup 3 --variants "$variants" --profile "${BENCH_PROFILE:-single+compile}" 2>&1 | tee "$OUT/bench.log"
 cp runs/bench/gpu.json runs/bench/gpu_profile_*.txt "$OUT/" 2>/dev/null
+# the decoder's packed attention as a dense SDPA mask instead of FlexAttention (whose forward the 2026-11-28
+# profile showed at 4x its own backward): which one the `auto` choice should be
+timeout "${BENCH_TIMEOUT_S:-240}" python3 -m toolkit.bench.gpu --budget-s 60 --steps 8 --warmup 3 \
+  --variants single,single+compile train.attention_kernel=dense 2>&1 | tee -a "$OUT/bench.log"
+cp runs/bench/gpu.json "$OUT/gpu_dense_attention.json" 2>/dev/null
 
 timeout "${GPU_TESTS_TIMEOUT_S:-150}" python3 -m pytest -q -m gpu -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log"
 

@@ -25,6 +25,7 @@ import torch
 from tests.conftest import CPU_ENV, torchrun
 from toolkit import dist
 from toolkit.config import ConfigError, load_config
+from toolkit.errors import UserError
 from toolkit.model import VisionLanguageModel
 from toolkit.train.backends import build_backend
 from toolkit.train.optim import freeze_frozen_groups, param_groups, trainable_numel
@@ -567,3 +568,22 @@ def test_train_command_two_ranks_loss_falls(backend: str, synth_data: Path, tmp_
     first, last = records[0]["loss"], sum(r["loss"] for r in records[-5:]) / 5
     assert last < first - 1.0, (first, last)
     assert (run / "config.yaml").exists()
+
+
+@pytest.mark.parametrize("kernel", ["dense", "flex", "varlen"])
+def test_forced_attention_kernel_is_used_or_refused_before_training(kernel: str) -> None:
+    from toolkit.model import attention
+    from toolkit.train.backends.base import prepare_blocks
+
+    cfg = bw.make_config("single")
+    cfg.train.attention_kernel = kernel
+    model = VisionLanguageModel(cfg.model)
+    if kernel == "varlen" and attention.flash_attn_varlen_func is None:
+        with pytest.raises(UserError, match="needs flash-attn"):
+            prepare_blocks(model, cfg.train, torch.device("cpu"))
+        return
+    prepare_blocks(model, cfg.train, torch.device("cpu"))
+    assert model.decoder.attention_kernel == kernel
+    with pytest.raises(UserError, match="at least 16"):  # the tiny model's 12-wide heads, on a GPU
+        cfg.train.attention_kernel = "flex"
+        prepare_blocks(VisionLanguageModel(cfg.model), cfg.train, torch.device("cuda"))

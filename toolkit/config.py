@@ -194,6 +194,12 @@ class TrainConfig:
         "none", "Recompute activations per block.", choices=("none", "vision", "language", "all")
     )
     compile: bool = opt(False, "torch.compile each block.")
+    attention_kernel: str = opt(
+        "auto",
+        "Decoder attention over packed rows: auto (flash-attn varlen if installed, else FlexAttention on CUDA; "
+        "a dense mask on CPU), or force flex, varlen or dense (to compare them with `bench gpu`).",
+        choices=("auto", "flex", "varlen", "dense"),
+    )
     seed: int = opt(0, "Seed of model initialisation and dropout.")
     run_dir: str = opt("runs/default", "Run folder: config, checkpoints, exports, TensorBoard, metrics.jsonl.")
     resume: str = opt("auto", "'auto' resumes from run_dir's latest checkpoint if any, 'none' starts fresh, or a path.")

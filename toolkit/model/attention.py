@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from toolkit.errors import UserError
+
 try:  # FlexAttention exists from torch 2.5; CPU runs it eagerly (slow, exact), CUDA compiles it.
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 except ImportError:  # pragma: no cover - older torch
@@ -97,6 +99,17 @@ def _cu_seqlens(position_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
 # Head sizes the fused kernels accept: flash-attn wants a multiple of 8 up to 256; FlexAttention's Triton
 # template refuses fewer than 16 ("embedding dimension ... must be at least 16"), seen on an H200 with torch 2.11.
 FLEX_MIN_HEAD_DIM = 16
+
+
+def check_kernel(kernel: str, device: torch.device, head_dim: int) -> None:
+    """Refuse, before training starts, a forced kernel that this machine or model cannot run."""
+    if kernel == "varlen" and flash_attn_varlen_func is None:
+        raise UserError("train.attention_kernel=varlen needs flash-attn (`pip install flash-attn`); or use auto")
+    if kernel == "flex" and device.type == "cuda" and head_dim < FLEX_MIN_HEAD_DIM:
+        raise UserError(
+            f"train.attention_kernel=flex: FlexAttention needs heads of at least {FLEX_MIN_HEAD_DIM} on CUDA, "
+            f"this model's are {head_dim}; use auto or dense"
+        )
 
 
 def choose_kernel(device: torch.device, dtype: torch.dtype, packed: bool, cached: bool, head_dim: int = 64) -> str:

@@ -31,8 +31,9 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from toolkit.config import Config
+from toolkit.config import Config, TrainConfig
 from toolkit.dist import DistEnv
+from toolkit.model.attention import check_kernel
 from toolkit.train.optim import ParamGroup, group_lrs
 from toolkit.train.schedule import WarmupCosine
 
@@ -59,24 +60,28 @@ def _checkpointed_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     return checkpoint(forward, self, *args, use_reentrant=False, **kwargs)
 
 
-def prepare_blocks(model: nn.Module, *, activation_checkpointing: str, compile_blocks: bool) -> None:
+def prepare_blocks(model: nn.Module, tc: TrainConfig, device: torch.device) -> None:
     """Checkpoint (none / vision / language / all) and optionally compile each block, before any wrapping.
+
+    Also sets the decoder's packed-row attention kernel (train.attention_kernel), refusing one that cannot run.
 
     The checkpointed forward is bound to the block instance, so parameter names, state dicts and FSDP2's
     per-block sharding see the unchanged module; non-reentrant checkpointing re-enters submodules through
     their hooks, which ZeRO-3 needs to gather parameters again for the recomputation.
     """
+    check_kernel(tc.attention_kernel, device, model.cfg.lm_hidden_dim // model.cfg.lm_n_heads)
     chosen = {
         "none": [],
         "vision": model.vision_blocks(),
         "language": model.language_blocks(),
         "all": model.blocks(),
-    }[activation_checkpointing]
+    }[tc.activation_checkpointing]
     for block in chosen:
         block.forward = types.MethodType(_checkpointed_forward, block)
-    if compile_blocks:
+    if tc.compile:
         for block in model.blocks():
             block.compile()
+    model.decoder.attention_kernel = tc.attention_kernel
 
 
 def clip_grad_norm(params: list[nn.Parameter], max_norm: float) -> torch.Tensor:

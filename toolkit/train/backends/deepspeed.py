@@ -156,7 +156,7 @@ class DeepSpeedBackend(Backend):
         self.groups = param_groups
         freeze_frozen_groups(model, param_groups)
         tc = self.cfg.train
-        prepare_blocks(model, activation_checkpointing=tc.activation_checkpointing, compile_blocks=tc.compile)
+        prepare_blocks(model, tc, self.device)
         self.optimizer = build_optimizer(model, param_groups, weight_decay=tc.weight_decay)
         deepspeed.init_distributed(dist_backend="nccl" if self.device.type == "cuda" else "gloo")
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=self.optimizer, config=self.ds_config)

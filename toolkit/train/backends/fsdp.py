@@ -75,7 +75,7 @@ class FSDPBackend(TorchOptimizerBackend):
         self.groups = param_groups
         freeze_frozen_groups(model, param_groups)
         tc = self.cfg.train
-        prepare_blocks(model, activation_checkpointing=tc.activation_checkpointing, compile_blocks=tc.compile)
+        prepare_blocks(model, tc, self.device)
         model.to(self.device)
         mesh = self._mesh()
         policy = (

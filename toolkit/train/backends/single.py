@@ -48,7 +48,7 @@ class SingleBackend(TorchOptimizerBackend):
         self.groups = param_groups
         freeze_frozen_groups(model, param_groups)
         tc = self.cfg.train
-        prepare_blocks(model, activation_checkpointing=tc.activation_checkpointing, compile_blocks=tc.compile)
+        prepare_blocks(model, tc, self.device)
         self._module = model.to(self.device)
         self.model = self._wrap(self._module)
         self.model.train()
