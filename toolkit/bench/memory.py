@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensor
 
 REPO = Path(__file__).resolve().parents[2]
 WORLD = 2
@@ -169,6 +170,8 @@ def live_storages() -> dict[tuple[int, int], torch.UntypedStorage]:
     with warnings.catch_warnings():  # isinstance() on torch's deprecated aliases (torch.distributed.reduce_op) warns
         warnings.simplefilter("ignore", FutureWarning)
         tensors = [obj for obj in gc.get_objects() if isinstance(obj, torch.Tensor) and not hasattr(obj, "to_local")]
+    # FakeTensors left over from a torch.compile trace in this process hold no memory (and warn when asked).
+    tensors = [t for t in tensors if not isinstance(t, FakeTensor)]
     for t in tensors:
         key = storage_of(t)
         if key is not None:
