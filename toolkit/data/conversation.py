@@ -41,12 +41,14 @@ def to_messages(texts: list[dict], prefix: str = "") -> list[dict[str, str]]:
 
 def encode_messages(tok: VLMTokenizer, messages: list[dict[str, str]]) -> tuple[list[int], list[int]]:
     """Chat messages -> (input_ids, labels) with labels already aligned to next-token targets."""
-    ids = tok.encode(tok.render(messages))
+    turns = tok.encode_many([tok.render([msg]) for msg in messages])
+    # Where the conversation's tokens are its turns' tokens, no second pass over the whole text is needed.
+    ids = [t for turn in turns for t in turn] if tok.turns_concatenate else tok.encode(tok.render(messages))
     mask = [False] * len(ids)
     cursor = 0
     prefix = tok.assistant_prefix_len
-    for msg in messages:
-        seg = len(tok.encode(tok.render([msg])))
+    for msg, turn in zip(messages, turns):
+        seg = len(turn)
         if msg["role"] == "assistant":
             for i in range(cursor + prefix, min(cursor + seg, len(ids))):
                 mask[i] = True

@@ -7,6 +7,7 @@ because a mismatch would splice image features over ordinary words without any e
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +37,25 @@ class VLMTokenizer:
         rendered = self.render([{"role": "assistant", "content": marker}])
         # Tokens of "<|im_start|>assistant\n": the part of an assistant turn that is not trained on.
         self.assistant_prefix_len = len(self.encode(rendered[: rendered.index(marker)]))
+        self.turns_concatenate = self._turns_concatenate()
+
+    def _turns_concatenate(self) -> bool:
+        """Whether a conversation's tokens are its turns' tokens, each turn rendered and encoded alone.
+
+        True for ChatML templates such as SmolLM2's (each turn ends in a newline and the next starts with a special
+        token), and then a conversation costs one render and one encode per turn instead of two. Checked once on a
+        probe conversation, so a template that adds a system prompt or merges across turns keeps the slow path.
+        """
+        probe = [
+            {"role": "user", "content": f"{self.extra['image_token']}What is it?"},
+            {"role": "assistant", "content": "A red circle. "},
+            {"role": "user", "content": "\nAnd now?"},
+            {"role": "assistant", "content": "Two."},
+        ]
+        turns = [self.render([m]) for m in probe]
+        if self.render(probe) != "".join(turns):
+            return False
+        return self.encode("".join(turns)) == [t for ids in self.encode_many(turns) for t in ids]
 
     def __len__(self) -> int:
         return len(self.hf)
@@ -43,8 +63,18 @@ class VLMTokenizer:
     def token(self, name: str) -> str:
         return self.extra[name]
 
+    def two_pass(self) -> VLMTokenizer:
+        """A copy that encodes conversations the way nanoVLM does: whole, then each turn again for its span."""
+        copy = dataclasses.replace(self)
+        copy.turns_concatenate = False
+        return copy
+
     def encode(self, text: str) -> list[int]:
         return self.hf(text, add_special_tokens=False)["input_ids"]
+
+    def encode_many(self, texts: list[str]) -> list[list[int]]:
+        """encode() of each text, in one call into the tokenizer."""
+        return self.hf(texts, add_special_tokens=False)["input_ids"] if texts else []
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         return self.hf.decode(list(ids), skip_special_tokens=skip_special_tokens)

@@ -1,0 +1,73 @@
+"""Conversation encoding: the one-pass path (each turn rendered and encoded once) equals the two-pass definition.
+
+The two-pass definition is the conversation rendered and encoded whole, with each turn rendered and encoded alone
+only to find its span; it is what nanoVLM does and what the reference fixture's ids and labels were checked with.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from tests.conftest import tiny_model_config
+from tests.shardgen import make_tokenizer
+from toolkit.data.conversation import encode_messages, encode_sample
+from toolkit.data.tokenizer import VLMTokenizer, load_tokenizer
+from toolkit.model.hub import read_nanovlm_config
+
+CONVERSATIONS = [
+    [{"user": "What is in picture s001x002?", "assistant": "It is a shape."}],
+    [
+        {"user": "what colour?", "assistant": "red "},
+        {"user": "\nand the shape?  ", "assistant": " a circle\n"},
+        {"user": "count: déjà vu — ☂", "assistant": ""},
+    ],
+    [{"user": "", "assistant": "it is a shape"}, {"user": "<|im_end|> tricky", "assistant": "s003x004?"}],
+]
+GRIDS = [[], [(1, 1)], [(2, 3)], [(1, 2), (2, 2)]]
+
+
+def _two_pass(tok: VLMTokenizer, texts: list[dict], grids: list, tokens_per_tile: int) -> tuple[list, list]:
+    return encode_sample(tok.two_pass(), texts, grids, tokens_per_tile)
+
+
+@pytest.fixture(scope="module")
+def synth_tok(tmp_path_factory) -> VLMTokenizer:
+    path, base = make_tokenizer(tmp_path_factory.mktemp("tok") / "tok")
+    return load_tokenizer(tiny_model_config(lm_base_vocab_size=base, lm_vocab_size=base + 66), path)
+
+
+@pytest.fixture
+def fixture_tok(reference_dir) -> tuple[VLMTokenizer, int]:
+    cfg = read_nanovlm_config(reference_dir / "checkpoint")
+    return load_tokenizer(cfg), cfg.mp_image_token_length
+
+
+def _check_every_case(tok: VLMTokenizer, tokens_per_tile: int) -> None:
+    assert tok.turns_concatenate  # a ChatML template: the one-pass path is the one being tested
+    for texts in CONVERSATIONS:
+        for grids in GRIDS:
+            fast = encode_sample(tok, texts, grids, tokens_per_tile)
+            assert fast == _two_pass(tok, texts, grids, tokens_per_tile), (texts, grids)
+
+
+def test_one_pass_equals_two_pass_with_a_byte_level_bpe(synth_tok):
+    _check_every_case(synth_tok, 4)
+
+
+def test_one_pass_equals_two_pass_with_the_nanovlm_fixture_tokenizer(fixture_tok):
+    _check_every_case(*fixture_tok)
+
+
+def test_a_template_that_does_not_split_at_turns_keeps_the_two_pass_path(synth_tok):
+    # a default system prompt when there is none: the whole conversation is not its turns laid end to end
+    template = (
+        "{% if messages[0]['role'] != 'system' %}<|im_start|>system\nBe brief.<|im_end|>\n{% endif %}"
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    )
+    tok = dataclasses.replace(synth_tok, chat_template=template)
+    assert not tok.turns_concatenate
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "it is a shape"}]
+    ids, _ = encode_messages(tok, messages)
+    assert ids == tok.encode(tok.render(messages))  # the whole conversation, system prompt once
