@@ -1,0 +1,120 @@
+"""One source row -> one shard sample: validate the row, read and fully decode its images, encode its JSON part.
+
+One job: the sample format. encode_row either returns a Sample (the `KEY.json` bytes plus each image's original
+encoded bytes and size) or raises SkipRow with one of SKIP_REASONS, so the writer can count bad rows by reason and
+keep going. Every image is decoded here once, so a corrupt image is found while converting, not while training.
+It reads nothing from disk beyond image paths named in the row; where rows come from is sources.py's job.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from toolkit.data.sources import BadRow, _encode_json, _is_json
+
+#: Why a row can be skipped; the manifest's "skipped" counts these.
+SKIP_REASONS = ("no_texts", "wrong_type", "unreadable_image", "missing_image", "invalid_json")
+_EXTENSIONS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "BMP": "bmp", "TIFF": "tiff"}
+
+
+class SkipRow(Exception):
+    """A row that cannot become a sample; `reason` is one of SKIP_REASONS."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
+@dataclass
+class Sample:
+    key: str
+    meta: dict
+    json: bytes  # meta, encoded as it goes into the tar
+    images: list[tuple[str, bytes]]  # (extension, original encoded bytes)
+    sizes: list[tuple[int, int]]  # (width, height) per image
+
+
+def _check_texts(texts: Any) -> list[dict[str, str]]:
+    if texts is None or (isinstance(texts, (list, tuple)) and not texts):
+        raise SkipRow("no_texts")
+    if not isinstance(texts, (list, tuple)):
+        raise SkipRow("wrong_type", f"texts is a {type(texts).__name__}, not a list of {{user, assistant}}")
+    turns = []
+    for turn in texts:
+        if not (isinstance(turn, dict) and all(isinstance(turn.get(k), str) for k in ("user", "assistant"))):
+            raise SkipRow("wrong_type", f"turn {turn!r:.80} is not {{user: str, assistant: str}}")
+        turns.append({"user": turn["user"], "assistant": turn["assistant"]})
+    return turns
+
+
+def _read_path(path: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise SkipRow("missing_image", str(exc)) from exc
+
+
+def _image_bytes(item: Any) -> bytes:
+    """An image in any of the forms datasets, JSONL or Python hand us -> its encoded bytes."""
+    if isinstance(item, Image.Image):
+        filename = getattr(item, "filename", "")
+        if filename and os.path.isfile(filename):
+            return _read_path(filename)
+        buf = io.BytesIO()
+        item.save(buf, format="PNG")  # lossless: nothing is lost that the caller gave us
+        return buf.getvalue()
+    if isinstance(item, (bytes, bytearray, memoryview)):
+        return bytes(item)
+    if isinstance(item, str) and item:
+        return _read_path(item)
+    if isinstance(item, dict):
+        data, path = item.get("bytes"), item.get("path")
+        if isinstance(data, (bytes, bytearray, memoryview)):
+            return bytes(data)
+        if data is None and isinstance(path, str) and path:
+            return _read_path(path)
+    raise SkipRow("wrong_type", f"image entry of type {type(item).__name__} has neither bytes nor a path")
+
+
+def _inspect_image(data: bytes) -> tuple[str, tuple[int, int]]:
+    """Decode fully (a truncated file only fails on load) and return (extension, (width, height))."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()
+            return _EXTENSIONS.get(img.format or "", (img.format or "bin").lower()), img.size
+    except Exception as exc:  # PIL raises OSError, ValueError, SyntaxError, DecompressionBombError ...
+        raise SkipRow("unreadable_image", f"{type(exc).__name__}: {exc}") from exc
+
+
+def encode_row(index: int, label: str, row: Any) -> Sample:
+    """Validate one source row and turn it into a Sample; raises SkipRow with the reason when it cannot."""
+    if isinstance(row, BadRow):
+        raise SkipRow(row.reason, row.detail)
+    if not isinstance(row, dict):
+        raise SkipRow("wrong_type", f"row is a {type(row).__name__}, not an object")
+    texts = _check_texts(row.get("texts"))
+    items = row.get("images")
+    if items is None:
+        items = []
+    if not isinstance(items, (list, tuple)):
+        raise SkipRow("wrong_type", f"images is a {type(items).__name__}, not a list")
+    images, sizes = [], []
+    for item in items:
+        data = _image_bytes(item)
+        ext, size = _inspect_image(data)
+        images.append((ext, data))
+        sizes.append(size)
+    source = row.get("source") if isinstance(row.get("source"), str) else label
+    meta = {"texts": texts, "source": source}
+    meta.update({k: v for k, v in row.items() if k not in ("images", "texts", "source") and _is_json(v)})
+    try:
+        encoded = _encode_json(meta)
+    except ValueError as exc:  # e.g. a lone surrogate from a JSONL escape: not encodable as UTF-8
+        raise SkipRow("wrong_type", f"text is not valid Unicode ({exc})") from exc
+    return Sample(key=f"{index:010d}", meta=meta, json=encoded, images=images, sizes=sizes)
