@@ -276,9 +276,10 @@ def test_python_rows_encode_pil_losslessly_and_skip_wrong_types(tmp_path):
         {"images": [42], "texts": [turn(1)]},
         {"images": [img], "texts": [{"user": "q"}]},
         {"images": [img], "texts": None},
+        {"images": [img], "texts": [{"user": "q\ud800", "assistant": "a"}]},  # a lone surrogate: not UTF-8
     ]
     manifest = write_shards(ListSource("rows", rows), tmp_path / "out", shard_size="10")
-    assert manifest["skipped"] == {"wrong_type": 2, "no_texts": 1}
+    assert manifest["skipped"] == {"wrong_type": 3, "no_texts": 1}
     [(_, meta, images)] = read_shards(tmp_path / "out")
     assert meta == {"texts": [turn(0)], "source": "rows", "question_type": "colour"}
     assert images[0][0] == "img0.png"

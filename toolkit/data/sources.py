@@ -201,7 +201,10 @@ class ListSource(Source):
         """The row's JSON part and its images' bytes (pixels for a PIL image): what size and identity depend on."""
         if not isinstance(row, dict):
             return [repr(row).encode()]
-        parts = [_encode_json(_json_part(row))]
+        try:
+            parts = [_encode_json(_json_part(row))]
+        except UnicodeEncodeError:  # a lone surrogate: encode_row skips the row (wrong_type); still count its text
+            parts = [repr(_json_part(row)).encode()]
         for image in row.get("images") or []:
             data = image.get("bytes") if isinstance(image, dict) else image
             if isinstance(data, Image.Image):
