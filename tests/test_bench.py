@@ -154,6 +154,17 @@ def test_cli_bench_gpu_exits_0_without_cuda(monkeypatch, tmp_path, capsys):
     assert (tmp_path / "runs" / "bench" / "gpu.json").exists()
 
 
+def test_cli_bench_gpu_takes_its_own_options_and_other_benches_refuse_them(monkeypatch, tmp_path, capsys):
+    from toolkit.__main__ import main
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.chdir(tmp_path)
+    assert main(["bench", "gpu", "--budget-s", "60", "--preset", "tiny", "--variants", "plain,single", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["config"] == {"preset": "tiny"}
+    assert main(["bench", "packing", "--budget-s", "60"]) == 2
+    assert "only bench gpu" in capsys.readouterr().err
+
+
 def test_gpu_synthetic_packs_follow_the_batch_contract():
     from toolkit.train.metrics import step_flops
 

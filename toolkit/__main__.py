@@ -86,6 +86,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.choices["bench"]
     p.add_argument("name", choices=("packing", "pipeline", "overhead", "memory", "gpu"))
     p.add_argument("--json", action="store_true")
+    p.add_argument(
+        "options",
+        nargs=argparse.REMAINDER,
+        help="gpu only: --budget-s S, --steps N, --variants ..., --profile ... (see python -m toolkit.bench.gpu -h)",
+    )
     p = sub.choices["report"]
     p.add_argument("run")
     return parser
@@ -206,7 +211,15 @@ def _report(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     from toolkit.bench import run
 
-    run(args.name, as_json=args.json)
+    as_json = args.json or "--json" in args.options  # after the name, --json lands among the options
+    options = [o for o in args.options if o != "--json"]
+    if args.name == "gpu":  # its time budget and variants are flags of its own
+        from toolkit.bench import gpu
+
+        return gpu.main([*options, *(["--json"] if as_json else [])])
+    if options:
+        raise UserError(f"bench {args.name} takes no options ({' '.join(options)}); only bench gpu does")
+    run(args.name, as_json=as_json)
     return 0
 
 
