@@ -255,3 +255,26 @@ def test_data_stats(tok, tmp_path: Path) -> None:
     assert stats["skipped"] == {"no_texts": 1}
     assert stats["packs"] * stats["samples_per_pack"] == pytest.approx(20, abs=0.1)
     assert 0.5 < stats["fill"] <= 1.0 and stats["images_per_pack"] == stats["samples_per_pack"]
+
+
+@pytest.mark.parametrize("size", [(40, 40), (64, 100), (130, 70), (200, 200)])
+def test_tiles_are_the_float_image_cut_row_major_with_the_global_tile_first(size):
+    """process_image against slicing the [0, 1] float image by hand, and torch's antialiased resize of all of it."""
+    import numpy as np
+    import torch.nn.functional as F
+    from PIL import Image
+
+    from toolkit.data.images import process_image, target_size
+
+    rng = np.random.default_rng(sum(size))
+    img = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+    tiles, (rows, cols) = process_image(img, tile=32, max_side=128, resize_to_max=False)
+    h, w = target_size(size[1], size[0], tile=32, max_side=128, resize_to_max=False)
+    resized = img.resize((w, h), Image.Resampling.BICUBIC) if (h, w) != (size[1], size[0]) else img
+    x = torch.from_numpy(np.array(resized)).permute(2, 0, 1).float() / 255.0  # (3, H, W)
+    expected = [x[:, r * 32 : (r + 1) * 32, c * 32 : (c + 1) * 32] for r in range(rows) for c in range(cols)]
+    if rows * cols > 1:
+        whole = F.interpolate(x[None], size=(32, 32), mode="bilinear", align_corners=False, antialias=True)[0]
+        expected.insert(0, whole)
+    assert tiles.shape == (len(expected), 3, 32, 32) and tiles.is_contiguous()
+    assert torch.equal(tiles, torch.stack(expected))
