@@ -70,3 +70,36 @@ def test_each_backend_trains_on_one_gpu_over_nccl(backend, tmp_path):
     losses = [s["loss"] for s in steps if "loss" in s]
     assert len(losses) == 4 and all(x == x for x in losses)
     assert steps[-1]["peak_memory_gb"] > 0
+
+
+def test_patch_matmul_matches_the_convolution_on_cuda_in_bf16():
+    from toolkit.model.vision import PatchConv
+
+    torch.manual_seed(0)
+    conv = PatchConv(3, 768, kernel_size=16, stride=16).cuda()
+    pixels = torch.rand(8, 3, 512, 512, device="cuda")
+    reference = torch.nn.functional.conv2d(pixels, conv.weight, conv.bias, stride=16)  # fp32 cuDNN
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        ours = conv(pixels).float()
+    assert ours.shape == reference.shape
+    assert (ours - reference).abs().max().item() <= 0.02 * reference.abs().max().item()  # bf16 inputs, fp32 sums
+
+
+def test_fused_adamw_takes_the_same_steps_as_foreach():
+    from toolkit.train.optim import ParamGroup, build_optimizer
+
+    torch.manual_seed(0)
+    models = [torch.nn.Linear(256, 256).cuda() for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    names = [n for n, _ in models[0].named_parameters()]
+    groups = [ParamGroup(name="language", param_names=names, lr=1e-3)]
+    optimizers = [build_optimizer(m, groups, weight_decay=0.01, fused=f) for m, f in zip(models, (True, False))]
+    assert optimizers[0].defaults["fused"] and not optimizers[1].defaults["fused"]
+    for step in range(3):
+        x = torch.randn(32, 256, device="cuda", generator=torch.Generator("cuda").manual_seed(step))
+        for model, opt in zip(models, optimizers):
+            model(x).square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        assert (a - b).abs().max().item() <= 1e-6
