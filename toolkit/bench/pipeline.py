@@ -178,7 +178,8 @@ def stage_costs(cfg: Config, tok: VLMTokenizer, table, *, repeats: int) -> dict[
     cost["resize/tile"], tiled = best_cpu(lambda: [_tile(img, spec) for img in decoded], repeats)
     per_row = _regroup(tiled, [len(r["images"]) for r in rows])  # [[(tiles, grid), ...] per sample]
     cost["tokenize"], ids = best_cpu(lambda: _tokenize(rows, per_row, tok, spec), repeats)
-    cost["tokenize (two passes)"], slow_ids = best_cpu(lambda: _tokenize(rows, per_row, tok.two_pass(), spec), repeats)
+    two_pass = tok.two_pass()
+    cost["tokenize (two passes)"], slow_ids = best_cpu(lambda: _tokenize(rows, per_row, two_pass, spec), repeats)
     if slow_ids != ids:
         raise RuntimeError("one-pass and two-pass tokenization disagree on this data; the one-pass check is wrong")
     samples = [
