@@ -162,7 +162,7 @@ def test_cli_bench_gpu_takes_its_own_options_and_other_benches_refuse_them(monke
     assert main(["bench", "gpu", "--budget-s", "60", "--preset", "tiny", "--variants", "plain,single", "--json"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["config"] == {"preset": "tiny"}
     assert main(["bench", "packing", "--budget-s", "60"]) == 2
-    assert "only bench gpu" in capsys.readouterr().err
+    assert "only gpu and pipeline" in capsys.readouterr().err
 
 
 def test_gpu_synthetic_packs_follow_the_batch_contract():
@@ -216,3 +216,22 @@ def test_gpu_bench_runs_every_code_path_on_cpu(tmp_path):
     losses = [r["last_loss"] for r in rows.values()]
     assert max(losses) / min(losses) < 1.02, losses  # same init, same batches: every variant trains the same model
     assert rows["plain"]["vs_plain"] == 1.0
+
+
+def test_pipeline_photos_mode_feeds_photo_sized_images_through_450m_tiling(tmp_path):
+    """The --photos data: JPEGs of 640-1600 px, tiled at nanovlm-450m's 512 px (4 to 12 tiles + the global one)."""
+    from toolkit.data.loader import build_loader
+    from toolkit.data.tokenizer import load_tokenizer
+
+    cfg = pipeline.make_data(tmp_path / "synth", samples=6, seed=0, photos=True)
+    assert (cfg.model.vit_img_size, cfg.model.max_img_size) == (512, 2048)
+    rows = pipeline.read_rows(cfg.data.train_shards)
+    assert len(rows) == 6 and all(Image.open(io.BytesIO(r["images"][0])).format == "JPEG" for r in rows)
+    tok = load_tokenizer(cfg.model)
+    batches = list(build_loader(cfg, rank=0, world=1, tokenizer=tok, finite=True))
+    assert sum(b["stats"]["samples"] for b in batches) == 6
+    # nanoVLM's rule: long side up to a multiple of 512 (at most 2048), short side scaled alike and rounded up.
+    # 1024x768 -> 1024x1024: 2x2; 800x600 -> 2x2; 1280x960 -> 1536x1536: 3x3; 640x480 -> 2x2;
+    # 1600x1200 -> 2048x1536: 4x3; 768x1024 -> 2x2; each plus a global tile
+    assert sum(b["stats"]["tiles"] for b in batches) == (4 + 4 + 9 + 4 + 12 + 4) + 6
+    assert all(b["pixel_values"].shape[1:] == (3, 512, 512) for b in batches)

@@ -7,6 +7,7 @@ never pays for importing DeepSpeed.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import sys
@@ -89,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "options",
         nargs=argparse.REMAINDER,
-        help="gpu only: --budget-s S, --steps N, --variants ..., --profile ... (see python -m toolkit.bench.gpu -h)",
+        help="gpu: --budget-s S, --variants ..., --profile ... (bench gpu -h); pipeline: --photos, --samples N",
     )
     p = sub.choices["report"]
     p.add_argument("run")
@@ -213,12 +214,11 @@ def _bench(args: argparse.Namespace) -> int:
 
     as_json = args.json or "--json" in args.options  # after the name, --json lands among the options
     options = [o for o in args.options if o != "--json"]
-    if args.name == "gpu":  # its time budget and variants are flags of its own
-        from toolkit.bench import gpu
-
-        return gpu.main([*options, *(["--json"] if as_json else [])])
+    if args.name in ("gpu", "pipeline"):  # flags of their own: time budget, variants, photo-sized data
+        module = importlib.import_module(f"toolkit.bench.{args.name}")
+        return module.main([*options, *(["--json"] if as_json else [])])
     if options:
-        raise UserError(f"bench {args.name} takes no options ({' '.join(options)}); only bench gpu does")
+        raise UserError(f"bench {args.name} takes no options ({' '.join(options)}); only gpu and pipeline do")
     run(args.name, as_json=as_json)
     return 0
 

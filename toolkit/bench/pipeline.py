@@ -43,19 +43,50 @@ from toolkit.data.tokenizer import VLMTokenizer, load_tokenizer
 Row = dict  # {"texts": [...], "images": [bytes, ...]}: one sample as both pipelines receive it
 
 
-def make_data(root: Path, *, samples: int, seed: int) -> Config:
-    """Synthetic shards + tokenizer under `root`; the tiny preset pointed at them (one loader process)."""
+def make_data(root: Path, *, samples: int, seed: int, photos: bool = False) -> Config:
+    """Synthetic shards + tokenizer under `root`, and the config that reads them in one loader process.
+
+    Default: shapes-VQA with the tiny preset (32 px tiles). `photos`: photo-sized JPEGs (640x480 to 1600x1200) with
+    nanovlm-450m's image settings (512 px tiles up to 2048 px), where image work dominates; only the decoder's
+    vocabulary is the synthetic tokenizer's.
+    """
     from toolkit.data.synthetic import write_synth
 
     with contextlib.redirect_stderr(io.StringIO()):  # the shard writer's progress bars are noise here
-        write_synth(root, samples=samples, val_samples=1, seed=seed)
-    overrides = [
-        f"data.train_shards={root / 'train'}",
-        f"model.tokenizer={root / 'tokenizer'}",
-        "data.num_workers=0",
-        f"data.seed={seed}",
-    ]
-    return load_config("tiny", overrides)
+        write_synth(root, samples=1 if photos else samples, val_samples=1, seed=seed)
+        if photos:
+            write_photos(root / "photos", samples=samples, seed=seed)
+    shards = root / ("photos" if photos else "train")
+    overrides = [f"data.train_shards={shards}", f"model.tokenizer={root / 'tokenizer'}", "data.num_workers=0"]
+    overrides.append(f"data.seed={seed}")
+    if not photos:
+        return load_config("tiny", overrides)
+    tiny = load_config("tiny", overrides).model  # the vocabulary that fits the synthetic tokenizer
+    vocab = [f"model.lm_base_vocab_size={tiny.lm_base_vocab_size}", f"model.lm_vocab_size={tiny.lm_vocab_size}"]
+    return load_config("nanovlm-450m", [*overrides, *vocab])
+
+
+PHOTO_SIZES = ((1024, 768), (800, 600), (1280, 960), (640, 480), (1600, 1200), (768, 1024))
+
+
+def write_photos(out: Path, *, samples: int, seed: int) -> None:
+    """`samples` one-image samples: smooth gradients with sensor-like noise, saved as JPEG (quality 90)."""
+    import numpy as np
+
+    from toolkit.data.shard_writer import ListSource, write_shards
+
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(samples):
+        w, h = PHOTO_SIZES[i % len(PHOTO_SIZES)]
+        yy, xx = np.mgrid[0:h, 0:w]
+        base = np.stack([(xx * rng.uniform(0.1, 0.3) + yy * rng.uniform(0.1, 0.3)) % 256 for _ in range(3)], -1)
+        pixels = np.clip(base + rng.normal(0, 12, (h, w, 3)), 0, 255).astype(np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(pixels).save(buf, "JPEG", quality=90)
+        answer = "It is a photo of a gradient, brighter towards the lower right. " * 3
+        rows.append({"images": [{"bytes": buf.getvalue()}], "texts": [{"user": "Describe it.", "assistant": answer}]})
+    write_shards(ListSource("photos", rows), out, shard_size="32")
 
 
 def read_rows(shards: str) -> list[Row]:
@@ -302,14 +333,15 @@ def _stage_row(pipeline: str, stage: str, seconds: float, total: float, n: int) 
     }
 
 
-def run(samples: int = 3000, rounds: int = 3, repeats: int = 2, seed: int = 0) -> dict:
-    """Write `samples` synthetic samples, time both pipelines in `rounds` alternating passes, then the stages."""
+def run(samples: int | None = None, rounds: int = 3, repeats: int = 2, seed: int = 0, photos: bool = False) -> dict:
+    """Write synthetic samples (3000; 120 `photos`), time both pipelines in alternating rounds, then the stages."""
+    samples = samples or (120 if photos else 3000)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     try:
         with tempfile.TemporaryDirectory(prefix="bench-pipeline-") as tmp:
-            cfg = make_data(Path(tmp) / "synth", samples=samples, seed=seed)
+            cfg = make_data(Path(tmp) / "synth", samples=samples, seed=seed, photos=photos)
             tok = load_tokenizer(cfg.model)
             table = build_table(read_rows(cfg.data.train_shards), Path(tmp) / "table").shuffle(seed=seed)
             timed = interleaved(cfg, tok, table, rounds)
@@ -328,5 +360,26 @@ def run(samples: int = 3000, rounds: int = 3, repeats: int = 2, seed: int = 0) -
             "ratio_wall": base["wall"] / ours["wall"],
             "largest_stage": f"{biggest} ({stages[biggest] / ours['cpu']:.0%} of the toolkit's time)",
         },
-        "config": {"samples": samples, "rounds": rounds, "repeats": repeats, "seed": seed, "preset": "tiny"},
+        "config": {
+            "samples": samples,
+            "rounds": rounds,
+            "repeats": repeats,
+            "seed": seed,
+            "data": "photo-sized JPEGs, nanovlm-450m image settings" if photos else "shapes-VQA, tiny preset",
+        },
     }
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m toolkit bench pipeline [--photos] [--samples N]`."""
+    import argparse
+
+    from toolkit.bench import run as run_bench
+
+    p = argparse.ArgumentParser(prog="python -m toolkit bench pipeline", description=__doc__.splitlines()[0])
+    p.add_argument("--photos", action="store_true", help="photo-sized JPEGs with nanovlm-450m's image settings")
+    p.add_argument("--samples", type=int, default=None, help="samples to write (default 3000; 120 with --photos)")
+    p.add_argument("--json", action="store_true")
+    a = p.parse_args(argv)
+    run_bench("pipeline", as_json=a.json, samples=a.samples, photos=a.photos)
+    return 0
