@@ -1,7 +1,8 @@
 """`bench pipeline`: samples/s per core from tar shards to packed batches, against nanoVLM's `datasets` path.
 
-Both pipelines start from the same synthetic samples (written into a temporary folder by `write_synth`) and end
-in the same batch dicts (`collate`), so what differs is exactly what the toolkit changed:
+Both pipelines start from the same synthetic samples (written into a temporary folder: shapes-VQA by `write_synth`
+with the tiny preset, or with `--photos` photo-sized JPEGs with nanovlm-450m's image settings) and end in the same
+batch dicts (`collate`), so what differs is exactly what the toolkit changed:
 
 - toolkit: tar shards -> bounded shuffle -> JSON + image header (grid only) -> tokenize -> streaming packer ->
   full image decode + resize/tile at collate time (`build_loader`, `num_workers=0`: one core).
