@@ -46,8 +46,10 @@ train: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m toolkit bench packing
 	$(BIN)/python -m toolkit bench pipeline
+	$(BIN)/python -m toolkit bench pipeline --photos
 	$(BIN)/python -m toolkit bench overhead
 	$(BIN)/python -m toolkit bench memory
+	$(BIN)/python -m toolkit bench gpu
 
 # Two hosts in network namespaces on this machine, `deepspeed --hostfile` across them (needs root).
 test-multinode: $(STAMP)
