@@ -235,3 +235,15 @@ def test_pipeline_photos_mode_feeds_photo_sized_images_through_450m_tiling(tmp_p
     # 1600x1200 -> 2048x1536: 4x3; 768x1024 -> 2x2; each plus a global tile
     assert sum(b["stats"]["tiles"] for b in batches) == (4 + 4 + 9 + 4 + 12 + 4) + 6
     assert all(b["pixel_values"].shape[1:] == (3, 512, 512) for b in batches)
+
+
+def test_cli_bench_pipeline_photos_writes_its_own_json(monkeypatch, tmp_path, capsys):
+    from toolkit.__main__ import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["bench", "pipeline", "--photos", "--samples", "6", "--json"]) == 0
+    result = json.loads((tmp_path / "runs" / "bench" / "pipeline_photos.json").read_text())
+    assert result["config"]["samples"] == 6 and "photo" in result["config"]["data"]
+    assert not (tmp_path / "runs" / "bench" / "pipeline.json").exists()  # the default run's file is left alone
+    rows = {(r["pipeline"], r["stage"]): r for r in result["rows"]}
+    assert rows[("toolkit", "end to end")]["samples_per_s"] > 0 and rows[("nanovlm", "end to end")]["samples_per_s"] > 0

@@ -34,7 +34,8 @@ def _fmt(v) -> str:
     return str(v)
 
 
-def run(name: str, *, out_dir: str | Path = "runs/bench", as_json: bool = False, **kwargs) -> dict:
+def run(name: str, *, out_dir: str | Path = "runs/bench", as_json: bool = False, label: str = "", **kwargs) -> dict:
+    """Run benchmark `name` with `kwargs`, print its table (or JSON) and write runs/bench/(label or name).json."""
     if name not in BENCHES:
         raise ValueError(f"unknown benchmark {name!r}; choose one of {', '.join(BENCHES)}")
     module = importlib.import_module(f"toolkit.bench.{name.replace('-', '_')}")
@@ -48,7 +49,8 @@ def run(name: str, *, out_dir: str | Path = "runs/bench", as_json: bool = False,
     }
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"{name}.json").write_text(json.dumps(result, indent=1))
+    path = out / f"{label or name}.json"
+    path.write_text(json.dumps(result, indent=1))
     if as_json:
         print(json.dumps(result))
     else:
@@ -56,5 +58,5 @@ def run(name: str, *, out_dir: str | Path = "runs/bench", as_json: bool = False,
         print(format_table(result["rows"]))
         for k, v in result.get("headline", {}).items():
             print(f"{k}: {_fmt(v)}")
-        print(f"written to {out / (name + '.json')}")
+        print(f"written to {path}")
     return result

@@ -382,5 +382,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--samples", type=int, default=None, help="samples to write (default 3000; 120 with --photos)")
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
-    run_bench("pipeline", as_json=a.json, samples=a.samples, photos=a.photos)
+    label = "pipeline_photos" if a.photos else "pipeline"  # its own JSON beside the default run's
+    run_bench("pipeline", as_json=a.json, label=label, samples=a.samples, photos=a.photos)
     return 0
