@@ -62,6 +62,11 @@ def metrics(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
+def python(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    """One process of this checkout (`-m toolkit ...` or a script) with the CPU environment, output captured."""
+    return subprocess.run([sys.executable, *args], env=ENV, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
 def train_steps(run: Path) -> list[dict]:
     return [m for m in metrics(run) if "loss" in m]
 
@@ -87,14 +92,7 @@ def _check_export(run: Path, tmp_path: Path, backend: str) -> None:
     live = tmp_path / "live.pt"
     launch(["tests/lifecycle_worker.py", "live", str(run), str(live)], module=False)
     exported = tmp_path / "export"
-    done = subprocess.run(
-        [sys.executable, "-m", "toolkit", "export", str(run), str(exported)],
-        env=ENV,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    done = python("-m", "toolkit", "export", str(run), str(exported))
     assert done.returncode == 0, done.stderr[-3000:]
     want = torch.load(live, weights_only=False)
     model = VisionLanguageModel.from_pretrained(str(exported)).eval()
@@ -123,26 +121,12 @@ def _check_export(run: Path, tmp_path: Path, backend: str) -> None:
 def test_sigkill_during_checkpoint_keeps_previous(synth, tmp_path):
     args = [*common(synth, steps=8), "backend.name=single", "data.num_workers=0"]
     run = tmp_path / "killed"
-    died = subprocess.run(
-        [sys.executable, "tests/lifecycle_worker.py", "kill-at", str(run), "6", *args],
-        env=ENV,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    died = python("tests/lifecycle_worker.py", "kill-at", str(run), "6", *args)
     assert died.returncode == -signal.SIGKILL, died.stderr[-2000:]
     assert (run / "checkpoints" / "step_6" / "rank_0.pt").exists()  # half-written: shards and rank state, no commit
     assert RunDir(run).latest().name == "step_3"
     before = train_steps(run)
-    resumed = subprocess.run(
-        [sys.executable, "-m", "toolkit", "train", "--config", "tiny", *args, f"train.run_dir={run}"],
-        env=ENV,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    resumed = python("-m", "toolkit", "train", "--config", "tiny", *args, f"train.run_dir={run}")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     steps = train_steps(run)
     # Step 6 died in its checkpoint (before it was logged); steps 4-6 are redone identically and logged once.
@@ -183,14 +167,7 @@ def test_sigterm_checkpoints_the_current_step_and_exits_zero(synth, tmp_path):
     last = train_steps(run)[-1]["step"]
     assert RunDir(run).latest().name == f"step_{last}"
     resume = [*args[:-1], f"train.run_dir={run}", f"train.stop_at_step={last + 2}"]
-    again = subprocess.run(
-        [sys.executable, "-m", "toolkit", "train", "--config", "tiny", *resume],
-        env=ENV,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    again = python("-m", "toolkit", "train", "--config", "tiny", *resume)
     assert again.returncode == 0, again.stderr[-3000:]
     assert [m["step"] for m in train_steps(run)][-3:] == [last, last + 1, last + 2]
     _check_metrics(run)
