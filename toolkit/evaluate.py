@@ -68,12 +68,19 @@ def answer(
     greedy: bool = True,
 ) -> str:
     """One question about one sample's images -> the decoded answer."""
-    device = next(model.parameters()).device
-    pixels, grids = tiles_for(model, images)
-    ids = torch.tensor([encode_prompt(tok, question, grids, model.cfg.mp_image_token_length)], device=device)
-    pixels = pixels.to(device) if pixels is not None else None
-    out = model.generate(ids, pixels, max_new_tokens=max_new_tokens, greedy=greedy, eos_token_id=tok.eos_token_id)
+    ids, pixels = prompt_inputs(model, tok, images, question)
+    ids_t = torch.tensor([ids], device=next(model.parameters()).device)
+    out = model.generate(ids_t, pixels, max_new_tokens=max_new_tokens, greedy=greedy, eos_token_id=tok.eos_token_id)
     return tok.decode(out[0].tolist(), skip_special_tokens=True).strip()
+
+
+def prompt_inputs(
+    model: VisionLanguageModel, tok: VLMTokenizer, images: list[Image.Image], question: str
+) -> tuple[list[int], torch.Tensor | None]:
+    """A question with its images -> (prompt ids up to the assistant's turn, tiles on the model's device or None)."""
+    pixels, grids = tiles_for(model, images)
+    ids = encode_prompt(tok, question, grids, model.cfg.mp_image_token_length)
+    return ids, pixels.to(next(model.parameters()).device) if pixels is not None else None
 
 
 def answer_accuracy(

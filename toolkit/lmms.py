@@ -21,9 +21,8 @@ from typing import Any
 import torch
 from PIL import Image
 
-from toolkit.data.conversation import encode_prompt
 from toolkit.errors import UserError
-from toolkit.evaluate import load_for_inference, tiles_for
+from toolkit.evaluate import load_for_inference, prompt_inputs
 
 try:  # the registry checks that the class is an lmms subclass; without lmms-eval the adapter still works alone
     from lmms_eval.api.model import lmms as _LMMSBase
@@ -76,10 +75,7 @@ class NanoVLMScale(_LMMSBase):
         return self.task_dict[task][split][doc_id]
 
     def _prompt(self, context: str, images: list[Image.Image]) -> tuple[list[int], torch.Tensor | None]:
-        pixels, grids = tiles_for(self.model, images)
-        text = context.replace(IMAGE_PLACEHOLDER, "").strip()
-        ids = encode_prompt(self.tok, text, grids, self.model.cfg.mp_image_token_length)
-        return ids, pixels.to(self.device) if pixels is not None else None
+        return prompt_inputs(self.model, self.tok, images, context.replace(IMAGE_PLACEHOLDER, "").strip())
 
     # -- the lmms interface --
     @torch.no_grad()
