@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
-# One pass over everything that needs a GPU, sized for a few minutes of a lent single-GPU machine.
+# One pass over everything that needs a GPU, sized for one call of a lent single-GPU machine (about 9 minutes).
 #
 # Run from the repository root on a CUDA host whose python3 already has torch; the wheels that host lacks are
 # carried in .whl/ (`bash .ci/gpu-wheels.sh` fills it). Logs, the bench JSON and kernel profiles go to $OUT.
-#   1. `python -m toolkit.bench.gpu`: the README's GPU table (BENCH_BUDGET_S caps its variants), alone on the
-#      machine: on 2026-11-28 the CPU suite running beside it slowed some variants by a third;
-#   2. the `gpu`-marked tests;
-#   3. the CPU suite (`-m "not gpu"`), as `make test` would run it there, in whatever time is left.
-# Each stage has its own time limit, so one that hangs cannot take the others' results with it. Expect about
-# 8 minutes; the limits add up to 11 (install 30 s, bench 240, dense comparison 150, gpu tests 150, suite 100), so
-# under a 600 s device call a slow run loses the last stage, the CPU suite, first. Logs are written as they go.
+#   1. the attention, patch and AdamW `gpu` tests: do the fused kernels give the dense mask's outputs and
+#      gradients? If torch's varlen kernel fails them, the bench below runs on FlexAttention instead;
+#   2. `python -m toolkit.bench.gpu`: the README's GPU table (BENCH_BUDGET_S caps its variants), alone on the
+#      machine (on 2026-11-28 the CPU suite running beside it slowed some variants by a third);
+#   3. the same bench's single and single + compile rows with the other packed-attention kernel, to compare;
+#   4. the `gpu` tests that train each backend over NCCL with one rank.
+# The CPU suite is left to CI. Each stage has its own time limit, so one that hangs cannot take the others'
+# results with it: 20 s install + 90 + 230 + 90 + 130 = 560 s, under a 580 s device call. Logs are written as
+# they go.
 set -u
 OUT=${OUT:-runs/gpu-check}
 mkdir -p "$OUT"
@@ -21,22 +23,29 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 fi
 {
   nvidia-smi -L
-  python3 -c 'import sys, torch, deepspeed; print(sys.version.split()[0], torch.__version__, deepspeed.__version__,
-torch.cuda.get_device_name(0))'
+  python3 -c 'import sys, inspect, torch, deepspeed; print(sys.version.split()[0], torch.__version__,
+deepspeed.__version__, torch.cuda.get_device_name(0))
+from torch.nn.attention.varlen import varlen_attn; print("varlen_attn", inspect.signature(varlen_attn))'
 } 2>&1 | tee "$OUT/env.log"
 
-variants=${BENCH_VARIANTS:-plain,single,zero2,zero3,fsdp,single+compile,zero2+compile,single+ac,zero3+ac,fsdp+ac,fsdp+compile,single+ac+compile}
-timeout "${BENCH_TIMEOUT_S:-240}" python3 -m toolkit.bench.gpu --budget-s "${BENCH_BUDGET_S:-170}" \
-  --steps 8 --warmup 3 --variants "$variants" --profile "${BENCH_PROFILE:-single+compile}" 2>&1 | tee "$OUT/bench.log"
+timeout "${KERNEL_TESTS_TIMEOUT_S:-90}" python3 -m pytest -q -m gpu -p no:cacheprovider \
+  -k "attention or patch or adamw" 2>&1 | tee "$OUT/gpu_tests.log"
+if grep -q "FAILED.*varlen" "$OUT/gpu_tests.log" || ! grep -q " passed" "$OUT/gpu_tests.log"; then
+  kernel=flex other=dense  # the varlen kernel failed its checks: measure what `auto` would otherwise be
+else
+  kernel=auto other=flex
+fi
+echo "bench kernel: $kernel, comparison: $other" | tee -a "$OUT/gpu_tests.log"
+
+variants=${BENCH_VARIANTS:-plain,single,zero2,zero3,fsdp,single+compile,fsdp+compile,zero2+compile,single+ac,zero3+ac,single+ac+compile}
+timeout "${BENCH_TIMEOUT_S:-230}" python3 -m toolkit.bench.gpu --budget-s "${BENCH_BUDGET_S:-170}" \
+  --steps 8 --warmup 3 --variants "$variants" --profile "${BENCH_PROFILE:-single+compile}" \
+  "train.attention_kernel=$kernel" 2>&1 | tee "$OUT/bench.log"
 cp runs/bench/gpu.json runs/bench/gpu_profile_*.txt "$OUT/" 2>/dev/null
-# the decoder's packed attention as a dense SDPA mask instead of FlexAttention (whose forward the 2026-11-28
-# profile showed at 4x its own backward): which one the `auto` choice should be
-timeout "${DENSE_TIMEOUT_S:-150}" python3 -m toolkit.bench.gpu --budget-s 60 --steps 8 --warmup 3 \
-  --variants single,single+compile train.attention_kernel=dense 2>&1 | tee -a "$OUT/bench.log"
-cp runs/bench/gpu.json "$OUT/gpu_dense_attention.json" 2>/dev/null
 
-timeout "${GPU_TESTS_TIMEOUT_S:-150}" python3 -m pytest -q -m gpu -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log"
+timeout "${OTHER_TIMEOUT_S:-90}" python3 -m toolkit.bench.gpu --budget-s 45 --steps 8 --warmup 3 \
+  --variants single,single+compile "train.attention_kernel=$other" 2>&1 | tee -a "$OUT/bench.log"
+cp runs/bench/gpu.json "$OUT/gpu_${other}_attention.json" 2>/dev/null
 
-timeout "${SUITE_TIMEOUT_S:-100}" python3 -m pytest -q -n 12 -m "not gpu" -p no:cacheprovider >"$OUT/suite.log" 2>&1
-echo "suite exit status: $?" >>"$OUT/suite.log"
-tail -n 25 "$OUT/suite.log"
+timeout "${NCCL_TESTS_TIMEOUT_S:-130}" python3 -m pytest -q -m gpu -p no:cacheprovider -k nccl 2>&1 \
+  | tee "$OUT/gpu_nccl_tests.log"

@@ -12,7 +12,6 @@ import torch
 
 from tests.conftest import PYTHONPATH, tiny_model_config, torchrun
 from toolkit.model import VisionLanguageModel, attention
-from toolkit.model.attention import choose_kernel
 
 REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.gpu
@@ -29,21 +28,48 @@ def _packed_batch(cfg, device):
     return torch.cat(ids)[None].to(device), torch.cat(pos)[None].to(device), tiles.to(device)
 
 
-@pytest.mark.parametrize("lm_hidden_dim", [64, 48])  # heads of 16 (the fused kernel) and of 12 (dense fallback)
-def test_fused_packed_attention_matches_sdpa_reference_in_bf16(lm_hidden_dim):
+@pytest.mark.parametrize(
+    "lm_hidden_dim,kernel", [(64, "auto"), (64, "varlen"), (64, "flex"), (48, "auto")]
+)  # heads of 16 (the fused kernels) and of 12 (the dense fallback)
+def test_fused_packed_attention_matches_sdpa_reference_in_bf16(lm_hidden_dim, kernel):
     cfg = tiny_model_config(lm_max_length=256, lm_hidden_dim=lm_hidden_dim)
     model = VisionLanguageModel(cfg).cuda().eval()
     ids, pos, tiles = _packed_batch(cfg, "cuda")
     head_dim = lm_hidden_dim // cfg.lm_n_heads
-    kernel = choose_kernel(torch.device("cuda"), torch.bfloat16, packed=True, cached=False, head_dim=head_dim)
-    assert kernel == ("dense" if head_dim < 16 else ("flex", "varlen")[attention.flash_attn_varlen_func is not None])
+    with torch.autocast("cuda", dtype=torch.bfloat16):  # fp32 activations in, bf16 attention: auto sees bf16
+        plan = attention.plan_attention(
+            q_len=256, kv_len=256, position_ids=pos, attention_mask=None, device=pos.device,
+            dtype=torch.float32, kernel=kernel, head_dim=head_dim,
+        )  # fmt: skip
+    expected = {"auto": "dense" if head_dim < 16 else "varlen"}.get(kernel, kernel)  # torch >= 2.10 has varlen
+    assert plan.kind == expected
     with torch.no_grad():
         model.decoder.attention_kernel = "dense"
         reference = model(input_ids=ids, pixel_values=tiles, position_ids=pos).logits.float()
-        model.decoder.attention_kernel = "auto"
+        model.decoder.attention_kernel = kernel
         with torch.autocast("cuda", dtype=torch.bfloat16):
             fused = model(input_ids=ids, pixel_values=tiles, position_ids=pos).logits.float()
     assert (fused - reference).abs().max().item() <= 5e-2  # bf16 against an fp32 reference
+
+
+@pytest.mark.parametrize("kernel", ["varlen", "flex"])
+def test_fused_packed_attention_gradients_match_the_dense_mask(kernel):
+    """Training runs the kernel's backward too: every gradient against the dense mask's, both in bf16."""
+    cfg = tiny_model_config(lm_max_length=256, lm_hidden_dim=64)
+    model = VisionLanguageModel(cfg).cuda().train()
+    ids, pos, tiles = _packed_batch(cfg, "cuda")
+    grads = {}
+    for name in ("dense", kernel):
+        model.zero_grad()
+        model.decoder.attention_kernel = name
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            logits = model(input_ids=ids, pixel_values=tiles, position_ids=pos).logits
+        logits.float().logsumexp(-1).mean().backward()
+        grads[name] = {n: p.grad.float().clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert grads[kernel].keys() == grads["dense"].keys()
+    for n, ref in grads["dense"].items():
+        err = (grads[kernel][n] - ref).norm() / ref.norm().clamp_min(1e-12)
+        assert err.item() <= 5e-2, (n, err.item())
 
 
 @pytest.mark.parametrize(

@@ -93,6 +93,80 @@ def test_flex_attention_document_mask_equals_dense(model):
     assert (dense - flex).abs().max().item() <= 1e-4
 
 
+def _segment_attention(q, k, v, cu, longest, causal: bool):
+    """A varlen kernel's meaning, spelled out: each [cu[i], cu[i+1]) span of the flat batch attends alone."""
+    assert causal and cu.dtype == torch.int32 and int(cu[-1]) == q.shape[0]
+    out = torch.empty_like(q)
+    for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        assert 0 < b - a <= longest
+        qs, ks, vs = (t[a:b].transpose(0, 1) for t in (q, k, v))  # (heads, len, hd)
+        out[a:b] = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=True).transpose(0, 1)
+    return out
+
+
+def _torch_210(q, k, v, cu_q, cu_k, max_q, max_k, is_causal=False, return_aux=None):
+    assert k.shape[1] == q.shape[1], "torch 2.10's varlen_attn has no GQA: key/value heads must be repeated"
+    return _segment_attention(q, k, v, cu_q, max_q, is_causal)
+
+
+def _torch_211(q, k, v, cu_q, cu_k, max_q, max_k, *, return_aux=None, scale=None, window_size=(-1, -1)):
+    assert k.shape[1] == q.shape[1], "no enable_gqa: key/value heads must be repeated"
+    return _segment_attention(q, k, v, cu_q, max_q, window_size == (-1, 0))
+
+
+def _torch_212(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_size=(-1, -1), enable_gqa=False):
+    assert enable_gqa and k.shape[1] < q.shape[1], "GQA's heads go in unrepeated"
+    return _segment_attention(q, k, v, cu_q, max_q, window_size == (-1, 0))
+
+
+@pytest.mark.parametrize("stand_in", [_torch_210, _torch_211, _torch_212])
+def test_torch_varlen_path_equals_dense_under_each_signature(model, monkeypatch, stand_in):
+    """torch's varlen_attn only runs on CUDA; a stand-in with each release's signature checks what we pass it
+    (flattened layout, sample boundaries, causality, GQA heads). The GPU test runs the real kernel."""
+    from toolkit.model import attention
+
+    monkeypatch.setattr(attention, "flash_attn_varlen_func", None)
+    monkeypatch.setattr(attention, "torch_varlen_attn", stand_in)
+    attention._torch_varlen_options.cache_clear()
+    gen = torch.Generator().manual_seed(5)
+    rows = [[_sample(model.cfg, 30, 1, gen), _sample(model.cfg, 9, 0, gen)], [_sample(model.cfg, 50, 2, gen)]]
+    width = 96
+    ids, pos, tiles = [], [], []
+    for row in rows:  # two rows, each padded to `width` with a tail segment of its own
+        r_ids, r_pos, r_tiles = _packed_row(row)
+        pad = width - r_ids.shape[1]
+        ids.append(torch.cat([r_ids, torch.zeros(1, pad, dtype=torch.long)], 1))
+        pos.append(torch.cat([r_pos, torch.arange(pad)[None]], 1))
+        tiles.append(r_tiles)
+    ids, pos, tiles = torch.cat(ids), torch.cat(pos), torch.cat(tiles)
+    with torch.no_grad():
+        model.decoder.attention_kernel = "dense"
+        dense = model(input_ids=ids, pixel_values=tiles, position_ids=pos).logits
+        model.decoder.attention_kernel = "varlen"
+        varlen = model(input_ids=ids, pixel_values=tiles, position_ids=pos).logits
+    attention._torch_varlen_options.cache_clear()
+    assert (dense - varlen).abs().max().item() <= 1e-4
+
+
+def test_forced_varlen_is_refused_where_it_cannot_run(monkeypatch):
+    from toolkit.errors import UserError
+    from toolkit.model import attention
+
+    with pytest.raises(UserError, match="CUDA only"):
+        attention.check_kernel("varlen", torch.device("cpu"), 64)
+    monkeypatch.setattr(attention, "flash_attn_varlen_func", None)
+    monkeypatch.setattr(attention, "torch_varlen_attn", _torch_212)
+    attention.check_kernel("varlen", torch.device("cuda"), 64)
+    with pytest.raises(UserError, match="lm_dropout=0"):  # torch's kernel has no dropout
+        attention.check_kernel("varlen", torch.device("cuda"), 64, dropout=0.1)
+    with pytest.raises(UserError, match="multiple of 8"):
+        attention.check_kernel("varlen", torch.device("cuda"), 12)
+    # auto: torch's varlen in bf16 without dropout, FlexAttention with dropout or in fp32
+    assert attention.choose_kernel(torch.device("cuda"), torch.bfloat16, packed=True, cached=False) == "varlen"
+    assert attention.choose_kernel(torch.device("cuda"), torch.bfloat16, True, False, dropout=0.1) == "flex"
+    assert attention.choose_kernel(torch.device("cuda"), torch.float32, packed=True, cached=False) == "flex"
+
+
 def test_cuda_path_never_picks_a_dense_mask_for_packed_rows():
     from toolkit.model.attention import choose_kernel
 

@@ -196,8 +196,8 @@ class TrainConfig:
     compile: bool = opt(False, "torch.compile each block.")
     attention_kernel: str = opt(
         "auto",
-        "Decoder attention over packed rows: auto (flash-attn varlen if installed, else FlexAttention on CUDA; "
-        "a dense mask on CPU), or force flex, varlen or dense (to compare them with `bench gpu`).",
+        "Decoder attention over packed rows: auto (on CUDA a flash varlen kernel, flash-attn's or torch's own, "
+        "else FlexAttention; a dense mask on CPU), or force varlen, flex or dense (to compare them with `bench gpu`).",
         choices=("auto", "flex", "varlen", "dense"),
     )
     seed: int = opt(0, "Seed of model initialisation and dropout.")

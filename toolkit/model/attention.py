@@ -8,12 +8,16 @@ Kernels, picked once per forward and shared by every block:
 - `causal`: plain SDPA `is_causal` when nothing is packed or padded (generation prefill, nanoVLM parity).
 - `dense`:  SDPA with a (B, 1, Q, K) boolean mask. Used on CPU and with a KV cache; O(S^2) memory.
 - `flex`:   FlexAttention with a document block mask; on CUDA it never materialises an S x S mask.
-- `varlen`: flash-attn's varlen kernel over cu_seqlens when flash-attn is installed (CUDA, bf16/fp16).
+- `varlen`: a flash varlen kernel over cu_seqlens (CUDA, bf16/fp16): flash-attn's when installed, else torch's own
+            `torch.nn.attention.varlen` (torch >= 2.10, no dropout). Each sample is attended alone, so no block
+            of a row's other samples is ever visited; the 2026-11-28 H200 profile had FlexAttention's forward at
+            4x its own backward and a fifth of the step.
 """
 
 from __future__ import annotations
 
 import functools
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -31,6 +35,11 @@ try:
 except ImportError:
     flash_attn_varlen_func = None
 
+try:  # torch's own flash varlen op: no extra package, but no dropout
+    from torch.nn.attention.varlen import varlen_attn as torch_varlen_attn
+except ImportError:  # pragma: no cover - torch < 2.10
+    torch_varlen_attn = None
+
 KERNELS = ("auto", "causal", "dense", "flex", "varlen")
 
 
@@ -42,7 +51,7 @@ class AttentionPlan:
     mask: torch.Tensor | None = None  # dense: (B, 1, Q, K) bool, True = may attend
     block_mask: object | None = None  # flex
     cu_seqlens: torch.Tensor | None = None  # varlen: (docs + 1,) int32 over the flattened batch
-    max_seqlen: int = 0
+    max_seqlen: int = 0  # varlen: an upper bound on any sample's length (the row length: no sync, no recompiles)
 
 
 def document_ids(position_ids: torch.Tensor) -> torch.Tensor:
@@ -89,22 +98,33 @@ def sample_lengths(position_ids: torch.Tensor) -> torch.Tensor:
     return torch.unique_consecutive(flat, return_counts=True)[1]
 
 
-def _cu_seqlens(position_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Sample boundaries over the flattened (B*S) batch, as flash-attn's varlen kernel wants them."""
-    counts = sample_lengths(position_ids)
-    cu = F.pad(counts.cumsum(0), (1, 0)).to(torch.int32)
-    return cu, int(counts.max())
+def _cu_seqlens(position_ids: torch.Tensor) -> torch.Tensor:
+    """Sample boundaries over the flattened (B*S) batch, as the flash varlen kernels want them."""
+    return F.pad(sample_lengths(position_ids).cumsum(0), (1, 0)).to(torch.int32)
 
 
-# Head sizes the fused kernels accept: flash-attn wants a multiple of 8 up to 256; FlexAttention's Triton
-# template refuses fewer than 16 ("embedding dimension ... must be at least 16"), seen on an H200 with torch 2.11.
+# Head sizes the fused kernels accept: flash wants a multiple of 8 up to 256; FlexAttention's Triton template
+# refuses fewer than 16 ("embedding dimension ... must be at least 16"), seen on an H200 with torch 2.11.
 FLEX_MIN_HEAD_DIM = 16
 
 
-def check_kernel(kernel: str, device: torch.device, head_dim: int) -> None:
+def varlen_available(dropout: float = 0.0) -> bool:
+    """A flash varlen kernel exists: flash-attn's (any dropout) or torch's (none)."""
+    return flash_attn_varlen_func is not None or (torch_varlen_attn is not None and dropout == 0.0)
+
+
+def check_kernel(kernel: str, device: torch.device, head_dim: int, dropout: float = 0.0) -> None:
     """Refuse, before training starts, a forced kernel that this machine or model cannot run."""
-    if kernel == "varlen" and flash_attn_varlen_func is None:
-        raise UserError("train.attention_kernel=varlen needs flash-attn (`pip install flash-attn`); or use auto")
+    if kernel == "varlen":
+        if device.type != "cuda":
+            raise UserError("train.attention_kernel=varlen runs on CUDA only; use auto or dense on this machine")
+        if not varlen_available(dropout):
+            raise UserError(
+                "train.attention_kernel=varlen needs torch >= 2.10 with model.lm_dropout=0, or flash-attn "
+                "(`pip install flash-attn`); or use auto"
+            )
+        if head_dim % 8 or head_dim > 256:
+            raise UserError(f"train.attention_kernel=varlen: flash needs heads a multiple of 8 up to 256; {head_dim}")
     if kernel == "flex" and device.type == "cuda" and head_dim < FLEX_MIN_HEAD_DIM:
         raise UserError(
             f"train.attention_kernel=flex: FlexAttention needs heads of at least {FLEX_MIN_HEAD_DIM} on CUDA, "
@@ -112,13 +132,18 @@ def check_kernel(kernel: str, device: torch.device, head_dim: int) -> None:
         )
 
 
-def choose_kernel(device: torch.device, dtype: torch.dtype, packed: bool, cached: bool, head_dim: int = 64) -> str:
-    """The fastest kernel that handles this call; the dense SDPA mask is the fallback every shape supports."""
+def choose_kernel(
+    device: torch.device, dtype: torch.dtype, packed: bool, cached: bool, head_dim: int = 64, dropout: float = 0.0
+) -> str:
+    """The fastest kernel that handles this call; the dense SDPA mask is the fallback every shape supports.
+
+    `dtype` is what the attention will compute in: the autocast dtype under autocast.
+    """
     if cached or not packed:
         return "dense"
     if device.type == "cuda":
         flash_ok = head_dim % 8 == 0 and head_dim <= 256 and dtype in (torch.bfloat16, torch.float16)
-        if flash_attn_varlen_func is not None and flash_ok:
+        if flash_ok and varlen_available(dropout):
             return "varlen"
         if flex_attention is not None and head_dim >= FLEX_MIN_HEAD_DIM:
             return "flex"
@@ -135,6 +160,7 @@ def plan_attention(
     dtype: torch.dtype,
     kernel: str = "auto",
     head_dim: int = 64,
+    dropout: float = 0.0,
 ) -> AttentionPlan:
     """Decide once per forward how every layer attends. `position_ids` given means: honour packed samples."""
     packed = position_ids is not None
@@ -142,13 +168,14 @@ def plan_attention(
     if not packed and attention_mask is None and not cached:
         return AttentionPlan("causal")
     if kernel == "auto":
-        kernel = choose_kernel(device, dtype, packed, cached, head_dim)
+        if torch.is_autocast_enabled(device.type):
+            dtype = torch.get_autocast_dtype(device.type)  # q, k and v come out of autocast's matmuls in it
+        kernel = choose_kernel(device, dtype, packed, cached, head_dim, dropout)
     docs = document_ids(position_ids) if packed else None
     if kernel == "flex" and docs is not None and not cached:
         return AttentionPlan("flex", block_mask=_flex_block_mask(docs, attention_mask))
     if kernel == "varlen" and docs is not None and not cached and attention_mask is None:
-        cu, longest = _cu_seqlens(position_ids)
-        return AttentionPlan("varlen", cu_seqlens=cu, max_seqlen=longest)
+        return AttentionPlan("varlen", cu_seqlens=_cu_seqlens(position_ids), max_seqlen=q_len)
     return AttentionPlan("dense", mask=_dense_mask(q_len, kv_len, docs, attention_mask, device))
 
 
@@ -166,8 +193,32 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: AttentionPla
 
 def _varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: AttentionPlan, dropout: float) -> torch.Tensor:
     b, h, s, hd = q.shape
-    flat = [t.transpose(1, 2).reshape(b * s, t.shape[1], hd) for t in (q, k, v)]  # (B*S, heads, hd)
-    out = flash_attn_varlen_func(
-        *flat, plan.cu_seqlens, plan.cu_seqlens, plan.max_seqlen, plan.max_seqlen, dropout_p=dropout, causal=True
-    )
+    # (B, H, S, hd) views of (B, S, H, hd) projections: flattening to (B*S, heads, hd) copies nothing
+    flat = [t.transpose(1, 2).reshape(b * s, t.shape[1], hd) for t in (q, k, v)]
+    cu, longest = plan.cu_seqlens, plan.max_seqlen
+    if flash_attn_varlen_func is not None:
+        out = flash_attn_varlen_func(*flat, cu, cu, longest, longest, dropout_p=dropout, causal=True)
+    else:
+        if dropout:
+            raise UserError("torch's varlen attention has no dropout: set model.lm_dropout=0 or install flash-attn")
+        out = torch_varlen_attn(*_share_kv_heads(*flat), cu, cu, longest, longest, **_torch_varlen_options())
     return out.reshape(b, s, h, hd).transpose(1, 2)
+
+
+@functools.lru_cache(maxsize=1)
+def _torch_varlen_options() -> dict:
+    """Causal and GQA as this torch's varlen_attn spells them: 2.10 has `is_causal`; later ones a causal
+    `window_size=(-1, 0)`, and from 2.12 `enable_gqa`."""
+    params = inspect.signature(torch_varlen_attn).parameters
+    options = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
+    if "enable_gqa" in params:
+        options["enable_gqa"] = True
+    return options
+
+
+def _share_kv_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """(T, heads, hd) triples; repeats GQA's key/value heads only for a varlen_attn without `enable_gqa`."""
+    if k.shape[1] == q.shape[1] or "enable_gqa" in _torch_varlen_options():
+        return q, k, v
+    group = q.shape[1] // k.shape[1]
+    return q, k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)

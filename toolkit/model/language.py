@@ -170,6 +170,7 @@ class LanguageModel(nn.Module):
             dtype=x.dtype,
             kernel=self.attention_kernel,
             head_dim=self.blocks[0].attn.head_dim,
+            dropout=self.cfg.lm_dropout if self.training else 0.0,
         )
         rope = self.rotary_embd(position_ids)
         new_cache: KVCache = []

@@ -69,7 +69,8 @@ def prepare_blocks(model: nn.Module, tc: TrainConfig, device: torch.device) -> N
     per-block sharding see the unchanged module; non-reentrant checkpointing re-enters submodules through
     their hooks, which ZeRO-3 needs to gather parameters again for the recomputation.
     """
-    check_kernel(tc.attention_kernel, device, model.cfg.lm_hidden_dim // model.cfg.lm_n_heads)
+    cfg = model.cfg
+    check_kernel(tc.attention_kernel, device, cfg.lm_hidden_dim // cfg.lm_n_heads, cfg.lm_dropout)
     chosen = {
         "none": [],
         "vision": model.vision_blocks(),
