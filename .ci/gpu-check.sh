@@ -10,7 +10,7 @@
 #   3. the same bench's single and single + compile rows with the other packed-attention kernel, to compare;
 #   4. the `gpu` tests that train each backend over NCCL with one rank.
 # The CPU suite is left to CI. Each stage has its own time limit, so one that hangs cannot take the others'
-# results with it: 20 s install + 90 + 230 + 90 + 130 = 560 s, under a 580 s device call. Logs are written as
+# results with it: 20 s install + 90 + 230 + 90 + 120 = 550 s, under a 580 s device call. Logs are written as
 # they go.
 set -u
 OUT=${OUT:-runs/gpu-check}
@@ -47,5 +47,7 @@ timeout "${OTHER_TIMEOUT_S:-90}" python3 -m toolkit.bench.gpu --budget-s 45 --st
   --variants single,single+compile "train.attention_kernel=$other" 2>&1 | tee -a "$OUT/bench.log"
 cp runs/bench/gpu.json "$OUT/gpu_${other}_attention.json" 2>/dev/null
 
-timeout "${NCCL_TESTS_TIMEOUT_S:-130}" python3 -m pytest -q -m gpu -p no:cacheprovider -k nccl 2>&1 \
+# five one-rank launches side by side when pytest-xdist is there (each uses a few hundred MB of the GPU)
+parallel=$(python3 -c 'import xdist; print("-n 5")' 2>/dev/null)
+timeout "${NCCL_TESTS_TIMEOUT_S:-120}" python3 -m pytest -q -m gpu -p no:cacheprovider $parallel -k nccl 2>&1 \
   | tee "$OUT/gpu_nccl_tests.log"
