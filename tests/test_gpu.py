@@ -52,9 +52,11 @@ def test_fused_packed_attention_matches_sdpa_reference_in_bf16(lm_hidden_dim, ke
     assert (fused - reference).abs().max().item() <= 5e-2  # bf16 against an fp32 reference
 
 
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 @pytest.mark.parametrize("kernel", ["varlen", "flex"])
-def test_fused_packed_attention_gradients_match_the_dense_mask(kernel):
-    """Training runs the kernel's backward too: every gradient against the dense mask's, both in bf16."""
+def test_fused_packed_attention_gradients_match_the_dense_mask(kernel, compiled):
+    """Training runs the kernel's backward too: every gradient against the eager dense mask's, both in bf16;
+    compiled as `train.compile` compiles it (each block), since that is the fastest setting in `bench gpu`."""
     cfg = tiny_model_config(lm_max_length=256, lm_hidden_dim=64)
     model = VisionLanguageModel(cfg).cuda().train()
     ids, pos, tiles = _packed_batch(cfg, "cuda")
@@ -62,6 +64,9 @@ def test_fused_packed_attention_gradients_match_the_dense_mask(kernel):
     for name in ("dense", kernel):
         model.zero_grad()
         model.decoder.attention_kernel = name
+        if compiled and name == kernel:
+            for block in model.blocks():
+                block.compile()
         with torch.autocast("cuda", dtype=torch.bfloat16):
             logits = model(input_ids=ids, pixel_values=tiles, position_ids=pos).logits
         logits.float().logsumexp(-1).mean().backward()

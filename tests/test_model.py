@@ -127,7 +127,7 @@ def test_torch_varlen_path_equals_dense_under_each_signature(model, monkeypatch,
 
     monkeypatch.setattr(attention, "flash_attn_varlen_func", None)
     monkeypatch.setattr(attention, "torch_varlen_attn", stand_in)
-    attention._torch_varlen_options.cache_clear()
+    monkeypatch.setattr(attention, "TORCH_VARLEN_OPTIONS", attention.varlen_options(stand_in))
     gen = torch.Generator().manual_seed(5)
     rows = [[_sample(model.cfg, 30, 1, gen), _sample(model.cfg, 9, 0, gen)], [_sample(model.cfg, 50, 2, gen)]]
     width = 96
@@ -144,7 +144,6 @@ def test_torch_varlen_path_equals_dense_under_each_signature(model, monkeypatch,
         dense = model(input_ids=ids, pixel_values=tiles, position_ids=pos).logits
         model.decoder.attention_kernel = "varlen"
         varlen = model(input_ids=ids, pixel_values=tiles, position_ids=pos).logits
-    attention._torch_varlen_options.cache_clear()
     assert (dense - varlen).abs().max().item() <= 1e-4
 
 

@@ -186,7 +186,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: AttentionPla
     if plan.kind == "dense":
         return F.scaled_dot_product_attention(q, k, v, attn_mask=plan.mask, dropout_p=dropout, enable_gqa=True)
     if plan.kind == "flex":
-        fn = _compiled_flex() if q.is_cuda else flex_attention
+        # inside a compiled block dynamo compiles flex_attention with the block; eager CUDA calls need it compiled
+        fn = _compiled_flex() if q.is_cuda and not torch.compiler.is_compiling() else flex_attention
         return fn(q, k, v, block_mask=plan.block_mask, enable_gqa=True)
     return _varlen(q, k, v, plan, dropout)
 
@@ -201,24 +202,27 @@ def _varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: AttentionPl
     else:
         if dropout:
             raise UserError("torch's varlen attention has no dropout: set model.lm_dropout=0 or install flash-attn")
-        out = torch_varlen_attn(*_share_kv_heads(*flat), cu, cu, longest, longest, **_torch_varlen_options())
+        out = torch_varlen_attn(*_share_kv_heads(*flat), cu, cu, longest, longest, **TORCH_VARLEN_OPTIONS)
     return out.reshape(b, s, h, hd).transpose(1, 2)
 
 
-@functools.lru_cache(maxsize=1)
-def _torch_varlen_options() -> dict:
-    """Causal and GQA as this torch's varlen_attn spells them: 2.10 has `is_causal`; later ones a causal
-    `window_size=(-1, 0)`, and from 2.12 `enable_gqa`."""
-    params = inspect.signature(torch_varlen_attn).parameters
+def varlen_options(fn) -> dict:
+    """Causal and GQA as this torch's varlen_attn spells them: 2.10 has `is_causal`; 2.11 a causal
+    `window_size=(-1, 0)` (seen on the H200); 2.12 adds `enable_gqa`."""
+    params = inspect.signature(fn).parameters
     options = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
     if "enable_gqa" in params:
         options["enable_gqa"] = True
     return options
 
 
+# Read once here: compiled blocks then see a plain constant, with nothing for dynamo to trace or guard on.
+TORCH_VARLEN_OPTIONS = varlen_options(torch_varlen_attn) if torch_varlen_attn is not None else {}
+
+
 def _share_kv_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """(T, heads, hd) triples; repeats GQA's key/value heads only for a varlen_attn without `enable_gqa`."""
-    if k.shape[1] == q.shape[1] or "enable_gqa" in _torch_varlen_options():
+    if k.shape[1] == q.shape[1] or "enable_gqa" in TORCH_VARLEN_OPTIONS:
         return q, k, v
     group = q.shape[1] // k.shape[1]
     return q, k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
