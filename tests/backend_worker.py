@@ -212,6 +212,7 @@ def _run_scenario(name: str, spec: dict, batches: list[list[dict]], out: Path) -
         "lrs": [h["lr"] for h in trainer.history],
         "skipped": [h["skipped"] for h in trainer.history],
         "optimizer_state_numel": _sum_over_ranks(backend.optimizer_state_numel()),
+        "fused": all(g["fused"] for g in backend.optimizer.param_groups),  # the AdamW inside every wrapper
         "frozen_clean": _frozen_clean(backend) if spec.get("frozen") else None,
         "seconds": time.perf_counter() - started,
     }

@@ -10,7 +10,7 @@ from conftest import tiny_model_config
 
 from toolkit.config import TrainConfig
 from toolkit.model import VisionLanguageModel
-from toolkit.train.optim import build_optimizer, freeze_frozen_groups, group_lrs, param_groups
+from toolkit.train.optim import ParamGroup, build_optimizer, freeze_frozen_groups, group_lrs, param_groups
 from toolkit.train.schedule import WarmupCosine, build_scheduler, schedule_from_config
 
 
@@ -144,3 +144,22 @@ def test_all_groups_frozen_is_an_error() -> None:
     model, cfg = _tiny(lr_mp=0.0, lr_vision_backbone=0.0, lr_language_backbone=0.0)
     with pytest.raises(ValueError, match="every parameter group has LR 0"):
         build_optimizer(model, param_groups(model, cfg), weight_decay=0.0)
+
+
+def test_fused_adamw_by_default_takes_the_per_tensor_steps() -> None:
+    """build_optimizer asks for torch's fused AdamW wherever it applies (here: CPU tensors); the steps it takes
+    are the per-tensor loop's, which is what torch does on a CPU without it."""
+    torch.manual_seed(0)
+    models = [torch.nn.Linear(64, 64) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    groups = [ParamGroup(name="language", param_names=["weight", "bias"], lr=1e-2)]
+    fused, loop = (build_optimizer(m, groups, weight_decay=0.1, fused=f) for m, f in zip(models, (None, False)))
+    assert fused.param_groups[0]["fused"] and not loop.param_groups[0]["fused"]
+    x = torch.randn(16, 64)
+    for _ in range(3):
+        for model, opt in zip(models, (fused, loop)):
+            model(x).square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+    for a, b in zip(*(m.parameters() for m in models)):
+        assert (a - b).abs().max().item() <= 1e-6

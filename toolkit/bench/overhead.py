@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from toolkit.config import Config
+from toolkit.train.optim import fused_adamw_ok
 
 MODEL_KEYS = ("input_ids", "labels", "position_ids", "pixel_values")
 GROUP_PREFIXES = (("mp", "MP."), ("vision", "vision_encoder."), ("language", "decoder."))
@@ -100,7 +101,8 @@ def plain_step(cfg: Config, seed: int, device: torch.device | None = None) -> tu
         {"params": [p for n, p in named if n.startswith(prefix)], "lr": peaks[name]} for name, prefix in GROUP_PREFIXES
     ]
     params = [p for g in groups for p in g["params"]]
-    optimizer = torch.optim.AdamW(groups, lr=tc.lr_mp, weight_decay=tc.weight_decay)
+    fused = fused_adamw_ok(params)  # what a careful plain loop asks for, as the toolkit does
+    optimizer = torch.optim.AdamW(groups, lr=tc.lr_mp, weight_decay=tc.weight_decay, fused=fused or None)
     factor = warmup_cosine(tc.max_training_steps, tc.warmup_ratio, tc.min_lr_ratio)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 

@@ -52,8 +52,7 @@ class SingleBackend(TorchOptimizerBackend):
         self._module = model.to(self.device)
         self.model = self._wrap(self._module)
         self.model.train()
-        fused = self.device.type == "cuda"  # plain CUDA tensors here (DDP too): torch's fused AdamW kernel applies
-        self.optimizer = build_optimizer(self._module, param_groups, weight_decay=tc.weight_decay, fused=fused)
+        self.optimizer = build_optimizer(self._module, param_groups, weight_decay=tc.weight_decay)
         self.scheduler = build_scheduler(self.optimizer, schedule)
 
     def _wrap(self, module: nn.Module) -> nn.Module:
