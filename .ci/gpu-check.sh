@@ -39,7 +39,7 @@ echo "bench kernel: $kernel, comparison: $other" | tee -a "$OUT/gpu_tests.log"
 
 variants=${BENCH_VARIANTS:-plain,single,zero2,zero3,fsdp,single+compile,fsdp+compile,zero2+compile,single+ac,zero3+ac,single+ac+compile}
 timeout "${BENCH_TIMEOUT_S:-230}" python3 -m toolkit.bench.gpu --budget-s "${BENCH_BUDGET_S:-170}" \
-  --steps 8 --warmup 3 --variants "$variants" --profile "${BENCH_PROFILE:-single+compile}" \
+  --steps 8 --warmup 3 --variants "$variants" --profile "${BENCH_PROFILE:-single+compile,fsdp+compile}" \
   "train.attention_kernel=$kernel" 2>&1 | tee "$OUT/bench.log"
 cp runs/bench/gpu.json runs/bench/gpu_profile_*.txt "$OUT/" 2>/dev/null
 
