@@ -201,7 +201,7 @@ def test_gpu_bench_runs_every_code_path_on_cpu(tmp_path):
     """
     variants = "plain,single,zero2,zero3,fsdp,fsdp+ac,single+compile"
     cmd = [sys.executable, "-m", "toolkit.bench.gpu", "--device=cpu", "--preset=tiny", "--steps=1", "--warmup=1"]
-    cmd += ["--batch-size=2", f"--variants={variants}", "--peak-flops=1e12"]
+    cmd += ["--batch-size=2", f"--variants={variants}", "--peak-flops=1e12", "--profile=fsdp"]
     env = {**os.environ, **CPU_ENV}
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=540)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -216,6 +216,9 @@ def test_gpu_bench_runs_every_code_path_on_cpu(tmp_path):
     losses = [r["last_loss"] for r in rows.values()]
     assert max(losses) / min(losses) < 1.02, losses  # same init, same batches: every variant trains the same model
     assert rows["plain"]["vs_plain"] == 1.0
+    profile = (tmp_path / "runs" / "bench" / "gpu_profile_fsdp.txt").read_text()  # only the variant asked for
+    assert list((tmp_path / "runs" / "bench").glob("gpu_profile_*")) == [tmp_path / "runs/bench/gpu_profile_fsdp.txt"]
+    assert "sorted by self_cpu_time_total" in profile and "aten::" in profile  # host time: FSDP's hooks show here
 
 
 def test_pipeline_photos_mode_feeds_photo_sized_images_through_450m_tiling(tmp_path):
