@@ -162,6 +162,15 @@ def _sum_over_ranks(value: float) -> list[float]:
     return dist.all_reduce_sum(t).tolist()
 
 
+def _leaf_blocks(backend) -> int:
+    """How many vision/decoder blocks ZeRO-3 hooks as one unit (none outside ZeRO-3)."""
+    if getattr(backend, "stage", None) != 3:
+        return 0
+    from deepspeed.utils import z3_leaf_module
+
+    return sum(z3_leaf_module(block) for block in backend.module.blocks())
+
+
 def _frozen_clean(backend) -> bool:
     """Every vision parameter has requires_grad False and no gradient, on every rank."""
     bad = sum(
@@ -213,6 +222,7 @@ def _run_scenario(name: str, spec: dict, batches: list[list[dict]], out: Path) -
         "skipped": [h["skipped"] for h in trainer.history],
         "optimizer_state_numel": _sum_over_ranks(backend.optimizer_state_numel()),
         "fused": all(g["fused"] for g in backend.optimizer.param_groups),  # the AdamW inside every wrapper
+        "leaf_blocks": _leaf_blocks(backend),
         "frozen_clean": _frozen_clean(backend) if spec.get("frozen") else None,
         "seconds": time.perf_counter() - started,
     }

@@ -118,6 +118,18 @@ def _import_deepspeed(device: torch.device):
     return deepspeed
 
 
+def _gather_per_block(deepspeed: Any, model: nn.Module) -> None:
+    """ZeRO-3 gathers and releases each vision/decoder block's parameters as one unit, hooking the block only.
+
+    By default DeepSpeed hooks every submodule (~450 in nanovlm-450m) and its per-hook Python bookkeeping was
+    most of ZeRO-3's cost on an H200 (0.75 s a step against 0.33 for `single`, world size 1). With the blocks as
+    "leaf" modules the same narrow-model CPU comparison drops ZeRO-3's overhead over `single` from 0.28 to
+    0.13 s. A block's parameters are a few percent of the model, so the memory ZeRO-3 saves is unchanged.
+    """
+    classes = sorted({type(block) for block in model.blocks()}, key=lambda cls: cls.__name__)
+    deepspeed.utils.set_z3_leaf_modules(model, classes)
+
+
 @contextlib.contextmanager
 def _updates_disabled(optimizer: torch.optim.Optimizer) -> Iterator[None]:
     """Run DeepSpeed's step with the inner AdamW update switched off.
@@ -159,6 +171,8 @@ class DeepSpeedBackend(Backend):
         prepare_blocks(model, tc, self.device)
         self.optimizer = build_optimizer(model, param_groups, weight_decay=tc.weight_decay)
         deepspeed.init_distributed(dist_backend="nccl" if self.device.type == "cuda" else "gloo")
+        if self.stage == 3:
+            _gather_per_block(deepspeed, model)
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=self.optimizer, config=self.ds_config)
         # ZeRO rewrites the param lists of the AdamW's groups in place; the group dicts (lr, name) stay ours.
         self.scheduler = build_scheduler(self.optimizer, schedule)
