@@ -66,8 +66,8 @@ def prepare_blocks(model: nn.Module, tc: TrainConfig, device: torch.device) -> N
     Also sets the decoder's packed-row attention kernel (train.attention_kernel), refusing one that cannot run.
 
     The checkpointed forward is bound to the block instance, so parameter names, state dicts and FSDP2's
-    per-block sharding see the unchanged module; non-reentrant checkpointing re-enters submodules through
-    their hooks, which ZeRO-3 needs to gather parameters again for the recomputation.
+    per-block sharding see the unchanged module. The recomputation runs inside the block's own backward, where
+    FSDP2 (per-block units) and ZeRO-3 (blocks as leaf modules) hold the block's parameters gathered.
     """
     cfg = model.cfg
     check_kernel(tc.attention_kernel, device, cfg.lm_hidden_dim // cfg.lm_n_heads, cfg.lm_dropout)
