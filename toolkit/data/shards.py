@@ -553,4 +553,4 @@ def load_tiles(sample: Sample, spec: DecodeSpec) -> torch.Tensor:
         out.append(tiles)
     if not out:
         return torch.empty(0, 3, spec.tile, spec.tile)
-    return torch.cat(out)
+    return out[0] if len(out) == 1 else torch.cat(out)  # most samples have one image: no copy of its tiles here
