@@ -278,3 +278,18 @@ def test_tiles_are_the_float_image_cut_row_major_with_the_global_tile_first(size
         expected.insert(0, whole)
     assert tiles.shape == (len(expected), 3, 32, 32) and tiles.is_contiguous()
     assert torch.equal(tiles, torch.stack(expected))
+
+
+def test_worker_batches_build_their_tiles_in_shared_memory(monkeypatch):
+    """In a loader worker the tiles are concatenated straight into shared memory (no extra copy on hand-off),
+    with the same values as outside one; an empty batch keeps its (0, 3, tile, tile) shape."""
+    from toolkit.data import collate as collate_module
+
+    gen = torch.Generator().manual_seed(0)
+    tiles = [torch.rand(n, 3, 8, 8, generator=gen) for n in (2, 1, 3)]
+    plain = collate_module.cat_tiles(tiles, 8)
+    assert not plain.is_shared()
+    monkeypatch.setattr(collate_module, "get_worker_info", lambda: object())
+    shared = collate_module.cat_tiles(tiles, 8)
+    assert shared.is_shared() and shared.dtype == torch.float32 and torch.equal(shared, plain)
+    assert collate_module.cat_tiles([], 8).shape == (0, 3, 8, 8)
