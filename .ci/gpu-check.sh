@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One pass over everything that needs a GPU, sized for one call of a lent single-GPU machine (about 9 minutes).
+# One pass over everything that needs a GPU, sized for one call of a lent single-GPU machine (318 s on 2026-11-28).
 #
 # Run from the repository root on a CUDA host whose python3 already has torch; the wheels that host lacks are
 # carried in .whl/ (`bash .ci/gpu-wheels.sh` fills it). Logs, the bench JSON and kernel profiles go to $OUT.
