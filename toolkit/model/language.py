@@ -82,7 +82,8 @@ class GroupedQueryAttention(nn.Module):
         rope: tuple[torch.Tensor, torch.Tensor],
         plan: AttentionPlan,
         cache: dict[str, torch.Tensor] | None,
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        use_cache: bool = False,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
         b, s, _ = x.shape
         q = self.q_proj(x).view(b, s, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, S, hd)
         k = self.k_proj(x).view(b, s, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, S, hd)
@@ -93,7 +94,12 @@ class GroupedQueryAttention(nn.Module):
             v = torch.cat([cache["v"], v], dim=2)
         y = attend(q, k, v, plan, self.dropout if self.training else 0.0)  # (B, H, S, hd)
         y = self.resid_dropout(self.out_proj(y.transpose(1, 2).reshape(b, s, -1)))
-        return y, {"k": k, "v": v}
+        if not use_cache:
+            return y, None
+        # Without a past, v is a view of v_proj's output (attention wants it so), and a block must not return a
+        # view under FSDP2: an in-place op on it would skip the pre-backward all-gather. So the cache keeps a
+        # copy, made only when a cache is asked for (generation), once per prompt; k is RoPE's fresh output.
+        return y, {"k": k, "v": v if cache is not None else v.clone()}
 
 
 class SwiGLU(nn.Module):
@@ -122,8 +128,10 @@ class DecoderBlock(nn.Module):
         rope: tuple[torch.Tensor, torch.Tensor],
         plan: AttentionPlan,
         cache: dict[str, torch.Tensor] | None = None,
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        h, new_cache = self.attn(self.norm1(x), rope, plan, cache)
+        use_cache: bool = False,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
+        """-> (B, S, D) and, with `use_cache`, this layer's keys and values so far (else None)."""
+        h, new_cache = self.attn(self.norm1(x), rope, plan, cache, use_cache)
         x = x + h
         return x + self.mlp(self.norm2(x)), new_cache
 
@@ -150,8 +158,12 @@ class LanguageModel(nn.Module):
         position_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         kv_cache: KVCache | None = None,
-    ) -> tuple[torch.Tensor, KVCache]:
-        """x (B, S, D) embeddings -> hidden (B, S, D) and the updated cache.
+        use_cache: bool = False,
+    ) -> tuple[torch.Tensor, KVCache | None]:
+        """x (B, S, D) embeddings -> hidden (B, S, D) and, with `use_cache`, the updated cache (else None).
+
+        Training asks for no cache: its blocks then return only the hidden states, so no FSDP2 unit hands back
+        a view and no layer's keys and values are held until the end of the forward.
 
         With `position_ids`, samples packed in a row never attend to each other. `attention_mask` (B, K) marks
         real keys (1) against padding (0) over the whole cached + new sequence.
@@ -175,6 +187,6 @@ class LanguageModel(nn.Module):
         rope = self.rotary_embd(position_ids)
         new_cache: KVCache = []
         for i, block in enumerate(self.blocks):
-            x, layer_cache = block(x, rope, plan, kv_cache[i] if kv_cache else None)
+            x, layer_cache = block(x, rope, plan, kv_cache[i] if kv_cache else None, use_cache)
             new_cache.append(layer_cache)
-        return self.norm(x), new_cache
+        return self.norm(x), new_cache if use_cache else None

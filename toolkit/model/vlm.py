@@ -102,8 +102,10 @@ class VisionLanguageModel(nn.Module):
         return VLMOutput(logits=logits, loss=loss, loss_sum=loss_sum, n_targets=n_targets)
 
     # -- generation --
-    def _step_logits(self, x, position_ids, attention_mask, cache):
-        hidden, cache = self.decoder(x, position_ids=position_ids, attention_mask=attention_mask, kv_cache=cache)
+    def _step_logits(self, x, position_ids, attention_mask, cache, use_cache):
+        hidden, cache = self.decoder(
+            x, position_ids=position_ids, attention_mask=attention_mask, kv_cache=cache, use_cache=use_cache
+        )
         return self.decoder.head(hidden[:, -1]).float(), cache
 
     @torch.no_grad()
@@ -127,7 +129,7 @@ class VisionLanguageModel(nn.Module):
         mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
         pos = (mask.long().cumsum(-1) - 1).clamp(min=0)  # left padding does not shift positions
         x = self.embed(input_ids, pixel_values)
-        logits, cache = self._step_logits(x, pos, mask, None)
+        logits, cache = self._step_logits(x, pos, mask, None, use_cache)
         out, done = [], torch.zeros(b, dtype=torch.bool, device=input_ids.device)
         for _ in range(max_new_tokens):
             token = sample_next(
@@ -143,10 +145,10 @@ class VisionLanguageModel(nn.Module):
             pos = torch.cat([pos, pos[:, -1:] + 1], dim=1)
             emb = self.decoder.token_embedding(token[:, None])
             if use_cache:
-                logits, cache = self._step_logits(emb, pos[:, -1:], mask, cache)
+                logits, cache = self._step_logits(emb, pos[:, -1:], mask, cache, True)
             else:
                 x = torch.cat([x, emb], dim=1)
-                logits, _ = self._step_logits(x, pos, mask, None)
+                logits, _ = self._step_logits(x, pos, mask, None, False)
         return torch.stack(out, dim=1)
 
 
