@@ -9,7 +9,7 @@ SRC ?=
 OUT ?=
 PYTEST_ARGS ?=
 
-.PHONY: install test lint format demo shard-data train bench test-multinode docs clean
+.PHONY: install test test-slow lint format demo shard-data train bench test-multinode docs clean
 
 install: $(STAMP)
 
@@ -21,8 +21,12 @@ $(STAMP): setup.py
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
+# `slow` tests (long multi-rank runs) are left to `make test-slow`, which .ci/run runs after this.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -q -m slow $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check toolkit tests

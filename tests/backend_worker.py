@@ -30,6 +30,7 @@ from conftest import tiny_model_config  # noqa: E402
 
 from toolkit import dist  # noqa: E402
 from toolkit.config import Config, ModelConfig  # noqa: E402
+from toolkit.data.batch import Batch, ModelInputs  # noqa: E402
 from toolkit.model import VisionLanguageModel  # noqa: E402
 from toolkit.train.backends import build_backend  # noqa: E402
 from toolkit.train.optim import param_groups  # noqa: E402
@@ -95,7 +96,7 @@ def make_config(
     return cfg.validate()
 
 
-def synthetic_batch(cfg: ModelConfig, gen: torch.Generator, *, tiles: int, target_frac: float) -> dict:
+def synthetic_batch(cfg: ModelConfig, gen: torch.Generator, *, tiles: int, target_frac: float) -> ModelInputs:
     """2 packed rows of 24 tokens; row 0 carries `tiles` images' worth of image tokens in its first sample."""
     rows, seq = 2, 24
     image_token = cfg.lm_base_vocab_size + list(cfg.vlm_extra_tokens).index("image_token")
@@ -107,15 +108,10 @@ def synthetic_batch(cfg: ModelConfig, gen: torch.Generator, *, tiles: int, targe
     labels[0, 1 : 1 + n_image] = -100
     pos = torch.stack([torch.cat([torch.arange(s), torch.arange(seq - s)]) for s in (seq // 2 + 1, seq // 2 - 3)])
     side = cfg.vit_img_size
-    return {
-        "input_ids": ids,
-        "labels": labels,
-        "position_ids": pos,
-        "pixel_values": torch.rand(tiles, 3, side, side, generator=gen),
-    }
+    return ModelInputs(ids, labels, pos, torch.rand(tiles, 3, side, side, generator=gen))
 
 
-def make_batches(cfg: ModelConfig, *, steps: int = STEPS, per_step: int = WORLD * MICRO_PER_RANK) -> list[list[dict]]:
+def make_batches(cfg: ModelConfig, *, steps: int = STEPS, per_step: int = WORLD * MICRO_PER_RANK) -> list[list[Batch]]:
     """Global micro-batches per step; rank r of `per_step // g` ranks takes indices [r*g, (r+1)*g)."""
     gen = torch.Generator().manual_seed(1234)
     out = []
@@ -126,15 +122,15 @@ def make_batches(cfg: ModelConfig, *, steps: int = STEPS, per_step: int = WORLD 
             frac = (0.95, 0.08, 0.6, 0.25)[(step + i) % 4]  # very different target counts per micro-batch
             batch = synthetic_batch(cfg, gen, tiles=0 if kind else 1 + (step + i) % 2, target_frac=frac)
             if kind == "none":
-                batch["pixel_values"] = None
+                batch.pixel_values = None
             if (step, i) == NAN_AT:
-                batch["pixel_values"].fill_(float("nan"))
-            row.append(batch)
+                batch.pixel_values.fill_(float("nan"))
+            row.append(Batch.of(batch))
         out.append(row)
     return out
 
 
-def rank_stream(batches: list[list[dict]], rank: int, per_rank: int, steps: range) -> list[dict]:
+def rank_stream(batches: list[list[Batch]], rank: int, per_rank: int, steps: range) -> list[Batch]:
     return [mb for s in steps for mb in batches[s][rank * per_rank : (rank + 1) * per_rank]]
 
 
@@ -181,7 +177,7 @@ def _frozen_clean(backend) -> bool:
     return _sum_over_ranks(float(bad)) == [0.0] * WORLD
 
 
-def run_scenario(name: str, spec: dict, batches: list[list[dict]], out: Path) -> dict:
+def run_scenario(name: str, spec: dict, batches: list[list[Batch]], out: Path) -> dict:
     saved = os.environ.get("LOCAL_WORLD_SIZE", "")
     if spec.get("sharding") == "hybrid":
         os.environ["LOCAL_WORLD_SIZE"] = "1"  # pretend one rank per node: a 2 x 1 (replicate x shard) mesh
@@ -191,7 +187,7 @@ def run_scenario(name: str, spec: dict, batches: list[list[dict]], out: Path) ->
         os.environ["LOCAL_WORLD_SIZE"] = saved
 
 
-def _run_scenario(name: str, spec: dict, batches: list[list[dict]], out: Path) -> dict:
+def _run_scenario(name: str, spec: dict, batches: list[list[Batch]], out: Path) -> dict:
     rank = dist.get_rank()
     cfg = make_config(
         spec["backend"],
@@ -234,7 +230,7 @@ def _run_scenario(name: str, spec: dict, batches: list[list[dict]], out: Path) -
     return result
 
 
-def evaluate(backend, micro_batches: list[dict]) -> list[float]:
+def evaluate(backend, micro_batches: list[Batch]) -> list[float]:
     """[sum of token losses, targets] over all ranks; step 1's batches leave rank 1 without an image."""
     sums = torch.zeros(2, dtype=torch.float64)
     for mb in micro_batches:
@@ -243,7 +239,7 @@ def evaluate(backend, micro_batches: list[dict]) -> list[float]:
     return dist.all_reduce_sum(sums).tolist()
 
 
-def check_resume(cfg: Config, ckpt: Path, batches: list[list[dict]], reference: Trainer, weights: dict | None) -> dict:
+def check_resume(cfg: Config, ckpt: Path, batches: list[list[Batch]], reference: Trainer, weights: dict | None) -> dict:
     """A fresh backend loaded from the step-4 checkpoint replays steps 5-9: losses and weights must be identical."""
     backend = new_backend(cfg)
     trainer = Trainer(backend, cfg)
@@ -288,7 +284,7 @@ def _count_gradient_exchanges(backend) -> list[int]:
     return calls
 
 
-def gradient_exchanges(batches: list[list[dict]]) -> dict[str, list[int]]:
+def gradient_exchanges(batches: list[list[Batch]]) -> dict[str, list[int]]:
     """Gradient collectives of one optimizer step at accumulation 1 and 2: equal when micro-steps defer sync."""
     original = torch.distributed.reduce_scatter_single
     rank, out = dist.get_rank(), {}

@@ -16,22 +16,25 @@ import torch
 
 from toolkit import dist
 from toolkit.config import load_config
+from toolkit.data.tokenizer import load_tokenizer
 from toolkit.train import checkpoint as ckpt
 from toolkit.train import run as run_mod
+from toolkit.train.backends import build_backend
 
 
 def live(run_dir: str, out: str) -> None:
     cfg = load_config(str(Path(run_dir) / "config.yaml"), [f"train.run_dir={run_dir}"])
-    backend, tokenizer, _ = run_mod._build(cfg)
+    backend = build_backend(cfg)
+    tokenizer = load_tokenizer(cfg.model)
+    run_mod._build(cfg, backend, tokenizer)
     ckpt.restore_checkpoint(ckpt.RunDir(run_dir).latest(), backend=backend, loader=None)
     from toolkit.data.loader import build_loader
-    from toolkit.train.backends.base import model_inputs
 
     probe = next(iter(build_loader(cfg, rank=0, world=1, tokenizer=tokenizer, split="val")))
     module = backend.module
     module.eval()
     with torch.no_grad():
-        out_ = module(**model_inputs(probe, backend.device))
+        out_ = module(**probe.inputs.to(backend.device).as_kwargs())
     if backend.env.is_main:
         torch.save({"logits": out_.logits.float().cpu(), "loss": out_.loss.double().cpu(), "probe": probe}, out)
     dist.barrier()

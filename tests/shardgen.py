@@ -82,7 +82,7 @@ def write_shard(
     path: Path, samples: list[Spec], *, truncate_in: str | None = None, cut_after: str | None = None
 ) -> None:
     """Write a tar. `truncate_in=KEY` cuts the file in the middle of that sample's last member; `cut_after=KEY`
-    ends it cleanly right after that sample (no end-of-archive blocks), which only a manifest count can reveal."""
+    ends it right after that sample's last member, without the end-of-archive blocks."""
     cut = None
     with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
         for spec in samples:
@@ -144,4 +144,4 @@ def tiny_config(tokenizer: tuple[str, int], train_shards: object, **sections: di
 
 def batch_keys(batches: list[dict]) -> list[str]:
     """Sample keys ('shard:key' -> 'key') in the order the batches hold them."""
-    return [k.rsplit(":", 1)[1] for b in batches for row in b["keys"] for k in row]
+    return [k.rsplit(":", 1)[1] for b in batches for row in b.stats.keys for k in row]

@@ -16,6 +16,7 @@ import math
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import backend_worker as bw
@@ -25,6 +26,7 @@ import torch
 from tests.conftest import CPU_ENV, torchrun
 from toolkit import dist
 from toolkit.config import ConfigError, load_config
+from toolkit.data.batch import Batch, ModelInputs
 from toolkit.errors import UserError
 from toolkit.model import VisionLanguageModel
 from toolkit.train.backends import build_backend
@@ -221,8 +223,10 @@ def test_nan_step_skipped_everywhere(launched) -> None:
 def test_no_image_rank_completes_under_zero3_and_fsdp(launched) -> None:
     """Step 1: rank 1's micro-batches hold no image (one None, one empty tensor). All 9 steps finished."""
     rank1 = BATCHES[1][bw.MICRO_PER_RANK :]
-    assert all(b["pixel_values"] is None or b["pixel_values"].shape[0] == 0 for b in rank1)
-    assert all(b["pixel_values"] is not None and b["pixel_values"].shape[0] for b in BATCHES[1][: bw.MICRO_PER_RANK])
+    assert all(b.inputs.pixel_values is None or b.inputs.pixel_values.shape[0] == 0 for b in rank1)
+    assert all(
+        b.inputs.pixel_values is not None and b.inputs.pixel_values.shape[0] for b in BATCHES[1][: bw.MICRO_PER_RANK]
+    )
     results, _ = launched
     for name in ("zero3", "zero3_offload", "zero3_ac_frozen", "zero3_bf16", "fsdp", "fsdp_ac_frozen", "fsdp_bf16"):
         assert len(results[name]["losses"]) == bw.STEPS and math.isfinite(results[name]["losses"][1])
@@ -268,13 +272,14 @@ def test_no_gradient_exchange_before_the_last_micro_step(launched) -> None:
 # -- single-process checks of the loop itself --
 
 
-def _concat(batches: list[dict]) -> dict:
-    out = {k: torch.cat([b[k] for b in batches]) for k in ("input_ids", "labels", "position_ids")}
-    out["pixel_values"] = torch.cat([b["pixel_values"] for b in batches if b["pixel_values"] is not None])
-    return out
+def _concat(batches: list[Batch]) -> Batch:
+    parts = [b.inputs for b in batches]
+    cat = {k: torch.cat([getattr(p, k) for p in parts]) for k in ("input_ids", "labels", "position_ids")}
+    pixels = torch.cat([p.pixel_values for p in parts if p.pixel_values is not None])
+    return Batch.of(ModelInputs(**cat, pixel_values=pixels))
 
 
-def _one_step(micro: list[dict], **kwargs) -> tuple[dict, dict]:
+def _one_step(micro: list[Batch], **kwargs) -> tuple[dict, dict]:
     cfg = bw.make_config("single", accumulation=len(micro), **kwargs)
     backend = bw.new_backend(cfg)
     metrics = Trainer(backend, cfg).train_step(micro)
@@ -283,9 +288,13 @@ def _one_step(micro: list[dict], **kwargs) -> tuple[dict, dict]:
 
 def test_uneven_micro_batches_equal_their_concatenation() -> None:
     """Token weighting: micro-batches with 39 and 2 target tokens step exactly like one batch holding both."""
-    big = bw.synthetic_batch(bw.tiny_model_config(), torch.Generator().manual_seed(1), tiles=2, target_frac=0.99)
-    small = bw.synthetic_batch(bw.tiny_model_config(), torch.Generator().manual_seed(4), tiles=1, target_frac=0.03)
-    counts = [int((b["labels"] != -100).sum()) for b in (big, small)]
+    big = Batch.of(
+        bw.synthetic_batch(bw.tiny_model_config(), torch.Generator().manual_seed(1), tiles=2, target_frac=0.99)
+    )
+    small = Batch.of(
+        bw.synthetic_batch(bw.tiny_model_config(), torch.Generator().manual_seed(4), tiles=1, target_frac=0.03)
+    )
+    counts = [int((b.inputs.labels != -100).sum()) for b in (big, small)]
     assert counts == [39, 2]
     split, w_split = _one_step([big, small])
     whole, w_whole = _one_step([_concat([big, small])])
@@ -296,13 +305,13 @@ def test_uneven_micro_batches_equal_their_concatenation() -> None:
     dist.seed_everything(bw.SEED)
     model = VisionLanguageModel(bw.tiny_model_config())
     with torch.no_grad():
-        means = [float(model(**b).loss) for b in (big, small)]
+        means = [float(model(**b.inputs.as_kwargs()).loss) for b in (big, small)]
     token_mean = sum(m * c for m, c in zip(means, counts)) / sum(counts)
     assert whole["loss"] == pytest.approx(token_mean, rel=1e-6)
     assert abs(sum(means) / 2 - token_mean) > 1e-3  # a mean of means would be visibly different
 
 
-def _manual_reference(micro: list[dict], *, steps: int, max_norm: float) -> tuple[list[float], list[dict], dict]:
+def _manual_reference(micro: list[Batch], *, steps: int, max_norm: float) -> tuple[list[float], list[dict], dict]:
     """A plain loop: token-mean loss, global norm, clip by hand, torch AdamW with the same groups and schedule."""
     from toolkit.train.optim import build_optimizer
     from toolkit.train.schedule import build_scheduler, schedule_from_config
@@ -312,11 +321,11 @@ def _manual_reference(micro: list[dict], *, steps: int, max_norm: float) -> tupl
     model = VisionLanguageModel(cfg.model)
     opt = build_optimizer(model, param_groups(model, cfg.train), weight_decay=cfg.train.weight_decay)
     sched = build_scheduler(opt, schedule_from_config(cfg.train))
-    n = sum(int((b["labels"] != -100).sum()) for b in micro)
+    n = sum(int((b.inputs.labels != -100).sum()) for b in micro)
     norms, clipped = [], []
     for _ in range(steps):
         for b in micro:
-            (model(**b).loss_sum / n).backward()
+            (model(**b.inputs.as_kwargs()).loss_sum / n).backward()
         grads = [p.grad for p in model.parameters() if p.grad is not None]
         norm = math.sqrt(sum(float((g.double() ** 2).sum()) for g in grads))
         factor = min(1.0, max_norm / (norm + 1e-6))
@@ -367,7 +376,7 @@ def test_activation_checkpointing_same_loss_and_gradients(mode: str) -> None:
     Counted with a pre-hook: recomputation stops as soon as the saved tensors are rebuilt, before the MLP returns.
     """
     micro = BATCHES[0][:2]
-    n = sum(int((b["labels"] != -100).sum()) for b in micro)
+    n = sum(int((b.inputs.labels != -100).sum()) for b in micro)
     runs = {}
     for ac in ("none", mode):
         backend = bw.new_backend(bw.make_config("single", accumulation=2, ac=ac))
@@ -392,7 +401,7 @@ def test_nan_loss_skips_update_and_too_many_stop_the_run() -> None:
     backend = bw.new_backend(cfg)
     trainer = Trainer(backend, cfg)
     good = BATCHES[0][0]
-    bad = {**good, "pixel_values": torch.full_like(good["pixel_values"], float("nan"))}
+    bad = Batch(replace(good.inputs, pixel_values=torch.full_like(good.inputs.pixel_values, float("nan"))), good.stats)
     trainer.train_step([good])
     before = backend.full_state_dict()
     state_before = {id(p): s["exp_avg"].clone() for p, s in backend.optimizer.state.items()}

@@ -172,9 +172,10 @@ def test_gpu_synthetic_packs_follow_the_batch_contract():
     m = cfg.model
     image_id = m.lm_base_vocab_size + list(m.vlm_extra_tokens).index("image_token")
     for batch in gpu.synthetic_batches(cfg, 1, seed=0, device=torch.device("cpu")):  # 2 packs of 4096 tokens
-        ids, labels, pos, stats = batch["input_ids"], batch["labels"], batch["position_ids"], batch["stats"]
+        ids, labels, pos, stats = batch.inputs.input_ids, batch.inputs.labels, batch.inputs.position_ids, batch.stats
         assert ids.shape == labels.shape == pos.shape == (2, m.lm_max_length)
-        tiles = batch["pixel_values"].shape[0]
+        tiles = batch.inputs.pixel_values.shape[0]
+        assert stats.tiles == tiles
         assert int((ids == image_id).sum()) == tiles * m.mp_image_token_length  # 64 image tokens per tile
         assert not bool((labels[ids == image_id] != -100).any())
         segments = [
@@ -182,11 +183,11 @@ def test_gpu_synthetic_packs_follow_the_batch_contract():
             for row in pos
             for n in torch.diff(torch.nonzero(row == 0).flatten(), append=torch.tensor([len(row)])).tolist()
         ]
-        lengths = stats["lengths"]
+        lengths = stats.sample_lengths
         assert sum(segments) == pos.numel() and set(lengths) <= set(segments)  # samples restart position_ids
-        assert stats["tokens"] == sum(lengths) >= 0.95 * pos.numel()  # full packs from a full buffer
+        assert stats.tokens == sum(lengths) >= 0.95 * pos.numel()  # full packs from a full buffer
         sum_sq = float(sum(n * n for n in lengths))
-        assert stats["flops"] == pytest.approx(
+        assert gpu.batch_flops(cfg, batch) == pytest.approx(
             step_flops(m, n_tokens=sum(lengths), sum_sq_lengths=sum_sq, n_tiles=tiles)
         )
 
@@ -211,8 +212,8 @@ def test_gpu_bench_runs_every_code_path_on_cpu(tmp_path):
     cfg = gpu.bench_config("tiny", gpu.Variant("plain"), batch_size=2, device="cpu", overrides=[])
     timed = gpu.synthetic_batches(cfg, 2, seed=0, device=torch.device("cpu"))[1]  # the warm-up step took batch 0
     for r in rows.values():
-        assert r["mfu"] * 1e12 * r["step_s"] == pytest.approx(timed["stats"]["flops"], rel=1e-6)
-        assert r["tokens_per_s"] * r["step_s"] == pytest.approx(timed["stats"]["tokens"], rel=1e-6)
+        assert r["mfu"] * 1e12 * r["step_s"] == pytest.approx(gpu.batch_flops(cfg, timed), rel=1e-6)
+        assert r["tokens_per_s"] * r["step_s"] == pytest.approx(timed.stats.tokens, rel=1e-6)
     losses = [r["last_loss"] for r in rows.values()]
     assert max(losses) / min(losses) < 1.02, losses  # same init, same batches: every variant trains the same model
     assert rows["plain"]["vs_plain"] == 1.0
@@ -232,12 +233,12 @@ def test_pipeline_photos_mode_feeds_photo_sized_images_through_450m_tiling(tmp_p
     assert len(rows) == 6 and all(Image.open(io.BytesIO(r["images"][0])).format == "JPEG" for r in rows)
     tok = load_tokenizer(cfg.model)
     batches = list(build_loader(cfg, rank=0, world=1, tokenizer=tok, finite=True))
-    assert sum(b["stats"]["samples"] for b in batches) == 6
+    assert sum(b.stats.samples for b in batches) == 6
     # nanoVLM's rule: long side up to a multiple of 512 (at most 2048), short side scaled alike and rounded up.
     # 1024x768 -> 1024x1024: 2x2; 800x600 -> 2x2; 1280x960 -> 1536x1536: 3x3; 640x480 -> 2x2;
     # 1600x1200 -> 2048x1536: 4x3; 768x1024 -> 2x2; each plus a global tile
-    assert sum(b["stats"]["tiles"] for b in batches) == (4 + 4 + 9 + 4 + 12 + 4) + 6
-    assert all(b["pixel_values"].shape[1:] == (3, 512, 512) for b in batches)
+    assert sum(b.stats.tiles for b in batches) == (4 + 4 + 9 + 4 + 12 + 4) + 6
+    assert all(b.inputs.pixel_values.shape[1:] == (3, 512, 512) for b in batches)
 
 
 def test_cli_bench_pipeline_photos_writes_its_own_json(monkeypatch, tmp_path, capsys):

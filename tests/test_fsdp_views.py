@@ -164,7 +164,7 @@ def test_blocks_and_root_return_no_views_in_training(ac: str) -> None:
     prepare_blocks(model, TrainConfig(activation_checkpointing=ac), torch.device("cpu"))
     outputs, handles = _block_outputs(model)
     batch = bw.make_batches(cfg, steps=1)[0][0]  # packed rows (position_ids restart) and image tiles
-    out = model(**batch)
+    out = model(**batch.inputs.as_kwargs())
     out.loss.backward()
     for h in handles:
         h.remove()

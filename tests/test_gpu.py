@@ -84,7 +84,7 @@ def test_fused_packed_attention_gradients_match_the_dense_mask(kernel, compiled)
      ["backend.name=deepspeed", "backend.ds_config=ds_configs/zero3.json"]],
 )  # fmt: skip
 def test_each_backend_trains_on_one_gpu_over_nccl(backend, tmp_path):
-    from toolkit.data.synthetic import write_synth
+    from toolkit.data.prepare.synthetic import write_synth
 
     write_synth(str(tmp_path / "data"), samples=64, val_samples=8, seed=0)
     args = [

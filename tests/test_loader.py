@@ -16,6 +16,7 @@ from PIL import Image
 from shardgen import Spec, batch_keys, tiny_config, write_shard
 
 from toolkit.data import loader as loader_module
+from toolkit.data.batch import Batch
 from toolkit.data.collate import IGNORE, Encoded, collate
 from toolkit.data.conversation import encode_sample
 from toolkit.data.images import process_image
@@ -59,18 +60,19 @@ def mixed(tok, tmp_path_factory) -> list[dict]:
     return [{"pattern": str(root / "a"), "weight": 2.0}, {"pattern": str(root / "b"), "weight": 1.0}]
 
 
-def take(loader_or_iterator, n: int) -> list[dict]:
+def take(loader_or_iterator, n: int) -> list[Batch]:
     """The next `n` batches; a loader starts a new iteration, an iterator goes on."""
     it = iter(loader_or_iterator)
     return [next(it) for _ in range(n)]
 
 
-def assert_same_batches(a: list[dict], b: list[dict]) -> None:
+def assert_same_batches(a: list[Batch], b: list[Batch]) -> None:
     assert len(a) == len(b)
     for x, y in zip(a, b, strict=True):
-        assert x["keys"] == y["keys"]
-        for name in ("input_ids", "labels", "position_ids", "pixel_values"):
-            assert x[name].dtype == y[name].dtype and torch.equal(x[name], y[name]), name
+        assert x.stats == y.stats
+        for name, t in x.inputs.as_kwargs().items():
+            u = getattr(y.inputs, name)
+            assert t.dtype == u.dtype and torch.equal(t, u), name
 
 
 def streams(state: dict) -> list[dict]:
@@ -177,19 +179,21 @@ def encoded(n: int, *, first: int, tiles: int, images: int = 1) -> Encoded:
 def test_collate_contract() -> None:
     rows = [[encoded(3, first=10, tiles=2), encoded(4, first=20, tiles=0, images=0)], [encoded(5, first=30, tiles=1)]]
     batch = collate(rows, capacity=10, pad_id=0, tile=4, batch_rows=3)
-    assert batch["input_ids"].shape == batch["labels"].shape == batch["position_ids"].shape == (3, 10)
-    assert batch["input_ids"].dtype == batch["labels"].dtype == torch.long
-    assert batch["input_ids"][0].tolist() == [10, 11, 12, 20, 21, 22, 23, 0, 0, 0]
-    assert batch["labels"][0].tolist() == [11, 12, IGNORE, 21, 22, 23, IGNORE, IGNORE, IGNORE, IGNORE]
-    assert batch["position_ids"][0].tolist() == [0, 1, 2, 0, 1, 2, 3, 0, 1, 2]
-    assert batch["position_ids"][2].tolist() == list(range(10))  # an empty row: all padding, one segment
-    assert (batch["labels"][2] == IGNORE).all()
-    assert document_ids(batch["position_ids"])[0].tolist() == [1, 1, 1, 2, 2, 2, 2, 3, 3, 3]
-    assert batch["pixel_values"].shape == (3, 3, 4, 4) and batch["pixel_values"].dtype == torch.float32
-    assert batch["pixel_values"][:, 0, 0, 0].tolist() == [10.0, 10.0, 30.0]  # row by row, in token order
-    assert batch["stats"] == {"rows": 2, "samples": 3, "images": 2, "tiles": 3, "tokens": 12, "targets": 9}
+    assert batch.inputs.input_ids.shape == batch.inputs.labels.shape == batch.inputs.position_ids.shape == (3, 10)
+    assert batch.inputs.input_ids.dtype == batch.inputs.labels.dtype == torch.long
+    assert batch.inputs.input_ids[0].tolist() == [10, 11, 12, 20, 21, 22, 23, 0, 0, 0]
+    assert batch.inputs.labels[0].tolist() == [11, 12, IGNORE, 21, 22, 23, IGNORE, IGNORE, IGNORE, IGNORE]
+    assert batch.inputs.position_ids[0].tolist() == [0, 1, 2, 0, 1, 2, 3, 0, 1, 2]
+    assert batch.inputs.position_ids[2].tolist() == list(range(10))  # an empty row: all padding, one segment
+    assert (batch.inputs.labels[2] == IGNORE).all()
+    assert document_ids(batch.inputs.position_ids)[0].tolist() == [1, 1, 1, 2, 2, 2, 2, 3, 3, 3]
+    assert batch.inputs.pixel_values.shape == (3, 3, 4, 4) and batch.inputs.pixel_values.dtype == torch.float32
+    assert batch.inputs.pixel_values[:, 0, 0, 0].tolist() == [10.0, 10.0, 30.0]  # row by row, in token order
+    stats = batch.stats
+    assert (stats.rows, stats.samples, stats.images, stats.tiles, stats.tokens, stats.targets) == (2, 3, 2, 3, 12, 9)
+    assert stats.sample_lengths == [3, 4, 5] and stats.keys == [["k10", "k20"], ["k30"]]  # the padding is no sample
     text_only = collate([[encoded(3, first=1, tiles=0, images=0)]], capacity=4, pad_id=9, tile=4)
-    assert text_only["pixel_values"].shape == (0, 3, 4, 4)
+    assert text_only.inputs.pixel_values.shape == (0, 3, 4, 4)
 
 
 def test_samples_are_encoded_by_the_conversation_and_image_modules(tok, mixed) -> None:
@@ -205,7 +209,7 @@ def test_samples_are_encoded_by_the_conversation_and_image_modules(tok, mixed) -
                     members[m.name] = tar.extractfile(m).read()
     m = cfg.model
     pixels, row_ids = [], []
-    for row in batch["keys"]:
+    for row in batch.stats.keys:
         ids = []
         for where in row:
             key = where.rsplit(":", 1)[1]
@@ -216,8 +220,8 @@ def test_samples_are_encoded_by_the_conversation_and_image_modules(tok, mixed) -
             pixels += [t for t, _ in tiles]
         row_ids.append(ids)
     for r, ids in enumerate(row_ids):
-        assert batch["input_ids"][r, : len(ids)].tolist() == ids
-    assert torch.equal(batch["pixel_values"], torch.cat(pixels))
+        assert batch.inputs.input_ids[r, : len(ids)].tolist() == ids
+    assert torch.equal(batch.inputs.pixel_values, torch.cat(pixels))
 
 
 def test_a_batch_feeds_the_tiny_model(tok, mixed) -> None:
@@ -227,9 +231,8 @@ def test_a_batch_feeds_the_tiny_model(tok, mixed) -> None:
     batch = take(build_loader(cfg, rank=0, world=1), 1)[0]
     model = VisionLanguageModel(cfg.model).eval()
     with torch.no_grad():
-        out = model(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"], labels=batch["labels"],
-                    position_ids=batch["position_ids"])  # fmt: skip
-    assert out.logits.shape[:2] == batch["input_ids"].shape
+        out = model(**batch.inputs.as_kwargs())
+    assert out.logits.shape[:2] == batch.inputs.input_ids.shape
     assert torch.isfinite(out.loss)
 
 
@@ -240,7 +243,7 @@ def test_val_split_is_one_ordered_pass(tok, tmp_path: Path) -> None:
     first, second = batch_keys(list(loader)), batch_keys(list(loader))
     assert sorted(first) == sorted(keys) and first == second  # finite, and a second pass starts over
     empty, real = loader.empty_batch(), next(iter(loader))
-    assert empty["input_ids"].shape == real["input_ids"].shape and empty["stats"]["targets"] == 0
+    assert empty.inputs.input_ids.shape == real.inputs.input_ids.shape and empty.stats.targets == 0
     cfg.data.val_shards = ""
     with pytest.raises(ShardError, match=r"data\.val_shards is empty"):
         build_loader(cfg, rank=0, world=1, split="val")

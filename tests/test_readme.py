@@ -102,7 +102,7 @@ def _cauldron(root: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def readme_env(tmp_path_factory) -> dict[str, str]:
-    from toolkit.data.synthetic import write_synth
+    from toolkit.data.prepare.synthetic import write_synth
 
     root = tmp_path_factory.mktemp("readme")
     write_synth(str(root / "synth"), samples=16, val_samples=4, seed=0)

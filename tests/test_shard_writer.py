@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from toolkit.data import shard_writer
-from toolkit.data.shard_writer import (
+from toolkit.data.prepare import shard_writer
+from toolkit.data.prepare.shard_writer import (
     ListSource,
     OutMismatchError,
     ShardDataError,
@@ -289,7 +289,7 @@ def test_python_rows_encode_pil_losslessly_and_skip_wrong_types(tmp_path):
 def test_token_histogram_counts_the_encoded_conversation(cauldron, tmp_path, tiny_cfg):
     from toolkit.data.conversation import encode_sample
     from toolkit.data.images import process_image
-    from toolkit.data.synthetic import train_tokenizer
+    from toolkit.data.prepare.synthetic import train_tokenizer
     from toolkit.data.tokenizer import load_tokenizer
 
     src, columns, expected = cauldron

@@ -15,8 +15,8 @@ import pytest
 from PIL import Image
 
 from toolkit.config import load_config
-from toolkit.data.shard_writer import ShardDataError
-from toolkit.data.synthetic import COLOURS, NUMBERS, QUESTION_TYPES, SHAPES, write_synth
+from toolkit.data.prepare.shard_writer import ShardDataError
+from toolkit.data.prepare.synthetic import COLOURS, NUMBERS, QUESTION_TYPES, SHAPES, write_synth
 from toolkit.data.tokenizer import load_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent

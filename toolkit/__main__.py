@@ -103,7 +103,7 @@ def _not_yet(name: str) -> int:
 
 
 def _synth(args: argparse.Namespace) -> int:
-    from toolkit.data.synthetic import write_synth
+    from toolkit.data.prepare.synthetic import write_synth
 
     write_synth(args.out, samples=args.samples, val_samples=args.val_samples, seed=args.seed)
     return 0
@@ -113,7 +113,7 @@ def _shard_data(args: argparse.Namespace) -> int:
     model_config = None
     if args.config:  # exact counts: the model's tiling and image tokens, with --tokenizer when given
         model_config = load_config(args.config, [f"model.tokenizer={args.tokenizer}"] if args.tokenizer else []).model
-    from toolkit.data.shard_writer import shard_data
+    from toolkit.data.prepare.shard_writer import shard_data
 
     manifest = shard_data(
         args.src,

@@ -148,12 +148,18 @@ class DataConfig:
     num_workers: int = opt(2, "Data-loader worker processes per rank.")
     prefetch_factor: int = opt(2, "Batches each worker prepares ahead.")
     seed: int = opt(0, "Seed of shard order, sample shuffle and mixture sampling.")
+    virtual_readers: int = opt(
+        0,
+        "Fixed readers of the training data that ranks and workers divide among themselves (0 = one reader per rank "
+        "and worker). With V > 0 the data order is the same on any world size that divides V: see README.",
+    )
 
     def validate(self) -> None:
         for name in ("max_sample_length", "max_images_per_example", "max_images_per_knapsack", "buffer_packs"):
             _require(getattr(self, name) > 0, f"data.{name}", "must be positive")
         _require(self.num_workers >= 0, "data.num_workers", "must be >= 0")
         _require(self.shuffle_buffer >= 1, "data.shuffle_buffer", "must be >= 1 (1 = no shuffle)")
+        _require(self.virtual_readers >= 0, "data.virtual_readers", "must be >= 0 (0 = one per rank and worker)")
         shards = self.train_shards
         if isinstance(shards, list):
             for i, item in enumerate(shards):
@@ -169,7 +175,14 @@ class TrainConfig:
     """nanoVLM's optimisation recipe plus the run's cadence and lifecycle."""
 
     batch_size: int = opt(1, "Packed rows per rank per micro-step.")
-    gradient_accumulation_steps: int = opt(1, "Micro-steps per optimizer step.")
+    gradient_accumulation_steps: int = opt(
+        1, "Micro-steps per optimizer step (derived from global_batch_size when that is set)."
+    )
+    global_batch_size: int = opt(
+        0,
+        "Packed rows per optimizer step over all ranks; 0 = batch_size x gradient_accumulation_steps x world size. "
+        "When set, accumulation is derived for the world size the run starts on.",
+    )
     max_training_steps: int = opt(1000, "Optimizer steps of the run; the LR schedule spans them.")
     lr_mp: float = opt(5e-3, "Peak learning rate of the modality projector (0 = frozen).")
     lr_vision_backbone: float = opt(5e-5, "Peak learning rate of the vision encoder (0 = frozen).")
@@ -209,6 +222,14 @@ class TrainConfig:
             _require(getattr(self, name) > 0, f"train.{name}", "must be positive")
         for name in ("lr_mp", "lr_vision_backbone", "lr_language_backbone", "max_grad_norm", "weight_decay"):
             _require(getattr(self, name) >= 0, f"train.{name}", "must be >= 0")
+        for name in (
+            "eval_interval",
+            "eval_max_batches",
+            "eval_accuracy_samples",
+            "checkpoint_interval",
+            "global_batch_size",
+        ):
+            _require(getattr(self, name) >= 0, f"train.{name}", "must be >= 0 (0 = off)")
         _require(0 <= self.warmup_ratio < 1, "train.warmup_ratio", "must be in [0, 1)")
         _require(0 <= self.min_lr_ratio <= 1, "train.min_lr_ratio", "must be in [0, 1]")
         _require(self.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1")
@@ -233,9 +254,7 @@ class BackendConfig:
     )
     device: str = opt("auto", "auto (CUDA when present), cuda or cpu.", choices=("auto", "cuda", "cpu"))
 
-    def validate(self) -> None:
-        if self.name == "deepspeed":
-            _require(bool(self.ds_config), "backend.ds_config", "must name a ZeRO settings file for deepspeed")
+    # No validate(): the backend named checks its own settings when it is built, before any process group.
 
 
 @dataclass
@@ -252,7 +271,8 @@ class Config:
             sub = getattr(self, section)
             _check_types(sub, section)
             _check_choices(sub, section)
-            sub.validate()
+            if hasattr(sub, "validate"):
+                sub.validate()
         return self
 
     def to_dict(self) -> dict:

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from toolkit.config import load_config
-from toolkit.data.synthetic import write_synth
+from toolkit.data.prepare.synthetic import write_synth
 from toolkit.data.tokenizer import load_tokenizer
 from toolkit.evaluate import answer_accuracy, iter_eval_samples, load_for_inference
 from toolkit.model import VisionLanguageModel

@@ -16,7 +16,6 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from toolkit import dist
 from toolkit.config import Config
 from toolkit.data.conversation import encode_prompt
 from toolkit.data.images import process_image
@@ -146,8 +145,7 @@ def heldout_loss(model: VisionLanguageModel, tok: VLMTokenizer, shards: str, *, 
     for i, batch in enumerate(build_loader(cfg, rank=0, world=1, tokenizer=tok, split="val")):
         if max_batches and i >= max_batches:
             break
-        inputs = {k: batch[k].to(device) for k in ("input_ids", "labels", "position_ids", "pixel_values")}
-        out = model(**inputs)
+        out = model(**batch.inputs.to(device).as_kwargs())
         total += float(out.loss_sum)
         n_targets += int(out.n_targets)
     return total / max(n_targets, 1)
@@ -172,26 +170,3 @@ def iter_eval_samples(shards: str) -> Iterable[dict]:
                 "question_type": meta.get("question_type", "all questions"),
                 "description": meta.get("description", ""),
             }
-
-
-def validation_loss(backend, cfg: Config, tokenizer: VLMTokenizer, *, max_batches: int = 0) -> float:
-    """Token-mean loss over one pass of data.val_shards, on every rank (collective).
-
-    Ranks can finish a finite pass after different numbers of batches; a rank that has run out feeds an empty
-    batch while any other still has data, because ZeRO-3 and FSDP need every rank in every forward.
-    """
-    from toolkit.data.loader import build_loader
-
-    env = backend.env
-    loader = build_loader(cfg, rank=env.rank, world=env.world_size, tokenizer=tokenizer, split="val")
-    stream, total, n = iter(loader), torch.zeros(2, dtype=torch.float64), 0
-    while not max_batches or n < max_batches:
-        batch = next(stream, None)
-        live = dist.all_reduce_sum(torch.tensor([float(batch is not None)], device=backend.device))
-        if float(live[0]) == 0:
-            break
-        loss_sum, targets = backend.eval_loss(batch if batch is not None else loader.empty_batch())
-        total += torch.stack([loss_sum.double().cpu(), targets.double().cpu()])
-        n += 1
-    total = dist.all_reduce_sum(total.to(backend.device)).cpu()
-    return float(total[0] / total[1].clamp(min=1))

@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 from toolkit.config import Config, load_config
+from toolkit.data.batch import Batch, BatchStats, ModelInputs
 
 log = logging.getLogger(__name__)
 
@@ -127,10 +128,10 @@ def synthetic_batches(cfg: Config, n_batches: int, *, seed: int, device: torch.d
     return [make_batch(cfg, rows[i : i + rows_per_batch], gen, device) for i in range(0, wanted, rows_per_batch)]
 
 
-def make_batch(cfg: Config, rows: list[list[tuple[int, int, int]]], gen: torch.Generator, device: torch.device) -> dict:
+def make_batch(
+    cfg: Config, rows: list[list[tuple[int, int, int]]], gen: torch.Generator, device: torch.device
+) -> Batch:
     """Packed rows -> the batch contract: each sample is a start token, its image tokens, then text with targets."""
-    from toolkit.train.metrics import step_flops
-
     m = cfg.model
     seq, tpt = m.lm_max_length, m.mp_image_token_length
     image_id = m.lm_base_vocab_size + list(m.vlm_extra_tokens).index("image_token")
@@ -149,18 +150,30 @@ def make_batch(cfg: Config, rows: list[list[tuple[int, int, int]]], gen: torch.G
             lengths.append(length)
         position_ids[r, at:] = torch.arange(seq - at)  # the padding tail: a segment of its own
     side = m.vit_img_size
-    real = sum(lengths)
-    flops = step_flops(m, n_tokens=real, sum_sq_lengths=float(sum(n * n for n in lengths)), n_tiles=tiles)
-    return {
-        "input_ids": ids.to(device),
-        "labels": labels.to(device),
-        "position_ids": position_ids.to(device),
-        "pixel_values": torch.rand(tiles, 3, side, side, generator=gen).to(device),  # (N, 3, H, W)
-        "stats": {"tokens": real, "tiles": tiles, "flops": flops, "lengths": lengths},
-    }
+    pixels = torch.rand(tiles, 3, side, side, generator=gen)  # (N, 3, H, W)
+    inputs = ModelInputs(ids, labels, position_ids, pixels).to(device)
+    stats = BatchStats(
+        rows=len(rows),
+        samples=len(lengths),
+        images=sum(1 for row in rows for n_tiles, _, _ in row if n_tiles),
+        tiles=tiles,
+        tokens=sum(lengths),
+        targets=int((labels != -100).sum()),
+        sample_lengths=lengths,
+    )
+    return Batch(inputs, stats)
 
 
-def make_step(variant: Variant, cfg: Config, device: torch.device, seed: int) -> tuple[Callable[[dict], float], Any]:
+def batch_flops(cfg: Config, batch: Batch) -> float:
+    """Model FLOPs of one training step on `batch` (vision tiles + decoder tokens and attention)."""
+    from toolkit.train.metrics import step_flops
+
+    lengths = batch.stats.sample_lengths
+    sum_sq = float(sum(n * n for n in lengths))
+    return step_flops(cfg.model, n_tokens=batch.stats.tokens, sum_sq_lengths=sum_sq, n_tiles=batch.stats.tiles)
+
+
+def make_step(variant: Variant, cfg: Config, device: torch.device, seed: int) -> tuple[Callable[[Batch], float], Any]:
     """A step function for the variant and what to close afterwards: the plain loop or backend + Trainer."""
     from toolkit.bench.overhead import new_model, plain_step
     from toolkit.train.backends import build_backend
@@ -186,7 +199,7 @@ def _sync(device: torch.device) -> None:
 def time_variant(
     variant: Variant,
     cfg: Config,
-    batches: list[dict],
+    batches: list[Batch],
     *,
     steps: int,
     warmup: int,
@@ -222,14 +235,14 @@ def time_variant(
     peak = torch.cuda.max_memory_allocated(device) - before if cuda else None
     return {
         "step_s": elapsed / steps,
-        "tokens_per_s": sum(b["stats"]["tokens"] for b in timed) / elapsed,
-        "flops_per_s": sum(b["stats"]["flops"] for b in timed) / elapsed,
+        "tokens_per_s": sum(b.stats.tokens for b in timed) / elapsed,
+        "flops_per_s": sum(batch_flops(cfg, b) for b in timed) / elapsed,
         "peak_GB": peak / 1e9 if peak is not None else "-",
         "last_loss": loss,
     }
 
 
-def _profile(step: Callable[[dict], float], batches: list[dict], device: torch.device, path: Path) -> None:
+def _profile(step: Callable[[Batch], float], batches: list[Batch], device: torch.device, path: Path) -> None:
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -310,7 +323,7 @@ def run(
     return {"name": "gpu", "rows": _relative(rows), "headline": _headline(rows), "config": config}
 
 
-def _measure(variant: Variant, cfg: Config, batches: list[dict], *, peak: float | None, **kw: Any) -> dict[str, Any]:
+def _measure(variant: Variant, cfg: Config, batches: list[Batch], *, peak: float | None, **kw: Any) -> dict[str, Any]:
     """One table row; a failure (out of memory, a compile error) is reported in the row, not raised."""
     row: dict[str, Any] = {"variant": variant.label, "status": "ok"}
     try:

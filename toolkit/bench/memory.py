@@ -47,6 +47,8 @@ from typing import Any
 import torch
 from torch._subclasses.fake_tensor import FakeTensor
 
+from toolkit.data.batch import Batch, ModelInputs
+
 REPO = Path(__file__).resolve().parents[2]
 WORLD = 2
 K_ADAM = 12  # bytes of optimizer state per parameter in mixed-precision Adam: fp32 master + two fp32 moments
@@ -215,7 +217,7 @@ def bench_config(name: str) -> Any:
     return load_config("tiny", overrides)
 
 
-def synthetic_batch(cfg: Any, seed: int) -> dict[str, torch.Tensor]:
+def synthetic_batch(cfg: Any, seed: int) -> Batch:
     """One row: an image (one tile) spliced after the first token, then text with random targets."""
     gen = torch.Generator().manual_seed(seed)
     seq, n_image = cfg.lm_max_length, cfg.mp_image_token_length
@@ -224,12 +226,7 @@ def synthetic_batch(cfg: Any, seed: int) -> dict[str, torch.Tensor]:
     labels = torch.randint(0, cfg.lm_base_vocab_size, (1, seq), generator=gen)
     labels[0, : 1 + n_image] = -100
     side = cfg.vit_img_size
-    return {
-        "input_ids": ids,
-        "labels": labels,
-        "position_ids": torch.arange(seq)[None],
-        "pixel_values": torch.rand(1, 3, side, side, generator=gen),
-    }
+    return Batch.of(ModelInputs(ids, labels, torch.arange(seq)[None], torch.rand(1, 3, side, side, generator=gen)))
 
 
 def measure(name: str, rank: int) -> dict[str, Any]:
@@ -250,7 +247,7 @@ def measure(name: str, rank: int) -> dict[str, Any]:
     backend.setup(model, param_groups(model, cfg.train), schedule_from_config(cfg.train))
     batch = synthetic_batch(cfg.model, seed=rank)
     Trainer(backend, cfg).train_step([batch, batch])  # step 1 creates AdamW's state
-    scale = 1.0 / (2 * WORLD * int((batch["labels"] != -100).sum()))
+    scale = 1.0 / (2 * WORLD * batch.stats.targets)
     held = {}
     for point in ("accumulating", "boundary"):  # after micro-step 1 of 2, then after the last one (before the update)
         backend.forward_backward(batch, scale)

@@ -27,13 +27,13 @@ import torch
 from torch import nn
 
 from toolkit.config import Config
+from toolkit.data.batch import Batch
 from toolkit.train.optim import fused_adamw_ok
 
-MODEL_KEYS = ("input_ids", "labels", "position_ids", "pixel_values")
 GROUP_PREFIXES = (("mp", "MP."), ("vision", "vision_encoder."), ("language", "decoder."))
 
 
-def loader_batches(n: int, *, seed: int, tmp: Path) -> tuple[Config, list[dict[str, Any]]]:
+def loader_batches(n: int, *, seed: int, tmp: Path) -> tuple[Config, list[Batch]]:
     """`n` real batches of the tiny preset (train.batch_size packed rows each) from synthetic shards."""
     from toolkit.bench.pipeline import make_data
     from toolkit.data.loader import build_loader
@@ -42,7 +42,7 @@ def loader_batches(n: int, *, seed: int, tmp: Path) -> tuple[Config, list[dict[s
     cfg.backend.device, cfg.backend.precision = "cpu", "fp32"
     batches = []
     for batch in build_loader(cfg, rank=0, world=1, finite=True):
-        batches.append({k: batch[k] for k in (*MODEL_KEYS, "stats")})
+        batches.append(batch)
         if len(batches) == n:
             break
     return cfg, batches
@@ -57,7 +57,7 @@ def new_model(cfg: Config, seed: int, device: torch.device | None = None) -> nn.
         return VisionLanguageModel(cfg.model)
 
 
-def toolkit_step(cfg: Config, seed: int) -> tuple[Callable[[dict], float], nn.Module]:
+def toolkit_step(cfg: Config, seed: int) -> tuple[Callable[[Batch], float], nn.Module]:
     """One optimizer step through build_backend('single') + Trainer.train_step; returns the step's loss."""
     from toolkit.train.backends import build_backend
     from toolkit.train.optim import param_groups
@@ -86,7 +86,9 @@ def warmup_cosine(max_steps: int, warmup_ratio: float, min_ratio: float) -> Call
     return factor
 
 
-def plain_step(cfg: Config, seed: int, device: torch.device | None = None) -> tuple[Callable[[dict], float], nn.Module]:
+def plain_step(
+    cfg: Config, seed: int, device: torch.device | None = None
+) -> tuple[Callable[[Batch], float], nn.Module]:
     """The same step as a plain loop: forward, token-mean loss, backward, clip, AdamW, LambdaLR.
 
     With backend.precision=bf16 the forward runs under autocast over fp32 weights, as a plain mixed-precision loop
@@ -110,10 +112,10 @@ def plain_step(cfg: Config, seed: int, device: torch.device | None = None) -> tu
     bf16 = cfg.backend.precision == "bf16"
     precision = (lambda: torch.autocast(device_type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
 
-    def step(batch: dict) -> float:
+    def step(batch: Batch) -> float:
         with precision():
-            out = model(**{k: batch[k] for k in MODEL_KEYS})
-        loss = out.loss_sum / (batch["labels"] != -100).sum()
+            out = model(**batch.inputs.as_kwargs())
+        loss = out.loss_sum / (batch.inputs.labels != -100).sum()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm)
         optimizer.step()
@@ -124,7 +126,7 @@ def plain_step(cfg: Config, seed: int, device: torch.device | None = None) -> tu
     return step, model
 
 
-def timed_step(step: Callable[[dict], float], batch: dict) -> tuple[float, float, float]:
+def timed_step(step: Callable[[Batch], float], batch: Batch) -> tuple[float, float, float]:
     """(wall seconds, CPU seconds, loss) of one step."""
     wall, cpu = time.perf_counter(), time.process_time()
     loss = step(batch)
@@ -132,7 +134,7 @@ def timed_step(step: Callable[[dict], float], batch: dict) -> tuple[float, float
 
 
 def interleave(
-    steps: dict[str, Callable[[dict], float]], batches: list[dict], *, blocks: int, block: int, warmup: int
+    steps: dict[str, Callable[[Batch], float]], batches: list[Batch], *, blocks: int, block: int, warmup: int
 ) -> dict[str, list[tuple[float, float, float]]]:
     """Alternate blocks of `block` steps between the runs; each run sees the same batch sequence.
 

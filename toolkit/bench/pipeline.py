@@ -51,7 +51,7 @@ def make_data(root: Path, *, samples: int, seed: int, photos: bool = False) -> C
     nanovlm-450m's image settings (512 px tiles up to 2048 px), where image work dominates; only the decoder's
     vocabulary is the synthetic tokenizer's.
     """
-    from toolkit.data.synthetic import write_synth
+    from toolkit.data.prepare.synthetic import write_synth
 
     with contextlib.redirect_stderr(io.StringIO()):  # the shard writer's progress bars are noise here
         write_synth(root, samples=1 if photos else samples, val_samples=1, seed=seed)
@@ -74,7 +74,7 @@ def write_photos(out: Path, *, samples: int, seed: int) -> None:
     """`samples` one-image samples: smooth gradients with sensor-like noise, saved as JPEG (quality 90)."""
     import numpy as np
 
-    from toolkit.data.shard_writer import ListSource, write_shards
+    from toolkit.data.prepare.shard_writer import ListSource, write_shards
 
     rng = np.random.default_rng(seed)
     rows = []
@@ -172,7 +172,7 @@ def nanovlm_pass(table, cfg: Config, tok: VLMTokenizer) -> int:
             if sample is not None:
                 yield sample
 
-    return sum(b["stats"]["samples"] for b in batched(_knapsack(encoded(), cfg), cfg=cfg, pad_id=tok.pad_token_id))
+    return sum(b.stats.samples for b in batched(_knapsack(encoded(), cfg), cfg=cfg, pad_id=tok.pad_token_id))
 
 
 def toolkit_pass(cfg: Config, tok: VLMTokenizer) -> int:
@@ -180,7 +180,7 @@ def toolkit_pass(cfg: Config, tok: VLMTokenizer) -> int:
     from toolkit.data.loader import build_loader
 
     loader = build_loader(cfg, rank=0, world=1, tokenizer=tok, finite=True)
-    return sum(batch["stats"]["samples"] for batch in loader)
+    return sum(batch.stats.samples for batch in loader)
 
 
 def cpu_seconds(fn: Callable[[], object]) -> tuple[float, float, object]:

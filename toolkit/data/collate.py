@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import get_worker_info
 
+from toolkit.data.batch import Batch, BatchStats, ModelInputs
+
 IGNORE = -100
 
 
@@ -36,8 +38,8 @@ def collate(
     pad_id: int,
     tile: int,
     batch_rows: int | None = None,
-) -> dict:
-    """Rows of samples -> {input_ids, labels, position_ids, pixel_values, keys, stats}.
+) -> Batch:
+    """Rows of samples -> a Batch: model inputs, and stats with every sample's length and key.
 
     `batch_rows` pads with empty rows (all padding, no targets) so the last batch of a finite pass keeps the shape.
     """
@@ -47,6 +49,7 @@ def collate(
     position_ids = torch.arange(capacity, dtype=torch.long).repeat(n_rows, 1)  # (B, S); empty rows: one segment
     tiles: list[torch.Tensor] = []
     keys: list[list[str]] = []
+    lengths: list[int] = []
     for r, row in enumerate(rows):
         cursor = 0
         for sample in row:
@@ -58,26 +61,22 @@ def collate(
             labels[r, cursor + n - 1] = IGNORE
             position_ids[r, cursor : cursor + n] = torch.arange(n)
             tiles.append(sample.pixel_values)
+            lengths.append(n)
             cursor += n
         position_ids[r, cursor:] = torch.arange(capacity - cursor)  # padding tail: its own segment
         keys.append([sample.key for sample in row])
     pixel_values = cat_tiles(tiles, tile)  # (N, 3, tile, tile)
-    stats = {
-        "rows": len(rows),
-        "samples": sum(len(row) for row in rows),
-        "images": sum(s.images for row in rows for s in row),
-        "tiles": int(pixel_values.shape[0]),
-        "tokens": sum(len(s.input_ids) for row in rows for s in row),
-        "targets": int((labels != IGNORE).sum()),
-    }
-    return {
-        "input_ids": input_ids,
-        "labels": labels,
-        "position_ids": position_ids,
-        "pixel_values": pixel_values,
-        "keys": keys,
-        "stats": stats,
-    }
+    stats = BatchStats(
+        rows=len(rows),
+        samples=len(lengths),
+        images=sum(s.images for row in rows for s in row),
+        tiles=int(pixel_values.shape[0]),
+        tokens=sum(lengths),
+        targets=int((labels != IGNORE).sum()),
+        sample_lengths=lengths,
+        keys=keys,
+    )
+    return Batch(ModelInputs(input_ids, labels, position_ids, pixel_values), stats)
 
 
 def cat_tiles(tiles: list[torch.Tensor], tile: int) -> torch.Tensor:

@@ -24,7 +24,9 @@ from torch.utils.data import IterableDataset
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from toolkit.config import Config
+from toolkit.data.batch import Batch
 from toolkit.data.collate import Encoded, collate
+from toolkit.data.order import owned_readers
 from toolkit.data.packing import Packer, PackerState
 from toolkit.data.shards import (
     DecodeSpec,
@@ -48,6 +50,7 @@ from toolkit.data.shards import (
 from toolkit.data.tokenizer import VLMTokenizer, load_tokenizer
 
 STATE_FORMAT = "nanovlm-scale-stream/1"
+TURNS_FORMAT = "nanovlm-scale-turns/1"
 MAX_SKIPS_IN_A_ROW = 10_000
 
 
@@ -65,6 +68,15 @@ class StreamSpec:
     batch_rows: int
     pad_id: int
     decode: DecodeSpec
+    virtual_readers: int = 0  # 0: one reader per (rank, worker); V: the global order of toolkit/data/order.py
+
+
+class EndOfPass:
+    """The last item of a finite stream, dropped by StreamLoader's iterator: callers never see it.
+
+    torchdata hands a worker's stream state to the main process only along with an item the worker yields, so
+    without it the skips after a worker's last batch (all of them, when no sample survives) would never be counted.
+    """
 
 
 class _Stream:
@@ -91,9 +103,11 @@ class _Stream:
         self.ready: list[list[Sample]] = []  # rows built but not yet handed out in a batch
         self.ended = False
 
-    def batches(self) -> Iterator[dict]:
+    def batches(self) -> Iterator[Batch | EndOfPass]:
         while rows := self._next_rows():
             yield self._collate(rows)
+        if self.spec.finite:
+            yield EndOfPass()
 
     def _next_rows(self) -> list[list[Sample]]:
         while len(self.ready) < self.spec.batch_rows and not self.ended:
@@ -122,7 +136,7 @@ class _Stream:
                 )
         return None
 
-    def _collate(self, rows: list[list[Sample]]) -> dict:
+    def _collate(self, rows: list[list[Sample]]) -> Batch:
         """Decode the pixels only now, so buffers hold encoded bytes; a sample whose image fails leaves its row."""
         encoded = []
         for row in rows:
@@ -142,7 +156,7 @@ class _Stream:
             tile=self.spec.decode.tile,
             batch_rows=self.spec.batch_rows,
         )
-        batch["stats"]["reader"] = self.slot.index
+        batch.stats.reader = self.slot.index
         return batch
 
     def state_dict(self) -> dict:
@@ -202,21 +216,64 @@ class _Stream:
             ) from exc
 
 
+class _Turns:
+    """A worker's virtual readers, one batch from each in turn; its state is theirs plus whose turn is next."""
+
+    def __init__(self, streams: list[_Stream]) -> None:
+        self.streams, self.turn = streams, 0
+
+    def batches(self) -> Iterator[Batch | EndOfPass]:
+        live = [s.batches() for s in self.streams]
+        while any(it is not None for it in live):
+            it = live[self.turn]
+            item = None if it is None else next(it, None)
+            if isinstance(item, EndOfPass) or (item is None and it is not None):
+                live[self.turn] = None
+            self.turn = (self.turn + 1) % len(live)  # before the yield: the state handed out with it is "after"
+            if isinstance(item, Batch):
+                yield item
+        if self.streams and self.streams[0].spec.finite:
+            yield EndOfPass()
+
+    def state_dict(self) -> dict:
+        return {"format": TURNS_FORMAT, "turn": self.turn, "streams": [s.state_dict() for s in self.streams]}
+
+    def load_state_dict(self, state: dict) -> None:
+        by_slot = {tuple(st["slot"]): st for st in stream_states(state)}
+        for stream in self.streams:
+            stream.load_state_dict(by_slot[(stream.slot.index, stream.slot.count)])
+        self.turn = state.get("turn", 0)
+
+
 class PackedStream(IterableDataset):
-    """The IterableDataset the loader wraps; each worker builds its own `_Stream` on `iter()`."""
+    """The IterableDataset the loader wraps; each worker builds its own `_Stream` (or `_Turns`) on `iter()`."""
 
     def __init__(self, spec: StreamSpec, tokenizer: VLMTokenizer, *, rank: int, world: int) -> None:
         self.spec, self.tok, self.rank, self.world = spec, tokenizer, rank, world
-        self._stream: _Stream | None = None
+        self._stream: _Stream | _Turns | None = None
         self._pending: dict | None = None
+        self.resharded: dict[int, dict] | None = None  # virtual reader -> state, from a checkpoint of another layout
 
-    def __iter__(self) -> Iterator[dict]:
-        stream = _Stream(self.spec, self.tok, reader_slot(self.rank, self.world))
+    def __iter__(self) -> Iterator[Batch | EndOfPass]:
+        stream = self._virtual() if self.spec.virtual_readers else _Stream(self.spec, self.tok, self._slot())
         if self._pending:
             stream.load_state_dict(self._pending)
             self._pending = None
         self._stream = stream
         return stream.batches()
+
+    def _slot(self) -> ReaderSlot:
+        return reader_slot(self.rank, self.world)
+
+    def _virtual(self) -> _Turns:
+        info = torch.utils.data.get_worker_info()
+        workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
+        count = self.spec.virtual_readers
+        mine = owned_readers(count, rank=self.rank, world=self.world, worker=worker, workers=workers)
+        turns = _Turns([_Stream(self.spec, self.tok, ReaderSlot(v, count)) for v in mine])
+        if self.resharded is not None:
+            turns.load_state_dict({"turn": 0, "streams": [self.resharded[v] for v in mine]})
+        return turns
 
     def state_dict(self) -> dict:
         if self._stream is not None:
@@ -245,6 +302,8 @@ def stream_states(state: object) -> list[dict]:
         if state.get("format") == STATE_FORMAT:
             return [state]
         return [s for v in state.values() for s in stream_states(v)]
+    if isinstance(state, list):
+        return [s for v in state for s in stream_states(v)]
     return []
 
 
@@ -253,22 +312,42 @@ class StreamLoader(StatefulDataLoader):
 
     A plain StatefulDataLoader starts over on every `iter()`. A training stream instead continues where the last
     delivered batch left it (through its own state), so a loop that breaks out for evaluation and iterates again
-    neither repeats nor skips data. A finite (validation) stream starts over, as a new pass should.
+    neither repeats nor skips data. A finite (validation) stream starts over, as a new pass should, and each of its
+    readers ends with an `EndOfPass` that is dropped here, so that `counts()` is exact after the pass.
     """
 
-    def __iter__(self) -> Iterator[dict]:
-        if not self.dataset.spec.finite and self._iterator is not None:
+    def __iter__(self) -> Iterator[Batch]:
+        finite = self.dataset.spec.finite
+        if not finite and self._iterator is not None:
             self.load_state_dict(self.state_dict())
-        return super().__iter__()
+        items = super().__iter__()
+        return (item for item in items if not isinstance(item, EndOfPass)) if finite else items
 
-    def empty_batch(self) -> dict:
+    def reshard(self, saved: list[dict]) -> bool:
+        """Continue the global order from the loader states every rank of another layout saved (at a step
+        boundary); before iterating. False when this stream has no virtual readers: it cannot be resharded."""
+        count = self.dataset.spec.virtual_readers
+        if not count:
+            return False
+        states = {tuple(st["slot"]): st for state in saved for st in stream_states(state)}
+        missing = [v for v in range(count) if (v, count) not in states]
+        if missing:
+            raise ShardError(
+                f"the checkpoint holds no state for virtual readers {missing[:5]} of {count}: it was written with "
+                "another data.virtual_readers (or none); resume with the checkpoint's data settings"
+            )
+        self.dataset.resharded = {v: states[v, count] for v in range(count)}
+        return True
+
+    def empty_batch(self) -> Batch:
         """A batch of padding only (no targets, no tiles), shaped like every other batch: what a rank whose finite
         pass ended first can feed while other ranks finish theirs, so sharded backends do not wait forever."""
         s = self.dataset.spec
         return collate([], capacity=s.capacity, pad_id=s.pad_id, tile=s.decode.tile, batch_rows=s.batch_rows)
 
     def counts(self) -> dict:
-        """{'read': samples read, 'skipped': {reason: n}} of this rank's readers, as of the batches delivered."""
+        """{'read': samples read, 'skipped': {reason: n}} of this rank's readers, as of the batches delivered; after a
+        finite pass, of the whole pass (the end of each reader's pass delivers its final counts)."""
         read, skipped = 0, {}
         state = self.state_dict() if self._iterator is not None else self.next_iter_state  # loaded, not yet iterated
         if state:
@@ -292,6 +371,7 @@ def stream_spec(cfg: Config, sets: list[ShardSet], tok: VLMTokenizer, *, finite:
         batch_rows=cfg.train.batch_size,
         pad_id=tok.pad_token_id,
         decode=DecodeSpec.from_config(cfg),
+        virtual_readers=d.virtual_readers if shuffle else 0,  # the training data's global order only
     )
 
 
@@ -344,7 +424,7 @@ def data_stats(cfg: Config, max_packs: int = 0) -> dict:
     start = time.perf_counter()
     for batch in loader:
         for k in totals:
-            totals[k] += batch["stats"][k]
+            totals[k] += getattr(batch.stats, k)
         if max_packs and totals["rows"] >= max_packs:
             break
     seconds = time.perf_counter() - start

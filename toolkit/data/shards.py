@@ -29,20 +29,38 @@ import tarfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO, Any
 
 import torch
 from PIL import Image
 
 from toolkit.config import Config, ConfigError
 from toolkit.data.conversation import encode_sample
+from toolkit.data.format import (
+    BAD_IMAGE,
+    BAD_JSON,
+    BAD_TAR,
+    BAD_TEXT,
+    BAD_TYPES,
+    FORMAT,
+    JSON_EXT,
+    MANIFEST,
+    NO_JSON,
+    NO_TEXTS,
+    SHARD_SUFFIX,
+    TOO_LONG,
+    TOO_MANY_IMAGES,
+    TOO_MANY_TILES,
+    TRUNCATED_TAR,
+    UNREADABLE_SHARD,
+    image_exts,
+    split_member,
+)
 from toolkit.data.images import process_image, target_size, tile_count
 from toolkit.data.tokenizer import VLMTokenizer
 
 log = logging.getLogger(__name__)
 
-FORMAT = "nanovlm-scale-shards/1"
-MANIFEST = "manifest.json"
-IMAGE_MEMBER = re.compile(r"^img(\d+)\.\w+$")
 MAX_LOGGED = 100  # distinct bad samples logged per reader; later ones are only counted
 
 
@@ -108,7 +126,7 @@ def resolve_shards(spec: str, *, name: str = "data.train_shards") -> list[Shard]
         if (path / MANIFEST).exists():
             shards = _read_manifest(path / MANIFEST, name)
         else:
-            shards = [Shard(p) for p in sorted(glob.glob(str(path / "*.tar")))]
+            shards = [Shard(p) for p in sorted(glob.glob(str(path / f"*{SHARD_SUFFIX}")))]
     elif spec.endswith(".json"):
         shards = _read_manifest(path, name)
     elif "{" in spec:
@@ -198,18 +216,14 @@ class RawSample:
         return f"{self.shard}:{self.key}"
 
 
-def split_member(name: str) -> tuple[str, str]:
-    """WebDataset's convention: the key is the path up to the first dot of the file name."""
-    folder, _, base = name.rpartition("/")
-    stem, _, ext = base.partition(".")
-    return (f"{folder}/{stem}" if folder else stem), ext
-
-
 class ShardScan:
     """The samples of one tar from ordinal `start` on (only those `keep` accepts have their data read).
 
     After iteration, `groups` is how many complete samples the tar held and `error` is (reason, message) if it
-    could not be read to the end; the sample in progress at a truncation is dropped, as it may lack images.
+    could not be read to the end. A tar ends early (`truncated_tar`) when it is cut inside a member, or when its
+    last member is not followed by the two zero blocks that end a POSIX tar (tarfile's next() returns None for a
+    missing or cut end as for a real one, so the end is checked here); the sample in progress at the cut is
+    dropped, as it may lack images.
     """
 
     def __init__(self, path: str, *, start: int = 0, keep: Callable[[int], bool] | None = None) -> None:
@@ -221,17 +235,18 @@ class ShardScan:
         try:
             fh = open(self.path, "rb")  # noqa: SIM115 - closed below, after the generator finishes
         except OSError as exc:
-            self.error = ("unreadable_shard", str(exc))
+            self.error = (UNREADABLE_SHARD, str(exc))
             return
         with fh:
             try:
                 tar = tarfile.open(fileobj=fh, mode="r:*")  # noqa: SIM115 - the file closes it
             except (tarfile.TarError, EOFError, OSError) as exc:
-                self.error = ("bad_tar", str(exc))
+                self.error = (BAD_TAR, str(exc))
                 return
-            yield from self._samples(tar)
+            tar.fileobj = tap = _LastRead(tar.fileobj)
+            yield from self._samples(tar, tap)
 
-    def _samples(self, tar: tarfile.TarFile) -> Iterator[tuple[int, str, dict[str, bytes]]]:
+    def _samples(self, tar: tarfile.TarFile, tap: _LastRead) -> Iterator[tuple[int, str, dict[str, bytes]]]:
         key, ordinal, files, wanted = None, -1, {}, False
         try:
             while (member := tar.next()) is not None:
@@ -246,12 +261,45 @@ class ShardScan:
                     wanted = ordinal >= self.start and (self.keep is None or self.keep(ordinal))
                 if wanted:
                     files[ext] = tar.extractfile(member).read()
+            _check_end(tar, tap)
             if wanted:
                 yield ordinal, key, files
             self.groups = ordinal + 1
         except (tarfile.TarError, EOFError, OSError) as exc:
-            self.error = ("truncated_tar", f"{exc} after sample #{ordinal}")
+            self.error = (TRUNCATED_TAR, f"{exc} (in sample #{ordinal}; the samples before it are kept)")
             self.groups = max(ordinal, 0)
+
+
+class _LastRead:
+    """A tar's file object, passed through, that remembers its last read and where that read began.
+
+    When tarfile's next() returns None, its last read was its try at the next header block, so the end can be
+    checked without seeking back (which would make a compressed stream decompress itself again from the start)."""
+
+    def __init__(self, raw: IO[bytes]) -> None:
+        self.raw, self.at, self.data = raw, -1, b""
+
+    def read(self, size: int = -1) -> bytes:
+        self.at = self.raw.tell()
+        self.data = self.raw.read(size)
+        return self.data
+
+    def __getattr__(self, name: str) -> Any:  # seek, tell, seekable, close: the file's own
+        return getattr(self.raw, name)
+
+
+def _check_end(tar: tarfile.TarFile, tap: _LastRead) -> None:
+    """Raise ReadError unless two zero blocks follow the last member, where tarfile stopped reading headers."""
+    block = tarfile.BLOCKSIZE
+    if tap.at == tar.offset:
+        end = tap.data + tap.read(block)
+    else:  # no header was read through the tap: a tar without members, whose first block was read on opening
+        tap.seek(tar.offset)
+        end = tap.read(2 * block)
+    if len(end) < 2 * block:
+        raise tarfile.ReadError(f"the file ends at byte {tar.offset + len(end)}, before the end-of-archive blocks")
+    if end.count(0) != len(end):
+        raise tarfile.ReadError(f"byte {tar.offset} holds neither a member header nor the end-of-archive blocks")
 
 
 # ---------------------------------------------------------------------------------------------- accounting
@@ -345,7 +393,7 @@ class SetReader:
         scan, shard = self._scan, self.set.shards[self.plan()[self.pos]]
         counts_events = not self.by_sample or self.pos % self.slot.count == self.slot.index
         if scan.error is None and shard.samples is not None and scan.groups < shard.samples:
-            scan.error = ("truncated_tar", f"{scan.groups} of the {shard.samples} samples the manifest lists")
+            scan.error = (TRUNCATED_TAR, f"{scan.groups} of the {shard.samples} samples the manifest lists")
         if scan.error and counts_events:
             self.counter.skip(scan.error[0], shard.path, scan.error[1])
         self.offset += scan.groups
@@ -486,26 +534,25 @@ class Sample:
 
 
 def parse_texts(files: dict[str, bytes]) -> list[dict]:
-    if "json" not in files:
-        raise Skip("no_json", "the sample has no .json member")
+    if JSON_EXT not in files:
+        raise Skip(NO_JSON, "the sample has no .json member")
     try:
-        meta = json.loads(files["json"])
+        meta = json.loads(files[JSON_EXT])
     except ValueError as exc:
-        raise Skip("bad_json", str(exc)) from exc
+        raise Skip(BAD_JSON, str(exc)) from exc
     texts = meta.get("texts") if isinstance(meta, dict) else None
     if not texts:
-        raise Skip("no_texts", "the JSON has no 'texts'")
+        raise Skip(NO_TEXTS, "the JSON has no 'texts'")
     if not isinstance(texts, list) or not all(
         isinstance(t, dict) and isinstance(t.get("user"), str) and isinstance(t.get("assistant"), str) for t in texts
     ):
-        raise Skip("bad_types", "'texts' must be a list of {user: str, assistant: str}")
+        raise Skip(BAD_TYPES, "'texts' must be a list of {user: str, assistant: str}")
     return texts
 
 
 def image_members(files: dict[str, bytes]) -> list[bytes]:
-    """img0.*, img1.*, ... in index order."""
-    found = sorted((int(m.group(1)), ext) for ext in files if (m := IMAGE_MEMBER.match(ext)))
-    return [files[ext] for _, ext in found]
+    """The image members' bytes, img0.*, img1.*, ... in index order."""
+    return [files[ext] for ext in image_exts(files)]
 
 
 def image_grid(data: bytes, spec: DecodeSpec) -> tuple[int, int]:
@@ -514,7 +561,7 @@ def image_grid(data: bytes, spec: DecodeSpec) -> tuple[int, int]:
         with Image.open(io.BytesIO(data)) as img:
             w, h = img.size
     except (OSError, ValueError, Image.DecompressionBombError) as exc:
-        raise Skip("bad_image", str(exc)) from exc
+        raise Skip(BAD_IMAGE, str(exc)) from exc
     th, tw = target_size(h, w, tile=spec.tile, max_side=spec.max_side, resize_to_max=spec.resize_to_max)
     return th // spec.tile, tw // spec.tile
 
@@ -524,16 +571,16 @@ def decode_sample(raw: RawSample, tok: VLMTokenizer, spec: DecodeSpec) -> Sample
     texts = parse_texts(raw.files)
     images = image_members(raw.files)
     if len(images) > spec.max_images:
-        raise Skip("too_many_images", f"{len(images)} images > {spec.max_images}")
+        raise Skip(TOO_MANY_IMAGES, f"{len(images)} images > {spec.max_images}")
     grids = [image_grid(data, spec) for data in images]
     tiles = sum(tile_count(g) for g in grids)
     if spec.max_tiles and tiles > spec.max_tiles:
-        raise Skip("too_many_tiles", f"{tiles} tiles > data.max_tiles_per_knapsack={spec.max_tiles}")
+        raise Skip(TOO_MANY_TILES, f"{tiles} tiles > data.max_tiles_per_knapsack={spec.max_tiles}")
     input_ids, labels = encode_sample(tok, texts, grids, spec.tokens_per_tile)
     if len(input_ids) > spec.max_length:
-        raise Skip("too_long", f"{len(input_ids)} tokens > {spec.max_length}")
+        raise Skip(TOO_LONG, f"{len(input_ids)} tokens > {spec.max_length}")
     if input_ids.count(tok.image_token_id) != tiles * spec.tokens_per_tile:
-        raise Skip("bad_text", "the text itself contains image tokens")
+        raise Skip(BAD_TEXT, "the text itself contains image tokens")
     return Sample(raw.ref, raw.where, input_ids, labels, images, grids, tiles)
 
 
@@ -547,9 +594,9 @@ def load_tiles(sample: Sample, spec: DecodeSpec) -> torch.Tensor:
                     img, tile=spec.tile, max_side=spec.max_side, resize_to_max=spec.resize_to_max
                 )
         except (OSError, ValueError, Image.DecompressionBombError) as exc:
-            raise Skip("bad_image", str(exc)) from exc
+            raise Skip(BAD_IMAGE, str(exc)) from exc
         if got != grid:
-            raise Skip("bad_image", f"decoded grid {got} differs from the header's {grid}")
+            raise Skip(BAD_IMAGE, f"decoded grid {got} differs from the header's {grid}")
         out.append(tiles)
     if not out:
         return torch.empty(0, 3, spec.tile, spec.tile)

@@ -25,6 +25,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from toolkit.train.safe_load import load_plain
+
 STEP_RE = re.compile(r"^step_(\d+)$")
 
 
@@ -66,7 +68,11 @@ class RunDir:
 
 
 def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every generator's state as plain data (tensors, numbers, tuples), so it loads with weights_only."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    numpy_state = {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos}
+    numpy_state.update(has_gauss=has_gauss, cached_gaussian=gauss)
+    state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
@@ -74,7 +80,11 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    saved = state["numpy"]
+    if isinstance(saved, dict):
+        keys = saved["keys"].numpy().astype(np.uint32)
+        saved = (saved["kind"], keys, saved["pos"], saved["has_gauss"], saved["cached_gaussian"])
+    np.random.set_state(saved)  # a tuple with a numpy array: checkpoints written before the plain format
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
@@ -97,9 +107,9 @@ def read_rank_state(path: Path, rank: int) -> dict:
         saved = sorted(p.name for p in path.glob("rank_*.pt"))
         raise FileNotFoundError(
             f"{file} is missing: the checkpoint was written by {len(saved)} ranks ({', '.join(saved)}). "
-            "Resume with the same number of ranks (FSDP model and optimizer state reshard, the data stream does not)"
+            "Resume with the same number of ranks (a reshardable backend's model reshards, the data stream does not)"
         )
-    return torch.load(file, map_location="cpu", weights_only=False)
+    return load_plain(file, what="this rank's data-loader and RNG state")
 
 
 def _fsync_write(path: Path, text: str) -> None:
@@ -176,8 +186,8 @@ def save_checkpoint(run: RunDir, step: int, *, backend, loader, trainer_state: d
 def restore_checkpoint(path: Path, *, backend, loader) -> dict:
     """Every rank: model/optimizer/schedule, then loader and RNG state; returns the saved trainer state.
 
-    FSDP reshards model and optimizer onto a different number of ranks (DCP); the data stream cannot be resharded,
-    so on a different world size the loader starts a fresh pass (logged) and RNG comes from rank 0's state.
+    A reshardable backend's model and optimizer load onto a different number of ranks; the data stream cannot be
+    resharded, so on a different world size the loader starts a fresh pass (logged) and RNG comes from rank 0's.
     """
     from toolkit import dist
 
@@ -185,22 +195,27 @@ def restore_checkpoint(path: Path, *, backend, loader) -> dict:
     saved_world, world = meta["world_size"], backend.env.world_size
     if meta["backend"] != backend.name:
         raise ValueError(f"{path} was written by backend {meta['backend']}; resume with backend.name={meta['backend']}")
-    if saved_world != world and backend.name != "fsdp":
+    if saved_world != world and not backend.capabilities.reshardable:
         raise ValueError(
-            f"{path} was written by {saved_world} ranks and this run has {world}; backend {backend.name} needs the "
-            "same number of ranks (DeepSpeed: convert with its universal checkpoint; FSDP reshards on its own)"
+            f"{path} was written by {saved_world} ranks and this run has {world}; backend {backend.name} cannot "
+            f"reshard its checkpoint: resume on {saved_world} ranks"
         )
     backend.load(path / "model")
     rank_state = read_rank_state(path, backend.env.rank if saved_world == world else 0)
     if saved_world == world and loader is not None and rank_state["loader"] is not None:
         loader.load_state_dict(rank_state["loader"])
     elif loader is not None:
-        dist.log0(
-            "resumed %s ranks -> %s: the data stream starts a new pass (it cannot be resharded)",
-            saved_world,
-            world,
-            level=30,
-        )
+        saved = [read_rank_state(path, r)["loader"] for r in range(saved_world)]
+        if loader.reshard([state for state in saved if state is not None]):
+            dist.log0("resumed %s ranks -> %s: the data continues at the next global row", saved_world, world)
+        else:
+            dist.log0(
+                "resumed %s ranks -> %s: the data stream starts a new pass (set data.virtual_readers for a global "
+                "order that reshards)",
+                saved_world,
+                world,
+                level=30,
+            )
     set_rng_state(rank_state["rng"])
     return meta["trainer"]
 
@@ -243,27 +258,16 @@ def find_checkpoint(path: str | Path) -> Path:
     return found
 
 
-def offline_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
-    """Full fp32 model weights from any backend's checkpoint, in one process, without the training ranks.
+def offline_state_dict(ckpt: Path, model_cfg) -> dict[str, torch.Tensor]:
+    """Full model weights from any backend's checkpoint, in one process, without the training ranks."""
+    from toolkit.model import VisionLanguageModel
+    from toolkit.train.backends import backend_class
 
-    DeepSpeed: its zero_to_fp32 reader (master weights from the optimizer shards, any stage); FSDP: DCP's
-    dcp_to_torch_save; single/ddp: the state file.
-    """
     meta = json.loads((ckpt / "trainer.json").read_text())
-    model_dir = ckpt / "model"
-    if meta["backend"] == "deepspeed":
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        return get_fp32_state_dict_from_zero_checkpoint(str(model_dir), tag="deepspeed")
-    if meta["backend"] == "fsdp":
-        import tempfile
-
-        from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
-        with tempfile.TemporaryDirectory() as tmp:
-            dcp_to_torch_save(str(model_dir), f"{tmp}/full.pt")
-            return torch.load(f"{tmp}/full.pt", map_location="cpu", weights_only=False)["model"]
-    return torch.load(next(model_dir.glob("*.pt")), map_location="cpu", weights_only=False)["model"]
+    cls = backend_class(meta["backend"], field=f"{ckpt / 'trainer.json'}: backend")
+    if not cls.capabilities.offline_weights:
+        raise ValueError(f"{ckpt} is a {cls.name} checkpoint, which cannot be read offline; export it while training")
+    return cls.read_full_weights(ckpt / "model", VisionLanguageModel(model_cfg))
 
 
 def export_offline(src: str | Path, out: str | Path) -> Path:
@@ -281,7 +285,7 @@ def export_offline(src: str | Path, out: str | Path) -> Path:
     cfg = Config()
     apply_mapping(cfg, yaml.safe_load(config_file.read_text()), origin=str(config_file))
     cfg.validate()
-    state = {k: v.float() if v.is_floating_point() else v for k, v in offline_state_dict(ckpt).items()}
+    state = {k: v.float() if v.is_floating_point() else v for k, v in offline_state_dict(ckpt, cfg.model).items()}
     tok = cfg.model.tokenizer_path if Path(cfg.model.tokenizer_path).is_dir() else None
     write_atomically(Path(out), lambda tmp: write_nanovlm(cfg.model, state, tmp, tokenizer_dir=tok))
     return ckpt

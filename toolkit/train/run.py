@@ -17,7 +17,9 @@ from typing import Any
 from toolkit import dist
 from toolkit.config import Config, save_config
 from toolkit.train.checkpoint import RunDir, export_live, resolve_resume, restore_checkpoint, save_checkpoint
+from toolkit.train.preflight import check_run, derive_accumulation
 from toolkit.train.trainer import Trainer, TrainerState
+from toolkit.train.validation import sum_counts, validation_loss
 
 STOP_FILE_ENV = "NANOVLM_STOP_FILE"
 
@@ -46,12 +48,7 @@ class Lifecycle:
 
     def data_counts(self) -> dict[str, Any]:
         """Samples read and skipped by reason, summed over ranks (collective)."""
-        read, skipped = 0, {}
-        for counts in dist.all_gather_object(self.loader.counts()):
-            read += counts["read"]
-            for reason, n in counts["skipped"].items():
-                skipped[reason] = skipped.get(reason, 0) + n
-        return {"read": read, "skipped": skipped}
+        return sum_counts(dist.all_gather_object(self.loader.counts()))
 
     def checkpoint(self, trainer: Trainer) -> None:
         step = trainer.state.step
@@ -72,9 +69,8 @@ class Lifecycle:
         """Validation loss on every rank; answer accuracy on rank 0 from a gathered copy (collective)."""
         if not self.cfg.data.val_shards:
             return {}
-        from toolkit.evaluate import validation_loss
-
-        loss = validation_loss(self.backend, self.cfg, self.tokenizer, max_batches=self.cfg.train.eval_max_batches)
+        result = validation_loss(self.backend, self.cfg, self.tokenizer, max_batches=self.cfg.train.eval_max_batches)
+        loss = result.loss
         state: TrainerState = trainer.state
         best = loss < state.best_val_loss
         if best:
@@ -82,7 +78,7 @@ class Lifecycle:
         dist.log0("step %d: validation loss %.4f%s", state.step, loss, " (best so far)" if best else "")
         if best and self.cfg.train.export_best:
             self.export("best")
-        out: dict[str, Any] = {"val_loss": loss}
+        out: dict[str, Any] = {"val_loss": loss, "val_samples": result.samples}
         if self.cfg.train.eval_accuracy_samples:
             out["val_accuracy"] = self.accuracy()
         return out
@@ -107,39 +103,48 @@ class Lifecycle:
         export_live(self.backend, self.cfg.model, self.run.exports / name, tokenizer_dir=tok_dir)
 
 
-def _build(cfg: Config):
+def _build(cfg: Config, backend, tokenizer):
     from toolkit.data.loader import build_loader
-    from toolkit.data.tokenizer import load_tokenizer
     from toolkit.model import VisionLanguageModel
     from toolkit.model.hub import load_backbones
-    from toolkit.train.backends import build_backend
     from toolkit.train.optim import param_groups
     from toolkit.train.schedule import schedule_from_config
 
-    backend = build_backend(cfg)  # config errors (backend name, DeepSpeed file) before any process group
     env = backend.env
-    if cfg.backend.name != "single":
-        dist.init_distributed(backend.device, env)
+    backend.start_process_group()
     dist.seed_everything(cfg.train.seed)  # identical initial weights on every rank
     model = VisionLanguageModel(cfg.model)
     if cfg.model.vision_backbone or cfg.model.language_backbone:
         load_backbones(model)
-    tokenizer = load_tokenizer(cfg.model)
     loader = build_loader(cfg, rank=env.rank, world=env.world_size, tokenizer=tokenizer, split="train")
     backend.setup(model, param_groups(model, cfg.train), schedule_from_config(cfg.train))
-    return backend, tokenizer, loader
+    return loader
 
 
 def run_training(cfg: Config) -> list[dict[str, Any]]:
-    from toolkit.train.metrics import MetricsWriter, device_peak_flops
+    from toolkit.train.backends import build_backend
 
+    derive_accumulation(cfg, dist.dist_env().world_size)  # train.global_batch_size on this many ranks
+    backend = build_backend(cfg)  # config errors (backend name, its settings files) before any process group
+    tokenizer = check_run(cfg)  # every path and setting the run reads late, before anything starts or is written
     run = RunDir(cfg.train.run_dir)
-    resume_from = resolve_resume(run, cfg.train.resume)  # before any rank starts: a bad path fails at once
+    resume_from = resolve_resume(run, cfg.train.resume)
     if resume_from is None and cfg.train.resume == "none" and (run.checkpoints / "latest").exists():
         raise FileExistsError(
             f"{run.root} already holds checkpoints; continue it with train.resume=auto or start a new train.run_dir"
         )
-    backend, tokenizer, loader = _build(cfg)
+    try:
+        loader = _build(cfg, backend, tokenizer)
+        history = _train(cfg, run, resume_from, backend=backend, loader=loader, tokenizer=tokenizer)
+    finally:
+        backend.close()
+        dist.destroy_distributed()  # also after an error: an in-process caller can start another run
+    return history
+
+
+def _train(cfg: Config, run: RunDir, resume_from: Path | None, *, backend, loader, tokenizer) -> list[dict[str, Any]]:
+    from toolkit.train.metrics import MetricsWriter, device_peak_flops
+
     env = backend.env
     if env.is_main:
         run.root.mkdir(parents=True, exist_ok=True)
@@ -170,8 +175,6 @@ def run_training(cfg: Config) -> list[dict[str, Any]]:
         print(f"rank {env.rank}/{env.world_size} finished at step {trainer.state.step}", flush=True)
     finally:
         writer.close()
-        backend.close()
-    dist.destroy_distributed()
     return history
 
 

@@ -25,7 +25,7 @@ import torch
 
 from toolkit import dist
 from toolkit.config import Config
-from toolkit.model.attention import sample_lengths
+from toolkit.data.batch import Batch
 from toolkit.train.backends.base import Backend
 
 log = logging.getLogger(__name__)
@@ -52,15 +52,6 @@ class TrainerState:
     best_step: int = 0
 
 
-def _sum_sq_lengths(batch: dict[str, Any]) -> float:
-    """Sum over packed samples of length^2 (attention cost); samples start where position_ids is 0."""
-    ids = batch["input_ids"]
-    pos = batch.get("position_ids")
-    if pos is None:
-        return float(ids.shape[0] * ids.shape[1] ** 2)
-    return float((sample_lengths(pos).double() ** 2).sum())
-
-
 def peak_memory_gb(device: torch.device) -> float:
     """Peak allocated accelerator memory, or this process's peak resident memory on CPU."""
     if device.type == "cuda":
@@ -70,21 +61,20 @@ def peak_memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
-def local_counts(micro_batches: Sequence[dict[str, Any]], *, exhausted: bool) -> torch.Tensor:
+def local_counts(micro_batches: Sequence[Batch], *, exhausted: bool) -> torch.Tensor:
     """This rank's contribution to the step's all-reduced counts (float64: exact integers far past 2^31)."""
     counts = torch.zeros(9, dtype=torch.float64)
     for mb in micro_batches:
-        counts[TARGETS] += int((mb["labels"] != -100).sum())
-        stats = mb.get("stats") or {}
-        counts[TOKENS] += stats.get("tokens", mb["input_ids"].numel())  # real tokens when the loader says
-        counts[SLOTS] += mb["input_ids"].numel()
-        counts[IMAGES] += stats.get("images", 0)
-        counts[ROWS] += stats.get("rows", mb["input_ids"].shape[0])
+        stats = mb.stats
+        counts[TARGETS] += stats.targets
+        counts[TOKENS] += stats.tokens
+        counts[SLOTS] += mb.slots
+        counts[IMAGES] += stats.images
+        counts[ROWS] += stats.rows
         # A fingerprint of the step's tokens (sum of CRC32s stays exact in float64): resume tests compare batches.
-        counts[DIGEST] += zlib.crc32(mb["input_ids"].cpu().numpy().tobytes())
-        pixels = mb.get("pixel_values")
-        counts[TILES] += 0 if pixels is None else pixels.shape[0]
-        counts[SUM_SQ] += _sum_sq_lengths(mb)
+        counts[DIGEST] += zlib.crc32(mb.inputs.input_ids.cpu().numpy().tobytes())
+        counts[TILES] += stats.tiles
+        counts[SUM_SQ] += float(sum(n * n for n in stats.sample_lengths))  # attention cost of the packed samples
     counts[EXHAUSTED] = float(exhausted)
     return counts
 
@@ -125,7 +115,7 @@ class Trainer:
         """
         self._stop_requested = True
 
-    def fit(self, batches: Iterable[dict[str, Any]], *, max_steps: int | None = None) -> list[dict[str, Any]]:
+    def fit(self, batches: Iterable[Batch], *, max_steps: int | None = None) -> list[dict[str, Any]]:
         """Train until max_steps (default train.max_training_steps), the data ends, or a stop is requested."""
         end = max_steps or self.cfg.train.max_training_steps
         stream = iter(batches)
@@ -143,13 +133,13 @@ class Trainer:
             self._run_step(micro, counts, started=started, data_wait=wait)
         return self.history
 
-    def train_step(self, micro_batches: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    def train_step(self, micro_batches: Sequence[Batch]) -> dict[str, Any]:
         """One optimizer step over this rank's micro-batches (collective: every rank calls it)."""
         started = time.perf_counter()
         counts = self._global_counts(micro_batches, exhausted=False)
         return self._run_step(micro_batches, counts, started=started, data_wait=0.0)
 
-    def _take(self, stream: Iterator[dict[str, Any]]) -> list[dict[str, Any]]:
+    def _take(self, stream: Iterator[Batch]) -> list[Batch]:
         micro = []
         for _ in range(self.backend.accumulation):
             try:
@@ -158,12 +148,12 @@ class Trainer:
                 break
         return micro
 
-    def _global_counts(self, micro: Sequence[dict[str, Any]], *, exhausted: bool) -> torch.Tensor:
+    def _global_counts(self, micro: Sequence[Batch], *, exhausted: bool) -> torch.Tensor:
         counts = local_counts(micro, exhausted=exhausted)
         return dist.all_reduce_sum(counts.to(self.backend.device)).cpu()
 
     def _run_step(
-        self, micro: Sequence[dict[str, Any]], counts: torch.Tensor, *, started: float, data_wait: float
+        self, micro: Sequence[Batch], counts: torch.Tensor, *, started: float, data_wait: float
     ) -> dict[str, Any]:
         n_targets = max(int(counts[TARGETS]), 1)
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.backend.device)

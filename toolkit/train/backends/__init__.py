@@ -13,7 +13,7 @@ import torch
 
 from toolkit.config import Config, ConfigError
 from toolkit.dist import DistEnv, dist_env, resolve_device
-from toolkit.train.backends.base import Backend, StepResult
+from toolkit.train.backends.base import Backend, Capabilities, StepResult
 
 BACKENDS = {
     "single": ("toolkit.train.backends.single", "SingleBackend"),
@@ -23,16 +23,20 @@ BACKENDS = {
 }
 
 
+def backend_class(name: str, *, field: str = "backend.name") -> type[Backend]:
+    """The class of backend `name` (its engine's module imported now); `field` names where the name came from."""
+    if name not in BACKENDS:
+        raise ConfigError(f"{field}={name!r} is not a backend; choose one of {', '.join(BACKENDS)}")
+    module_name, class_name = BACKENDS[name]
+    return getattr(importlib.import_module(module_name), class_name)
+
+
 def build_backend(cfg: Config, *, env: DistEnv | None = None, device: torch.device | None = None) -> Backend:
     """The backend cfg.backend.name names, configured but not set up (no process group is started)."""
-    name = cfg.backend.name
-    if name not in BACKENDS:
-        raise ConfigError(f"backend.name={name!r} is not a backend; choose one of {', '.join(BACKENDS)}")
+    cls = backend_class(cfg.backend.name)
     env = env or dist_env()
     device = device or resolve_device(cfg.backend.device, env)
-    module_name, class_name = BACKENDS[name]
-    cls = getattr(importlib.import_module(module_name), class_name)
     return cls(cfg, env=env, device=device)
 
 
-__all__ = ["BACKENDS", "Backend", "StepResult", "build_backend"]
+__all__ = ["BACKENDS", "Backend", "Capabilities", "StepResult", "backend_class", "build_backend"]

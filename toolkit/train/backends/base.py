@@ -5,6 +5,11 @@
     step(skip=False) -> StepResult              clip on the global norm, update, advance the schedule
     save(dir, client_state) / load(dir)         the engine's native checkpoint of model + optimizer + schedule
     full_state_dict()                           fp32 weights gathered on rank 0 (collective), for export
+    eval_loss(micro_batch)                      (loss sum, targets) without gradients, every rank (collective)
+    read_full_weights(dir, model)               classmethod: full weights from a saved `dir`, one process, offline
+
+A backend also declares what it can do (`capabilities`), so that the run, the checkpointer and the exporter ask
+it rather than test its name; only this package knows a backend's name, its engine and its files.
 
 Token weighting lives in this contract: the loop passes `loss_scale = 1 / (target tokens of the whole optimizer
 step, summed over micro-batches and ranks)`, and every backend turns `loss_sum * loss_scale` into gradients that
@@ -31,13 +36,23 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from toolkit import dist
 from toolkit.config import Config, TrainConfig
+from toolkit.data.batch import Batch
 from toolkit.dist import DistEnv
 from toolkit.model.attention import check_kernel
 from toolkit.train.optim import ParamGroup, group_lrs
 from toolkit.train.schedule import WarmupCosine
 
-MODEL_KEYS = ("input_ids", "labels", "position_ids", "pixel_values", "attention_mask")
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a backend can do; callers branch on these, never on the backend's name."""
+
+    distributed: bool  # needs a process group (started once, by `start_process_group`, before setup)
+    reshardable: bool  # its checkpoint loads onto another number of ranks
+    async_save: bool = False  # can write a checkpoint while training continues
+    offline_weights: bool = True  # `read_full_weights` reads its own checkpoint's full weights in one process
 
 
 @dataclass
@@ -45,11 +60,6 @@ class StepResult:
     grad_norm: float  # global L2 norm of the gradient before clipping (inf/NaN when the step was skipped)
     lrs: dict[str, float]  # LR each group used for this update, by group name (frozen = 0)
     skipped: bool = False  # no update: the loss or the gradient was not finite
-
-
-def model_inputs(batch: dict[str, Any], device: torch.device) -> dict[str, torch.Tensor]:
-    """The batch keys the model takes, on the device; loader extras (stats, keys) are left out."""
-    return {k: batch[k].to(device, non_blocking=True) for k in MODEL_KEYS if batch.get(k) is not None}
 
 
 def _checkpointed_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
@@ -105,6 +115,7 @@ class Backend(ABC):
     """One training engine. Construction reads and checks the config only: no process group, no model."""
 
     name = ""
+    capabilities = Capabilities(distributed=True, reshardable=False)
 
     def __init__(self, cfg: Config, *, env: DistEnv, device: torch.device) -> None:
         self.cfg = cfg
@@ -134,10 +145,15 @@ class Backend(ABC):
         """The model itself (unwrapped; sharded under FSDP2/ZeRO-3), for names, eval and inspection."""
 
     # -- the interface --
+    def start_process_group(self) -> None:
+        """Start the process group this backend trains in, once per process; nothing when it needs none."""
+        if self.capabilities.distributed and not dist.is_distributed():
+            dist.init_distributed(self.device, self.env)
+
     @abstractmethod
     def setup(self, model: nn.Module, param_groups: list[ParamGroup], schedule: WarmupCosine) -> None: ...
 
-    def forward_backward(self, micro_batch: dict[str, Any], loss_scale: float) -> torch.Tensor:
+    def forward_backward(self, micro_batch: Batch, loss_scale: float) -> torch.Tensor:
         """Forward and backward of one micro-batch; gradients accumulate until `step`.
 
         `loss_scale` is 1 / (global target tokens of this optimizer step). Returns this rank's summed token loss
@@ -150,7 +166,7 @@ class Backend(ABC):
             )
         last = self._micro == self.accumulation - 1
         self._micro += 1
-        inputs = model_inputs(micro_batch, self.device)
+        inputs = micro_batch.inputs.to(self.device).as_kwargs()
         with self._micro_step(last=last):
             out = self._forward(inputs)
             self._backward(out.loss_sum * (loss_scale * self.grad_average_factor))
@@ -179,6 +195,12 @@ class Backend(ABC):
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
         """Collective: the full fp32 model state (module.state_dict() keys) on rank 0, None on other ranks."""
 
+    @classmethod
+    @abstractmethod
+    def read_full_weights(cls, path: str | Path, model: nn.Module) -> dict[str, torch.Tensor]:
+        """Offline (one process, no process group): the full weights that `save(path)` wrote, as a state dict
+        with `model.state_dict()`'s keys. `model` is a freshly built model of the run's config, for shapes."""
+
     @abstractmethod
     def optimizer_state_numel(self) -> int:
         """Elements of optimizer state tensors held by this rank (AdamW moments), for tests and benchmarks."""
@@ -188,7 +210,7 @@ class Backend(ABC):
         return
 
     @torch.no_grad()
-    def eval_loss(self, micro_batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    def eval_loss(self, micro_batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """(sum of token losses, target tokens) of one micro-batch without gradients.
 
         Dropout is off, but the root keeps its training flag so a rank without an image still runs the vision
@@ -199,7 +221,7 @@ class Backend(ABC):
         module.training = True
         try:
             with self._autocast():
-                out = self._model_call(model_inputs(micro_batch, self.device))
+                out = self._model_call(micro_batch.inputs.to(self.device).as_kwargs())
         finally:
             module.train()
         return out.loss_sum.detach().float(), out.n_targets.detach()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
 from collections.abc import Iterator
@@ -26,12 +27,23 @@ from torch import nn
 
 from toolkit import dist
 from toolkit.config import Config, ConfigError
-from toolkit.train.backends.base import Backend, StepResult, clip_grad_norm, prepare_blocks, tensor_state_numel
+from toolkit.train.backends.base import (
+    Backend,
+    Capabilities,
+    StepResult,
+    clip_grad_norm,
+    prepare_blocks,
+    tensor_state_numel,
+)
 from toolkit.train.optim import ParamGroup, build_optimizer, freeze_frozen_groups, group_lrs
 from toolkit.train.schedule import WarmupCosine, build_scheduler
 
 CHECKPOINT_TAG = "deepspeed"
 REPO_ROOT = Path(__file__).resolve().parents[3]
+PICKLE_WARNING = (
+    "%s: DeepSpeed reads its checkpoint files with Python's pickle, which can run code hidden in a file. "
+    "The toolkit cannot make that safe: resume from and export only DeepSpeed checkpoints you wrote yourself"
+)
 
 
 def _find_config(path: str) -> Path:
@@ -147,6 +159,7 @@ def _updates_disabled(optimizer: torch.optim.Optimizer) -> Iterator[None]:
 
 class DeepSpeedBackend(Backend):
     name = "deepspeed"
+    capabilities = Capabilities(distributed=True, reshardable=False)  # its ZeRO shards are per world size
 
     def __init__(self, cfg: Config, **kwargs: Any) -> None:
         super().__init__(cfg, **kwargs)
@@ -211,6 +224,7 @@ class DeepSpeedBackend(Backend):
         self.engine.save_checkpoint(str(path), tag=CHECKPOINT_TAG, client_state=state, save_latest=False)
 
     def load(self, path: str | Path) -> dict:
+        dist.log0(PICKLE_WARNING, path, level=logging.WARNING)
         loaded, state = self.engine.load_checkpoint(
             str(path), tag=CHECKPOINT_TAG, load_optimizer_states=True, load_lr_scheduler_states=False
         )
@@ -218,6 +232,15 @@ class DeepSpeedBackend(Backend):
             raise FileNotFoundError(f"no DeepSpeed checkpoint under {Path(path) / CHECKPOINT_TAG}")
         self.scheduler.load_state_dict(state["toolkit_scheduler"])
         return state["toolkit_client_state"]
+
+    @classmethod
+    def read_full_weights(cls, path: str | Path, model: nn.Module) -> dict[str, torch.Tensor]:
+        """fp32 master weights from the optimizer shards (DeepSpeed's zero_to_fp32 reader, any stage)."""
+        _import_deepspeed(torch.device("cpu"))
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        logging.getLogger(__name__).warning(PICKLE_WARNING, path)
+        return get_fp32_state_dict_from_zero_checkpoint(str(path), tag=CHECKPOINT_TAG)
 
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
         """fp32 master weights (not the bf16 working copy); frozen parameters as the module holds them."""

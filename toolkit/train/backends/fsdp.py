@@ -14,12 +14,18 @@ data-parallel ranks, so the loss is multiplied by the world size to keep token-w
 from __future__ import annotations
 
 import contextlib
+import pathlib
+import pickle
+import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.distributed.checkpoint as dcp
+import torch.distributed.checkpoint.filesystem as dcp_filesystem
+import torch.distributed.checkpoint.metadata as dcp_metadata
 from torch import nn
+from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -32,15 +38,64 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from toolkit import dist
 from toolkit.config import ConfigError
-from toolkit.train.backends.base import TorchOptimizerBackend, prepare_blocks, tensor_state_numel
+from toolkit.train.backends.base import Capabilities, TorchOptimizerBackend, prepare_blocks, tensor_state_numel
 from toolkit.train.optim import ParamGroup, build_optimizer, freeze_frozen_groups
+from toolkit.train.safe_load import UnsafeCheckpointError, load_plain
 from toolkit.train.schedule import WarmupCosine, build_scheduler
 
 EXTRA_FILE = "fsdp_extra.pt"  # schedule state and client state, written by rank 0 beside the DCP shards
 
 
+class _MetadataUnpickler(pickle.Unpickler):
+    """DCP's `.metadata` is a plain pickle; this reads it allowing only the classes that describe tensor shards.
+
+    DCP itself unpickles the file with no restriction, so a replaced `.metadata` would run code on resume or
+    export. Its shard files are already read with `torch.load(weights_only=True)`.
+    """
+
+    _ALLOWED: ClassVar[dict[tuple[str, str], Any]] = {
+        ("torch", "Size"): torch.Size,
+        ("torch.serialization", "_get_layout"): torch.serialization._get_layout,
+        ("torch.distributed.checkpoint.filesystem", "_StorageInfo"): dcp_filesystem._StorageInfo,
+        **{("pathlib", cls.__name__): cls for cls in (pathlib.PosixPath, pathlib.PurePosixPath, pathlib.WindowsPath)},
+    }
+
+    def __init__(self, fh: Any, where: Path) -> None:
+        super().__init__(fh)
+        self.where = where
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in self._ALLOWED:
+            return self._ALLOWED[module, name]
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        if module == dcp_metadata.__name__ and isinstance(getattr(dcp_metadata, name, None), type):
+            return getattr(dcp_metadata, name)  # the dataclasses and enums that describe the shards
+        raise UnsafeCheckpointError(
+            f"{self.where} names {module}.{name}, which no DCP checkpoint needs; it was not loaded (unpickling it "
+            "could run code). Use a checkpoint you wrote yourself."
+        )
+
+
+class _SafeReader(FileSystemReader):
+    """DCP's file reader with the metadata read by `_MetadataUnpickler`."""
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> dcp_metadata.Metadata:
+        rank = kwargs.get("rank")
+        file = Path(self.path) / (".metadata" if rank is None else f"__{rank}.metadata")
+        with open(file, "rb") as fh:
+            metadata = _MetadataUnpickler(fh, file).load()
+        if not isinstance(metadata, dcp_metadata.Metadata):
+            raise UnsafeCheckpointError(f"{file} is not DCP metadata; it was not loaded")
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = dcp_metadata.StorageMeta()
+        metadata.storage_meta.load_id = getattr(self, "load_id", None)
+        return metadata
+
+
 class FSDPBackend(TorchOptimizerBackend):
     name = "fsdp"
+    capabilities = Capabilities(distributed=True, reshardable=True)  # DCP reshards onto any world size
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -115,13 +170,31 @@ class FSDPBackend(TorchOptimizerBackend):
         path = Path(path)
         if not (path / EXTRA_FILE).exists():
             raise FileNotFoundError(f"{path / EXTRA_FILE} not found: not a checkpoint of backend fsdp")
+        extra = load_plain(path / EXTRA_FILE, what="the fsdp backend's schedule and client state")
+        reader = _SafeReader(str(path))
+        reader.read_metadata()  # a refused file raises here, not wrapped in DCP's per-rank CheckpointException
         state = self._sharded_state()
-        dcp.load(state, checkpoint_id=str(path))
+        dcp.load(state, storage_reader=reader)
         set_model_state_dict(self.model, state["model"])
         set_optimizer_state_dict(self.model, self.optimizer, state["optim"])
-        extra = torch.load(path / EXTRA_FILE, map_location="cpu", weights_only=False)
         self.scheduler.load_state_dict(extra["scheduler"])
         return extra["client_state"]
+
+    @classmethod
+    def read_full_weights(cls, path: str | Path, model: nn.Module) -> dict[str, torch.Tensor]:
+        """DCP reshards the saved shards into the full tensors of a plain model (one process, no group)."""
+        state = {"model": model.state_dict()}  # tied weights: one storage under two names, either one fills it
+        reader = _SafeReader(str(path))
+        saved = set(reader.read_metadata().state_dict_metadata)
+        covered = {t.data_ptr() for k, t in state["model"].items() if f"model.{k}" in saved}
+        missing = [k for k, t in state["model"].items() if t.data_ptr() not in covered]
+        if missing:
+            raise ValueError(f"{path} holds no weights for {', '.join(missing[:3])}: not this run's model")
+        planner = DefaultLoadPlanner(allow_partial_load=True)  # the optimizer's entries stay on disk
+        with warnings.catch_warnings():  # DCP warns that it loads in one process, which is what is asked
+            warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+            dcp.load(state, storage_reader=reader, planner=planner, no_dist=True)
+        return state["model"]
 
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)

@@ -17,8 +17,9 @@ from torch.nn.parallel import DistributedDataParallel
 
 from toolkit import dist
 from toolkit.config import ConfigError
-from toolkit.train.backends.base import TorchOptimizerBackend, prepare_blocks, tensor_state_numel
+from toolkit.train.backends.base import Capabilities, TorchOptimizerBackend, prepare_blocks, tensor_state_numel
 from toolkit.train.optim import ParamGroup, build_optimizer, freeze_frozen_groups
+from toolkit.train.safe_load import load_plain
 from toolkit.train.schedule import WarmupCosine, build_scheduler
 
 STATE_FILE = "state.pt"
@@ -28,6 +29,7 @@ class SingleBackend(TorchOptimizerBackend):
     """One process, one device; also the reference every other backend is tested against."""
 
     name = "single"
+    capabilities = Capabilities(distributed=False, reshardable=True)  # one full copy: any world size reads it
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -78,14 +80,15 @@ class SingleBackend(TorchOptimizerBackend):
         dist.barrier()
 
     def load(self, path: str | Path) -> dict:
-        file = Path(path) / STATE_FILE
-        if not file.exists():
-            raise FileNotFoundError(f"{file} not found: not a checkpoint of backend {self.name} (single/ddp)")
-        state = torch.load(file, map_location="cpu", weights_only=False)
+        state = _read_state(Path(path), self.name)
         self._module.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         return state["client_state"]
+
+    @classmethod
+    def read_full_weights(cls, path: str | Path, model: nn.Module) -> dict[str, torch.Tensor]:
+        return _read_state(Path(path), cls.name)["model"]
 
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
         if self.env.rank != 0:
@@ -96,10 +99,18 @@ class SingleBackend(TorchOptimizerBackend):
         return tensor_state_numel(self.optimizer.state)
 
 
+def _read_state(path: Path, name: str) -> dict:
+    file = path / STATE_FILE
+    if not file.exists():
+        raise FileNotFoundError(f"{file} not found: not a checkpoint of backend {name} (single/ddp)")
+    return load_plain(file, what=f"the {name} backend's model, optimizer and schedule state")
+
+
 class DDPBackend(SingleBackend):
     """DistributedDataParallel over every rank; gradients all-reduced once per optimizer step."""
 
     name = "ddp"
+    capabilities = Capabilities(distributed=True, reshardable=True)
 
     @property
     def grad_average_factor(self) -> float:

@@ -41,15 +41,14 @@ import numpy as np
 from tqdm import tqdm
 
 from toolkit.config import ModelConfig
-from toolkit.data.samples import SkipRow, encode_row
-from toolkit.data.sources import ListSource as ListSource  # re-exported: callers build Python rows from here
-from toolkit.data.sources import ShardDataError, Source, open_source
-from toolkit.data.token_stats import TokenCounter, TokenSpec, resolve_token_spec, token_histogram
+from toolkit.data.format import FORMAT, MANIFEST, image_member, json_member, shard_name
+from toolkit.data.prepare.samples import SkipRow, encode_row
+from toolkit.data.prepare.sources import ListSource as ListSource  # re-exported: callers build rows from here
+from toolkit.data.prepare.sources import ShardDataError, Source, open_source
+from toolkit.data.prepare.token_stats import TokenCounter, TokenSpec, resolve_token_spec, token_histogram
 
 log = logging.getLogger(__name__)
 
-FORMAT = "nanovlm-scale-shards/1"
-MANIFEST = "manifest.json"
 PROGRESS_DIR = ".progress"
 _TAR_MTIME = 946684800  # fixed (2000-01-01) so that shard bytes depend on content only
 _LOGGED_PER_REASON = 3
@@ -103,7 +102,7 @@ class ShardJob:
 
     @property
     def name(self) -> str:
-        return f"shard-{self.index:06d}.tar"
+        return shard_name(self.index)
 
 
 _LOGGED: Counter = Counter()  # skips logged by this process, per reason
@@ -143,9 +142,9 @@ def write_shard(
                     skips[skip.reason] += 1
                     _log_skip(index, label, skip)
                     continue
-                _add_member(tar, f"{sample.key}.json", sample.json)
+                _add_member(tar, json_member(sample.key), sample.json)
                 for i, (ext, data) in enumerate(sample.images):
-                    _add_member(tar, f"{sample.key}.img{i}.{ext}", data)
+                    _add_member(tar, image_member(sample.key, i, ext), data)
                 if counter is not None:
                     lengths.append(counter(sample))
                 samples += 1

@@ -27,6 +27,7 @@ import numpy as np
 from PIL import Image
 
 from toolkit.config import ConfigError
+from toolkit.data.format import INVALID_JSON
 
 _ROW_OVERHEAD = 1024  # tar headers and JSON punctuation per row, for the byte estimate
 _READ_BATCH = 64  # rows read from Arrow at once: bounds memory when rows hold large images
@@ -171,7 +172,7 @@ class JsonlSource(Source):
                 try:
                     row = json.loads(fh.read(length))
                 except ValueError as exc:
-                    yield index, self.name, BadRow("invalid_json", str(exc))
+                    yield index, self.name, BadRow(INVALID_JSON, str(exc))
                     continue
                 if isinstance(row, dict) and isinstance(row.get("images"), list):
                     row["images"] = [str(self.images / p) if isinstance(p, str) else p for p in row["images"]]

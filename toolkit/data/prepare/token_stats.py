@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from toolkit.config import ModelConfig
-from toolkit.data.samples import Sample
-from toolkit.data.sources import ShardDataError
+from toolkit.data.prepare.samples import Sample
+from toolkit.data.prepare.sources import ShardDataError
 
 
 @dataclass

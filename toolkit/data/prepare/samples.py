@@ -1,7 +1,7 @@
 """One source row -> one shard sample: validate the row, read and fully decode its images, encode its JSON part.
 
 One job: the sample format. encode_row either returns a Sample (the `KEY.json` bytes plus each image's original
-encoded bytes and size) or raises SkipRow with one of SKIP_REASONS, so the writer can count bad rows by reason and
+encoded bytes and size) or raises SkipRow with one of format.WRITE_SKIPS, so the writer can count bad rows by reason and
 keep going. Every image is decoded here once, so a corrupt image is found while converting, not while training.
 It reads nothing from disk beyond image paths named in the row; where rows come from is sources.py's job.
 """
@@ -16,15 +16,14 @@ from typing import Any
 
 from PIL import Image
 
-from toolkit.data.sources import BadRow, _encode_json, _is_json
+from toolkit.data.format import MISSING_IMAGE, NO_TEXTS, UNREADABLE_IMAGE, WRONG_TYPE
+from toolkit.data.prepare.sources import BadRow, _encode_json, _is_json
 
-#: Why a row can be skipped; the manifest's "skipped" counts these.
-SKIP_REASONS = ("no_texts", "wrong_type", "unreadable_image", "missing_image", "invalid_json")
 _EXTENSIONS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "BMP": "bmp", "TIFF": "tiff"}
 
 
 class SkipRow(Exception):
-    """A row that cannot become a sample; `reason` is one of SKIP_REASONS."""
+    """A row that cannot become a sample; `reason` is one of format.WRITE_SKIPS (the manifest counts them)."""
 
     def __init__(self, reason: str, detail: str = "") -> None:
         super().__init__(f"{reason}: {detail}" if detail else reason)
@@ -42,13 +41,13 @@ class Sample:
 
 def _check_texts(texts: Any) -> list[dict[str, str]]:
     if texts is None or (isinstance(texts, (list, tuple)) and not texts):
-        raise SkipRow("no_texts")
+        raise SkipRow(NO_TEXTS)
     if not isinstance(texts, (list, tuple)):
-        raise SkipRow("wrong_type", f"texts is a {type(texts).__name__}, not a list of {{user, assistant}}")
+        raise SkipRow(WRONG_TYPE, f"texts is a {type(texts).__name__}, not a list of {{user, assistant}}")
     turns = []
     for turn in texts:
         if not (isinstance(turn, dict) and all(isinstance(turn.get(k), str) for k in ("user", "assistant"))):
-            raise SkipRow("wrong_type", f"turn {turn!r:.80} is not {{user: str, assistant: str}}")
+            raise SkipRow(WRONG_TYPE, f"turn {turn!r:.80} is not {{user: str, assistant: str}}")
         turns.append({"user": turn["user"], "assistant": turn["assistant"]})
     return turns
 
@@ -57,7 +56,7 @@ def _read_path(path: str) -> bytes:
     try:
         return Path(path).read_bytes()
     except OSError as exc:
-        raise SkipRow("missing_image", str(exc)) from exc
+        raise SkipRow(MISSING_IMAGE, str(exc)) from exc
 
 
 def _image_bytes(item: Any) -> bytes:
@@ -79,7 +78,7 @@ def _image_bytes(item: Any) -> bytes:
             return bytes(data)
         if data is None and isinstance(path, str) and path:
             return _read_path(path)
-    raise SkipRow("wrong_type", f"image entry of type {type(item).__name__} has neither bytes nor a path")
+    raise SkipRow(WRONG_TYPE, f"image entry of type {type(item).__name__} has neither bytes nor a path")
 
 
 def _inspect_image(data: bytes) -> tuple[str, tuple[int, int]]:
@@ -89,7 +88,7 @@ def _inspect_image(data: bytes) -> tuple[str, tuple[int, int]]:
             img.load()
             return _EXTENSIONS.get(img.format or "", (img.format or "bin").lower()), img.size
     except Exception as exc:  # PIL raises OSError, ValueError, SyntaxError, DecompressionBombError ...
-        raise SkipRow("unreadable_image", f"{type(exc).__name__}: {exc}") from exc
+        raise SkipRow(UNREADABLE_IMAGE, f"{type(exc).__name__}: {exc}") from exc
 
 
 def encode_row(index: int, label: str, row: Any) -> Sample:
@@ -97,13 +96,13 @@ def encode_row(index: int, label: str, row: Any) -> Sample:
     if isinstance(row, BadRow):
         raise SkipRow(row.reason, row.detail)
     if not isinstance(row, dict):
-        raise SkipRow("wrong_type", f"row is a {type(row).__name__}, not an object")
+        raise SkipRow(WRONG_TYPE, f"row is a {type(row).__name__}, not an object")
     texts = _check_texts(row.get("texts"))
     items = row.get("images")
     if items is None:
         items = []
     if not isinstance(items, (list, tuple)):
-        raise SkipRow("wrong_type", f"images is a {type(items).__name__}, not a list")
+        raise SkipRow(WRONG_TYPE, f"images is a {type(items).__name__}, not a list")
     images, sizes = [], []
     for item in items:
         data = _image_bytes(item)
@@ -116,5 +115,5 @@ def encode_row(index: int, label: str, row: Any) -> Sample:
     try:
         encoded = _encode_json(meta)
     except ValueError as exc:  # e.g. a lone surrogate from a JSONL escape: not encodable as UTF-8
-        raise SkipRow("wrong_type", f"text is not valid Unicode ({exc})") from exc
+        raise SkipRow(WRONG_TYPE, f"text is not valid Unicode ({exc})") from exc
     return Sample(key=f"{index:010d}", meta=meta, json=encoded, images=images, sizes=sizes)

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from toolkit.data.shard_writer import OutMismatchError, ShardDataError, Source, TokenSpec, write_shards
+from toolkit.data.prepare.shard_writer import OutMismatchError, ShardDataError, Source, TokenSpec, write_shards
 
 IMAGE_SIZE = 64
 COLOURS: dict[str, tuple[int, int, int]] = {

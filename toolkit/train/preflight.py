@@ -1,0 +1,89 @@
+"""Checks of everything a run reads late, made before any rank starts, so a wrong value never costs a run.
+
+Validation shards are first opened at the first validation, backbones once the model is built, the run folder
+at the first checkpoint. A typo in any of them used to surface hours in (or at the very end, losing the last
+checkpoint). Each check here is cheap (paths, manifests, headers) and names the field to fix. Nothing is written:
+a refused run leaves no run folder behind.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from toolkit.config import Config, ConfigError
+from toolkit.data.order import check_layout
+from toolkit.data.shards import resolve_sets
+from toolkit.data.tokenizer import VLMTokenizer, load_tokenizer
+
+EVAL_FIELDS = ("eval_interval", "eval_max_batches", "eval_accuracy_samples")
+
+
+def derive_accumulation(cfg: Config, world: int) -> None:
+    """train.global_batch_size -> train.gradient_accumulation_steps for this world size (in place), and the
+    virtual-reader layout checked; a global batch this world size cannot split is refused."""
+    t = cfg.train
+    global_batch = t.global_batch_size or t.batch_size * t.gradient_accumulation_steps * world
+    if cfg.data.virtual_readers:  # first: its message lists the world sizes this order allows
+        check_layout(
+            cfg.data.virtual_readers,
+            world=world,
+            workers=cfg.data.num_workers,
+            batch_size=t.batch_size,
+            global_batch=global_batch,
+        )
+    if global_batch % (t.batch_size * world):
+        raise ConfigError(
+            f"train.global_batch_size={global_batch} is not a multiple of train.batch_size x world size = "
+            f"{t.batch_size} x {world}; choose a global batch, batch size and number of ranks that divide"
+        )
+    t.gradient_accumulation_steps = global_batch // (t.batch_size * world)
+
+
+def check_run(cfg: Config) -> VLMTokenizer:
+    """Raise ConfigError naming the first field that would fail later in the run; returns the tokenizer, which
+    checking model.tokenizer (and its fit to the model's vocabulary) has loaded anyway."""
+    tokenizer = load_tokenizer(cfg.model)
+    resolve_sets(cfg.data.train_shards, name="data.train_shards")
+    _check_eval(cfg)
+    for field in ("vision_backbone", "language_backbone"):
+        _check_backbone(f"model.{field}", getattr(cfg.model, field))
+    _check_writable("train.run_dir", Path(cfg.train.run_dir))
+    return tokenizer
+
+
+def _check_eval(cfg: Config) -> None:
+    t = cfg.train
+    if cfg.data.val_shards:
+        resolve_sets(cfg.data.val_shards, name="data.val_shards")
+        return
+    for field in EVAL_FIELDS:
+        if getattr(t, field):
+            raise ConfigError(
+                f"train.{field}={getattr(t, field)} asks for validation but data.val_shards is empty; "
+                f"set data.val_shards to held-out shards, or train.{field}=0"
+            )
+
+
+def _check_backbone(field: str, folder: str) -> None:
+    if not folder:
+        return
+    path = Path(folder)
+    if not (path / "config.json").is_file():
+        raise ConfigError(
+            f"{field}={folder} is not a Hugging Face model folder (no config.json there); "
+            f"give a local folder saved with save_pretrained, or leave {field} empty to start from scratch"
+        )
+    if not any(path.glob("*.safetensors")) and not any(path.glob("pytorch_model*.bin")):
+        raise ConfigError(f"{field}={folder} holds no *.safetensors or pytorch_model*.bin weights")
+
+
+def _check_writable(field: str, path: Path) -> None:
+    """The folder, or the nearest parent that exists, must be a writable folder (checked without writing)."""
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ConfigError(f"{field}={path}: {probe} is a file, not a folder; choose another {field}")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ConfigError(f"{field}={path}: {probe} is not writable by this user; choose another {field}")
