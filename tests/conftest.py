@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -33,6 +34,19 @@ def torchrun(nproc: int, *target: str) -> list[str]:
     """`python -m torch.distributed.run` on a free local port, then the target (a script, or -m module ...)."""
     return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
             f"--master_port={free_port()}", *target]  # fmt: skip
+
+
+def run_ranks(nproc: int, *target: str, timeout: int, env: dict | None = None) -> subprocess.CompletedProcess:
+    """torchrun `target` on `nproc` CPU ranks; a hang or a crash fails the test with the ranks' output."""
+    env = env if env is not None else {**os.environ, **CPU_ENV}
+    try:
+        proc = subprocess.run(torchrun(nproc, *target), cwd=REPO, env=env, capture_output=True, text=True,
+                              timeout=timeout)  # fmt: skip
+    except subprocess.TimeoutExpired as exc:
+        pytest.fail(f"{nproc}-rank worker hung (killed after {exc.timeout}s):\n{(exc.stderr or b'')[-6000:]!r}")
+    if proc.returncode != 0:
+        pytest.fail(f"{nproc}-rank worker failed with exit code {proc.returncode}:\n{proc.stderr[-8000:]}")
+    return proc
 
 
 @pytest.fixture

@@ -23,7 +23,7 @@ import backend_worker as bw
 import pytest
 import torch
 
-from tests.conftest import CPU_ENV, torchrun
+from tests.conftest import CPU_ENV, run_ranks, torchrun
 from toolkit import dist
 from toolkit.config import ConfigError, load_config
 from toolkit.data.batch import Batch, ModelInputs
@@ -72,14 +72,7 @@ def references() -> dict[str, dict]:
 def launched(tmp_path_factory) -> tuple[dict, Path]:
     """Every 2-rank scenario in one torchrun launch; a hang or a crash fails here with the ranks' output."""
     out = tmp_path_factory.mktemp("backends")
-    cmd = torchrun(2, str(REPO / "tests" / "backend_worker.py"), "--out", str(out))
-    env = {**os.environ, **CPU_ENV}
-    try:
-        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=480)
-    except subprocess.TimeoutExpired as exc:
-        pytest.fail(f"2-rank worker hung (killed after {exc.timeout}s):\n{(exc.stderr or b'')[-6000:]!r}")
-    if proc.returncode != 0:
-        pytest.fail(f"2-rank worker failed with exit code {proc.returncode}:\n{proc.stderr[-8000:]}")
+    run_ranks(2, str(REPO / "tests" / "backend_worker.py"), "--out", str(out), timeout=480)
     return json.loads((out / "results.json").read_text()), out
 
 

@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import re
-import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -104,18 +103,12 @@ def worker(out: Path) -> None:
 # -- the tests --
 @pytest.fixture(scope="module")
 def launched(tmp_path_factory) -> list[dict]:
-    from conftest import CPU_ENV, torchrun
+    from conftest import CPU_ENV, run_ranks
 
     out = tmp_path_factory.mktemp("fsdp_views")
-    cmd = torchrun(2, str(Path(__file__).resolve()), "--out", str(out))
     env = {**os.environ, **CPU_ENV}
     env.pop("PYTHONWARNINGS", None)  # the ranks record warnings themselves; a global filter would hide them
-    try:
-        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    except subprocess.TimeoutExpired as exc:
-        pytest.fail(f"2-rank FSDP2 worker hung (killed after {exc.timeout}s):\n{(exc.stderr or b'')[-6000:]!r}")
-    if proc.returncode != 0:
-        pytest.fail(f"2-rank FSDP2 worker failed with exit code {proc.returncode}:\n{proc.stderr[-8000:]}")
+    run_ranks(2, str(Path(__file__).resolve()), "--out", str(out), timeout=300, env=env)
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
 
 

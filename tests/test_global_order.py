@@ -8,21 +8,18 @@ ranks are compared in test_losses_agree_on_1_2_and_4_ranks.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 from pathlib import Path
 
 import pytest
 import shardgen
 
-from tests.conftest import CPU_ENV, torchrun
+from tests.conftest import run_ranks
 from toolkit.config import ConfigError
 from toolkit.data.loader import build_loader
 from toolkit.data.order import allowed_world_sizes, owned_readers
 from toolkit.data.prepare.synthetic import write_synth
 from toolkit.train.preflight import derive_accumulation
 
-REPO = Path(__file__).resolve().parent.parent
 VIRTUAL, GLOBAL, BATCH = 4, 4, 1
 
 
@@ -102,34 +99,6 @@ def test_layout_rules_and_refusals(tok, tmp_path):
         derive_accumulation(cfg, 4)
 
 
-@pytest.mark.multiproc
-@pytest.mark.timeout(600)
-def test_losses_agree_on_1_2_and_4_ranks(tmp_path):
-    """The real loader, the real trainer: 8 steps of the same global batch on 1, 2 and 4 DDP ranks (fp32)."""
-    synth = tmp_path / "synth"
-    write_synth(str(synth), samples=96, val_samples=8, seed=0)
-    env = {**os.environ, **CPU_ENV}
-    runs = {}
-    for world in (1, 2, 4):
-        run = tmp_path / f"w{world}"
-        args = [
-            "-m", "toolkit", "train", "--config", "tiny", "backend.name=ddp", "backend.precision=fp32",
-            "backend.device=cpu", f"model.tokenizer={synth / 'tokenizer'}", f"data.train_shards={synth / 'train'}",
-            "data.val_shards=", "data.num_workers=0", "data.shuffle_buffer=16", f"data.virtual_readers={VIRTUAL}",
-            f"train.batch_size={BATCH}", f"train.global_batch_size={GLOBAL}", "train.max_training_steps=8",
-            "train.eval_interval=0", "train.export_best=false", f"train.run_dir={run}", "train.log_interval=1",
-        ]  # fmt: skip
-        done = subprocess.run(torchrun(world, *args), env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
-        assert done.returncode == 0, done.stderr[-4000:]
-        runs[world] = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    one = runs[1]
-    assert [m["step"] for m in one] == list(range(1, 9))
-    for world in (2, 4):
-        assert [m["batch_digest"] for m in runs[world]] == [m["batch_digest"] for m in one]  # the same rows
-        for a, b in zip(runs[world], one, strict=True):
-            assert a["loss"] == pytest.approx(b["loss"], rel=1e-5), (world, a["step"])
-
-
 def launch(world: int, run: Path, synth: Path, backend: str, *extra: str) -> list[dict]:
     args = [
         "-m", "toolkit", "train", "--config", "tiny", f"backend.name={backend}", "backend.precision=fp32",
@@ -138,10 +107,23 @@ def launch(world: int, run: Path, synth: Path, backend: str, *extra: str) -> lis
         f"train.batch_size={BATCH}", f"train.global_batch_size={GLOBAL}", "train.max_training_steps=8",
         "train.eval_interval=0", "train.export_best=false", f"train.run_dir={run}", "train.log_interval=1", *extra,
     ]  # fmt: skip
-    env = {**os.environ, **CPU_ENV}
-    done = subprocess.run(torchrun(world, *args), env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-4000:]
+    run_ranks(world, *args, timeout=300)
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.multiproc
+@pytest.mark.timeout(600)
+def test_losses_agree_on_1_2_and_4_ranks(tmp_path):
+    """The real loader, the real trainer: 8 steps of the same global batch on 1, 2 and 4 DDP ranks (fp32)."""
+    synth = tmp_path / "synth"
+    write_synth(str(synth), samples=96, val_samples=8, seed=0)
+    runs = {world: launch(world, tmp_path / f"w{world}", synth, "ddp") for world in (1, 2, 4)}
+    one = runs[1]
+    assert [m["step"] for m in one] == list(range(1, 9))
+    for world in (2, 4):
+        assert [m["batch_digest"] for m in runs[world]] == [m["batch_digest"] for m in one]  # the same rows
+        for a, b in zip(runs[world], one, strict=True):
+            assert a["loss"] == pytest.approx(b["loss"], rel=1e-5), (world, a["step"])
 
 
 @pytest.mark.multiproc
