@@ -68,7 +68,7 @@ class Spec:
     """One sample to write: its key, the JSON object (or raw bytes) and its image members."""
 
     key: str
-    meta: dict | bytes
+    meta: dict | bytes | None
     images: list[tuple[str, bytes]] = field(default_factory=list)
 
 
@@ -87,7 +87,8 @@ def write_shard(
     with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
         for spec in samples:
             meta = spec.meta if isinstance(spec.meta, bytes) else json.dumps(spec.meta).encode()
-            for ext, data in [("json", meta), *spec.images]:
+            members = spec.images if spec.meta is None else [("json", meta), *spec.images]  # None: no KEY.json
+            for ext, data in members:
                 info = tarfile.TarInfo(f"{spec.key}.{ext}")
                 info.size = len(data)
                 tar.addfile(info, io.BytesIO(data))

@@ -148,6 +148,13 @@ class DataConfig:
     num_workers: int = opt(2, "Data-loader worker processes per rank.")
     prefetch_factor: int = opt(2, "Batches each worker prepares ahead.")
     seed: int = opt(0, "Seed of shard order, sample shuffle and mixture sampling.")
+    relevance_min_rating: int = opt(1, "Drop turns whose FineVision relevance rating is below this (nanoVLM's rule).")
+    image_correspondence_min_rating: int = opt(1, "Drop turns whose image-correspondence rating is below this.")
+    visual_dependency_min_rating: int = opt(1, "Drop turns whose visual-dependency rating is below this.")
+    formatting_min_rating: int = opt(1, "Drop turns whose formatting rating is below this.")
+    caption_prompt: str = opt(
+        "Describe the image.", "The user turn of an image-caption pair (img2dataset layout: KEY.jpg + KEY.txt/json)."
+    )
     virtual_readers: int = opt(
         0,
         "Fixed readers of the training data that ranks and workers divide among themselves (0 = one reader per rank "

@@ -19,7 +19,8 @@ from PIL import Image
 from toolkit.config import Config
 from toolkit.data.conversation import encode_prompt
 from toolkit.data.images import process_image
-from toolkit.data.shards import ShardScan, Skip, image_members, parse_texts, resolve_shards
+from toolkit.data.shards import ShardScan, image_members, resolve_shards
+from toolkit.data.texts import Skip, parse_texts
 from toolkit.data.tokenizer import VLMTokenizer, load_tokenizer
 from toolkit.model import VisionLanguageModel
 

@@ -38,7 +38,8 @@ from toolkit.data.collate import Encoded, collate
 from toolkit.data.conversation import encode_sample
 from toolkit.data.images import process_image
 from toolkit.data.packing import Packer
-from toolkit.data.shards import DecodeSpec, ShardScan, image_grid, image_members, parse_texts, resolve_shards
+from toolkit.data.shards import DecodeSpec, ShardScan, image_grid, image_members, resolve_shards
+from toolkit.data.texts import parse_texts
 from toolkit.data.tokenizer import VLMTokenizer, load_tokenizer
 
 Row = dict  # {"texts": [...], "images": [bytes, ...]}: one sample as both pipelines receive it

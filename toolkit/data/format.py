@@ -40,9 +40,22 @@ def split_member(name: str) -> tuple[str, str]:
 
 
 def image_exts(exts: Iterable[str]) -> list[str]:
-    """The image extensions among a sample's member extensions, in image order (img0, img1, ..., img10)."""
+    """The image extensions among a sample's member extensions, in image order (img0, img1, ..., img10); for an
+    image-caption pair in img2dataset's layout (`KEY.jpg` ...), its one image."""
+    exts = list(exts)
     found = sorted((int(m.group(1)), ext) for ext in exts if (m := IMAGE_EXT.match(ext)))
-    return [ext for _, ext in found]
+    if found:
+        return [ext for _, ext in found]
+    return [ext for ext in exts if ext.lower() in CAPTION_IMAGE_EXTS][:1]
+
+
+# img2dataset's image-caption layout: KEY.jpg|png|webp with KEY.txt and/or KEY.json {"caption": ...}.
+CAPTION_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+CAPTION_EXT = "txt"
+CAPTION_FIELD = "caption"
+
+# FineVision's per-turn ratings, one list per field in the sample's JSON (nanoVLM's names); filtered at load time.
+RATING_FIELDS = ("relevance_ratings", "image_correspondence_ratings", "visual_dependency_ratings", "formatting_ratings")
 
 
 # Why the reader skips a sample (or a whole shard, for the last three).
@@ -58,7 +71,9 @@ BAD_IMAGE = "bad_image"
 TRUNCATED_TAR = "truncated_tar"  # the tar ends early: its samples before the cut are kept
 BAD_TAR = "bad_tar"
 UNREADABLE_SHARD = "unreadable_shard"
+NO_TURNS_LEFT = "no_turns_left"  # every turn was below a data.*_min_rating
 READ_SKIPS = (
+    NO_TURNS_LEFT,
     NO_JSON,
     BAD_JSON,
     NO_TEXTS,

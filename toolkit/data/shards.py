@@ -38,15 +38,11 @@ from toolkit.config import Config, ConfigError
 from toolkit.data.conversation import encode_sample
 from toolkit.data.format import (
     BAD_IMAGE,
-    BAD_JSON,
     BAD_TAR,
     BAD_TEXT,
-    BAD_TYPES,
     FORMAT,
-    JSON_EXT,
     MANIFEST,
-    NO_JSON,
-    NO_TEXTS,
+    RATING_FIELDS,
     SHARD_SUFFIX,
     TOO_LONG,
     TOO_MANY_IMAGES,
@@ -57,6 +53,7 @@ from toolkit.data.format import (
     split_member,
 )
 from toolkit.data.images import process_image, target_size, tile_count
+from toolkit.data.texts import Skip, parse_texts
 from toolkit.data.tokenizer import VLMTokenizer
 
 log = logging.getLogger(__name__)
@@ -486,14 +483,6 @@ class ShuffleBuffer:
 # ---------------------------------------------------------------------------------------------- decoding
 
 
-class Skip(Exception):
-    """A sample that cannot be trained on; `reason` is the counter it goes to."""
-
-    def __init__(self, reason: str, detail: str = "") -> None:
-        super().__init__(f"{reason}: {detail}")
-        self.reason, self.detail = reason, detail
-
-
 @dataclass(frozen=True)
 class DecodeSpec:
     """Everything decoding needs from the config, in one picklable value."""
@@ -505,6 +494,8 @@ class DecodeSpec:
     max_length: int  # min(data.max_sample_length, model.lm_max_length): longer samples could never be packed
     max_images: int  # min(data.max_images_per_example, data.max_images_per_knapsack)
     max_tiles: int = 0
+    caption_prompt: str | None = None  # image-caption pairs become one turn asking this (None: refused)
+    min_ratings: tuple[tuple[str, int], ...] = ()  # (ratings field, minimum): nanoVLM's per-turn filter
 
     @classmethod
     def from_config(cls, cfg: Config) -> DecodeSpec:
@@ -517,6 +508,8 @@ class DecodeSpec:
             max_length=min(d.max_sample_length, m.lm_max_length),
             max_images=min(d.max_images_per_example, d.max_images_per_knapsack),
             max_tiles=d.max_tiles_per_knapsack,
+            caption_prompt=d.caption_prompt,
+            min_ratings=tuple((f, getattr(d, f.replace("_ratings", "_min_rating"))) for f in RATING_FIELDS),
         )
 
 
@@ -531,23 +524,6 @@ class Sample:
     images: list[bytes]
     grids: list[tuple[int, int]]
     tiles: int
-
-
-def parse_texts(files: dict[str, bytes]) -> list[dict]:
-    if JSON_EXT not in files:
-        raise Skip(NO_JSON, "the sample has no .json member")
-    try:
-        meta = json.loads(files[JSON_EXT])
-    except ValueError as exc:
-        raise Skip(BAD_JSON, str(exc)) from exc
-    texts = meta.get("texts") if isinstance(meta, dict) else None
-    if not texts:
-        raise Skip(NO_TEXTS, "the JSON has no 'texts'")
-    if not isinstance(texts, list) or not all(
-        isinstance(t, dict) and isinstance(t.get("user"), str) and isinstance(t.get("assistant"), str) for t in texts
-    ):
-        raise Skip(BAD_TYPES, "'texts' must be a list of {user: str, assistant: str}")
-    return texts
 
 
 def image_members(files: dict[str, bytes]) -> list[bytes]:
@@ -568,7 +544,7 @@ def image_grid(data: bytes, spec: DecodeSpec) -> tuple[int, int]:
 
 def decode_sample(raw: RawSample, tok: VLMTokenizer, spec: DecodeSpec) -> Sample:
     """Raw tar members -> tokens and labels (nanoVLM's chat template and image string), or `Skip`."""
-    texts = parse_texts(raw.files)
+    texts = parse_texts(raw.files, caption_prompt=spec.caption_prompt, min_ratings=spec.min_ratings)
     images = image_members(raw.files)
     if len(images) > spec.max_images:
         raise Skip(TOO_MANY_IMAGES, f"{len(images)} images > {spec.max_images}")

@@ -1,0 +1,120 @@
+"""FineVision's rating filter, img2dataset's image-caption pairs, and webdataset reading our shards (issue 17)."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import pytest
+import shardgen
+from PIL import Image
+
+from toolkit.data import format as fmt
+from toolkit.data.conversation import encode_sample
+from toolkit.data.loader import data_stats
+from toolkit.data.shards import DecodeSpec, RawSample, ShardScan, decode_sample, image_grid, image_members
+from toolkit.data.tokenizer import load_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory) -> tuple[str, int]:
+    return shardgen.make_tokenizer(tmp_path_factory.mktemp("tok"))
+
+
+def turns(n: int) -> list[dict]:
+    return [{"user": f"question {i}?", "assistant": f"answer {i}"} for i in range(n)]
+
+
+def rated(key: str, n: int, **ratings: list) -> shardgen.Spec:
+    return shardgen.Spec(key, {"texts": turns(n), **ratings}, shardgen.good(key).images)
+
+
+RATED = {  # key -> (sample, the turns nanoVLM keeps at relevance >= 2 and formatting >= 3)
+    "keep-first": (rated("a", 3, relevance_ratings=[5, 1, 4], formatting_ratings=[None, 5, 2]), [0]),
+    "image-to-first-kept": (rated("b", 2, relevance_ratings=[1, 5]), [1]),
+    "short-list-passes": (rated("c", 2, formatting_ratings=[4]), [0, 1]),
+    "no-ratings": (rated("d", 2), [0, 1]),
+    "none-left": (rated("e", 2, relevance_ratings=[1, 0]), []),
+}
+
+
+def decoded(tok, cfg, spec: shardgen.Spec, tmp_path: Path) -> tuple[list[int], list[tuple[int, int]]]:
+    """The sample written to a tar and read back through the reader's decode."""
+    path = tmp_path / f"{spec.key}.tar"
+    shardgen.write_shard(path, [spec])
+    (_, key, files), *_ = list(ShardScan(str(path)))
+    decode = DecodeSpec.from_config(cfg)
+    sample = decode_sample(RawSample((0, 0, 0), key, str(path), files), load_tokenizer(cfg.model), decode)
+    return sample.input_ids, [image_grid(b, decode) for b in image_members(files)]
+
+
+@pytest.mark.parametrize("case", list(RATED))
+def test_rating_filter_keeps_the_turns_nanovlm_keeps(case, tok, tmp_path):
+    spec, kept = RATED[case]
+    cfg = shardgen.tiny_config(tok, str(tmp_path), data={"relevance_min_rating": 2, "formatting_min_rating": 3})
+    tokenizer = load_tokenizer(cfg.model)
+    if not kept:
+        with pytest.raises(Exception, match=fmt.NO_TURNS_LEFT):
+            decoded(tok, cfg, spec, tmp_path)
+        return
+    ids, grids = decoded(tok, cfg, spec, tmp_path)
+    want, _ = encode_sample(tokenizer, [spec.meta["texts"][i] for i in kept], grids, cfg.model.mp_image_token_length)
+    assert ids == want  # the image string sits in front of the first kept turn
+
+
+def test_rating_filter_skips_are_counted(tok, tmp_path):
+    (tmp_path / "d").mkdir()
+    shardgen.write_shard(tmp_path / "d" / "shard-000000.tar", [spec for spec, _ in RATED.values()])
+    cfg = shardgen.tiny_config(tok, str(tmp_path / "d"), data={"relevance_min_rating": 2, "formatting_min_rating": 3})
+    stats = data_stats(cfg)
+    assert (stats["samples_read"], stats["samples_packed"], stats["skipped"]) == (5, 4, {fmt.NO_TURNS_LEFT: 1})
+    assert data_stats(shardgen.tiny_config(tok, str(tmp_path / "d")))["skipped"] == {}  # default 1: nothing dropped
+
+
+def image(ext: str, seed: int) -> bytes:
+    buf = io.BytesIO()
+    pil = Image.open(io.BytesIO(shardgen.image_bytes(48, 40, seed=seed))).convert("RGB")
+    pil.save(buf, format={"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}[ext])
+    return buf.getvalue()
+
+
+CAPTIONS = {  # img2dataset's layouts -> the caption that becomes the assistant turn
+    "jpg+txt": (shardgen.Spec("p1", None, [("jpg", image("jpg", 1)), ("txt", b"a red square\n")]), "a red square"),
+    "png+json": (shardgen.Spec("p2", {"caption": "two circles"}, [("png", image("png", 2))]), "two circles"),
+    "webp+txt+json": (
+        shardgen.Spec("p3", {"caption": "unused", "url": "x"}, [("webp", image("webp", 3)), ("txt", b"a star")]),
+        "a star",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(CAPTIONS))
+def test_an_image_caption_pair_is_one_turn_asking_the_caption_prompt(case, tok, tmp_path):
+    spec, caption = CAPTIONS[case]
+    cfg = shardgen.tiny_config(tok, str(tmp_path), data={"caption_prompt": "What is shown?"})
+    ids, grids = decoded(tok, cfg, spec, tmp_path)
+    assert len(grids) == 1
+    turn = [{"user": "What is shown?", "assistant": caption}]
+    assert ids == encode_sample(load_tokenizer(cfg.model), turn, grids, cfg.model.mp_image_token_length)[0]
+
+
+def test_caption_pairs_train_and_our_layout_without_texts_is_still_skipped(tok, tmp_path):
+    (tmp_path / "d").mkdir()
+    ours = shardgen.Spec("q9", {"caption": "not a pair: img0 layout"}, shardgen.good("q9").images)
+    shardgen.write_shard(tmp_path / "d" / "shard-000000.tar", [spec for spec, _ in CAPTIONS.values()] + [ours])
+    stats = data_stats(shardgen.tiny_config(tok, str(tmp_path / "d")))
+    assert (stats["samples_read"], stats["samples_packed"], stats["skipped"]) == (4, 3, {fmt.NO_TEXTS: 1})
+
+
+def test_webdataset_reads_our_shards_sample_for_sample(tmp_path):
+    import webdataset as wds
+
+    from toolkit.data.prepare.synthetic import write_synth
+
+    write_synth(str(tmp_path), samples=40, val_samples=4, seed=0)
+    for shard in sorted((tmp_path / "train").glob("*.tar")):
+        ours = [(key, files) for _, key, files in ShardScan(str(shard))]
+        theirs = list(wds.WebDataset(str(shard), shardshuffle=False, empty_check=False))
+        assert [s["__key__"] for s in theirs] == [key for key, _ in ours]
+        for sample, (_, files) in zip(theirs, ours, strict=True):
+            assert {k: v for k, v in sample.items() if not k.startswith("__")} == files  # same members, same bytes
