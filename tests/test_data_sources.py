@@ -118,3 +118,44 @@ def test_webdataset_reads_our_shards_sample_for_sample(tmp_path):
         assert [s["__key__"] for s in theirs] == [key for key, _ in ours]
         for sample, (_, files) in zip(theirs, ours, strict=True):
             assert {k: v for k, v in sample.items() if not k.startswith("__")} == files  # same members, same bytes
+
+
+def nanovlm_kept_turns(item: dict, mins: dict[str, int]) -> list[dict]:
+    """nanoVLM HEAD's loop in data/datasets.py `_get_messages`, rewritten here: the reference for the rule."""
+    kept = []
+    for index, text in enumerate(item["texts"]):
+        try:
+            dropped = False
+            for field, minimum in mins.items():
+                ratings = item.get(f"{field}_ratings")
+                if ratings is not None and ratings[index] is not None and ratings[index] < minimum:
+                    dropped = True
+                    break
+            if dropped:
+                continue
+        except Exception:  # nanoVLM logs the error and keeps the turn
+            pass
+        kept.append(text)
+    return kept
+
+
+def test_rating_rule_matches_nanovlm_on_random_samples():
+    import random
+
+    from toolkit.data.texts import rated_turns
+
+    rng = random.Random(0)
+    fields = ("relevance", "image_correspondence", "visual_dependency", "formatting")
+    differs = 0
+    for _ in range(2000):
+        n = rng.randint(1, 4)
+        item = {"texts": turns(n)}
+        for field in fields:
+            if rng.random() < 0.8:  # sometimes the list is missing, sometimes short
+                length = n if rng.random() < 0.9 else rng.randint(0, n)
+                item[f"{field}_ratings"] = [rng.choice([1, 2, 3, 4, 5, None, "n/a"]) for _ in range(length)]
+        mins = {field: rng.randint(1, 5) for field in fields}
+        ours = rated_turns(item, item["texts"], tuple((f"{f}_ratings", m) for f, m in mins.items()))
+        assert ours == nanovlm_kept_turns(item, mins), (item, mins)
+        differs += len(ours) != n
+    assert differs > 500  # the filter really drops turns in this draw

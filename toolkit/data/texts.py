@@ -80,14 +80,22 @@ def _caption(files: dict[str, bytes], meta: dict) -> str | None:
 
 
 def rated_turns(meta: dict, texts: list[dict], min_ratings: tuple[tuple[str, int], ...]) -> list[dict]:
-    """nanoVLM's rule (data/datasets.py `_get_messages`): a turn goes when any of its ratings is below that field's
-    minimum; a missing list, a missing entry or None passes. The image string then goes to the first kept turn."""
-    return [turn for i, turn in enumerate(texts) if not any(_below(meta, i, f, m) for f, m in min_ratings)]
+    """nanoVLM's rule (data/datasets.py `_get_messages`): the fields are checked in order and a turn goes at the
+    first rating below its field's minimum; a missing list or a None entry passes that field, and an entry that
+    cannot be read (a list too short, not a number) ends the checks with the turn kept, as nanoVLM's `except` does.
+    The image string then goes to the first kept turn."""
+    return [turn for i, turn in enumerate(texts) if not _dropped(meta, i, min_ratings)]
 
 
-def _below(meta: dict, index: int, field: str, minimum: int) -> bool:
-    ratings: Any = meta.get(field)
-    if not isinstance(ratings, list) or index >= len(ratings):
-        return False
-    value = ratings[index]
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and value < minimum
+def _dropped(meta: dict, index: int, min_ratings: tuple[tuple[str, int], ...]) -> bool:
+    for field, minimum in min_ratings:
+        ratings: Any = meta.get(field)
+        if ratings is None:
+            continue
+        try:
+            value = ratings[index]
+            if value is not None and value < minimum:
+                return True
+        except (IndexError, KeyError, TypeError):
+            return False
+    return False
