@@ -27,7 +27,11 @@ setup(
         "torchdata>=0.11",
         "tqdm>=4.66",
     ],
-    extras_require={"dev": ["pytest>=8.0", "ruff>=0.6", "pytest-timeout>=2.3"]},
+    extras_require={
+        "dev": ["pytest>=8.0", "ruff>=0.6", "pytest-timeout>=2.3"],
+        # data.*_shards as s3://, gs://, hf:// ... URLs; the remote backend itself (s3fs, gcsfs ...) is the user's
+        "remote": ["fsspec>=2023.1"],
+    },
     entry_points={
         "console_scripts": ["nanovlm-scale=toolkit.__main__:main"],
         # lmms-eval 0.7+ finds `--model nanovlm_scale` here (lmms-eval itself stays optional)

@@ -26,6 +26,7 @@ import os
 import random
 import re
 import tarfile
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,6 +60,8 @@ from toolkit.data.tokenizer import VLMTokenizer
 log = logging.getLogger(__name__)
 
 MAX_LOGGED = 100  # distinct bad samples logged per reader; later ones are only counted
+REMOTE_RETRIES = 3  # a failed remote shard is opened again this many times before it is counted
+RETRY_DELAY_S = 1.0  # then 2, 4 ...: back-off between tries
 
 
 class ShardError(ConfigError):
@@ -112,12 +115,35 @@ def _read_manifest(path: Path, name: str) -> list[Shard]:
         raise ShardError(f"{name}: {path} lists a shard without name/samples ({exc}); rerun shard-data") from exc
 
 
+def is_remote(path: str) -> bool:
+    """A `pipe:CMD` (WebDataset's convention) or a URL (fsspec: s3://, gs://, hf://, memory:// ...)."""
+    return path.startswith("pipe:") or "://" in path
+
+
+def open_shard(path: str) -> IO[bytes]:
+    """The shard's bytes: a local file, a pipe's output (webdataset's opener), or an fsspec stream."""
+    if path.startswith("pipe:"):
+        from webdataset.gopen import gopen
+
+        return gopen(path, "rb")
+    if "://" in path:
+        try:
+            import fsspec
+        except ImportError as exc:
+            raise ShardError(f"{path} is a URL: `pip install fsspec` and its backend (s3fs, gcsfs ...)") from exc
+        return fsspec.open(path, "rb").open()
+    return open(path, "rb")
+
+
 def resolve_shards(spec: str, *, name: str = "data.train_shards") -> list[Shard]:
-    """A brace pattern, a glob, a folder (its manifest.json, else its *.tar), a manifest.json, or one .tar."""
+    """A brace pattern, a glob, a folder (its manifest.json, else its *.tar), a manifest.json, or one .tar;
+    `pipe:CMD` and URLs take brace patterns and are opened only when read (they cannot be listed or checked)."""
     if not spec:
         raise ShardError(
             f"{name} is empty; set it to a shard folder (written by `python -m toolkit shard-data` or `synth`)"
         )
+    if is_remote(spec):
+        return [Shard(p) for p in expand_braces(spec)]
     path = Path(spec)
     if path.is_dir():
         if (path / MANIFEST).exists():
@@ -230,18 +256,26 @@ class ShardScan:
 
     def __iter__(self) -> Iterator[tuple[int, str, dict[str, bytes]]]:
         try:
-            fh = open(self.path, "rb")  # noqa: SIM115 - closed below, after the generator finishes
-        except OSError as exc:
+            fh = open_shard(self.path)
+        except (OSError, ValueError) as exc:
             self.error = (UNREADABLE_SHARD, str(exc))
             return
-        with fh:
+        try:
+            yield from self._read(fh)
+        finally:
             try:
-                tar = tarfile.open(fileobj=fh, mode="r:*")  # noqa: SIM115 - the file closes it
-            except (tarfile.TarError, EOFError, OSError) as exc:
-                self.error = (BAD_TAR, str(exc))
-                return
-            tar.fileobj = tap = _LastRead(tar.fileobj)
-            yield from self._samples(tar, tap)
+                fh.close()  # a pipe's command is waited for here: a failed command is an unreadable shard
+            except Exception as exc:
+                self.error = self.error or (UNREADABLE_SHARD, str(exc))
+
+    def _read(self, fh: IO[bytes]) -> Iterator[tuple[int, str, dict[str, bytes]]]:
+        try:  # a stream (pipe, remote file) is read in order, without seeking back
+            tar = tarfile.open(fileobj=fh, mode="r|*" if is_remote(self.path) else "r:*")  # noqa: SIM115
+        except (tarfile.TarError, EOFError, OSError) as exc:
+            self.error = (BAD_TAR, str(exc))
+            return
+        tar.fileobj = tap = _LastRead(tar.fileobj)
+        yield from self._samples(tar, tap)
 
     def _samples(self, tar: tarfile.TarFile, tap: _LastRead) -> Iterator[tuple[int, str, dict[str, bytes]]]:
         key, ordinal, files, wanted = None, -1, {}, False
@@ -338,6 +372,7 @@ class SetReader:
         self.seed, self.finite, self.counter = seed, finite, counter
         self.by_sample = len(shard_set.shards) < slot.count
         self.epoch = self.pos = self.ordinal = self.offset = self.kept = 0
+        self.retries = 0  # of the current remote shard; not saved: a resumed reader tries afresh
         self.done = False
         self._scan: ShardScan | None = None
         self._iter: Iterator | None = None
@@ -386,11 +421,21 @@ class SetReader:
         self._iter = iter(self._scan)
 
     def _close(self) -> None:
-        """End of a shard: account for a broken or short tar (once per job, not once per reader)."""
+        """End of a shard: account for a broken or short tar (once per job, not once per reader).
+
+        A remote shard (pipe or URL) that failed is opened again from the next sample, with back-off, up to
+        REMOTE_RETRIES times: a network error is usually gone the next time. Only then is it counted."""
         scan, shard = self._scan, self.set.shards[self.plan()[self.pos]]
         counts_events = not self.by_sample or self.pos % self.slot.count == self.slot.index
         if scan.error is None and shard.samples is not None and scan.groups < shard.samples:
             scan.error = (TRUNCATED_TAR, f"{scan.groups} of the {shard.samples} samples the manifest lists")
+        if scan.error and is_remote(shard.path) and self.retries < REMOTE_RETRIES:
+            time.sleep(RETRY_DELAY_S * 2**self.retries)
+            self.retries += 1
+            log.warning("retrying %s (%d of %d): %s", shard.path, self.retries, REMOTE_RETRIES, scan.error[1])
+            self._open()
+            return
+        self.retries = 0
         if scan.error and counts_events:
             self.counter.skip(scan.error[0], shard.path, scan.error[1])
         self.offset += scan.groups
