@@ -331,3 +331,39 @@ def test_parse_shard_size():
     for bad in ("", "12 parsecs", "0", "MB"):
         with pytest.raises(ShardDataError, match="shard-size"):
             parse_shard_size(bad)
+
+
+def test_parts_then_merge_equal_one_run_byte_for_byte(cauldron, tmp_path):
+    """--part 0/2 and --part 1/2 into one OUT, then --merge: the shards and the manifest of one run."""
+    from toolkit.data.prepare.shard_writer import merge_parts
+
+    src, _, _ = cauldron
+    one = shard_data(str(src), str(tmp_path / "one"), shard_size="2", tokenizer=None)
+    part0 = shard_data(str(src), str(tmp_path / "parts"), shard_size="2", part=(0, 2))
+    assert part0["complete"] is False and part0["part_shards"] == 3  # shards 0, 2, 4 of 6
+    assert sorted(shard_bytes(tmp_path / "parts")) == ["shard-000000.tar", "shard-000002.tar", "shard-000004.tar"]
+    with pytest.raises(ShardDataError, match="3 of 6 shards are not written yet"):
+        merge_parts(tmp_path / "parts")
+    shard_data(str(src), str(tmp_path / "parts"), shard_size="2", part=(1, 2))
+    shard_data(str(src), str(tmp_path / "parts"), shard_size="2", part=(1, 2), resume=True)  # a rerun writes nothing
+    merged = merge_parts(tmp_path / "parts")
+    assert merged == one and len(one["shards"]) == 6
+    assert shard_bytes(tmp_path / "parts") == shard_bytes(tmp_path / "one")
+    assert (tmp_path / "parts" / "manifest.json").read_bytes() == (tmp_path / "one" / "manifest.json").read_bytes()
+    assert not list((tmp_path / "parts").glob(".*"))
+
+
+def test_holdout_is_disjoint_deterministic_and_spread(cauldron, tmp_path):
+    src, _, expected = cauldron
+    first = shard_data(str(src), str(tmp_path / "a"), shard_size="4", holdout="3")
+    again = shard_data(str(src), str(tmp_path / "b"), shard_size="4", holdout="3")
+    assert first == again and shard_bytes(tmp_path / "a" / "val") == shard_bytes(tmp_path / "b" / "val")
+    train = {key for key, _, _ in read_shards(tmp_path / "a" / "train")}
+    val = {key for key, _, _ in read_shards(tmp_path / "a" / "val")}
+    assert not train & val
+    assert sorted(int(k) for k in val) == [0, 8]  # rows 12 x j / 3 = 0, 4, 8: spread out (row 4 is a bad image)
+    assert first["holdout"]["skipped"] == {"unreadable_image": 1}
+    assert train | val == {f"{i:010d}" for i in expected}  # every good row lands in exactly one of them
+    assert first["holdout"]["samples"] == 2 and first["samples"] == len(expected) - 2
+    fraction = shard_data(str(src), str(tmp_path / "c"), shard_size="4", holdout="0.25")
+    assert fraction["holdout"]["settings"]["holdout"]["rows"] == 3

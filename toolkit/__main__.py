@@ -47,8 +47,15 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_parser(name, help=text, description=text)
     _config_args(sub.choices["train"])
     p = sub.choices["shard-data"]
-    p.add_argument("src", help="datasets folder (save_to_disk), parquet/arrow files, cached hub name, or JSONL")
-    p.add_argument("out", help="output folder for the shards and manifest.json")
+    p.add_argument(
+        "src", nargs="?", help="datasets folder (save_to_disk), parquet/arrow files, cached hub name, or JSONL"
+    )
+    p.add_argument("out", nargs="?", help="output folder for the shards and manifest.json")
+    p.add_argument(
+        "--holdout", default="", help="rows (5000) or a fraction (0.01) held out into OUT/val; rest OUT/train"
+    )
+    p.add_argument("--part", default="", help="i/N: write only this machine's shards (index mod N = i), then --merge")
+    p.add_argument("--merge", default="", metavar="OUT", help="after every --part run into OUT: write its manifest")
     p.add_argument("--subsets", default="", help="comma-separated subsets (configs) to concatenate")
     p.add_argument("--shard-size", default="256MB", help="target shard size: bytes (256MB) or samples (1000)")
     p.add_argument("--workers", type=int, default=1, help="parallel writer processes")
@@ -109,7 +116,23 @@ def _synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def _parse_part(text: str) -> tuple[int, int] | None:
+    if not text:
+        return None
+    i, _, n = text.partition("/")
+    if not (i.isdigit() and n.isdigit() and 0 <= int(i) < int(n)):
+        raise ConfigError(f"--part {text!r}: give i/N with 0 <= i < N, e.g. --part 0/4 on the first of 4 machines")
+    return int(i), int(n)
+
+
 def _shard_data(args: argparse.Namespace) -> int:
+    if args.merge:
+        from toolkit.data.prepare.shard_writer import merge_parts
+
+        print(json.dumps({k: v for k, v in merge_parts(args.merge).items() if k != "shards"}, indent=2))
+        return 0
+    if not (args.src and args.out):
+        raise ConfigError("shard-data needs SRC and OUT (or --merge OUT after --part runs)")
     model_config = None
     if args.config:  # exact counts: the model's tiling and image tokens, with --tokenizer when given
         model_config = load_config(args.config, [f"model.tokenizer={args.tokenizer}"] if args.tokenizer else []).model
@@ -126,8 +149,14 @@ def _shard_data(args: argparse.Namespace) -> int:
         split=args.split,
         resume=args.resume,
         model_config=model_config,
+        holdout=args.holdout or None,
+        part=_parse_part(args.part),
     )
-    print(json.dumps({k: v for k, v in manifest.items() if k != "shards"}, indent=2))
+    held = manifest.pop("holdout", None)
+    summary = {k: v for k, v in manifest.items() if k not in ("shards", "plan")}
+    if held is not None:
+        summary["holdout"] = {k: v for k, v in held.items() if k not in ("shards", "plan")}
+    print(json.dumps(summary, indent=2))
     return 0
 
 

@@ -45,6 +45,7 @@ from toolkit.data.format import FORMAT, MANIFEST, image_member, json_member, sha
 from toolkit.data.prepare.samples import SkipRow, encode_row
 from toolkit.data.prepare.sources import ListSource as ListSource  # re-exported: callers build rows from here
 from toolkit.data.prepare.sources import ShardDataError, Source, open_source
+from toolkit.data.prepare.splits import Subset, holdout_count, holdout_rows
 from toolkit.data.prepare.token_stats import TokenCounter, TokenSpec, resolve_token_spec, token_histogram
 
 log = logging.getLogger(__name__)
@@ -257,14 +258,16 @@ def _occupied(out: Path) -> bool:
     return out.exists() and any(out.iterdir())
 
 
-def _prepare_out(out: Path, settings: dict, jobs: list[ShardJob], resume: bool) -> tuple[dict | None, set[int]]:
+def _prepare_out(
+    out: Path, settings: dict, jobs: list[ShardJob], resume: bool, histogram: dict | None
+) -> tuple[dict | None, set[int]]:
     """Start a fresh OUT, or (with resume) check it matches this run and find the shards already complete.
 
     Returns (complete manifest or None, indices of finished shards)."""
     plan = [[j.start, j.stop] for j in jobs]
     if not _occupied(out):
         (out / PROGRESS_DIR).mkdir(parents=True, exist_ok=True)
-        _write_json_atomic(out / MANIFEST, _incomplete_manifest(settings, plan))
+        _write_json_atomic(out / MANIFEST, _incomplete_manifest(settings, plan, histogram))
         return None, set()
     if not resume:
         if not (out / MANIFEST).exists():
@@ -314,19 +317,25 @@ def _finished(out: Path, job: ShardJob) -> dict | None:
     return stats if ok else None
 
 
-def _incomplete_manifest(settings: dict, plan: list[list[int]]) -> dict:
+def _incomplete_manifest(settings: dict, plan: list[list[int]], histogram: dict | None) -> dict:
     # No shard list until the run is complete, so a reader that ignores "complete" still reads nothing.
+    # `histogram` keeps what the final token histogram needs, so `--merge` writes the manifest one run would.
     return {
         "format": FORMAT,
         "complete": False,
         "source": settings["source"],
         "settings": settings,
         "plan": plan,
+        "histogram": histogram,
         "shards": [],
     }
 
 
-def _final_manifest(settings: dict, stats: list[dict], spec: TokenSpec | None, rows: int) -> dict:
+def _histogram_meta(spec: TokenSpec | None) -> dict | None:
+    return None if spec is None else {"include_images": spec.include_images, "origin": spec.origin}
+
+
+def _final_manifest(settings: dict, stats: list[dict], histogram: dict | None, rows: int) -> dict:
     skipped: Counter = Counter()
     for s in stats:
         skipped.update(s["skipped"])
@@ -342,9 +351,9 @@ def _final_manifest(settings: dict, stats: list[dict], spec: TokenSpec | None, r
         "skipped": {k: skipped[k] for k in sorted(skipped)},
         "shards": [{"name": s["name"], "samples": s["samples"], "bytes": s["bytes"]} for s in stats],
     }
-    if spec is not None:
+    if histogram is not None:
         lengths = [n for s in stats for n in s["token_lengths"]]
-        manifest["token_histogram"] = token_histogram(lengths, spec)
+        manifest["token_histogram"] = token_histogram(lengths, **histogram)
     return manifest
 
 
@@ -357,8 +366,12 @@ def write_shards(
     token_spec: TokenSpec | None = None,
     resume: bool = False,
     settings: dict | None = None,
+    part: tuple[int, int] | None = None,
 ) -> dict:
-    """Write `source` into OUT as tar shards and return the manifest (see the module docstring for guarantees)."""
+    """Write `source` into OUT as tar shards and return the manifest (see the module docstring for guarantees).
+
+    `part=(i, n)` writes only the shards whose index is i mod n, one machine of n: the plan, names and bytes are
+    the whole run's, OUT's incomplete manifest is shared, and `merge_parts(OUT)` writes the manifest at the end."""
     if workers < 1:
         raise ShardDataError(f"--workers {workers} must be at least 1")
     out = Path(out)
@@ -377,20 +390,48 @@ def write_shards(
     }
     settings = json.loads(json.dumps(settings))  # compare as it will read back from disk
     counter = TokenCounter(token_spec) if token_spec else None  # a tokenizer that cannot load fails before any write
-    complete, done = _prepare_out(out, settings, jobs, resume)
+    histogram = _histogram_meta(token_spec)
+    complete, done = _prepare_out(out, settings, jobs, resume or part is not None, histogram)
     if complete is not None:
         log.info("%s is already complete; nothing to do", out)
         return complete
+    mine = [j for j in jobs if part is None or j.index % part[1] == part[0]]
     if done:
-        log.info("resuming %s: %d of %d shards already written", out, len(done), len(jobs))
-    _run_jobs(source, [j for j in jobs if j.index not in done], out, counter, workers)
+        log.info("resuming %s: %d of %d shards already written", out, len(done & {j.index for j in mine}), len(mine))
+    _run_jobs(source, [j for j in mine if j.index not in done], out, counter, workers)
+    if part is not None:
+        written = sum(_finished(out, j) is not None for j in mine)
+        log.info("%s: part %d/%d wrote its %d shards; run `shard-data --merge %s` when every part is done",
+                 out, part[0], part[1], written, out)  # fmt: skip
+        return {**_read_manifest(out), "part": f"{part[0]}/{part[1]}", "part_shards": written}
+    return _finish(out, settings, jobs, histogram)
+
+
+def _finish(out: Path, settings: dict, jobs: list[ShardJob], histogram: dict | None) -> dict:
+    """Every shard is in place: the final manifest replaces the incomplete one, the progress records go."""
     stats = [_finished(out, job) for job in jobs]
-    if any(s is None for s in stats):
-        raise ShardDataError(f"{out}: some shards are missing after writing; rerun with --resume")
-    manifest = _final_manifest(settings, stats, token_spec, source.num_rows)
+    missing = [job.name for job, st in zip(jobs, stats, strict=True) if st is None]
+    if missing:
+        raise ShardDataError(
+            f"{out}: {len(missing)} of {len(jobs)} shards are not written yet ({', '.join(missing[:3])} ...); "
+            "rerun with --resume (with --part i/N: run the parts that write them, shard index mod N = i)"
+        )
+    manifest = _final_manifest(settings, stats, histogram, settings["rows"])
     _write_json_atomic(out / MANIFEST, manifest)
     shutil.rmtree(out / PROGRESS_DIR, ignore_errors=True)
     return manifest
+
+
+def merge_parts(out: str | Path) -> dict:
+    """`shard-data --merge OUT`: after every `--part i/N` run into OUT, write the manifest one run would have."""
+    out = Path(out)
+    if not (out / MANIFEST).exists():
+        raise ShardDataError(f"{out} holds no {MANIFEST}: run `shard-data SRC {out} --part i/N` on each machine first")
+    manifest = _read_manifest(out)
+    if manifest.get("complete"):
+        return manifest
+    jobs = [ShardJob(i, a, b) for i, (a, b) in enumerate(manifest["plan"])]
+    return _finish(out, manifest["settings"], jobs, manifest.get("histogram"))
 
 
 def shard_data(
@@ -405,10 +446,14 @@ def shard_data(
     split: str = "train",
     resume: bool = False,
     model_config: ModelConfig | None = None,
+    holdout: str | None = None,
+    part: tuple[int, int] | None = None,
 ) -> dict:
     """`python -m toolkit shard-data`: read SRC (see open_source), write OUT/shard-*.tar and OUT/manifest.json.
 
-    `model_config` (a ModelConfig whose tokenizer to use) overrides the config found from `tokenizer`."""
+    `model_config` (a ModelConfig whose tokenizer to use) overrides the config found from `tokenizer`. With
+    `holdout` ("5000" rows or "0.01"), OUT/val gets those rows and OUT/train the rest; the train manifest is
+    returned, with the val one under "holdout". `part=(i, n)`: see write_shards."""
     source = open_source(src, subsets=list(subsets or []), split=split, images=images)
     spec = None
     if model_config is not None:
@@ -416,6 +461,13 @@ def shard_data(
     elif tokenizer:
         spec = resolve_token_spec(tokenizer)
     log.info("%s: %d rows from %s", out, source.num_rows, source.name)
-    return write_shards(
-        source, out, shard_size=shard_size, workers=workers, token_spec=spec, resume=resume, settings={"split": split}
-    )
+    kw = {"shard_size": shard_size, "workers": workers, "token_spec": spec, "resume": resume, "part": part}
+    if not holdout:
+        return write_shards(source, out, settings={"split": split}, **kw)
+    count = holdout_count(holdout, source.num_rows)
+    val = holdout_rows(source.num_rows, count)
+    train = np.setdiff1d(np.arange(source.num_rows, dtype=np.int64), val)
+    held = {"split": split, "holdout": {"rows": count, "of": source.num_rows}}
+    val_manifest = write_shards(Subset(source, val, "val"), Path(out) / "val", settings={**held, "as": "val"}, **kw)
+    manifest = write_shards(Subset(source, train, "train"), Path(out) / "train", settings={**held, "as": "train"}, **kw)
+    return {**manifest, "holdout": val_manifest}

@@ -100,7 +100,7 @@ def _nanovlm_fields(path: Path) -> dict | None:
     return {k: v for k, v in data.items() if k in names}
 
 
-def token_histogram(lengths: list[int], spec: TokenSpec, bins: int = 32) -> dict:
+def token_histogram(lengths: list[int], *, include_images: bool, origin: str, bins: int = 32) -> dict:
     """Power-of-two-wide bins covering the shortest to the longest sample, plus the quantiles that help choose
     data.max_sample_length. Bin i counts lengths in [bin_edges[i], bin_edges[i + 1])."""
     arr = np.asarray(lengths, dtype=np.int64)
@@ -118,6 +118,6 @@ def token_histogram(lengths: list[int], spec: TokenSpec, bins: int = 32) -> dict
         "max": top,
         "mean": round(float(arr.mean()), 2) if len(arr) else 0.0,
         **q,
-        "includes_image_tokens": spec.include_images,
-        "model_config": spec.origin,
+        "includes_image_tokens": include_images,
+        "model_config": origin,
     }
