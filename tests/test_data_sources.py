@@ -217,3 +217,29 @@ def test_a_failed_remote_read_is_retried_then_counted(tok, tmp_path, monkeypatch
     stats = data_stats(shardgen.tiny_config(tok, broken))
     assert tries.read_text().count("x") == 1 + shards.REMOTE_RETRIES
     assert stats["skipped"] == {fmt.TRUNCATED_TAR: 1} and stats["samples_packed"] == stats["samples_read"] < 6
+
+
+def test_caption_shards_from_webdatasets_tarwriter_train_on_two_ranks(tok, tmp_path):
+    """img2dataset-style shards written by webdataset's own TarWriter: two ranks share them, every pair counted."""
+    import webdataset as wds
+
+    from toolkit.data.loader import build_loader
+
+    (tmp_path / "d").mkdir()
+    for s in range(3):
+        with wds.TarWriter(str(tmp_path / "d" / f"shard-{s:06d}.tar")) as sink:
+            for i in range(7):
+                key = f"{s}{i:03d}"
+                sample = {"__key__": key, "jpg": image("jpg", s * 10 + i), "json": {"caption": f"picture {key}"}}
+                if i % 2:
+                    sample["txt"] = f"caption {key}"
+                sink.write(sample)
+    cfg = shardgen.tiny_config(tok, str(tmp_path / "d"))
+    keys, read = [], 0
+    for rank in range(2):
+        loader = build_loader(cfg, rank=rank, world=2, finite=True)
+        keys += [k.rsplit(":", 1)[1] for b in loader for row in b.stats.keys for k in row]
+        counts = loader.counts()
+        assert counts["skipped"] == {}
+        read += counts["read"]
+    assert read == 21 and sorted(keys) == sorted(f"{s}{i:03d}" for s in range(3) for i in range(7))
