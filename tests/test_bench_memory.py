@@ -80,7 +80,7 @@ def test_single_fp32_holds_exactly_4_4_8_bytes_per_parameter():
 
 @pytest.fixture(scope="module")
 def two_ranks() -> list[dict]:
-    return memory.launch(["zero1", "zero2", "zero3", "fsdp", "fsdp_defer"], timeout_s=240)
+    return memory.launch(["zero1", "zero2", "zero3", "fsdp", "fsdp_defer"], timeout_s=480)
 
 
 @pytest.mark.multiproc
