@@ -99,9 +99,16 @@ def test_layout_rules_and_refusals(tok, tmp_path):
         derive_accumulation(cfg, 4)
 
 
+def backend_args(backend: str) -> list[str]:
+    """ddp / fsdp by name; zeroN is DeepSpeed with the shipped ds_configs/zeroN.json."""
+    if backend.startswith("zero"):
+        return ["backend.name=deepspeed", f"backend.ds_config=ds_configs/{backend}.json"]
+    return [f"backend.name={backend}"]
+
+
 def launch(world: int, run: Path, synth: Path, backend: str, *extra: str) -> list[dict]:
     args = [
-        "-m", "toolkit", "train", "--config", "tiny", f"backend.name={backend}", "backend.precision=fp32",
+        "-m", "toolkit", "train", "--config", "tiny", *backend_args(backend), "backend.precision=fp32",
         "backend.device=cpu", f"model.tokenizer={synth / 'tokenizer'}", f"data.train_shards={synth / 'train'}",
         "data.val_shards=", "data.num_workers=0", "data.shuffle_buffer=16", f"data.virtual_readers={VIRTUAL}",
         f"train.batch_size={BATCH}", f"train.global_batch_size={GLOBAL}", "train.max_training_steps=8",
@@ -129,9 +136,15 @@ def test_losses_agree_on_1_2_and_4_ranks(tmp_path):
 @pytest.mark.multiproc
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-@pytest.mark.parametrize(("backend", "first", "then"), [("ddp", 2, 1), ("fsdp", 2, 1), ("fsdp", 1, 2)])
+@pytest.mark.parametrize(
+    ("backend", "first", "then"),
+    [("ddp", 2, 1), ("fsdp", 2, 1), ("fsdp", 1, 2), ("zero1", 2, 1), ("zero2", 2, 1), ("zero3", 2, 1), ("zero2", 1, 2)],
+)
 def test_resume_on_another_world_size_continues_at_the_next_global_row(backend, first, then, tmp_path):
-    """Checkpoint at step 4 on `first` ranks, resume on `then`: steps 5-8 equal the uninterrupted run's."""
+    """Checkpoint at step 4 on `first` ranks, resume on `then`: steps 5-8 equal the uninterrupted run's.
+
+    DeepSpeed (zeroN) reshards through its universal checkpoint, converted by the backend on the resume.
+    """
     synth = tmp_path / "synth"
     write_synth(str(synth), samples=96, val_samples=8, seed=0)
     once = launch(first, tmp_path / "once", synth, backend)
@@ -141,3 +154,5 @@ def test_resume_on_another_world_size_continues_at_the_next_global_row(backend, 
     assert [m["batch_digest"] for m in twice] == [m["batch_digest"] for m in once]
     for a, b in zip(twice[4:], once[4:], strict=True):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5), a["step"]
+    if backend.startswith("zero"):  # converted once, inside the checkpoint it was converted from
+        assert (tmp_path / "twice" / "checkpoints" / "step_4" / "model" / "universal").is_dir()

@@ -9,15 +9,24 @@ skipped step (non-finite loss) advancing the schedule the same way under every Z
 
 Loss scaling: DeepSpeed averages gradients over data-parallel ranks; `backward(scale_wrt_gas=False)` stops its
 1/accumulation scaling, and the loss is multiplied by the world size, so gradients are token-weighted sums.
+
+Resume on another number of ranks (ZeRO 1, 2 and 3): ZeRO's shards are cut for the world size that wrote them.
+When `load` finds shards from another world size, rank 0 converts them once with DeepSpeed's `ds_to_universal`
+into `<checkpoint>/universal/` (written under a temporary name and renamed, so a killed conversion is redone and
+a finished one is reused), and every rank then loads that folder through the engine's universal path. Two
+things that path gets wrong for this optimizer are put right after it (see `_after_universal_load`).
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import logging
 import math
 import os
+import re
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -39,6 +48,8 @@ from toolkit.train.optim import ParamGroup, build_optimizer, freeze_frozen_group
 from toolkit.train.schedule import WarmupCosine, build_scheduler
 
 CHECKPOINT_TAG = "deepspeed"
+UNIVERSAL_DIR = "universal"  # inside a checkpoint's model folder: its ZeRO shards converted for any world size
+ZERO_SHARD_RE = re.compile(r"zero_pp_rank_(\d+)_mp_rank_\d+_optim_states\.pt$")  # ZeRO 1-3, bf16_ prefix too
 REPO_ROOT = Path(__file__).resolve().parents[3]
 PICKLE_WARNING = (
     "%s: DeepSpeed reads its checkpoint files with Python's pickle, which can run code hidden in a file. "
@@ -157,14 +168,71 @@ def _updates_disabled(optimizer: torch.optim.Optimizer) -> Iterator[None]:
         del optimizer.step
 
 
+def saved_world_size(path: Path) -> int | None:
+    """How many data-parallel ranks wrote this checkpoint's ZeRO shards (None: no ZeRO shards, i.e. stage 0)."""
+    shards = (ZERO_SHARD_RE.search(f.name) for f in (path / CHECKPOINT_TAG).glob("*optim_states.pt"))
+    return len({int(m.group(1)) for m in shards if m}) or None
+
+
+def convert_to_universal(path: Path) -> Path:
+    """`path/universal/`: DeepSpeed's universal checkpoint of the ZeRO shards in `path`, converted if not yet there.
+
+    The conversion writes `universal.tmp/` and renames it into place last, so `universal/` exists only complete.
+    `inject_missing_state` adds the version record DeepSpeed's converter asks for (engines without tensor or
+    pipeline parallelism do not write one); one worker each, since this runs inside a rank of the job.
+    """
+    done = path / UNIVERSAL_DIR
+    if done.is_dir():
+        return done
+    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+    tmp = path / f"{UNIVERSAL_DIR}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    args = argparse.Namespace(
+        input_folder=str(path / CHECKPOINT_TAG),
+        output_folder=str(tmp / CHECKPOINT_TAG),
+        num_extract_workers=1,
+        num_merge_workers=1,
+        keep_temp_folder=False,
+        strict=True,
+        inject_missing_state=True,
+    )
+    ds_to_universal(args)
+    os.replace(tmp, done)
+    return done
+
+
+@contextlib.contextmanager
+def _universal_loading(engine: Any) -> Iterator[None]:
+    """The ds_config's `checkpoint.load_universal`, switched on for one load: the engine reads it (through
+    `engine.load_universal_checkpoint()`) only while loading, so it need not be known when the engine is built."""
+    config = engine._config
+    before = config.load_universal_checkpoint
+    config.load_universal_checkpoint = True
+    try:
+        yield
+    finally:
+        config.load_universal_checkpoint = before
+
+
+def _group_settings(optimizer: torch.optim.Optimizer) -> list[dict]:
+    """Each torch param group's hyperparameters (LR, name, betas ...), without its tensors."""
+    return [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+
+
 class DeepSpeedBackend(Backend):
     name = "deepspeed"
-    capabilities = Capabilities(distributed=True, reshardable=False)  # its ZeRO shards are per world size
+    # ZeRO 1-3 reshard through DeepSpeed's universal checkpoint (set per instance in __init__); ZeRO-0 and NVMe
+    # offload do not: stage 0 writes no ZeRO shards to convert, and the engine skips the ZeRO load under NVMe.
+    capabilities = Capabilities(distributed=True, reshardable=False)
 
     def __init__(self, cfg: Config, **kwargs: Any) -> None:
         super().__init__(cfg, **kwargs)
         self.ds_config = resolve_ds_config(cfg, self.env.world_size)
         self.stage = int(self.ds_config["zero_optimization"]["stage"])
+        offload = self.ds_config["zero_optimization"].get("offload_optimizer") or {}
+        reshardable = self.stage in (1, 2, 3) and offload.get("device") != "nvme"
+        self.capabilities = Capabilities(distributed=True, reshardable=reshardable)
         self.engine = None
         self.optimizer: torch.optim.Optimizer | None = None  # the torch AdamW inside DeepSpeed's wrapper
 
@@ -220,18 +288,87 @@ class DeepSpeedBackend(Backend):
             self.engine = None
 
     def save(self, path: str | Path, client_state: dict | None = None) -> None:
-        state = {"toolkit_client_state": client_state or {}, "toolkit_scheduler": self.scheduler.state_dict()}
+        state = {
+            "toolkit_client_state": client_state or {},
+            "toolkit_scheduler": self.scheduler.state_dict(),
+            "toolkit_param_groups": _group_settings(self.optimizer),  # for a universal load (see below)
+        }
         self.engine.save_checkpoint(str(path), tag=CHECKPOINT_TAG, client_state=state, save_latest=False)
 
     def load(self, path: str | Path) -> dict:
         dist.log0(PICKLE_WARNING, path, level=logging.WARNING)
-        loaded, state = self.engine.load_checkpoint(
-            str(path), tag=CHECKPOINT_TAG, load_optimizer_states=True, load_lr_scheduler_states=False
-        )
+        path = Path(path)
+        saved_world = saved_world_size(path)
+        universal = saved_world is not None and saved_world != self.env.world_size
+        if universal and not self.capabilities.reshardable:
+            raise ValueError(
+                f"{path} holds ZeRO shards of {saved_world} ranks and this run has {self.env.world_size}; "
+                "with NVMe optimizer offload DeepSpeed cannot reshard them: resume on the same number of ranks"
+            )
+        if universal:
+            dist.log0(
+                "%s was written by %d ranks and this run has %d: loading it through DeepSpeed's universal checkpoint",
+                path,
+                saved_world,
+                self.env.world_size,
+            )
+            fresh_groups = _group_settings(self.optimizer)
+            source = self._universal_copy(path)
+        else:
+            source = path
+        with _universal_loading(self.engine) if universal else contextlib.nullcontext():
+            loaded, state = self.engine.load_checkpoint(
+                str(source), tag=CHECKPOINT_TAG, load_optimizer_states=True, load_lr_scheduler_states=False
+            )
         if loaded is None or state is None:
-            raise FileNotFoundError(f"no DeepSpeed checkpoint under {Path(path) / CHECKPOINT_TAG}")
+            raise FileNotFoundError(f"no DeepSpeed checkpoint under {source / CHECKPOINT_TAG}")
         self.scheduler.load_state_dict(state["toolkit_scheduler"])
+        if universal:
+            self._after_universal_load(state.get("toolkit_param_groups"), fresh_groups)
         return state["toolkit_client_state"]
+
+    def _universal_copy(self, path: Path) -> Path:
+        """Rank 0 converts (or reuses) `path/universal/`; every rank waits for it and fails if rank 0 failed."""
+        failure: BaseException | None = None
+        if self.env.is_main:
+            try:
+                convert_to_universal(path)
+            except Exception as exc:  # every rank must reach the collective below, or the others hang in it
+                failure = exc
+        reports = dist.all_gather_object(None if failure is None else f"{type(failure).__name__}: {failure}")
+        if reports[0] is not None:
+            message = f"converting {path} to DeepSpeed's universal checkpoint failed on rank 0: {reports[0]}"
+            raise RuntimeError(message) from failure
+        return path / UNIVERSAL_DIR
+
+    def _after_universal_load(self, saved_groups: list[dict] | None, fresh_groups: list[dict]) -> None:
+        """Undo two things DeepSpeed's universal load (0.19) does wrongly with several torch param groups.
+
+        - Under ZeRO-3 it copies group 0's hyperparameters (LR, name, initial_lr) into every group
+          (`load_hp_checkpoint_state_from_checkpoint_dir_stage3`). Each group gets back what `save` recorded;
+          a checkpoint written before that record existed gets the settings this run built, at the LR the
+          loaded schedule is at.
+        - Under ZeRO-3 every group's AdamW state holds one and the same `step` tensor, which a fused or
+          foreach AdamW increments in place once per group: each gets its own copy, on the device AdamW keeps
+          it on (the parameter's when fused or capturable, else the CPU).
+        """
+        groups = self.optimizer.param_groups
+        if saved_groups is None:
+            saved_groups = [dict(g, lr=lr) for g, lr in zip(fresh_groups, self.scheduler.get_last_lr(), strict=True)]
+        saved_names, names = [g.get("name") for g in saved_groups], [g.get("name") for g in fresh_groups]
+        if saved_names != names:  # compared with this run's groups as built: the load may have renamed them
+            raise ValueError(
+                f"the checkpoint's optimizer groups {saved_names} differ from this run's {names}: resume with the "
+                "same train.lr_* settings (a group at LR 0 is frozen and has no optimizer state)"
+            )
+        for group, saved in zip(groups, saved_groups, strict=True):
+            group.update(saved)
+        on_param = bool(self.optimizer.defaults.get("fused") or self.optimizer.defaults.get("capturable"))
+        for param, state in self.optimizer.state.items():
+            step = state.get("step")
+            if torch.is_tensor(step):
+                device = param.device if on_param else torch.device("cpu")
+                state["step"] = step.detach().to(device=device, dtype=torch.float32).clone()
 
     @classmethod
     def read_full_weights(cls, path: str | Path, model: nn.Module) -> dict[str, torch.Tensor]:
