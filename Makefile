@@ -53,6 +53,8 @@ bench: $(STAMP)
 	$(BIN)/python -m toolkit bench pipeline --photos
 	$(BIN)/python -m toolkit bench overhead
 	$(BIN)/python -m toolkit bench memory
+	$(BIN)/python -m toolkit bench balance
+	$(BIN)/python -m toolkit bench shard-data
 	$(BIN)/python -m toolkit bench gpu
 
 # Two hosts in network namespaces on this machine, `deepspeed --hostfile` across them (needs root).

@@ -144,6 +144,14 @@ class DataConfig:
     max_images_per_knapsack: int = opt(18, "Most images in one packed row.")
     max_tiles_per_knapsack: int = opt(0, "Most tiles in one packed row (0 = no limit beyond tokens).")
     buffer_packs: int = opt(32, "Packs the packer keeps open at once; more packs fill better and hold more memory.")
+    balance: bool = opt(
+        True,
+        "Pack rows of near-equal compute (vision tiles + decoder tokens and attention), so data-parallel ranks wait "
+        "less on each other; false = token-only packing.",
+    )
+    cost_calibration: str = opt(
+        "", "JSON of measured seconds_per_tile and seconds_per_token for data.balance; empty = the model's FLOPs."
+    )
     shuffle_buffer: int = opt(1000, "Samples in the shuffle buffer.")
     num_workers: int = opt(2, "Data-loader worker processes per rank.")
     prefetch_factor: int = opt(2, "Batches each worker prepares ahead.")
@@ -167,6 +175,11 @@ class DataConfig:
         _require(self.num_workers >= 0, "data.num_workers", "must be >= 0")
         _require(self.shuffle_buffer >= 1, "data.shuffle_buffer", "must be >= 1 (1 = no shuffle)")
         _require(self.virtual_readers >= 0, "data.virtual_readers", "must be >= 0 (0 = one per rank and worker)")
+        _require(
+            not self.cost_calibration or Path(self.cost_calibration).is_file(),
+            "data.cost_calibration",
+            f"names no file ({self.cost_calibration}); give a JSON of measured times or leave it empty",
+        )
         shards = self.train_shards
         if isinstance(shards, list):
             for i, item in enumerate(shards):

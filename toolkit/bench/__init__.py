@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-BENCHES = ("packing", "pipeline", "overhead", "memory", "gpu")
+BENCHES = ("packing", "pipeline", "overhead", "memory", "gpu", "balance", "shard-data")
 
 
 def format_table(rows: list[dict]) -> str:

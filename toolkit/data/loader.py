@@ -26,6 +26,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 from toolkit.config import Config
 from toolkit.data.batch import Batch
 from toolkit.data.collate import Encoded, collate
+from toolkit.data.cost import SampleCost, sample_cost
 from toolkit.data.order import owned_readers
 from toolkit.data.packing import Packer, PackerState
 from toolkit.data.shards import (
@@ -69,6 +70,7 @@ class StreamSpec:
     pad_id: int
     decode: DecodeSpec
     virtual_readers: int = 0  # 0: one reader per (rank, worker); V: the global order of toolkit/data/order.py
+    cost: SampleCost | None = None  # data.balance: rows of near-equal compute under this cost model
 
 
 class EndOfPass:
@@ -99,6 +101,7 @@ class _Stream:
             max_images=spec.max_images,
             max_tiles=spec.decode.max_tiles,
             buffer_packs=spec.buffer_packs,
+            cost=(lambda s: spec.cost(tokens=len(s.input_ids), tiles=s.tiles)) if spec.cost else None,
         )
         self.ready: list[list[Sample]] = []  # rows built but not yet handed out in a batch
         self.ended = False
@@ -172,6 +175,7 @@ class _Stream:
             "packer": [list(s.ref) for s in packer.items],
             "packer_born": list(packer.born),
             "packer_built": packer.built,
+            "packer_balance": list(packer.balance),
             "ready": [[list(s.ref) for s in row] for row in self.ready],
             "ended": self.ended,
             "counts": self.counter.state(),
@@ -186,7 +190,8 @@ class _Stream:
         raw = read_refs(list(self.spec.sets), refs)
         self.shuffle.items = [raw[tuple(r)] for r in state["shuffle"]]
         items = [self._redecode(raw[tuple(r)]) for r in state["packer"]]
-        self.packer.restore(PackerState(items, list(state["packer_born"]), state["packer_built"]))
+        balance = tuple(state.get("packer_balance", ()))  # absent from states saved before data.balance
+        self.packer.restore(PackerState(items, list(state["packer_born"]), state["packer_built"], balance))
         self.ready = [[self._redecode(raw[tuple(r)]) for r in row] for row in state["ready"]]
         self.ended = state["ended"]
         self.counter.restore(state["counts"])
@@ -372,6 +377,7 @@ def stream_spec(cfg: Config, sets: list[ShardSet], tok: VLMTokenizer, *, finite:
         pad_id=tok.pad_token_id,
         decode=DecodeSpec.from_config(cfg),
         virtual_readers=d.virtual_readers if shuffle else 0,  # the training data's global order only
+        cost=sample_cost(cfg.model, d.cost_calibration) if d.balance else None,
     )
 
 

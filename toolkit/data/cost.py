@@ -1,0 +1,77 @@
+"""What one sample costs the model to train on: the per-sample terms of a step's FLOPs, for balanced packing.
+
+A step's FLOPs (`step_flops` in toolkit/train/metrics.py, behind MFU) are vision tiles x the ViT's FLOPs per tile
+plus the decoder's FLOPs over the step's tokens, whose attention grows with each packed sample's squared length.
+Every term adds over samples, so a sample's share is `per_tile x tiles + per_token x tokens + per_token_sq x
+tokens^2`. This module derives the three coefficients from a ModelConfig with the same formulas (data/ may not
+import train/; tests/test_balance.py checks that the two agree), or reads measured seconds per tile and per token
+from a calibration file where kernels make FLOPs a poor guide to time.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from toolkit.config import ModelConfig
+
+
+@dataclass(frozen=True)
+class SampleCost:
+    """Cost of one sample: linear in its tiles and tokens, plus the attention term in its length squared."""
+
+    per_tile: float
+    per_token: float
+    per_token_sq: float = 0.0
+
+    def __call__(self, *, tokens: int, tiles: int) -> float:
+        return self.per_tile * tiles + (self.per_token + self.per_token_sq * tokens) * tokens
+
+    @classmethod
+    def from_model(cls, cfg: ModelConfig) -> SampleCost:
+        """Forward + backward FLOPs: the terms of `step_flops`, one sample at a time."""
+        attention = 6.0 * cfg.lm_n_blocks * cfg.lm_hidden_dim  # causal: half of 4 x length^2 x width per block
+        return cls(per_tile=vit_tile_flops(cfg), per_token=6.0 * _decoder_flops_per_token(cfg), per_token_sq=attention)
+
+    @classmethod
+    def from_calibration(cls, path: str | Path) -> SampleCost:
+        """Measured seconds: a JSON object with `seconds_per_tile`, `seconds_per_token` and optionally
+        `seconds_per_token_sq` (the attention term), e.g. from timing the model on a GPU."""
+        try:
+            data = json.loads(Path(path).read_text())
+            return cls(
+                per_tile=float(data["seconds_per_tile"]),
+                per_token=float(data["seconds_per_token"]),
+                per_token_sq=float(data.get("seconds_per_token_sq", 0.0)),
+            )
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ValueError(
+                f"data.cost_calibration={path} is not a readable JSON object with seconds_per_tile and "
+                f"seconds_per_token ({exc}); fix the file or set data.cost_calibration='' to use the model's FLOPs"
+            ) from exc
+
+
+def vit_tile_flops(cfg: ModelConfig) -> float:
+    """Forward + backward FLOPs of one tile through the ViT and the projector."""
+    patches = (cfg.vit_img_size // cfg.vit_patch_size) ** 2
+    width = cfg.vit_hidden_dim
+    weights = 4 * width * width + 2 * width * cfg.vit_inter_dim  # per block and patch: q, k, v, out; fc1, fc2
+    attention = 4 * patches * patches * width  # per block, forward: scores and weighted values, all pairs
+    projector = cfg.mp_image_token_length * width * cfg.mp_pixel_shuffle_factor**2 * cfg.lm_hidden_dim
+    embed = patches * 3 * cfg.vit_patch_size**2 * width
+    # Backward costs twice the forward, except the patch embedding: pixels need no gradient, so 2x instead of 3x.
+    return 3 * (cfg.vit_n_blocks * (2 * weights * patches + attention) + 2 * projector) + 4 * embed
+
+
+def _decoder_flops_per_token(cfg: ModelConfig) -> float:
+    """Forward multiply-adds per token of the decoder's weights and output head (x2 for FLOPs, x3 with backward)."""
+    width = cfg.lm_hidden_dim
+    kv_width = cfg.lm_n_kv_heads * (width // cfg.lm_n_heads)
+    block = 2 * width * width + 2 * width * kv_width + 3 * width * cfg.lm_inter_dim  # q, out; k, v; SwiGLU
+    return cfg.lm_n_blocks * block + width * cfg.lm_vocab_size
+
+
+def sample_cost(cfg_model: ModelConfig, calibration: str = "") -> SampleCost:
+    """The loader's cost model: measured times when a calibration file is given, else the model's FLOPs."""
+    return SampleCost.from_calibration(calibration) if calibration else SampleCost.from_model(cfg_model)
