@@ -119,6 +119,7 @@ def launch(world: int, run: Path, synth: Path, backend: str, *extra: str) -> lis
 
 
 @pytest.mark.multiproc
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_losses_agree_on_1_2_and_4_ranks(tmp_path):
     """The real loader, the real trainer: 8 steps of the same global batch on 1, 2 and 4 DDP ranks (fp32)."""
