@@ -47,6 +47,7 @@ from toolkit.data.shards import (
     read_refs,
     reader_slot,
     resolve_sets,
+    worker_layout,
 )
 from toolkit.data.tokenizer import VLMTokenizer, load_tokenizer
 
@@ -260,19 +261,18 @@ class PackedStream(IterableDataset):
         self.resharded: dict[int, dict] | None = None  # virtual reader -> state, from a checkpoint of another layout
 
     def __iter__(self) -> Iterator[Batch | EndOfPass]:
-        stream = self._virtual() if self.spec.virtual_readers else _Stream(self.spec, self.tok, self._slot())
+        if self.spec.virtual_readers:
+            stream = self._virtual()
+        else:
+            stream = _Stream(self.spec, self.tok, reader_slot(self.rank, self.world))
         if self._pending:
             stream.load_state_dict(self._pending)
             self._pending = None
         self._stream = stream
         return stream.batches()
 
-    def _slot(self) -> ReaderSlot:
-        return reader_slot(self.rank, self.world)
-
     def _virtual(self) -> _Turns:
-        info = torch.utils.data.get_worker_info()
-        workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
+        workers, worker = worker_layout()
         count = self.spec.virtual_readers
         mine = owned_readers(count, rank=self.rank, world=self.world, worker=worker, workers=workers)
         turns = _Turns([_Stream(self.spec, self.tok, ReaderSlot(v, count)) for v in mine])
@@ -353,14 +353,18 @@ class StreamLoader(StatefulDataLoader):
     def counts(self) -> dict:
         """{'read': samples read, 'skipped': {reason: n}} of this rank's readers, as of the batches delivered; after a
         finite pass, of the whole pass (the end of each reader's pass delivers its final counts)."""
-        read, skipped = 0, {}
         state = self.state_dict() if self._iterator is not None else self.next_iter_state  # loaded, not yet iterated
-        if state:
-            for st in stream_states(state):
-                read += st["counts"]["read"]
-                for reason, n in st["counts"]["skipped"].items():
-                    skipped[reason] = skipped.get(reason, 0) + n
-        return {"read": read, "skipped": dict(sorted(skipped.items()))}
+        return sum_counts([st["counts"] for st in stream_states(state or {})])
+
+
+def sum_counts(counts: list[dict]) -> dict:
+    """{'read', 'skipped': {reason: n}} dicts (of readers, or of ranks' `counts()`) summed into one."""
+    read, skipped = 0, {}
+    for c in counts:
+        read += c["read"]
+        for reason, n in c["skipped"].items():
+            skipped[reason] = skipped.get(reason, 0) + n
+    return {"read": read, "skipped": dict(sorted(skipped.items()))}
 
 
 def stream_spec(cfg: Config, sets: list[ShardSet], tok: VLMTokenizer, *, finite: bool, shuffle: bool) -> StreamSpec:

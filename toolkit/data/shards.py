@@ -203,10 +203,15 @@ class ReaderSlot:
     count: int = 1
 
 
+def worker_layout() -> tuple[int, int]:
+    """(loader workers, this worker's index) from torch; (1, 0) outside a worker."""
+    info = torch.utils.data.get_worker_info()
+    return (info.num_workers, info.id) if info is not None else (1, 0)
+
+
 def reader_slot(rank: int, world: int) -> ReaderSlot:
     """Rank and world come from the caller (testable without a process group); the worker from torch."""
-    info = torch.utils.data.get_worker_info()
-    workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
+    workers, worker = worker_layout()
     return ReaderSlot(index=rank * workers + worker, count=world * workers)
 
 

@@ -16,10 +16,11 @@ from typing import Any
 
 from toolkit import dist
 from toolkit.config import Config, save_config
+from toolkit.data.loader import sum_counts
 from toolkit.train.checkpoint import RunDir, export_live, resolve_resume, restore_checkpoint, save_checkpoint
 from toolkit.train.preflight import check_run, derive_accumulation
 from toolkit.train.trainer import Trainer, TrainerState
-from toolkit.train.validation import sum_counts, validation_loss
+from toolkit.train.validation import validation_loss
 
 STOP_FILE_ENV = "NANOVLM_STOP_FILE"
 

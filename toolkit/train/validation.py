@@ -13,7 +13,7 @@ import torch
 
 from toolkit import dist
 from toolkit.config import Config
-from toolkit.data.loader import build_loader
+from toolkit.data.loader import build_loader, sum_counts
 from toolkit.data.tokenizer import VLMTokenizer
 from toolkit.train.backends import Backend
 
@@ -47,13 +47,3 @@ def validation_loss(backend: Backend, cfg: Config, tokenizer: VLMTokenizer, *, m
         dist.log0("validation found no target tokens in data.val_shards (samples: %s)", samples, level=logging.WARNING)
         return Validation(float("nan"), samples)
     return Validation(float(total[0] / total[1]), samples)
-
-
-def sum_counts(per_rank: list[dict]) -> dict:
-    """Samples read and skipped by reason, summed over ranks' `loader.counts()`."""
-    read, skipped = 0, {}
-    for counts in per_rank:
-        read += counts["read"]
-        for reason, n in counts["skipped"].items():
-            skipped[reason] = skipped.get(reason, 0) + n
-    return {"read": read, "skipped": dict(sorted(skipped.items()))}
