@@ -216,6 +216,11 @@ def _run_scenario(name: str, spec: dict, batches: list[list[Batch]], out: Path) 
         "grad_norms": [h["grad_norm"] for h in trainer.history],
         "lrs": [h["lr"] for h in trainer.history],
         "skipped": [h["skipped"] for h in trainer.history],
+        # Issue 14: each rank's own forward + backward seconds, gathered here (test side) to check the trainer's
+        # imbalance figures, which every rank must report alike.
+        "fwd_bwd_by_rank": [_sum_over_ranks(h["fwd_bwd_s"]) for h in trainer.history],
+        "time_imbalance_by_rank": [_sum_over_ranks(h["rank_time_imbalance"]) for h in trainer.history],
+        "cost_imbalance_by_rank": [_sum_over_ranks(h["rank_cost_imbalance"]) for h in trainer.history],
         "optimizer_state_numel": _sum_over_ranks(backend.optimizer_state_numel()),
         "fused": all(g["fused"] for g in backend.optimizer.param_groups),  # the AdamW inside every wrapper
         "leaf_blocks": _leaf_blocks(backend),

@@ -30,6 +30,7 @@ from toolkit.data.batch import Batch, ModelInputs
 from toolkit.errors import UserError
 from toolkit.model import VisionLanguageModel
 from toolkit.train.backends import build_backend
+from toolkit.train.metrics import step_flops
 from toolkit.train.optim import freeze_frozen_groups, param_groups, trainable_numel
 from toolkit.train.trainer import Trainer, TrainingDiverged
 
@@ -235,6 +236,30 @@ def test_zero3_gathers_each_block_as_one_unit(launched) -> None:
     blocks = cfg.vit_n_blocks + cfg.lm_n_blocks
     for name, result in results.items():
         assert result["leaf_blocks"] == (blocks if name.startswith("zero3") else 0), name
+
+
+@pytest.mark.multiproc
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("name", ["ddp", "zero2", "zero3", "fsdp"])
+def test_rank_imbalance_metrics_are_computed_from_both_ranks(name: str, launched) -> None:
+    """Issue 14: rank_cost_imbalance is max/mean over ranks of the step's FLOPs (step_flops of each rank's own
+    micro-batches, computed here by hand) and rank_time_imbalance max/mean of each rank's measured forward +
+    backward seconds; both ranks report the same figures, so they came through the all-reduce, not one rank."""
+    result = launched[0][name]
+    model = bw.tiny_model_config()
+    for step, (times, time_imb, cost_imb) in enumerate(
+        zip(result["fwd_bwd_by_rank"], result["time_imbalance_by_rank"], result["cost_imbalance_by_rank"], strict=True)
+    ):
+        flops = []
+        for rank in range(bw.WORLD):
+            mine = [mb.stats for mb in BATCHES[step][rank * bw.MICRO_PER_RANK : (rank + 1) * bw.MICRO_PER_RANK]]
+            sum_sq = [sum(n * n for n in s.sample_lengths) for s in mine]
+            flops.append(sum(step_flops(model, n_tokens=s.tokens, n_tiles=s.tiles, sum_sq_lengths=q)
+                             for s, q in zip(mine, sum_sq, strict=True)))  # fmt: skip
+        assert cost_imb == [pytest.approx(max(flops) / (sum(flops) / bw.WORLD), rel=1e-12)] * bw.WORLD, step
+        assert min(times) > 0 and times[0] != times[1]
+        assert time_imb == [pytest.approx(max(times) / (sum(times) / bw.WORLD), rel=1e-12)] * bw.WORLD, step
+    assert max(max(c) for c in result["cost_imbalance_by_rank"]) > 1.01  # the batches differ: not trivially 1
 
 
 @pytest.mark.multiproc
@@ -551,38 +576,63 @@ def synth_data(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="module")
+def two_rank_train(synth_data, tmp_path_factory):
+    """`python -m toolkit train --config tiny` on synthetic shards, 2 ranks, bf16, 20 steps; each (backend, balance)
+    trains once per module and returns its run folder."""
+    runs: dict[tuple[str, bool], Path] = {}
+
+    def train(backend: str, balance: bool = True) -> Path:
+        if (backend, balance) in runs:
+            return runs[backend, balance]
+        run = tmp_path_factory.mktemp(f"{backend}-balance-{balance}") / "run"
+        cmd = torchrun(2, "-m", "toolkit", "train", "--config", "tiny",
+                       f"model.lm_tokenizer={synth_data / 'tokenizer'}", f"data.train_shards={synth_data / 'train'}",
+                       f"data.val_shards={synth_data / 'val'}", f"backend.name={backend}",
+                       "backend.ds_config=ds_configs/zero3.json", "backend.precision=bf16", f"data.balance={balance}",
+                       "train.max_training_steps=20", "train.batch_size=2", f"train.run_dir={run}")  # fmt: skip
+        env = {**os.environ, **CPU_ENV}
+        proc = subprocess.run(cmd, cwd=run.parent, env=env, capture_output=True, text=True, timeout=360)
+        assert proc.returncode == 0, proc.stderr[-6000:]
+        runs[backend, balance] = run
+        return run
+
+    return train
+
+
+def train_records(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def late_loss(records: list[dict]) -> float:
+    return sum(r["loss"] for r in records[-5:]) / 5
+
+
 @pytest.mark.multiproc
 @pytest.mark.timeout(400)
 @pytest.mark.parametrize("backend", ["deepspeed", "fsdp"])
-def test_train_command_two_ranks_loss_falls(backend: str, synth_data: Path, tmp_path: Path) -> None:
-    """`python -m toolkit train --config tiny` on synthetic shards, 2 ranks (ZeRO-3 / FSDP2, bf16), 20 steps."""
-    run = tmp_path / "run"
-    cmd = torchrun(
-        2,
-        "-m",
-        "toolkit",
-        "train",
-        "--config",
-        "tiny",
-        f"model.lm_tokenizer={synth_data / 'tokenizer'}",
-        f"data.train_shards={synth_data / 'train'}",
-        f"data.val_shards={synth_data / 'val'}",
-        f"backend.name={backend}",
-        "backend.ds_config=ds_configs/zero3.json",
-        "backend.precision=bf16",
-        "train.max_training_steps=20",
-        "train.batch_size=2",
-        f"train.run_dir={run}",
-    )
-    env = {**os.environ, **CPU_ENV}
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=360)
-    assert proc.returncode == 0, proc.stderr[-6000:]
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+def test_train_command_two_ranks_loss_falls(backend: str, two_rank_train) -> None:
+    """ZeRO-3 / FSDP2 through the train command: every step logged once, the loss falls, imbalance reported."""
+    run = two_rank_train(backend)
+    records = train_records(run)
     assert [r["step"] for r in records] == list(range(1, 21))
-    assert all({"loss", "grad_norm", "lr", "tokens_per_s"} <= set(r) for r in records)
-    first, last = records[0]["loss"], sum(r["loss"] for r in records[-5:]) / 5
-    assert last < first - 1.0, (first, last)
+    assert all({"loss", "grad_norm", "lr", "tokens_per_s", "rank_cost_imbalance", "rank_time_imbalance"} <= set(r)
+               for r in records)  # fmt: skip
+    assert all(r["rank_cost_imbalance"] >= 1.0 and r["rank_time_imbalance"] >= 1.0 for r in records)
+    assert late_loss(records) < records[0]["loss"] - 1.0, (records[0]["loss"], late_loss(records))
     assert (run / "config.yaml").exists()
+
+
+@pytest.mark.multiproc
+@pytest.mark.timeout(800)
+def test_balanced_packing_trains_like_token_only_packing(two_rank_train) -> None:
+    """Issue 14: data.balance=true (the default) and false train the same model on the same data to the same loss
+    range on 2 FSDP2 ranks; balancing reorders samples into packs, it must not change what is learnt."""
+    balanced, token_only = train_records(two_rank_train("fsdp")), train_records(two_rank_train("fsdp", False))
+    assert balanced[0]["loss"] == pytest.approx(token_only[0]["loss"], rel=0.05)  # the same untrained model
+    for records in (balanced, token_only):
+        assert late_loss(records) < records[0]["loss"] - 1.0
+    assert late_loss(balanced) == pytest.approx(late_loss(token_only), rel=0.1)
 
 
 @pytest.mark.parametrize("kernel", ["dense", "flex", "varlen"])

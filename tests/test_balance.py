@@ -19,6 +19,7 @@ import shardgen
 import torch
 from shardgen import tiny_config
 
+from toolkit.bench import calibrate
 from toolkit.bench.balance import max_over_mean, vlm_mix
 from toolkit.config import ConfigError, load_config
 from toolkit.data.cost import SampleCost, sample_cost
@@ -76,7 +77,8 @@ def row_costs(rows: list[list[Item]]) -> list[float]:
 
 @pytest.mark.parametrize("preset", ["tiny", "nanovlm-222m", "nanovlm-450m"])
 def test_cost_model_is_step_flops_per_sample(preset: str) -> None:
-    """One sample's cost is step_flops of that sample alone, and samples add up to the step's FLOPs."""
+    """One sample's cost is step_flops of that sample alone (MFU's count, which test_run_lifecycle checks against
+    torch's FLOP counter), and per-sample costs add up to the step's FLOPs."""
     model = load_config(preset).model
     cost = SampleCost.from_model(model)
     samples = [(200, 0), (776, 9), (1, 1), (model.lm_max_length, 17)]
@@ -105,6 +107,50 @@ def test_calibration_file_replaces_the_flops(tmp_path) -> None:
         sample_cost(load_config("tiny").model, str(path))
     with pytest.raises(ConfigError, match=r"data\.cost_calibration"):
         load_config("tiny", [f"data.cost_calibration={tmp_path / 'missing.json'}"])
+
+
+def test_calibration_fit_recovers_the_times_it_was_given() -> None:
+    """`bench gpu --calibrate` fits per-tile, per-token and attention seconds: on timings made from known
+    coefficients (plus a constant per step) the fit returns them; a term that noise drives negative is dropped."""
+    cfg = load_config("tiny", ["backend.device=cpu"])
+    known = {
+        "seconds_per_tile": 3e-4,
+        "seconds_per_token": 2e-6,
+        "seconds_per_token_sq": 5e-10,
+        "seconds_per_step": 0.01,
+    }
+
+    def timer(batch) -> float:
+        stats = batch.stats
+        sum_sq = sum(n * n for n in stats.sample_lengths)
+        return (known["seconds_per_tile"] * stats.tiles + known["seconds_per_token"] * stats.tokens
+                + known["seconds_per_token_sq"] * sum_sq + known["seconds_per_step"])  # fmt: skip
+
+    points, coef = calibrate.calibrate(cfg, torch.device("cpu"), timer)
+    assert len({(p["tiles_per_row"], p["rows"], p["samples"]) for p in points}) == len(points) >= 8
+    for term, value in known.items():
+        assert coef[term] == pytest.approx(value, rel=1e-6), term
+    assert coef["r2"] == pytest.approx(1.0)
+    tiles_cost_nothing = [
+        {**p, "seconds": p["seconds"] - 1.01 * known["seconds_per_tile"] * p["tiles"]} for p in points
+    ]
+    refit = calibrate.fit(tiles_cost_nothing)
+    assert refit["seconds_per_tile"] == 0.0 and refit["seconds_per_token"] > 0
+
+
+def test_bench_gpu_calibrate_writes_what_data_cost_calibration_reads(tmp_path) -> None:
+    """The whole path on the CPU (the figures mean nothing here): time, fit, write, and the trainer's and loader's
+    cost model is then the file's."""
+    from toolkit.bench import gpu
+
+    path = tmp_path / "calibration.json"
+    result = gpu.run(device="cpu", preset="tiny", calibrate=path, steps=1, warmup=0)
+    assert len(result["rows"]) == len(calibrate.design_points(load_config("tiny")))
+    written = json.loads(path.read_text())
+    assert min(written[t] for t in calibrate.TERMS[:3]) >= 0 and written["device"] == "cpu"
+    cfg = load_config("tiny", [f"data.cost_calibration={path}"])
+    cost = sample_cost(cfg.model, cfg.data.cost_calibration)
+    assert (cost.per_tile, cost.per_token, cost.per_token_sq) == tuple(written[t] for t in calibrate.TERMS[:3])
 
 
 # -- limits, exactly once, determinism, bounds -------------------------------------------------------------------------

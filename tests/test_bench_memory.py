@@ -83,6 +83,8 @@ def two_ranks() -> list[dict]:
     return memory.launch(["zero1", "zero2", "zero3", "fsdp", "fsdp_defer"], timeout_s=480)
 
 
+# The 2-rank launch (5 backends, ~90 s on 2 cores) runs in `make test-slow`: make test stays under its 15 minutes.
+@pytest.mark.slow
 @pytest.mark.multiproc
 def test_per_rank_bytes_within_10_percent_of_the_zero_formula(two_ranks):
     assert sorted((r["backend"], r["rank"]) for r in two_ranks) == sorted(
@@ -100,6 +102,7 @@ def test_per_rank_bytes_within_10_percent_of_the_zero_formula(two_ranks):
         assert result["accumulating"]["params"] >= (2 if fsdp else 1) * result["psi"]
 
 
+@pytest.mark.slow
 @pytest.mark.multiproc
 def test_what_tells_the_stages_apart(two_ranks):
     by = {(r["backend"], r["rank"]): r for r in two_ranks}

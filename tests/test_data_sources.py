@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 from pathlib import Path
 
 import pytest
@@ -198,6 +199,46 @@ def test_pipe_and_fsspec_urls_train_and_resume_like_local_paths(scheme, tok, tmp
     assert inputs_of(first + list(resumed)) == inputs_of(want)  # exact mid-pass resume over the URL
 
 
+def _train_in_process(cfg_path: Path, *overrides: str) -> list[dict]:
+    """`python -m toolkit train` in this process (single backend); its metrics.jsonl records with a loss."""
+    import signal
+
+    from toolkit import __main__ as cli
+
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}  # train installs handlers
+    try:
+        assert cli.main(["train", "--config", str(cfg_path), *overrides]) == 0
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+    run = next(o.split("=", 1)[1] for o in overrides if o.startswith("train.run_dir="))
+    return [json.loads(ln) for ln in (Path(run) / "metrics.jsonl").read_text().splitlines() if '"loss"' in ln]
+
+
+def test_train_stops_and_resumes_over_a_pipe_url_like_an_uninterrupted_run(tok, tmp_path):
+    """The whole `train` path over `pipe:cat ...` shards: a run stopped at step 3 and resumed from its checkpoint
+    trains steps 4-6 on the same batches with the same losses as a run that never stopped."""
+    from toolkit.config import save_config
+
+    shardgen.make_dataset(tmp_path / "d", shards=3, per_shard=8, manifest=False)
+    url = f"pipe:cat {tmp_path / 'd' / 'shard-{000000..000002}.tar'}"
+    cfg = shardgen.tiny_config(tok, url, train={"max_training_steps": 6, "checkpoint_interval": 3, "log_interval": 1,
+                                                "eval_interval": 0, "export_best": False})  # fmt: skip
+    cfg.backend.name, cfg.backend.device, cfg.backend.precision = "single", "cpu", "fp32"
+    save_config(cfg, tmp_path / "pipe.yaml")
+    once = _train_in_process(tmp_path / "pipe.yaml", f"train.run_dir={tmp_path / 'once'}")
+    _train_in_process(tmp_path / "pipe.yaml", f"train.run_dir={tmp_path / 'twice'}", "train.stop_at_step=3")
+    log = tmp_path / "twice" / "metrics.jsonl"
+    log.write_text(
+        "".join(json.dumps({**json.loads(ln), "before_stop": True}) + "\n" for ln in log.read_text().splitlines())
+    )
+    twice = _train_in_process(tmp_path / "pipe.yaml", f"train.run_dir={tmp_path / 'twice'}")  # resume=auto
+    assert [r["step"] for r in twice] == [r["step"] for r in once] == list(range(1, 7))
+    assert [r["step"] for r in twice if r.get("before_stop")] == [1, 2, 3]  # resumed at step 4, not retrained
+    assert [r["batch_digest"] for r in twice] == [r["batch_digest"] for r in once]
+    assert [r["loss"] for r in twice] == [r["loss"] for r in once]
+
+
 def test_a_failed_remote_read_is_retried_then_counted(tok, tmp_path, monkeypatch):
     from toolkit.data import shards
 
@@ -219,21 +260,29 @@ def test_a_failed_remote_read_is_retried_then_counted(tok, tmp_path, monkeypatch
     assert stats["skipped"] == {fmt.TRUNCATED_TAR: 1} and stats["samples_packed"] == stats["samples_read"] < 6
 
 
-def test_caption_shards_from_webdatasets_tarwriter_train_on_two_ranks(tok, tmp_path):
-    """img2dataset-style shards written by webdataset's own TarWriter: two ranks share them, every pair counted."""
+def write_caption_shards(folder: Path, shards: int = 3, per_shard: int = 7) -> list[str]:
+    """img2dataset-style shards written by webdataset's own TarWriter: KEY.jpg + KEY.json, and KEY.txt on odd keys."""
     import webdataset as wds
 
-    from toolkit.data.loader import build_loader
-
-    (tmp_path / "d").mkdir()
-    for s in range(3):
-        with wds.TarWriter(str(tmp_path / "d" / f"shard-{s:06d}.tar")) as sink:
-            for i in range(7):
+    folder.mkdir()
+    keys = []
+    for s in range(shards):
+        with wds.TarWriter(str(folder / f"shard-{s:06d}.tar")) as sink:
+            for i in range(per_shard):
                 key = f"{s}{i:03d}"
                 sample = {"__key__": key, "jpg": image("jpg", s * 10 + i), "json": {"caption": f"picture {key}"}}
                 if i % 2:
                     sample["txt"] = f"caption {key}"
                 sink.write(sample)
+                keys.append(key)
+    return keys
+
+
+def test_caption_shards_from_webdatasets_tarwriter_are_split_between_two_ranks(tok, tmp_path):
+    """Two ranks' loaders share the caption shards: every pair read once, none skipped."""
+    from toolkit.data.loader import build_loader
+
+    want = write_caption_shards(tmp_path / "d")
     cfg = shardgen.tiny_config(tok, str(tmp_path / "d"))
     keys, read = [], 0
     for rank in range(2):
@@ -242,4 +291,28 @@ def test_caption_shards_from_webdatasets_tarwriter_train_on_two_ranks(tok, tmp_p
         counts = loader.counts()
         assert counts["skipped"] == {}
         read += counts["read"]
-    assert read == 21 and sorted(keys) == sorted(f"{s}{i:03d}" for s in range(3) for i in range(7))
+    assert read == 21 and sorted(keys) == sorted(want)
+
+
+@pytest.mark.multiproc
+@pytest.mark.timeout(400)
+def test_caption_shards_train_on_two_ranks_and_every_sample_is_counted(tok, tmp_path):
+    """`train` on 2 FSDP2 ranks over TarWriter caption shards: the loss falls, and the run's sample counts (summed
+    over ranks) hold every pair read and none skipped; a caption-less layout would show as no_texts skips."""
+    from tests.conftest import run_ranks
+    from toolkit.config import save_config
+
+    write_caption_shards(tmp_path / "d")
+    cfg = shardgen.tiny_config(tok, str(tmp_path / "d"), data={"num_workers": 1},
+                               train={"batch_size": 1, "max_training_steps": 16, "log_interval": 4,
+                                      "checkpoint_interval": 0, "eval_interval": 0, "export_best": False,
+                                      "run_dir": str(tmp_path / "run")})  # fmt: skip
+    cfg.backend.name, cfg.backend.device = "fsdp", "cpu"
+    save_config(cfg, tmp_path / "captions.yaml")
+    run_ranks(2, "-m", "toolkit", "train", "--config", str(tmp_path / "captions.yaml"), timeout=360)
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    counted = [r["samples"] for r in records if "samples" in r]
+    assert [r["step"] for r in records if "loss" in r] == list(range(1, 17)) and len(counted) == 4
+    assert all(c["skipped"] == {} for c in counted)
+    assert counted[-1]["read"] >= 21 and counted[0]["read"] > 0  # both ranks' readers, summed
+    assert sum(r["loss"] for r in records[-4:]) < sum(r["loss"] for r in records[:4])

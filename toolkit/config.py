@@ -150,7 +150,9 @@ class DataConfig:
         "less on each other; false = token-only packing.",
     )
     cost_calibration: str = opt(
-        "", "JSON of measured seconds_per_tile and seconds_per_token for data.balance; empty = the model's FLOPs."
+        "",
+        "Measured seconds per tile and per token (from `bench gpu --calibrate FILE`) for data.balance and the "
+        "rank_cost_imbalance metric; empty = the model's FLOPs.",
     )
     shuffle_buffer: int = opt(1000, "Samples in the shuffle buffer.")
     num_workers: int = opt(2, "Data-loader worker processes per rank.")
@@ -178,7 +180,8 @@ class DataConfig:
         _require(
             not self.cost_calibration or Path(self.cost_calibration).is_file(),
             "data.cost_calibration",
-            f"names no file ({self.cost_calibration}); give a JSON of measured times or leave it empty",
+            f"names no file ({self.cost_calibration}); write one with `python -m toolkit bench gpu --calibrate FILE` "
+            "or leave it empty",
         )
         shards = self.train_shards
         if isinstance(shards, list):

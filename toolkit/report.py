@@ -1,7 +1,7 @@
-"""`python -m toolkit report RUN`: a PNG of loss, LR per group, grad norm and tokens/s over steps.
+"""`python -m toolkit report RUN`: a PNG of loss, LR per group, grad norm, tokens/s and rank imbalance over steps.
 
 For clusters without a TensorBoard port. Drawn with Pillow (already a dependency) rather than adding matplotlib
-for four line charts: each panel is a polyline scaled into a box, with min/max labels on the y axis.
+for a few line charts: each panel is a polyline scaled into a box, with min/max labels on the y axis.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 1
 def read_series(metrics_file: Path) -> dict[str, dict[str, list[tuple[int, float]]]]:
     """metrics.jsonl -> {panel: {series: [(step, value), ...]}}."""
     panels: dict[str, dict[str, list[tuple[int, float]]]] = {
-        "loss": {}, "learning rate": {}, "grad norm": {}, "tokens/s": {},
+        "loss": {}, "learning rate": {}, "grad norm": {}, "tokens/s": {}, "rank imbalance (max/mean)": {},
     }  # fmt: skip
     for line in metrics_file.read_text().splitlines():
         m = json.loads(line)
@@ -27,6 +27,9 @@ def read_series(metrics_file: Path) -> dict[str, dict[str, list[tuple[int, float
             panels["loss"].setdefault("train", []).append((step, m["loss"]))
             panels["grad norm"].setdefault("pre-clip", []).append((step, m["grad_norm"]))
             panels["tokens/s"].setdefault("global", []).append((step, m["tokens_per_s"]))
+            for name, key in (("estimated cost", "rank_cost_imbalance"), ("fwd+bwd time", "rank_time_imbalance")):
+                if key in m:  # runs from before issue 14 have neither
+                    panels["rank imbalance (max/mean)"].setdefault(name, []).append((step, m[key]))
             for group, lr in m.get("lr", {}).items():
                 panels["learning rate"].setdefault(group, []).append((step, lr))
         if "val_loss" in m:
@@ -73,7 +76,7 @@ def write_report(run: str | Path, out: str | Path | None = None) -> Path:
     if not metrics_file.exists():
         raise FileNotFoundError(f"{metrics_file} not found: pass a run folder (train.run_dir) that has trained")
     panels = read_series(metrics_file)
-    image = Image.new("RGB", (2 * PANEL_W, 2 * PANEL_H), "white")
+    image = Image.new("RGB", (2 * PANEL_W, -(-len(panels) // 2) * PANEL_H), "white")
     draw = ImageDraw.Draw(image)
     for i, (title, series) in enumerate(panels.items()):
         draw_panel(draw, ((i % 2) * PANEL_W, (i // 2) * PANEL_H), title, series)

@@ -280,10 +280,13 @@ def run(
     peak_flops: float | None = None,
     profile: list[Variant] | tuple[Variant, ...] = (),
     profile_dir: str | Path = "runs/bench",
+    calibrate: str | Path | None = None,
 ) -> dict:
     """Every variant on one device within `budget_s` seconds; `device=None` means CUDA, or skip without it.
 
-    Variants in `profile` also write their top kernels to `profile_dir`/gpu_profile_LABEL.txt.
+    Variants in `profile` also write their top kernels to `profile_dir`/gpu_profile_LABEL.txt. With `calibrate`,
+    only the `single` backend runs: seconds per tile and per token are measured and written to that file
+    (toolkit/bench/calibrate.py) for `data.cost_calibration`.
     """
     if steps < 1 or warmup < 0 or n_batches < 1:
         raise ValueError(f"need steps >= 1, warmup >= 0 and n_batches >= 1, got {steps}, {warmup}, {n_batches}")
@@ -300,6 +303,13 @@ def run(
     dist.init_distributed(dev, dist.DistEnv())  # world size 1: ZeRO and FSDP2 still need a process group
     settings = {"batch_size": batch_size, "device": dev.type, "overrides": list(overrides)}
     try:
+        if calibrate:
+            from toolkit.bench import calibrate as calibration
+
+            cfg = bench_config(preset, Variant("single"), **settings)
+            result = calibration.run(cfg, dev, calibrate, seed=seed, warmup=warmup, repeats=steps)
+            result["config"] = {"preset": preset, "warmup": warmup, "repeats": steps, **settings}
+            return result
         plain_cfg = bench_config(preset, Variant("plain"), **settings)
         batches = synthetic_batches(plain_cfg, n_batches, seed=seed, device=dev)
         peak = peak_flops or device_peak_flops(dev)  # None (no MFU) for a device whose peak is unknown
@@ -384,6 +394,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--peak-flops", type=float, default=None, help="bf16 FLOP/s of one device, if torch's name is unknown"
     )
+    p.add_argument(
+        "--calibrate",
+        default=None,
+        metavar="FILE",
+        help="instead of the variants: time seconds per tile and per token (single backend; --steps = repeats per "
+        "point) and write them to FILE for data.cost_calibration",
+    )
     p.add_argument("--json", action="store_true")
     p.add_argument("overrides", nargs="*", help="section.field=value applied to every variant")
     a = p.parse_args(argv)
@@ -392,7 +409,17 @@ def main(argv: list[str] | None = None) -> int:
     kw["peak_flops"] = a.peak_flops
     kw["variants"] = parse_variants(a.variants) if a.variants else None
     kw["profile"] = parse_variants(a.profile)
-    run_bench("gpu", as_json=a.json, preset=a.preset, device=a.device, overrides=a.overrides, **kw)
+    if a.calibrate:
+        kw = {"warmup": a.warmup, "steps": a.steps, "batch_size": a.batch_size, "calibrate": a.calibrate}
+    run_bench(
+        "gpu",
+        label="gpu_calibration" if a.calibrate else "",
+        as_json=a.json,
+        preset=a.preset,
+        device=a.device,
+        overrides=a.overrides,
+        **kw,
+    )
     return 0
 
 

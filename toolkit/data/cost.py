@@ -1,11 +1,12 @@
 """What one sample costs the model to train on: the per-sample terms of a step's FLOPs, for balanced packing.
 
-A step's FLOPs (`step_flops` in toolkit/train/metrics.py, behind MFU) are vision tiles x the ViT's FLOPs per tile
-plus the decoder's FLOPs over the step's tokens, whose attention grows with each packed sample's squared length.
-Every term adds over samples, so a sample's share is `per_tile x tiles + per_token x tokens + per_token_sq x
-tokens^2`. This module derives the three coefficients from a ModelConfig with the same formulas (data/ may not
-import train/; tests/test_balance.py checks that the two agree), or reads measured seconds per tile and per token
-from a calibration file where kernels make FLOPs a poor guide to time.
+A step's FLOPs are vision tiles x the ViT's FLOPs per tile plus the decoder's FLOPs over the step's tokens, whose
+attention grows with each packed sample's squared length. Every term adds over samples, so a sample's share is
+`per_tile x tiles + per_token x tokens + per_token_sq x tokens^2`. This module is the one place those formulas
+live: the packer balances with them, the trainer reports each rank's cost with them, and MFU (`step_flops` in
+toolkit/train/metrics.py) counts a step's FLOPs with them (tests/test_run_lifecycle.py checks them against
+torch's FLOP counter). A calibration file of measured seconds per tile and per token replaces them where kernels
+make FLOPs a poor guide to time (`bench gpu --calibrate` writes one).
 """
 
 from __future__ import annotations
@@ -28,9 +29,13 @@ class SampleCost:
     def __call__(self, *, tokens: int, tiles: int) -> float:
         return self.per_tile * tiles + (self.per_token + self.per_token_sq * tokens) * tokens
 
+    def total(self, *, tokens: int, sum_sq_lengths: float, tiles: int) -> float:
+        """Cost of many samples at once, from their summed tokens, tiles and squared lengths (a step, a batch)."""
+        return self.per_tile * tiles + self.per_token * tokens + self.per_token_sq * sum_sq_lengths
+
     @classmethod
     def from_model(cls, cfg: ModelConfig) -> SampleCost:
-        """Forward + backward FLOPs: the terms of `step_flops`, one sample at a time."""
+        """Forward + backward FLOPs: per tile, per token and per squared sample length."""
         attention = 6.0 * cfg.lm_n_blocks * cfg.lm_hidden_dim  # causal: half of 4 x length^2 x width per block
         return cls(per_tile=vit_tile_flops(cfg), per_token=6.0 * _decoder_flops_per_token(cfg), per_token_sq=attention)
 

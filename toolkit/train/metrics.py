@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from toolkit.config import ModelConfig
+from toolkit.data.cost import SampleCost, vit_tile_flops
 
 log = logging.getLogger(__name__)
 
@@ -36,28 +37,18 @@ def device_peak_flops(device: torch.device) -> float | None:
 
 def vision_flops_per_tile(cfg: ModelConfig) -> float:
     """Forward + backward FLOPs of the ViT and projector for one tile."""
-    patches = (cfg.vit_img_size // cfg.vit_patch_size) ** 2
-    d, inter = cfg.vit_hidden_dim, cfg.vit_inter_dim
-    per_block = 4 * d * d + 2 * d * inter  # qkv + out, fc1 + fc2 (weights per token)
-    attn = cfg.vit_n_blocks * 4 * patches * patches * d  # QK^T and AV, forward, bidirectional
-    proj = cfg.mp_image_token_length * cfg.vit_hidden_dim * cfg.mp_pixel_shuffle_factor**2 * cfg.lm_hidden_dim
-    patch_embed = patches * 3 * cfg.vit_patch_size**2 * d
-    # x3 = forward + input grad + weight grad; the patch embedding has no input grad (pixels need none).
-    return 3 * (2 * cfg.vit_n_blocks * per_block * patches + attn + 2 * proj) + 4 * patch_embed
+    return vit_tile_flops(cfg)
 
 
 def language_flops(cfg: ModelConfig, n_tokens: int, sum_sq_lengths: float) -> float:
     """Forward + backward FLOPs of the decoder over n_tokens whose samples have the given sum of squared lengths."""
-    d, hd = cfg.lm_hidden_dim, cfg.lm_hidden_dim // cfg.lm_n_heads
-    kv = cfg.lm_n_kv_heads * hd
-    per_block = 2 * d * d + 2 * d * kv + 3 * d * cfg.lm_inter_dim
-    dense = cfg.lm_n_blocks * per_block + d * cfg.lm_vocab_size  # + output head
-    attn = cfg.lm_n_blocks * 2 * sum_sq_lengths * d  # causal: half of 4 * L^2 * d per sample, forward
-    return 3 * (2 * dense * n_tokens + attn)
+    return SampleCost.from_model(cfg).total(tokens=n_tokens, sum_sq_lengths=sum_sq_lengths, tiles=0)
 
 
 def step_flops(cfg: ModelConfig, *, n_tokens: int, sum_sq_lengths: float, n_tiles: int) -> float:
-    return language_flops(cfg, n_tokens, sum_sq_lengths) + n_tiles * vision_flops_per_tile(cfg)
+    """The step's model FLOPs: the sample cost model of toolkit/data/cost.py summed over the step's samples, so
+    MFU and balanced packing count the same work."""
+    return SampleCost.from_model(cfg).total(tokens=n_tokens, sum_sq_lengths=sum_sq_lengths, tiles=n_tiles)
 
 
 def _flatten(prefix: str, value: Any, out: dict[str, float]) -> None:

@@ -3,9 +3,11 @@
 One optimizer step is `gradient_accumulation_steps` micro-batches per rank. Before any backward pass the loop
 all-reduces one small vector per step: target tokens (the denominator of the step's loss, so the gradient is
 that of a token mean over the whole global batch, not a mean of per-micro-batch means), token and tile counts
-for throughput, and a "my data ran out" flag, so that no rank starts a step another cannot finish. A stop
-request (a signal seen by one rank) travels with the loss all-reduce at the end of the step, so every rank
-stops after the same step and before drawing the next batches from its loader.
+for throughput, a "my data ran out" flag, so that no rank starts a step another cannot finish, and one slot per
+rank for that rank's estimated compute (the packer's cost model), so `rank_cost_imbalance` (max / mean over ranks)
+costs no extra collective. A stop request (a signal seen by one rank) travels with the loss all-reduce at the end
+of the step, so every rank stops after the same step and before drawing the next batches from its loader; that
+all-reduce also carries each rank's measured forward + backward seconds, for `rank_time_imbalance`.
 
 A step whose loss (or gradient norm) is NaN/inf is skipped by the backend and counted; `max_bad_steps` of them
 in a row stop the run with an error instead of training on garbage.
@@ -25,13 +27,16 @@ import torch
 
 from toolkit import dist
 from toolkit.config import Config
-from toolkit.data.batch import Batch
+from toolkit.data.batch import Batch, BatchStats
+from toolkit.data.cost import SampleCost, sample_cost
 from toolkit.train.backends.base import Backend
 
 log = logging.getLogger(__name__)
 
-# Layout of the all-reduced counts vector, gathered before the step's first forward pass.
+# Layout of the all-reduced counts vector, gathered before the step's first forward pass: these sums, then one
+# slot per rank (rank r writes its estimated cost at N_COUNTS + r, the others leave it 0).
 TARGETS, TOKENS, TILES, SUM_SQ, EXHAUSTED, SLOTS, IMAGES, ROWS, DIGEST = range(9)
+N_COUNTS = 9
 
 
 class TrainingDiverged(RuntimeError):
@@ -61,9 +66,36 @@ def peak_memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
-def local_counts(micro_batches: Sequence[Batch], *, exhausted: bool) -> torch.Tensor:
+def per_rank(value: float, *, rank: int, world: int) -> torch.Tensor:
+    """`value` in this rank's slot of a world-sized vector: summed over ranks, it holds every rank's value."""
+    slots = torch.zeros(world, dtype=torch.float64)
+    slots[rank] = value
+    return slots
+
+
+def imbalance(values: torch.Tensor) -> float:
+    """max / mean over ranks: how much longer the slowest rank works than an even split would take (1 = even)."""
+    mean = float(values.mean())
+    return float(values.max()) / mean if mean > 0 else 1.0
+
+
+def _slot() -> tuple[int, int]:
+    """This rank's slot and the slot count of the per-rank parts of the step's all-reduces."""
+    world = dist.get_world_size()
+    return (dist.get_rank() if world > 1 else 0), world
+
+
+def batch_cost(cost: SampleCost, stats: BatchStats) -> float:
+    """A batch's estimated compute: the cost model over its packed samples."""
+    sum_sq = float(sum(n * n for n in stats.sample_lengths))
+    return cost.total(tokens=stats.tokens, sum_sq_lengths=sum_sq, tiles=stats.tiles)
+
+
+def local_counts(
+    micro_batches: Sequence[Batch], *, exhausted: bool, cost: SampleCost | None = None, rank: int = 0, world: int = 1
+) -> torch.Tensor:
     """This rank's contribution to the step's all-reduced counts (float64: exact integers far past 2^31)."""
-    counts = torch.zeros(9, dtype=torch.float64)
+    counts = torch.zeros(N_COUNTS, dtype=torch.float64)
     for mb in micro_batches:
         stats = mb.stats
         counts[TARGETS] += stats.targets
@@ -76,7 +108,8 @@ def local_counts(micro_batches: Sequence[Batch], *, exhausted: bool) -> torch.Te
         counts[TILES] += stats.tiles
         counts[SUM_SQ] += float(sum(n * n for n in stats.sample_lengths))  # attention cost of the packed samples
     counts[EXHAUSTED] = float(exhausted)
-    return counts
+    mine = sum(batch_cost(cost, mb.stats) for mb in micro_batches) if cost is not None else 0.0
+    return torch.cat([counts, per_rank(mine, rank=rank, world=world)])
 
 
 class Trainer:
@@ -97,6 +130,7 @@ class Trainer:
         self.callbacks = list(callbacks)
         self.peak_flops = peak_flops
         self.state = TrainerState()
+        self.cost = sample_cost(cfg.model, cfg.data.cost_calibration)  # the packer's model, for rank_cost_imbalance
         self.history: list[dict[str, Any]] = []
         self._stop_requested = False  # this rank saw a signal
         self._stopping = False  # some rank did: agreed by all after the last step
@@ -149,18 +183,20 @@ class Trainer:
         return micro
 
     def _global_counts(self, micro: Sequence[Batch], *, exhausted: bool) -> torch.Tensor:
-        counts = local_counts(micro, exhausted=exhausted)
+        rank, world = _slot()
+        counts = local_counts(micro, exhausted=exhausted, cost=self.cost, rank=rank, world=world)
         return dist.all_reduce_sum(counts.to(self.backend.device)).cpu()
 
     def _run_step(
         self, micro: Sequence[Batch], counts: torch.Tensor, *, started: float, data_wait: float
     ) -> dict[str, Any]:
         n_targets = max(int(counts[TARGETS]), 1)
-        loss_sum = torch.zeros((), dtype=torch.float64, device=self.backend.device)
-        for mb in micro:
-            loss_sum += self.backend.forward_backward(mb, 1.0 / n_targets).double()
-        # The stop flag rides on the loss all-reduce, so ranks agree on stopping without an extra collective.
-        reduced = dist.all_reduce_sum(torch.stack([loss_sum, loss_sum.new_tensor(float(self._stop_requested))]))
+        loss_sum, fwd_bwd = self._forward_backward(micro, n_targets)
+        # The stop flag and each rank's compute time ride on the loss all-reduce: no extra collective.
+        mine = torch.stack([loss_sum, loss_sum.new_tensor(float(self._stop_requested))])
+        rank, world = _slot()
+        times = per_rank(fwd_bwd, rank=rank, world=world).to(mine.device)
+        reduced = dist.all_reduce_sum(torch.cat([mine, times])).cpu()
         loss, self._stopping = float(reduced[0]) / n_targets, bool(reduced[1] > 0)
         result = self.backend.step(skip=not math.isfinite(loss))
         self._count(result.skipped)
@@ -181,6 +217,9 @@ class Trainer:
             "fill_rate": float(counts[TOKENS]) / max(float(counts[SLOTS]), 1.0),
             "images_per_pack": float(counts[IMAGES]) / max(float(counts[ROWS]), 1.0),
             "peak_memory_gb": peak_memory_gb(self.backend.device),
+            "fwd_bwd_s": fwd_bwd,  # this rank's (rank 0's in metrics.jsonl)
+            "rank_time_imbalance": imbalance(reduced[2:]),
+            "rank_cost_imbalance": imbalance(counts[N_COUNTS:]),
             **self._mfu(counts, elapsed),
         }
         self.state.tokens_seen += int(counts[TOKENS])
@@ -191,6 +230,18 @@ class Trainer:
             self.writer.log(self.state.step, metrics)
         self._check_divergence()
         return metrics
+
+    def _forward_backward(self, micro: Sequence[Batch], n_targets: int) -> tuple[torch.Tensor, float]:
+        """The step's summed loss and this rank's forward + backward seconds (waiting for the device on CUDA,
+        where the loss all-reduce that follows would wait for it anyway)."""
+        device = self.backend.device
+        started = time.perf_counter()
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        for mb in micro:
+            loss_sum += self.backend.forward_backward(mb, 1.0 / n_targets).double()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return loss_sum, time.perf_counter() - started
 
     def _mfu(self, counts: torch.Tensor, elapsed: float) -> dict[str, float]:
         """Model FLOPs utilisation when the device's peak is known (CUDA); nothing otherwise."""
