@@ -9,6 +9,8 @@
 #   MASTER_ADDR     host of the c10d rendezvous, reachable from every node (default localhost)
 #   MASTER_PORT     rendezvous port (default 29500)
 #   RDZV_ID         job id shared by all nodes (default: nanovlm-$USER)
+#   MAX_RESTARTS    times torchrun restarts the whole group after a rank dies (default 3); each restart resumes
+#                   from the run's latest checkpoint (train.resume=auto)
 #   PYTHON          interpreter (default: .venv/bin/python of this checkout)
 #   NCCL_*          read by NCCL on every rank (e.g. NCCL_SOCKET_IFNAME, NCCL_IB_HCA)
 set -euo pipefail
@@ -20,5 +22,5 @@ fi
 exec "$PYTHON" -m torch.distributed.run \
   --nnodes "${NNODES:-1}" --nproc_per_node "$NPROC_PER_NODE" \
   --rdzv_backend c10d --rdzv_endpoint "${MASTER_ADDR:-localhost}:${MASTER_PORT:-29500}" \
-  --rdzv_id "${RDZV_ID:-nanovlm-${USER:-user}}" \
+  --rdzv_id "${RDZV_ID:-nanovlm-${USER:-user}}" --max_restarts "${MAX_RESTARTS:-3}" \
   -m toolkit train "$@"

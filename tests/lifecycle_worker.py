@@ -3,6 +3,9 @@
 live RUN OUT       restore RUN's latest checkpoint on this world size, run the first held-out batch through the
                    live (sharded) model, and save its logits and token-mean loss to OUT (rank 0)
 kill-at RUN STEP   train with RUN's config and SIGKILL this process in the middle of writing checkpoint STEP
+kill-async-at RUN STEP
+                   the same with train.async_checkpoint (single backend): the background writer thread is
+                   SIGKILLed half-way through writing checkpoint STEP's model file, while training goes on
 """
 
 from __future__ import annotations
@@ -54,9 +57,30 @@ def kill_at(run_dir: str, step: str, overrides: list[str]) -> None:
     run_mod.run_training(load_config("tiny", [*overrides, f"train.run_dir={run_dir}"]))
 
 
+def kill_async_at(run_dir: str, step: str, overrides: list[str]) -> None:
+    from toolkit.train.backends import single
+
+    real = single._write_state
+
+    def dying(path, state):
+        if path.parent.name != f"step_{step}":
+            return real(path, state)
+        path.mkdir(parents=True, exist_ok=True)
+        with open(path / single.STATE_FILE, "wb") as fh:
+            fh.write(b"half a state file")
+            fh.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    single._write_state = dying
+    cfg = load_config("tiny", [*overrides, f"train.run_dir={run_dir}", "train.async_checkpoint=true"])
+    run_mod.run_training(cfg)
+
+
 if __name__ == "__main__":
     mode, *args = sys.argv[1:]
     if mode == "live":
         live(*args)
+    elif mode == "kill-async-at":
+        kill_async_at(args[0], args[1], args[2:])
     else:
         kill_at(args[0], args[1], args[2:])

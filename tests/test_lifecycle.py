@@ -76,9 +76,18 @@ def train_steps(run: Path) -> list[dict]:
 def test_exact_resume_and_export(backend, synth, tmp_path):
     base = [*common(synth), *BACKENDS[backend]]
     launch([*base, f"train.run_dir={tmp_path / 'once'}"])
-    launch([*base, f"train.run_dir={tmp_path / 'twice'}", "train.stop_at_step=6"])
+    # FSDP2 writes the interrupted run's checkpoints in the background (DCP async_save): step 3's is written while
+    # steps 4-5 train, and a third run resumes from it.
+    twice = [*base, *(["train.async_checkpoint=true"] if backend == "fsdp" else [])]
+    launch([*twice, f"train.run_dir={tmp_path / 'twice'}", "train.stop_at_step=6"])
     assert RunDir(tmp_path / "twice").latest().name == "step_6"
-    launch([*base, f"train.run_dir={tmp_path / 'twice'}"])  # train.resume=auto
+    if backend == "fsdp":
+        step_3 = tmp_path / "twice" / "checkpoints" / "step_3"
+        launch([*twice, f"train.run_dir={tmp_path / 'thrice'}", f"train.resume={step_3}"])
+        from_3, once = train_steps(tmp_path / "thrice"), train_steps(tmp_path / "once")
+        assert [m["step"] for m in from_3] == list(range(4, 13))
+        assert [m["loss"] for m in from_3] == [m["loss"] for m in once[3:]]
+    launch([*twice, f"train.run_dir={tmp_path / 'twice'}"])  # train.resume=auto
     once, twice = train_steps(tmp_path / "once"), train_steps(tmp_path / "twice")
     assert [m["step"] for m in twice] == list(range(1, 13))
     assert [m["loss"] for m in twice] == [m["loss"] for m in once]  # bit-identical in fp32
@@ -130,6 +139,29 @@ def test_sigkill_during_checkpoint_keeps_previous(synth, tmp_path):
     assert [m["step"] for m in before] == [1, 2, 3, 4, 5]
     assert [m["step"] for m in steps] == [1, 2, 3, 4, 5, 6, 7, 8]
     assert [m["loss"] for m in steps[:5]] == [m["loss"] for m in before]
+    assert RunDir(run).latest().name == "step_8"
+
+
+def test_sigkill_during_an_async_checkpoint_keeps_the_previous_and_resumes_exactly(synth, tmp_path):
+    """train.async_checkpoint: the writer thread dies half-way through step 6's state file while training goes on;
+    `latest` still names step 3 (itself written in the background during steps 4-5), and the resumed run's
+    steps equal an uninterrupted synchronous run's, bit for bit."""
+    args = [*common(synth, steps=8), "backend.name=single", "data.num_workers=0"]
+    once = python("-m", "toolkit", "train", "--config", "tiny", *args, f"train.run_dir={tmp_path / 'once'}")
+    assert once.returncode == 0, once.stderr[-3000:]
+    run = tmp_path / "killed"
+    died = python("tests/lifecycle_worker.py", "kill-async-at", str(run), "6", *args)
+    assert died.returncode == -signal.SIGKILL, died.stderr[-2000:]
+    assert (run / "checkpoints" / "step_6" / "rank_0.pt").exists()  # rank state is written at once; no commit
+    assert RunDir(run).latest().name == "step_3"
+    resumed = python("-m", "toolkit", "train", "--config", "tiny", *args, "train.async_checkpoint=true",
+                     f"train.run_dir={run}")  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stderr and "step_3 at step 3" in resumed.stderr
+    steps, reference = train_steps(run), train_steps(tmp_path / "once")
+    assert [m["step"] for m in steps] == list(range(1, 9))
+    assert [m["loss"] for m in steps] == [m["loss"] for m in reference]
+    assert [m["batch_digest"] for m in steps] == [m["batch_digest"] for m in reference]
     assert RunDir(run).latest().name == "step_8"
 
 

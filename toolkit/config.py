@@ -222,6 +222,11 @@ class TrainConfig:
     export_interval: int = opt(0, "Export nanoVLM format every N steps (0 = never during training).")
     export_best: bool = opt(True, "Export to run_dir/export/best whenever validation loss improves.")
     keep_checkpoints: int = opt(2, "Checkpoints kept on disk; the one 'latest' names is never deleted.")
+    async_checkpoint: bool = opt(
+        False,
+        "Write checkpoints in the background while training goes on (single, ddp, fsdp); `latest` moves only once "
+        "every rank's write is complete.",
+    )
     stop_at_step: int = opt(
         0, "Checkpoint and exit 0 after this step; the schedule still spans max_training_steps (time-boxed jobs)."
     )

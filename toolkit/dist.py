@@ -101,8 +101,27 @@ def init_distributed(device: torch.device, env: DistEnv | None = None, timeout_s
             f"{' and '.join(missing)} not set for a {env.world_size}-rank job: launch with torchrun or deepspeed, "
             "or export MASTER_ADDR (first node's address) and MASTER_PORT under SLURM (launch/ scripts do)"
         )
-    dist.init_process_group(backend, rank=env.rank, world_size=env.world_size, timeout=timeout)
+    store = _restart_store(env, timeout)
+    dist.init_process_group(backend, rank=env.rank, world_size=env.world_size, timeout=timeout, store=store)
     return env
+
+
+def _restart_store(env: DistEnv, timeout: timedelta) -> dist.Store | None:
+    """Under torchrun, the store of this restart only; None elsewhere (init_process_group then reads env://).
+
+    torchrun (c10d rendezvous) hands its workers the agent's own TCPStore and keeps that same store across
+    `--max-restarts` restarts, and torch's env:// store for workers adds no per-restart prefix. The keys a dead
+    group wrote (gloo's peer addresses, NCCL's unique id) are therefore still there when the restarted group
+    starts, and a new rank may read a dead peer's address: its connect is refused, or it waits for a peer that is
+    gone. Prefixing every key with the restart count gives each restart a clean namespace.
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    shared = dist.TCPStore(
+        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), env.world_size, is_master=False, timeout=timeout
+    )
+    return dist.PrefixStore(f"nanovlm-scale/restart_{attempt}", shared)
 
 
 def destroy_distributed() -> None:

@@ -9,6 +9,11 @@
 A checkpoint is complete only once `latest` names it: `latest` is replaced atomically (write + fsync + rename)
 after a barrier that every rank reaches only when its own files are written. A run killed mid-save therefore
 resumes from the previous checkpoint, and a half-written step_N is overwritten on the next save.
+
+With train.async_checkpoint the backend writes its shards in the background (`start_checkpoint`) while training
+goes on; the small per-rank files are written at once. `finish_checkpoint` then asks every rank, after each step,
+whether its write is done, and commits (trainer.json, then `latest`) only when all are: a run killed before that
+resumes from the previous checkpoint, exactly as a run killed during a synchronous save.
 """
 
 from __future__ import annotations
@@ -181,6 +186,53 @@ def save_checkpoint(run: RunDir, step: int, *, backend, loader, trainer_state: d
         commit(run, step, meta, keep)
     dist.barrier()
     return path
+
+
+@dataclass
+class PendingCheckpoint:
+    """A checkpoint whose backend shards are still being written; committed by `finish_checkpoint`."""
+
+    run: RunDir
+    step: int
+    meta: dict
+    keep: int
+    write: Any  # the backend's PendingSave
+
+
+def start_checkpoint(run: RunDir, step: int, *, backend, loader, trainer_state: dict, keep: int) -> PendingCheckpoint:
+    """Every rank: stage the backend state and start writing it; loader and RNG state are written now (they are
+    small, and the loader moves on with the next batch)."""
+    from toolkit import dist
+
+    env = backend.env
+    path = run.step_dir(step)
+    if env.is_main:
+        prepare_step_dir(path)
+    dist.barrier()
+    write = backend.save_async(path / "model", client_state={"step": step})
+    write_rank_state(path, env.rank, loader.state_dict() if loader is not None else None)
+    meta = {"backend": backend.name, "world_size": env.world_size, "trainer": dict(trainer_state)}
+    return PendingCheckpoint(run, step, meta, keep, write)
+
+
+def finish_checkpoint(pending: PendingCheckpoint, *, wait: bool, device: torch.device) -> bool:
+    """Collective: commit `pending` if every rank's write is done (or, with `wait`, once it is); True if committed.
+
+    One all-reduce of one number per call, made only while a write is in flight. A write that failed raises here
+    on its rank, and the others then fail in their next collective, as after any rank's error.
+    """
+    from toolkit import dist
+
+    if wait:
+        pending.write.wait()
+    busy = torch.tensor([0.0 if pending.write.done() else 1.0], dtype=torch.float64, device=device)
+    if float(dist.all_reduce_sum(busy)[0]) > 0:
+        return False
+    pending.write.wait()  # done: re-raises the writer's error, if any
+    if dist.get_rank() == 0:
+        commit(pending.run, pending.step, pending.meta, pending.keep)
+    dist.barrier()
+    return True
 
 
 def restore_checkpoint(path: Path, *, backend, loader) -> dict:

@@ -17,7 +17,16 @@ from typing import Any
 from toolkit import dist
 from toolkit.config import Config, save_config
 from toolkit.data.loader import sum_counts
-from toolkit.train.checkpoint import RunDir, export_live, resolve_resume, restore_checkpoint, save_checkpoint
+from toolkit.train.checkpoint import (
+    PendingCheckpoint,
+    RunDir,
+    export_live,
+    finish_checkpoint,
+    resolve_resume,
+    restore_checkpoint,
+    save_checkpoint,
+    start_checkpoint,
+)
 from toolkit.train.preflight import check_run, derive_accumulation
 from toolkit.train.trainer import Trainer, TrainerState
 from toolkit.train.validation import validation_loss
@@ -32,10 +41,12 @@ class Lifecycle:
         self.cfg, self.run, self.backend, self.loader = cfg, run, backend, loader
         self.tokenizer, self.writer = tokenizer, writer
         self.saved_step = -1
+        self.pending: PendingCheckpoint | None = None  # an async checkpoint not yet committed
         self.stop_file = os.environ.get(STOP_FILE_ENV)
 
     def __call__(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
         t, step = self.cfg.train, trainer.state.step
+        self.finish_pending(wait=False)  # commits a background checkpoint once every rank has written it
         if self.stop_file and Path(self.stop_file).exists():
             trainer.request_stop()
         if step % t.log_interval == 0 or step == t.max_training_steps:
@@ -43,7 +54,7 @@ class Lifecycle:
         if (t.eval_interval and step % t.eval_interval == 0) or step == t.max_training_steps:
             metrics.update(self.validate(trainer))
         if t.checkpoint_interval and step % t.checkpoint_interval == 0:
-            self.checkpoint(trainer)
+            self.checkpoint(trainer, background=t.async_checkpoint)
         if t.export_interval and step % t.export_interval == 0:
             self.export(f"step_{step}")
 
@@ -51,20 +62,28 @@ class Lifecycle:
         """Samples read and skipped by reason, summed over ranks (collective)."""
         return sum_counts(dist.all_gather_object(self.loader.counts()))
 
-    def checkpoint(self, trainer: Trainer) -> None:
+    def checkpoint(self, trainer: Trainer, *, background: bool = False) -> None:
+        """Checkpoint this step (collective); `background` leaves the backend's write running while training goes
+        on. A write still in flight is finished first: at most one checkpoint is being written at a time."""
+        self.finish_pending(wait=True)
         step = trainer.state.step
         if step == self.saved_step:
             return
-        save_checkpoint(
-            self.run,
-            step,
-            backend=self.backend,
-            loader=self.loader,
-            trainer_state=trainer.state_dict(),
-            keep=self.cfg.train.keep_checkpoints,
-        )
+        kw = {"backend": self.backend, "loader": self.loader, "trainer_state": trainer.state_dict(),
+              "keep": self.cfg.train.keep_checkpoints}  # fmt: skip
+        if background:
+            self.pending = start_checkpoint(self.run, step, **kw)
+        else:
+            save_checkpoint(self.run, step, **kw)
+            dist.log0("checkpoint step %d written to %s", step, self.run.step_dir(step))
         self.saved_step = step
-        dist.log0("checkpoint step %d written to %s", step, self.run.step_dir(step))
+
+    def finish_pending(self, *, wait: bool) -> None:
+        """Commit the background checkpoint if every rank's write is done (with `wait`: once it is)."""
+        if self.pending is not None and finish_checkpoint(self.pending, wait=wait, device=self.backend.device):
+            step = self.pending.step
+            dist.log0("checkpoint step %d written to %s (in the background)", step, self.run.step_dir(step))
+            self.pending = None
 
     def validate(self, trainer: Trainer) -> dict[str, Any]:
         """Validation loss on every rank; answer accuracy on rank 0 from a gathered copy (collective)."""

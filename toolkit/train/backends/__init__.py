@@ -36,7 +36,13 @@ def build_backend(cfg: Config, *, env: DistEnv | None = None, device: torch.devi
     cls = backend_class(cfg.backend.name)
     env = env or dist_env()
     device = device or resolve_device(cfg.backend.device, env)
-    return cls(cfg, env=env, device=device)
+    backend = cls(cfg, env=env, device=device)
+    if cfg.train.async_checkpoint and not backend.capabilities.async_save:
+        raise ConfigError(
+            f"train.async_checkpoint=true is not supported by backend {cfg.backend.name}: {backend.no_async_reason} "
+            "Set train.async_checkpoint=false, or use backend.name=fsdp (or single/ddp) for background checkpoints"
+        )
+    return backend
 
 
 __all__ = ["BACKENDS", "Backend", "Capabilities", "StepResult", "backend_class", "build_backend"]

@@ -23,6 +23,7 @@ with its own parameter names, and a checkpointed block saves only its input.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import math
 import types
@@ -53,6 +54,27 @@ class Capabilities:
     reshardable: bool  # its checkpoint loads onto another number of ranks
     async_save: bool = False  # can write a checkpoint while training continues
     offline_weights: bool = True  # `read_full_weights` reads its own checkpoint's full weights in one process
+
+
+class PendingSave:
+    """A checkpoint write that may still be running: `save_async`'s handle. The state was staged (copied off the
+    training tensors) before it was returned, so training may go on changing them."""
+
+    def __init__(self, future: concurrent.futures.Future | None = None) -> None:
+        self._future = future  # None: nothing left to write on this rank
+
+    def done(self) -> bool:
+        return self._future is None or self._future.done()
+
+    def wait(self) -> None:
+        """Block until written; a write that failed raises here."""
+        if self._future is not None:
+            self._future.result()
+
+
+def background_writer() -> concurrent.futures.ThreadPoolExecutor:
+    """One writer thread per backend: a rank has at most one checkpoint in flight, written in order."""
+    return concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-writer")
 
 
 @dataclass
@@ -186,6 +208,13 @@ class Backend(ABC):
     @abstractmethod
     def save(self, path: str | Path, client_state: dict | None = None) -> None:
         """Collective: every rank writes its part of model, optimizer and schedule state under `path`."""
+
+    def save_async(self, path: str | Path, client_state: dict | None = None) -> PendingSave:
+        """Collective: stage what `save` writes and return, writing it in the background (backends whose
+        capabilities say async_save); nothing is guaranteed on disk until the handle is done on every rank."""
+        raise NotImplementedError(f"backend {self.name} cannot write checkpoints in the background")
+
+    no_async_reason = "it has no background checkpoint writer."
 
     @abstractmethod
     def load(self, path: str | Path) -> dict:

@@ -226,6 +226,12 @@ class DeepSpeedBackend(Backend):
     # offload do not: stage 0 writes no ZeRO shards to convert, and the engine skips the ZeRO load under NVMe.
     capabilities = Capabilities(distributed=True, reshardable=False)
 
+    no_async_reason = (
+        "DeepSpeed 0.19's background writer (the decoupled checkpoint engine) needs its DeepNVMe async_io op and "
+        "commits checkpoints itself, so the toolkit could not keep `latest` on the last checkpoint complete on "
+        "every rank."
+    )
+
     def __init__(self, cfg: Config, **kwargs: Any) -> None:
         super().__init__(cfg, **kwargs)
         self.ds_config = resolve_ds_config(cfg, self.env.world_size)

@@ -38,7 +38,13 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from toolkit import dist
 from toolkit.config import ConfigError
-from toolkit.train.backends.base import Capabilities, TorchOptimizerBackend, prepare_blocks, tensor_state_numel
+from toolkit.train.backends.base import (
+    Capabilities,
+    PendingSave,
+    TorchOptimizerBackend,
+    prepare_blocks,
+    tensor_state_numel,
+)
 from toolkit.train.optim import ParamGroup, build_optimizer, freeze_frozen_groups
 from toolkit.train.safe_load import UnsafeCheckpointError, load_plain
 from toolkit.train.schedule import WarmupCosine, build_scheduler
@@ -95,7 +101,7 @@ class _SafeReader(FileSystemReader):
 
 class FSDPBackend(TorchOptimizerBackend):
     name = "fsdp"
-    capabilities = Capabilities(distributed=True, reshardable=True)  # DCP reshards onto any world size
+    capabilities = Capabilities(distributed=True, reshardable=True, async_save=True)  # DCP reshards and saves async
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -107,6 +113,7 @@ class FSDPBackend(TorchOptimizerBackend):
             )
         self.model: nn.Module | None = None
         self.optimizer: torch.optim.Optimizer | None = None
+        self._save_group = None  # gloo group for DCP's background collectives, made by the first save_async
 
     @property
     def module(self) -> nn.Module:
@@ -165,6 +172,22 @@ class FSDPBackend(TorchOptimizerBackend):
             extra = {"scheduler": self.scheduler.state_dict(), "client_state": client_state or {}}
             torch.save(extra, path / EXTRA_FILE)
         dist.barrier()
+
+    def save_async(self, path: str | Path, client_state: dict | None = None) -> PendingSave:
+        """DCP's async_save: every rank copies its shards to host memory, then a DCP thread writes them.
+
+        That thread runs DCP's own collectives (plan exchange, the metadata commit) while training runs its
+        collectives, so it gets a process group of its own (gloo: host memory, and no stream shared with NCCL).
+        """
+        path = Path(path)
+        if self._save_group is None:
+            self._save_group = torch.distributed.new_group(backend="gloo")  # collective: every rank is here
+        path.mkdir(parents=True, exist_ok=True)
+        future = dcp.async_save(self._sharded_state(), checkpoint_id=str(path), process_group=self._save_group)
+        if self.env.rank == 0:
+            extra = {"scheduler": self.scheduler.state_dict(), "client_state": client_state or {}}
+            torch.save(extra, path / EXTRA_FILE)
+        return PendingSave(future)
 
     def load(self, path: str | Path) -> dict:
         path = Path(path)

@@ -17,7 +17,14 @@ from torch.nn.parallel import DistributedDataParallel
 
 from toolkit import dist
 from toolkit.config import ConfigError
-from toolkit.train.backends.base import Capabilities, TorchOptimizerBackend, prepare_blocks, tensor_state_numel
+from toolkit.train.backends.base import (
+    Capabilities,
+    PendingSave,
+    TorchOptimizerBackend,
+    background_writer,
+    prepare_blocks,
+    tensor_state_numel,
+)
 from toolkit.train.optim import ParamGroup, build_optimizer, freeze_frozen_groups
 from toolkit.train.safe_load import load_plain
 from toolkit.train.schedule import WarmupCosine, build_scheduler
@@ -29,7 +36,9 @@ class SingleBackend(TorchOptimizerBackend):
     """One process, one device; also the reference every other backend is tested against."""
 
     name = "single"
-    capabilities = Capabilities(distributed=False, reshardable=True)  # one full copy: any world size reads it
+    # One full copy: a checkpoint loads onto any world size.
+    capabilities = Capabilities(distributed=False, reshardable=True, async_save=True)
+    _writer = None  # the background checkpoint thread, started by the first save_async
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -65,19 +74,34 @@ class SingleBackend(TorchOptimizerBackend):
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
 
+    def _state(self, client_state: dict | None) -> dict[str, Any]:
+        return {
+            "model": self._module.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "client_state": client_state or {},
+        }
+
     def save(self, path: str | Path, client_state: dict | None = None) -> None:
         """Rank 0 writes model, optimizer and schedule in one file; replicas are identical, so one copy suffices."""
-        path = Path(path)
         if self.env.rank == 0:
-            path.mkdir(parents=True, exist_ok=True)
-            state = {
-                "model": self._module.state_dict(),
-                "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(),
-                "client_state": client_state or {},
-            }
-            torch.save(state, path / STATE_FILE)
+            _write_state(Path(path), self._state(client_state))
         dist.barrier()
+
+    def save_async(self, path: str | Path, client_state: dict | None = None) -> PendingSave:
+        """Rank 0 copies the state to host memory (the only part training waits for) and a thread writes the
+        same file `save` writes; the other ranks hold replicas and write nothing."""
+        if self.env.rank != 0:
+            return PendingSave()
+        staged = torch.utils._pytree.tree_map(_host_copy, self._state(client_state))
+        if self._writer is None:
+            self._writer = background_writer()
+        return PendingSave(self._writer.submit(_write_state, Path(path), staged))
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.shutdown(wait=True)  # a write in flight finishes: its caller decides whether it counts
+            self._writer = None
 
     def load(self, path: str | Path) -> dict:
         state = _read_state(Path(path), self.name)
@@ -99,6 +123,16 @@ class SingleBackend(TorchOptimizerBackend):
         return tensor_state_numel(self.optimizer.state)
 
 
+def _host_copy(value: Any) -> Any:
+    """A tensor's copy in host memory (never a view of the live one); anything else as it is."""
+    return value.detach().to("cpu", copy=True) if isinstance(value, torch.Tensor) else value
+
+
+def _write_state(path: Path, state: dict[str, Any]) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    torch.save(state, path / STATE_FILE)
+
+
 def _read_state(path: Path, name: str) -> dict:
     file = path / STATE_FILE
     if not file.exists():
@@ -110,7 +144,7 @@ class DDPBackend(SingleBackend):
     """DistributedDataParallel over every rank; gradients all-reduced once per optimizer step."""
 
     name = "ddp"
-    capabilities = Capabilities(distributed=True, reshardable=True)
+    capabilities = Capabilities(distributed=True, reshardable=True, async_save=True)
 
     @property
     def grad_average_factor(self) -> float:
