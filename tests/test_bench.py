@@ -251,3 +251,20 @@ def test_cli_bench_pipeline_photos_writes_its_own_json(monkeypatch, tmp_path, ca
     assert not (tmp_path / "runs" / "bench" / "pipeline.json").exists()  # the default run's file is left alone
     rows = {(r["pipeline"], r["stage"]): r for r in result["rows"]}
     assert rows[("toolkit", "end to end")]["samples_per_s"] > 0 and rows[("nanovlm", "end to end")]["samples_per_s"] > 0
+
+
+def test_checkpoint_bench_times_both_paths_on_the_same_state(tmp_path):
+    """`bench checkpoint` on the tiny preset (the figures mean nothing here): one sync and one async row per
+    backend over the same state; the async checkpoint is written completely before the bench moves on, and the
+    stall it reports is part of its total write time."""
+    from toolkit.bench import checkpoint
+
+    result = checkpoint.run(preset="tiny", repeats=1, out_dir=tmp_path)
+    rows = {(r["backend"], r["mode"]): r for r in result["rows"]}
+    assert set(rows) == {(b, m) for b in checkpoint.BACKENDS for m in ("sync", "async")}
+    for backend in checkpoint.BACKENDS:
+        sync, background = rows[backend, "sync"], rows[backend, "async"]
+        assert sync["state_GB"] == background["state_GB"] > 0
+        assert 0 < background["stall_s"] <= background["written_s"]
+        assert result["headline"][f"{backend}_async_stall_vs_sync"] == background["stall_s"] / sync["stall_s"]
+    assert list(tmp_path.iterdir()) == []  # its checkpoints are removed

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-BENCHES = ("packing", "pipeline", "overhead", "memory", "gpu", "balance", "shard-data")
+BENCHES = ("packing", "pipeline", "overhead", "memory", "gpu", "balance", "shard-data", "checkpoint")
 
 
 def format_table(rows: list[dict]) -> str:
