@@ -3,6 +3,9 @@
 live RUN OUT       restore RUN's latest checkpoint on this world size, run the first held-out batch through the
                    live (sharded) model, and save its logits and token-mean loss to OUT (rank 0)
 kill-at RUN STEP   train with RUN's config and SIGKILL this process in the middle of writing checkpoint STEP
+init OUT CONFIG...  for each run config (YAML with train.init_from) and each backend (single on 1 rank; fsdp and
+                   zero3 on more): set the run up as `train` does and save the live model's logits on the
+                   config's probe batch (CONFIG.probe.pt) before any step, to OUT (rank 0)
 kill-async-at RUN STEP
                    the same with train.async_checkpoint (single backend): the background writer thread is
                    SIGKILLed half-way through writing checkpoint STEP's model file, while training goes on
@@ -57,6 +60,33 @@ def kill_at(run_dir: str, step: str, overrides: list[str]) -> None:
     run_mod.run_training(load_config("tiny", [*overrides, f"train.run_dir={run_dir}"]))
 
 
+INIT_BACKENDS = {
+    "single": ["backend.name=single"],
+    "fsdp": ["backend.name=fsdp"],
+    "zero3": ["backend.name=deepspeed", "backend.ds_config=ds_configs/zero3.json"],
+}
+
+
+def init(out: str, *configs: str) -> None:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    results = {}
+    for config in configs:
+        probe = torch.load(f"{config}.probe.pt", weights_only=False)
+        for name in ("single",) if world == 1 else ("fsdp", "zero3"):
+            cfg = load_config(config, INIT_BACKENDS[name])
+            backend = build_backend(cfg)
+            run_mod._build(cfg, backend, load_tokenizer(cfg.model))
+            module = backend.module
+            module.eval()
+            with torch.no_grad():
+                logits = module(**probe.inputs.to(backend.device).as_kwargs()).logits
+            results[f"{Path(config).stem}/{name}"] = logits.float().cpu()
+            backend.close()
+    if dist.get_rank() == 0:
+        torch.save(results, out)
+    dist.destroy_distributed()
+
+
 def kill_async_at(run_dir: str, step: str, overrides: list[str]) -> None:
     from toolkit.train.backends import single
 
@@ -80,6 +110,8 @@ if __name__ == "__main__":
     mode, *args = sys.argv[1:]
     if mode == "live":
         live(*args)
+    elif mode == "init":
+        init(*args)
     elif mode == "kill-async-at":
         kill_async_at(args[0], args[1], args[2:])
     else:

@@ -13,10 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import CPU_ENV, torchrun
+from tests.conftest import CPU_ENV, REFERENCE, torchrun
+from toolkit.config import load_config, save_config
+from toolkit.data.batch import Batch, ModelInputs
 from toolkit.data.prepare.synthetic import write_synth
 from toolkit.model import VisionLanguageModel
-from toolkit.model.hub import nanovlm_state_dict
+from toolkit.model.hub import load_nanovlm, nanovlm_state_dict, read_nanovlm_config, save_nanovlm
 from toolkit.train.checkpoint import RunDir
 
 REPO = Path(__file__).resolve().parent.parent
@@ -122,6 +124,106 @@ def _check_export(run: Path, tmp_path: Path, backend: str) -> None:
         one = tmp_path / "one.pt"
         launch(["tests/lifecycle_worker.py", "live", str(run), str(one)], module=False, nproc=1)
         assert torch.load(one, weights_only=False)["loss"].item() == pytest.approx(want["loss"].item(), rel=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------- train.init_from
+
+
+def probe_batch(model_cfg) -> Batch:
+    """Two packed rows, one with an image tile's tokens, and the tile: what the step-0 logits are compared on."""
+    gen = torch.Generator().manual_seed(5)
+    ids = torch.randint(0, model_cfg.lm_base_vocab_size, (2, 24), generator=gen)
+    ids[0, 1 : 1 + model_cfg.mp_image_token_length] = model_cfg.lm_base_vocab_size  # the image token's id
+    labels = torch.roll(ids, -1, dims=1)
+    pos = torch.stack([torch.cat([torch.arange(10), torch.arange(14)]), torch.arange(24)])
+    side = model_cfg.vit_img_size
+    return Batch.of(ModelInputs(ids, labels, pos, torch.rand(1, 3, side, side, generator=gen)))
+
+
+@pytest.fixture(scope="module")
+def init_runs(synth, tmp_path_factory) -> dict[str, tuple[Path, torch.Tensor]]:
+    """Run configs that start from a nanoVLM-format folder (nanoVLM's own fixture when ../shared is there, and a
+    toolkit export of a seeded tiny model), each with its probe batch and that folder's own logits on it."""
+    root = tmp_path_factory.mktemp("init")
+    folders = {}
+    if (REFERENCE / "checkpoint" / "model.safetensors").exists():
+        folders["nanovlm"] = REFERENCE / "checkpoint"
+    model_cfg = load_config("tiny", [f"model.tokenizer={synth / 'tokenizer'}"]).model
+    torch.manual_seed(3)
+    save_nanovlm(VisionLanguageModel(model_cfg), root / "export", tokenizer_dir=str(synth / "tokenizer"))
+    folders["export"] = root / "export"
+    runs = {}
+    for name, folder in folders.items():
+        cfg = load_config("tiny", [*common(synth), f"train.init_from={folder}", f"train.run_dir={root / name}"])
+        cfg.model = read_nanovlm_config(folder)
+        probe = probe_batch(cfg.model)
+        with torch.no_grad():
+            want = load_nanovlm(folder).eval()(**probe.inputs.as_kwargs()).logits
+        save_config(cfg, root / f"{name}.yaml")
+        torch.save(probe, root / f"{name}.yaml.probe.pt")
+        runs[name] = (root / f"{name}.yaml", want)
+    return runs
+
+
+def _init_logits(configs: list[Path], tmp_path: Path, nproc: int) -> dict[str, torch.Tensor]:
+    out = tmp_path / f"init{nproc}.pt"
+    target = ["tests/lifecycle_worker.py", "init", str(out), *map(str, configs)]
+    if nproc == 1:
+        done = python(*target)
+        assert done.returncode == 0, done.stderr[-3000:]
+    else:
+        launch(target, module=False, nproc=nproc)
+    return torch.load(out, weights_only=False)
+
+
+@pytest.mark.multiproc
+def test_init_from_starts_every_backend_from_the_folders_weights(init_runs, tmp_path):
+    """train.init_from a nanoVLM folder: the step-0 model computes that folder's logits (1e-6, fp32) under single,
+    and on 2 ranks under FSDP2 (sharded after loading) and ZeRO-3 (partitioned after loading)."""
+    configs = [path for path, _ in init_runs.values()]
+    got = {**_init_logits(configs, tmp_path, 1), **_init_logits(configs, tmp_path, 2)}
+    for name, (path, want) in init_runs.items():
+        for backend in ("single", "fsdp", "zero3"):
+            diff = (got[f"{path.stem}/{backend}"] - want).abs().max().item()
+            assert diff <= 1e-6, (name, backend, diff)
+    fresh = VisionLanguageModel(read_nanovlm_config(init_runs["export"][0].parent / "export"))
+    probe = torch.load(f"{init_runs['export'][0]}.probe.pt", weights_only=False)
+    with torch.no_grad():  # a control: a model that did not load the folder computes something else
+        assert (fresh.eval()(**probe.inputs.as_kwargs()).logits - init_runs["export"][1]).abs().max() > 1e-2
+
+
+def _fake_checkpoint(run: Path, config_text: str) -> Path:
+    """A run folder whose `latest` names a complete-looking step_1 (enough for resume's resolution)."""
+    (run / "checkpoints" / "step_1").mkdir(parents=True)
+    (run / "checkpoints" / "step_1" / "trainer.json").write_text("{}")
+    (run / "checkpoints" / "latest").write_text("step_1")
+    (run / "config.yaml").write_text(config_text)
+    return run / "checkpoints" / "step_1"
+
+
+def test_init_from_refuses_a_resume_and_another_architecture(init_runs, synth, tmp_path, capsys):
+    """Refused before anything starts, naming what to drop; a restart of a stage that began from the same folder
+    is the one mix that is allowed (it resumes)."""
+    from toolkit import __main__ as cli
+    from toolkit.train.run import check_init_and_resume
+
+    path, _ = init_runs["export"]
+    folder = path.parent / "export"
+    other = _fake_checkpoint(tmp_path / "other", "train:\n  init_from: ''\n")
+    cases = {
+        f"train.resume={other}": "drop one",
+        "model.lm_hidden_dim=32": "another architecture",
+        f"model.vision_backbone={folder}": "would be overwritten",  # a folder with config.json + weights
+    }
+    for override, message in cases.items():
+        assert cli.main(["train", "--config", str(path), f"train.run_dir={tmp_path / 'run'}", override]) == 2
+        assert message in capsys.readouterr().err, override
+    assert cli.main(["train", "--config", str(path), f"train.run_dir={tmp_path / 'other'}"]) == 2
+    assert "did not start from it" in capsys.readouterr().err
+    same = tmp_path / "same"
+    resume_from = _fake_checkpoint(same, f"train:\n  init_from: {folder}\n")
+    cfg = load_config(str(path), [f"train.run_dir={same}"])
+    check_init_and_resume(cfg, RunDir(same), resume_from)  # a restart of this stage: resumes, no error
 
 
 def test_sigkill_during_checkpoint_keeps_previous(synth, tmp_path):

@@ -244,6 +244,11 @@ class TrainConfig:
     seed: int = opt(0, "Seed of model initialisation and dropout.")
     run_dir: str = opt("runs/default", "Run folder: config, checkpoints, exports, TensorBoard, metrics.jsonl.")
     resume: str = opt("auto", "'auto' resumes from run_dir's latest checkpoint if any, 'none' starts fresh, or a path.")
+    init_from: str = opt(
+        "",
+        "A nanoVLM-format folder (an export, or nanoVLM's own checkpoint) whose weights start a new stage: all three "
+        "parts' weights come from it, optimizer, schedule, data position and step start fresh.",
+    )
 
     def validate(self) -> None:
         for name in ("batch_size", "gradient_accumulation_steps", "max_training_steps"):

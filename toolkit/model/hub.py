@@ -69,6 +69,19 @@ def load_nanovlm(folder: str | Path, *, map_location: str | torch.device = "cpu"
     return model
 
 
+def load_weights_from(model: VisionLanguageModel, folder: str | Path) -> None:
+    """A new stage's start (train.init_from): every weight from a nanoVLM-format folder, into `model` as built
+    from the run's config; a tensor that does not fit names the model.* field to change."""
+    weights = Path(folder) / "model.safetensors"
+    try:
+        load_exact(model, load_file(str(weights)), source=str(weights))
+    except CheckpointError as exc:
+        raise CheckpointError(
+            f"{exc}. Set the run's model.* fields to those in {Path(folder) / 'config.json'} (train.init_from "
+            "keeps the architecture; only the training recipe may change between stages)"
+        ) from exc
+
+
 def load_exact(model: VisionLanguageModel, state: dict[str, torch.Tensor], *, source: str) -> None:
     """Load every tensor, refusing missing, unexpected or misshaped ones (the tied alias may be absent)."""
     own = model.state_dict()

@@ -48,6 +48,7 @@ def check_run(cfg: Config) -> VLMTokenizer:
     _check_eval(cfg)
     for field in ("vision_backbone", "language_backbone"):
         _check_backbone(f"model.{field}", getattr(cfg.model, field))
+    _check_init_from(cfg)
     _check_writable("train.run_dir", Path(cfg.train.run_dir))
     return tokenizer
 
@@ -76,6 +77,44 @@ def _check_backbone(field: str, folder: str) -> None:
         )
     if not any(path.glob("*.safetensors")) and not any(path.glob("pytorch_model*.bin")):
         raise ConfigError(f"{field}={folder} holds no *.safetensors or pytorch_model*.bin weights")
+
+
+# ModelConfig fields that decide the weights' shapes or what they compute: equal between train.init_from's folder
+# and the run. The rest (tokenizer paths, names, image resizing, row length, dropout) may change between stages.
+ARCHITECTURE_FIELDS = (
+    "vit_hidden_dim", "vit_inter_dim", "vit_patch_size", "vit_img_size", "vit_n_heads", "vit_n_blocks", "vit_ln_eps",
+    "vit_cls_flag", "lm_hidden_dim", "lm_inter_dim", "lm_rms_eps", "lm_re_base", "lm_max_position_embeddings",
+    "lm_base_vocab_size", "extra_token_amount", "lm_vocab_size", "lm_n_heads", "lm_n_kv_heads", "lm_n_blocks",
+    "lm_attn_scaling", "lm_tie_weights", "mp_pixel_shuffle_factor", "mp_image_token_length", "vlm_extra_tokens",
+)  # fmt: skip
+
+
+def _check_init_from(cfg: Config) -> None:
+    folder = cfg.train.init_from
+    if not folder:
+        return
+    path = Path(folder)
+    if not (path / "config.json").is_file() or not (path / "model.safetensors").is_file():
+        raise ConfigError(
+            f"train.init_from={folder} is not a nanoVLM-format folder (config.json + model.safetensors); give an "
+            "`export` of a run (runs/NAME/export/...) or a nanoVLM checkpoint folder"
+        )
+    from toolkit.model.hub import read_nanovlm_config
+
+    saved = read_nanovlm_config(path)
+    differ = [f"{f}: run {getattr(cfg.model, f)!r} vs folder {getattr(saved, f)!r}" for f in ARCHITECTURE_FIELDS
+              if getattr(cfg.model, f) != getattr(saved, f)]  # fmt: skip
+    if differ:
+        raise ConfigError(
+            f"train.init_from={folder} holds another architecture than model.* describes ({'; '.join(differ)}); "
+            f"set those model.* fields to the values in {path / 'config.json'}"
+        )
+    backbones = [f"model.{f}" for f in ("vision_backbone", "language_backbone") if getattr(cfg.model, f)]
+    if backbones:
+        raise ConfigError(
+            f"train.init_from={folder} sets every weight, so {' and '.join(backbones)} would be overwritten; "
+            f"drop {' and '.join(backbones)} or train.init_from"
+        )
 
 
 def _check_writable(field: str, path: Path) -> None:

@@ -14,8 +14,10 @@ import signal
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from toolkit import dist
-from toolkit.config import Config, save_config
+from toolkit.config import Config, ConfigError, save_config
 from toolkit.data.loader import sum_counts
 from toolkit.train.checkpoint import (
     PendingCheckpoint,
@@ -123,10 +125,32 @@ class Lifecycle:
         export_live(self.backend, self.cfg.model, self.run.exports / name, tokenizer_dir=tok_dir)
 
 
+def check_init_and_resume(cfg: Config, run: RunDir, resume_from: Path | None) -> None:
+    """train.init_from starts a new stage; resuming continues one. The one case they meet is a restart (or a
+    resubmission) of a stage that began with this same init_from: the run's own checkpoint then wins."""
+    init = cfg.train.init_from
+    if not init or resume_from is None:
+        return
+    if cfg.train.resume != "auto":
+        raise ConfigError(
+            f"train.init_from={init} starts a new stage from weights, train.resume={cfg.train.resume} continues a "
+            "run: drop one (keep init_from for a new stage in a new train.run_dir, or resume to continue)"
+        )
+    saved = run.root / "config.yaml"
+    started_from = yaml.safe_load(saved.read_text()).get("train", {}).get("init_from", "") if saved.exists() else ""
+    if Path(started_from or "/nonexistent").resolve() != Path(init).resolve():
+        raise ConfigError(
+            f"train.init_from={init} would start a new stage, but {run.root} already holds checkpoints of a run "
+            f"that did not start from it; use a new train.run_dir for the new stage, or drop train.init_from "
+            "to continue that run"
+        )
+    dist.log0("%s started from %s and has checkpoints: continuing it from %s", run.root, init, resume_from)
+
+
 def _build(cfg: Config, backend, tokenizer):
     from toolkit.data.loader import build_loader
     from toolkit.model import VisionLanguageModel
-    from toolkit.model.hub import load_backbones
+    from toolkit.model.hub import load_backbones, load_weights_from
     from toolkit.train.optim import param_groups
     from toolkit.train.schedule import schedule_from_config
 
@@ -136,6 +160,8 @@ def _build(cfg: Config, backend, tokenizer):
     model = VisionLanguageModel(cfg.model)
     if cfg.model.vision_backbone or cfg.model.language_backbone:
         load_backbones(model)
+    if cfg.train.init_from:  # before the backend shards the model: every rank loads the same full weights
+        load_weights_from(model, cfg.train.init_from)
     loader = build_loader(cfg, rank=env.rank, world=env.world_size, tokenizer=tokenizer, split="train")
     backend.setup(model, param_groups(model, cfg.train), schedule_from_config(cfg.train))
     return loader
@@ -149,6 +175,7 @@ def run_training(cfg: Config) -> list[dict[str, Any]]:
     tokenizer = check_run(cfg)  # every path and setting the run reads late, before anything starts or is written
     run = RunDir(cfg.train.run_dir)
     resume_from = resolve_resume(run, cfg.train.resume)
+    check_init_and_resume(cfg, run, resume_from)
     if resume_from is None and cfg.train.resume == "none" and (run.checkpoints / "latest").exists():
         raise FileExistsError(
             f"{run.root} already holds checkpoints; continue it with train.resume=auto or start a new train.run_dir"
