@@ -223,7 +223,7 @@ def test_gpu_bench_runs_every_code_path_on_cpu(tmp_path):
 
 
 def test_pipeline_photos_mode_feeds_photo_sized_images_through_450m_tiling(tmp_path):
-    """The --photos data: JPEGs of 640-1600 px, tiled at nanovlm-450m's 512 px (4 to 12 tiles + the global one)."""
+    """The --photos data: JPEGs of 640-1600 px, tiled at nanovlm-450m's 512 px (12 tiles + the global one)."""
     from toolkit.data.loader import build_loader
     from toolkit.data.tokenizer import load_tokenizer
 
@@ -234,10 +234,10 @@ def test_pipeline_photos_mode_feeds_photo_sized_images_through_450m_tiling(tmp_p
     tok = load_tokenizer(cfg.model)
     batches = list(build_loader(cfg, rank=0, world=1, tokenizer=tok, finite=True))
     assert sum(b.stats.samples for b in batches) == 6
-    # nanoVLM's rule: long side up to a multiple of 512 (at most 2048), short side scaled alike and rounded up.
-    # 1024x768 -> 1024x1024: 2x2; 800x600 -> 2x2; 1280x960 -> 1536x1536: 3x3; 640x480 -> 2x2;
-    # 1600x1200 -> 2048x1536: 4x3; 768x1024 -> 2x2; each plus a global tile
-    assert sum(b.stats.tiles for b in batches) == (4 + 4 + 9 + 4 + 12 + 4) + 6
+    # nanoVLM HEAD's rule with resize_to_max_side_len (its default, and the preset's): the long side is scaled to
+    # max_img_size (2048), the short side alike and rounded up to a multiple of 512. Every photo here is 4:3 or 3:4
+    # (1024x768, 800x600, 1280x960, 640x480, 1600x1200, 768x1024) -> 2048x1536 or 1536x2048: 4x3 tiles, + global.
+    assert sum(b.stats.tiles for b in batches) == 6 * 12 + 6
     assert all(b.inputs.pixel_values.shape[1:] == (3, 512, 512) for b in batches)
 
 

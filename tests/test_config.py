@@ -74,3 +74,54 @@ def test_cli_help_lists_every_subcommand_and_config_errors_exit_cleanly():
     assert bad.returncode == 2
     assert "model.lm_n_heads must divide model.lm_hidden_dim" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+# nanoVLM HEAD (4e0c096) models/config.py, VLMConfig's defaults, copied here by hand from that file.
+NANOVLM_HEAD_VLMCONFIG = {
+    "vit_hidden_dim": 768, "vit_inter_dim": 4 * 768, "vit_patch_size": 16, "vit_img_size": 512, "vit_n_heads": 12,
+    "vit_dropout": 0.0, "vit_n_blocks": 12, "vit_ln_eps": 1e-6, "vit_cls_flag": False,
+    "vit_model_type": "google/siglip2-base-patch16-512",
+    "lm_hidden_dim": 960, "lm_inter_dim": 2560, "lm_rms_eps": 1e-5, "lm_re_base": 100000,
+    "lm_max_position_embeddings": 8192, "lm_base_vocab_size": 49152, "extra_token_amount": 66,
+    "lm_vocab_size": 49152 + 66, "lm_n_heads": 15, "lm_n_kv_heads": 5, "lm_dropout": 0.0, "lm_n_blocks": 32,
+    "lm_attn_scaling": 1.0, "lm_max_length": 4096, "lm_use_tokens": False, "lm_tie_weights": True,
+    "lm_model_type": "HuggingFaceTB/SmolLM2-360M-Instruct", "lm_tokenizer": "HuggingFaceTB/SmolLM2-360M-Instruct",
+    "lm_chat_template": "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] "
+                        "+ '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' "
+                        "}}{% endif %}",
+    "mp_pixel_shuffle_factor": 4, "mp_image_token_length": 64, "max_img_size": 2048, "resize_to_max_side_len": True,
+    "vlm_extra_tokens": {"image_token": "<|image|>", "global_image_token": "<|global_image|>",
+                         **{f"r{r}c{c}": f"<row_{r}_col_{c}>" for r in range(1, 9) for c in range(1, 9)}},
+    "vlm_load_backbone_weights": True, "vlm_checkpoint_path": "checkpoints", "hf_repo_name": "nanoVLM",
+}  # fmt: skip
+TOOLKIT_ONLY = {"vision_backbone": "", "language_backbone": "", "tokenizer": ""}  # paths nanoVLM has no field for
+
+
+def test_model_config_defaults_are_nanovlm_heads_field_for_field():
+    from dataclasses import asdict
+
+    from toolkit.config import ModelConfig
+
+    defaults = asdict(ModelConfig())
+    assert defaults == {**NANOVLM_HEAD_VLMCONFIG, **TOOLKIT_ONLY}
+    assert list(defaults["vlm_extra_tokens"]) == list(NANOVLM_HEAD_VLMCONFIG["vlm_extra_tokens"])  # id order
+
+
+def test_a_nanovlm_config_json_missing_fields_reads_heads_defaults(tmp_path):
+    """A config.json written before HEAD added a field (resize_to_max_side_len, say) reads HEAD's default."""
+    import json
+
+    from toolkit.model.hub import read_nanovlm_config
+
+    (tmp_path / "config.json").write_text(json.dumps({"lm_hidden_dim": 960, "max_img_size": 1024}))
+    cfg = read_nanovlm_config(tmp_path)
+    assert cfg.resize_to_max_side_len is True and cfg.max_img_size == 1024
+    assert cfg.mp_pixel_shuffle_factor == 4 and cfg.vlm_load_backbone_weights is True
+
+
+def test_450m_preset_follows_nanovlm_heads_recipe():
+    cfg = load_config("nanovlm-450m")
+    assert cfg.model.resize_to_max_side_len is True
+    assert (cfg.train.batch_size, cfg.train.gradient_accumulation_steps, cfg.train.lr_mp) == (2, 8, 0.00512)
+    assert (cfg.train.lr_vision_backbone, cfg.train.lr_language_backbone, cfg.train.max_grad_norm) == (5e-5, 5e-5, 1.0)
+    assert (cfg.data.max_images_per_example, cfg.data.max_images_per_knapsack) == (4, 18)
