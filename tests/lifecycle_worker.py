@@ -40,7 +40,7 @@ def live(run_dir: str, out: str) -> None:
     module = backend.module
     module.eval()
     with torch.no_grad():
-        out_ = module(**probe.inputs.to(backend.device).as_kwargs())
+        out_ = module(**probe.inputs.to(backend.device).as_kwargs(), return_logits=True)
     if backend.env.is_main:
         torch.save({"logits": out_.logits.float().cpu(), "loss": out_.loss.double().cpu(), "probe": probe}, out)
     dist.barrier()
@@ -79,7 +79,7 @@ def init(out: str, *configs: str) -> None:
             module = backend.module
             module.eval()
             with torch.no_grad():
-                logits = module(**probe.inputs.to(backend.device).as_kwargs()).logits
+                logits = module(**probe.inputs.to(backend.device).as_kwargs(), return_logits=True).logits
             results[f"{Path(config).stem}/{name}"] = logits.float().cpu()
             backend.close()
     if dist.get_rank() == 0:

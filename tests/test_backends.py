@@ -57,7 +57,10 @@ def nanovlm_lr(it: int, max_lr: float, max_steps: int, warmup_ratio: float, min_
 
 
 def run_single(**kwargs) -> dict:
+    """The reference: one process, and the dense head + cross-entropy (train.chunked_loss=false), so every 2-rank
+    backend's parity with it also shows its chunked loss equals the dense one (issue 15)."""
     cfg = bw.make_config("single", accumulation=bw.WORLD * bw.MICRO_PER_RANK, **kwargs)
+    cfg.train.chunked_loss = False
     backend = bw.new_backend(cfg)
     trainer = Trainer(backend, cfg)
     trainer.fit(bw.rank_stream(BATCHES, 0, bw.WORLD * bw.MICRO_PER_RANK, range(bw.STEPS)), max_steps=bw.STEPS)
@@ -319,7 +322,10 @@ def test_uneven_micro_batches_equal_their_concatenation() -> None:
     assert split["n_targets"] == whole["n_targets"] == sum(counts)
     assert split["loss"] == pytest.approx(whole["loss"], rel=1e-6)
     assert split["grad_norm"] == pytest.approx(whole["grad_norm"], rel=1e-5)
-    assert tensor_rel(w_split, w_whole) < 1e-5
+    # The ViT's key biases have a true gradient of 0 (softmax ignores a shift shared by all keys), so theirs is
+    # rounding noise that AdamW's first step scales up to +-lr; how the loss is chunked changes that noise. 2e-5
+    # of the largest entry is still far below what a wrong token weighting does to every weight.
+    assert tensor_rel(w_split, w_whole) < 2e-5
     dist.seed_everything(bw.SEED)
     model = VisionLanguageModel(bw.tiny_model_config())
     with torch.no_grad():

@@ -111,7 +111,7 @@ def _check_export(run: Path, tmp_path: Path, backend: str) -> None:
     model = VisionLanguageModel.from_pretrained(str(exported)).eval()
     probe = want["probe"]
     with torch.no_grad():
-        got = model(**probe.inputs.as_kwargs())
+        got = model(**probe.inputs.as_kwargs(), return_logits=True)
     assert (got.logits - want["logits"]).abs().max().item() <= 1e-5
     fresh = nanovlm_state_dict(VisionLanguageModel(model.cfg))
     from safetensors import safe_open
@@ -158,7 +158,7 @@ def init_runs(synth, tmp_path_factory) -> dict[str, tuple[Path, torch.Tensor]]:
         cfg.model = read_nanovlm_config(folder)
         probe = probe_batch(cfg.model)
         with torch.no_grad():
-            want = load_nanovlm(folder).eval()(**probe.inputs.as_kwargs()).logits
+            want = load_nanovlm(folder).eval()(**probe.inputs.as_kwargs(), return_logits=True).logits
         save_config(cfg, root / f"{name}.yaml")
         torch.save(probe, root / f"{name}.yaml.probe.pt")
         runs[name] = (root / f"{name}.yaml", want)
@@ -189,7 +189,9 @@ def test_init_from_starts_every_backend_from_the_folders_weights(init_runs, tmp_
     fresh = VisionLanguageModel(read_nanovlm_config(init_runs["export"][0].parent / "export"))
     probe = torch.load(f"{init_runs['export'][0]}.probe.pt", weights_only=False)
     with torch.no_grad():  # a control: a model that did not load the folder computes something else
-        assert (fresh.eval()(**probe.inputs.as_kwargs()).logits - init_runs["export"][1]).abs().max() > 1e-2
+        assert (
+            fresh.eval()(**probe.inputs.as_kwargs(), return_logits=True).logits - init_runs["export"][1]
+        ).abs().max() > 1e-2
 
 
 def _fake_checkpoint(run: Path, config_text: str) -> Path:

@@ -231,7 +231,7 @@ def test_a_batch_feeds_the_tiny_model(tok, mixed) -> None:
     batch = take(build_loader(cfg, rank=0, world=1), 1)[0]
     model = VisionLanguageModel(cfg.model).eval()
     with torch.no_grad():
-        out = model(**batch.inputs.as_kwargs())
+        out = model(**batch.inputs.as_kwargs(), return_logits=True)
     assert out.logits.shape[:2] == batch.inputs.input_ids.shape
     assert torch.isfinite(out.loss)
 

@@ -32,6 +32,7 @@ def test_logits_and_loss_match_nanovlm(model, ref):
             pixel_values=ref["pixel_values"],
             labels=ref["labels"],
             attention_mask=ref["attention_mask"],
+            return_logits=True,
         )
     assert out.logits.dtype == torch.float32
     assert (out.logits - ref["logits"]).abs().max().item() <= 1e-4

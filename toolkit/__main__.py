@@ -23,7 +23,7 @@ COMMANDS = {
     "eval": "Validation loss and answer accuracy of a checkpoint on held-out shards",
     "generate": "Answer a prompt about an image with a checkpoint",
     "export": "Write a run's checkpoint in nanoVLM format (config.json + model.safetensors)",
-    "bench": "Run a benchmark: packing, pipeline, overhead, memory, gpu, balance, shard-data, checkpoint",
+    "bench": "Run a benchmark: packing, pipeline, overhead, memory, gpu, balance, shard-data, checkpoint, loss",
     "report": "Plot a run's metrics (loss, LR per group, grad norm, tokens/s) to a PNG",
 }
 
@@ -93,7 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out")
     p = sub.choices["bench"]
     p.add_argument(
-        "name", choices=("packing", "pipeline", "overhead", "memory", "gpu", "balance", "shard-data", "checkpoint")
+        "name",
+        choices=("packing", "pipeline", "overhead", "memory", "gpu", "balance", "shard-data", "checkpoint", "loss"),
     )
     p.add_argument("--json", action="store_true")
     p.add_argument(

@@ -235,6 +235,11 @@ class TrainConfig:
         "none", "Recompute activations per block.", choices=("none", "vision", "language", "all")
     )
     compile: bool = opt(False, "torch.compile each block.")
+    chunked_loss: bool = opt(
+        True,
+        "Output head + cross-entropy a chunk of target tokens at a time, never building the (B, S, V) logits; "
+        "false = the dense head, for comparison.",
+    )
     attention_kernel: str = opt(
         "auto",
         "Decoder attention over packed rows: auto (on CUDA a flash varlen kernel, flash-attn's or torch's own, "

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-BENCHES = ("packing", "pipeline", "overhead", "memory", "gpu", "balance", "shard-data", "checkpoint")
+BENCHES = ("packing", "pipeline", "overhead", "memory", "gpu", "balance", "shard-data", "checkpoint", "loss")
 
 
 def format_table(rows: list[dict]) -> str:

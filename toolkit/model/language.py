@@ -13,6 +13,7 @@ from torch import nn
 
 from toolkit.config import ModelConfig
 from toolkit.model.attention import AttentionPlan, attend, plan_attention
+from toolkit.model.loss import OutputHead
 
 KVCache = list[dict[str, torch.Tensor]]
 
@@ -147,7 +148,7 @@ class LanguageModel(nn.Module):
         self.rotary_embd = RotaryEmbedding(cfg)
         self.blocks = nn.ModuleList([DecoderBlock(cfg) for _ in range(cfg.lm_n_blocks)])
         self.norm = RMSNorm(cfg.lm_hidden_dim, cfg.lm_rms_eps)
-        self.head = nn.Linear(cfg.lm_hidden_dim, cfg.lm_vocab_size, bias=False)
+        self.head = OutputHead(cfg.lm_hidden_dim, cfg.lm_vocab_size, bias=False)
         if cfg.lm_tie_weights:
             self.head.weight = self.token_embedding.weight
 

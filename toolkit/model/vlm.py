@@ -11,11 +11,11 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from toolkit.config import ModelConfig
 from toolkit.model.language import LanguageModel
+from toolkit.model.loss import dense_cross_entropy
 from toolkit.model.projector import ModalityProjector
 from toolkit.model.vision import ViT
 
@@ -89,15 +89,24 @@ class VisionLanguageModel(nn.Module):
         labels: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
+        return_logits: bool = False,
     ) -> VLMOutput:
-        """input_ids (B, S); pixel_values (N, 3, H, W); labels (B, S) already next-token aligned, -100 = no loss."""
+        """input_ids (B, S); pixel_values (N, 3, H, W); labels (B, S) already next-token aligned, -100 = no loss.
+
+        With labels the loss is computed chunk by chunk over the target tokens (toolkit/model/loss.py) and no
+        (B, S, V) logits exist; `return_logits=True` also returns them (and computes the loss from them densely).
+        """
         x = self.embed(input_ids, pixel_values)
         hidden, _ = self.decoder(x, position_ids=position_ids, attention_mask=attention_mask)
-        logits = self.decoder.head(hidden)  # (B, S, V)
         if labels is None:
-            return VLMOutput(logits=logits)
-        loss_sum = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
+            return VLMOutput(logits=self.decoder.head(hidden))  # (B, S, V)
         n_targets = (labels != -100).sum()
+        logits = None
+        if return_logits:
+            logits = self.decoder.head(hidden)
+            loss_sum = dense_cross_entropy(logits, labels)
+        else:
+            loss_sum = self.decoder.head(hidden, labels)
         loss = loss_sum / n_targets.clamp(min=1)
         return VLMOutput(logits=logits, loss=loss, loss_sum=loss_sum, n_targets=n_targets)
 

@@ -95,7 +95,8 @@ def _checkpointed_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
 def prepare_blocks(model: nn.Module, tc: TrainConfig, device: torch.device) -> None:
     """Checkpoint (none / vision / language / all) and optionally compile each block, before any wrapping.
 
-    Also sets the decoder's packed-row attention kernel (train.attention_kernel), refusing one that cannot run.
+    Also sets the decoder's packed-row attention kernel (train.attention_kernel), refusing one that cannot run,
+    and whether the loss is chunked (train.chunked_loss).
 
     The checkpointed forward is bound to the block instance, so parameter names, state dicts and FSDP2's
     per-block sharding see the unchanged module. The recomputation runs inside the block's own backward, where
@@ -115,6 +116,7 @@ def prepare_blocks(model: nn.Module, tc: TrainConfig, device: torch.device) -> N
         for block in model.blocks():
             block.compile()
     model.decoder.attention_kernel = tc.attention_kernel
+    model.decoder.head.chunked = tc.chunked_loss
 
 
 def clip_grad_norm(params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
