@@ -2,7 +2,7 @@
 step is recovered every time, and the finished run equals an uninterrupted one step for step.
 
 Each try takes 40-65 s on 2 cores (two process starts, DeepSpeed's import), so `make test-slow` runs
-ELASTIC_TRIES (default 4) tries per backend with fixed seeds; `python tests/elastic_harness.py --tries 10` runs the
+ELASTIC_TRIES (default 3) tries per backend with fixed seeds; `python tests/elastic_harness.py --tries 10` runs the
 long loop by hand (README: what survives what).
 """
 
@@ -19,7 +19,7 @@ import pytest
 from tests.conftest import CPU_ENV
 
 REPO = Path(__file__).resolve().parent.parent
-TRIES = int(os.environ.get("ELASTIC_TRIES", "4"))
+TRIES = int(os.environ.get("ELASTIC_TRIES", "3"))
 
 
 @pytest.mark.slow
