@@ -30,7 +30,9 @@ def test_a_rank_killed_at_a_random_step_is_recovered_exactly(backend: str, tmp_p
            "--seed", "7", "--timeout-s", "240", "--out", str(tmp_path)]  # fmt: skip
     done = subprocess.run(cmd, cwd=REPO, env={**os.environ, **CPU_ENV}, capture_output=True, text=True,
                           timeout=300 * (TRIES + 1))  # fmt: skip
-    results = json.loads((tmp_path / f"{backend}-results.json").read_text())
+    results_file = tmp_path / f"{backend}-results.json"
+    assert results_file.exists(), f"the harness stopped before its tries:\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}"
+    results = json.loads(results_file.read_text())
     failed = [r for r in results if not r["ok"]]
     assert not failed and len(results) == TRIES, (done.stdout[-3000:], [r.get("output_tail") for r in failed][:1])
     for r in results:  # killed mid-run, restarted, every step once, each equal to the uninterrupted run's
