@@ -37,7 +37,8 @@ STEPS = 10
 def train_args(synth: Path, run: Path, backend: str) -> list[str]:
     return [
         "--config", "tiny", "backend.precision=fp32", "backend.device=cpu", f"model.tokenizer={synth / 'tokenizer'}",
-        f"data.train_shards={synth / 'train'}", f"data.val_shards={synth / 'val'}", "data.num_workers=1", "data.shuffle_buffer=32", "train.batch_size=2",
+        f"data.train_shards={synth / 'train'}", f"data.val_shards={synth / 'val'}", "data.num_workers=1",
+        "data.shuffle_buffer=32", "train.batch_size=2",
         f"train.max_training_steps={STEPS}", "train.checkpoint_interval=2", "train.eval_interval=0",
         "train.export_best=false", "train.log_interval=1", f"train.run_dir={run}", *BACKENDS[backend],
     ]  # fmt: skip
