@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from toolkit.bench.gpu import make_batch, sync_device
 from toolkit.config import Config
 from toolkit.data.batch import Batch
 from toolkit.data.cost import SampleCost
@@ -103,10 +104,10 @@ def backend_timer(cfg: Config, device: torch.device, *, seed: int, warmup: int, 
     backend.setup(model, param_groups(model, cfg.train), schedule_from_config(cfg.train))
 
     def once(batch: Batch) -> float:
-        _sync(device)
+        sync_device(device)
         started = time.perf_counter()
         backend.forward_backward(batch, 1.0 / max(batch.stats.targets, 1))
-        _sync(device)
+        sync_device(device)
         seconds = time.perf_counter() - started
         backend.step(skip=True)  # drops the gradients, untimed: the optimizer costs every rank the same
         return seconds
@@ -119,15 +120,8 @@ def backend_timer(cfg: Config, device: torch.device, *, seed: int, warmup: int, 
     return timed, backend
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def calibrate(cfg: Config, device: torch.device, timer: Timer, *, seed: int = 0) -> tuple[list[dict], dict[str, float]]:
     """Time every design point with `timer`; the table rows and the fitted coefficients."""
-    from toolkit.bench.gpu import make_batch
-
     gen = torch.Generator().manual_seed(seed)
     points = []
     for point in design_points(cfg):

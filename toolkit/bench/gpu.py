@@ -191,7 +191,8 @@ def make_step(variant: Variant, cfg: Config, device: torch.device, seed: int) ->
     return (lambda batch: trainer.train_step([batch])["loss"]), backend
 
 
-def _sync(device: torch.device) -> None:
+def sync_device(device: torch.device) -> None:
+    """Wait for the device's queued work (a no-op on the CPU), so host timers measure it."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -220,12 +221,12 @@ def time_variant(
     try:
         for i in range(warmup):
             step(batches[i % len(batches)])
-        _sync(device)
+        sync_device(device)
         timed = [batches[(warmup + i) % len(batches)] for i in range(steps)]
         start = time.perf_counter()
         for batch in timed:
             loss = step(batch)
-        _sync(device)
+        sync_device(device)
         elapsed = time.perf_counter() - start
         if profile_to is not None:
             _profile(step, timed[:2], device, profile_to)
@@ -249,7 +250,7 @@ def _profile(step: Callable[[Batch], float], batches: list[Batch], device: torch
     with profile(activities=activities) as prof:
         for batch in batches:
             step(batch)
-        _sync(device)
+        sync_device(device)
     # By device time: which kernels to speed up. Then by host time: a step whose GPU waits on Python (hooks,
     # DTensor dispatch, per-tensor loops) shows it here, not in the kernels.
     sorts = (["self_cuda_time_total"] if device.type == "cuda" else []) + ["self_cpu_time_total"]

@@ -171,21 +171,10 @@ def resolve_resume(run: RunDir, resume: str) -> Path | None:
 
 def save_checkpoint(run: RunDir, step: int, *, backend, loader, trainer_state: dict, keep: int) -> Path:
     """Every rank: backend shards, then its loader and RNG state; rank 0 marks it complete last."""
-    from toolkit import dist
-
-    env = backend.env
-    path = run.step_dir(step)
-    if env.is_main:
-        prepare_step_dir(path)
-    dist.barrier()
-    backend.save(path / "model", client_state={"step": step})
-    write_rank_state(path, env.rank, loader.state_dict() if loader is not None else None)
-    dist.barrier()  # every rank's files are on disk before `latest` may name them
-    if env.is_main:
-        meta = {"backend": backend.name, "world_size": env.world_size, "trainer": trainer_state}
-        commit(run, step, meta, keep)
-    dist.barrier()
-    return path
+    pending = start_checkpoint(run, step, backend=backend, loader=loader, trainer_state=trainer_state, keep=keep,
+                               background=False)  # fmt: skip
+    finish_checkpoint(pending, wait=True, device=backend.device)
+    return run.step_dir(step)
 
 
 @dataclass
@@ -199,17 +188,25 @@ class PendingCheckpoint:
     write: Any  # the backend's PendingSave
 
 
-def start_checkpoint(run: RunDir, step: int, *, backend, loader, trainer_state: dict, keep: int) -> PendingCheckpoint:
-    """Every rank: stage the backend state and start writing it; loader and RNG state are written now (they are
-    small, and the loader moves on with the next batch)."""
+def start_checkpoint(
+    run: RunDir, step: int, *, backend, loader, trainer_state: dict, keep: int, background: bool = True
+) -> PendingCheckpoint:
+    """Every rank: write (with `background`, stage and start writing) the backend state; loader and RNG state are
+    written now either way (they are small, and the loader moves on with the next batch)."""
     from toolkit import dist
+    from toolkit.train.backends.base import PendingSave
 
     env = backend.env
     path = run.step_dir(step)
     if env.is_main:
         prepare_step_dir(path)
     dist.barrier()
-    write = backend.save_async(path / "model", client_state={"step": step})
+    client_state = {"step": step}
+    if background:
+        write = backend.save_async(path / "model", client_state=client_state)
+    else:
+        backend.save(path / "model", client_state=client_state)
+        write = PendingSave()  # written already
     write_rank_state(path, env.rank, loader.state_dict() if loader is not None else None)
     meta = {"backend": backend.name, "world_size": env.world_size, "trainer": dict(trainer_state)}
     return PendingCheckpoint(run, step, meta, keep, write)

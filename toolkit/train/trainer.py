@@ -27,7 +27,7 @@ import torch
 
 from toolkit import dist
 from toolkit.config import Config
-from toolkit.data.batch import Batch, BatchStats
+from toolkit.data.batch import Batch
 from toolkit.data.cost import SampleCost, sample_cost
 from toolkit.train.backends.base import Backend
 
@@ -85,12 +85,6 @@ def _slot() -> tuple[int, int]:
     return (dist.get_rank() if world > 1 else 0), world
 
 
-def batch_cost(cost: SampleCost, stats: BatchStats) -> float:
-    """A batch's estimated compute: the cost model over its packed samples."""
-    sum_sq = float(sum(n * n for n in stats.sample_lengths))
-    return cost.total(tokens=stats.tokens, sum_sq_lengths=sum_sq, tiles=stats.tiles)
-
-
 def local_counts(
     micro_batches: Sequence[Batch], *, exhausted: bool, cost: SampleCost | None = None, rank: int = 0, world: int = 1
 ) -> torch.Tensor:
@@ -108,7 +102,12 @@ def local_counts(
         counts[TILES] += stats.tiles
         counts[SUM_SQ] += float(sum(n * n for n in stats.sample_lengths))  # attention cost of the packed samples
     counts[EXHAUSTED] = float(exhausted)
-    mine = sum(batch_cost(cost, mb.stats) for mb in micro_batches) if cost is not None else 0.0
+    # The cost model is linear in tokens, tiles and squared lengths: this rank's cost follows from its own sums.
+    mine = 0.0
+    if cost is not None:
+        mine = cost.total(
+            tokens=float(counts[TOKENS]), sum_sq_lengths=float(counts[SUM_SQ]), tiles=float(counts[TILES])
+        )
     return torch.cat([counts, per_rank(mine, rank=rank, world=world)])
 
 
