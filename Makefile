@@ -55,6 +55,8 @@ bench: $(STAMP)
 	$(BIN)/python -m toolkit bench memory
 	$(BIN)/python -m toolkit bench balance
 	$(BIN)/python -m toolkit bench shard-data
+	$(BIN)/python -m toolkit bench checkpoint
+	$(BIN)/python -m toolkit bench loss
 	$(BIN)/python -m toolkit bench gpu
 
 # Two hosts in network namespaces on this machine, `deepspeed --hostfile` across them (needs root).
