@@ -24,7 +24,7 @@ COMMANDS = {
     "generate": "Answer a prompt about an image with a checkpoint",
     "export": "Write a run's checkpoint in nanoVLM format (config.json + model.safetensors)",
     "bench": "Run a benchmark: packing, pipeline, overhead, memory, gpu, balance, shard-data, checkpoint, loss",
-    "report": "Plot a run's metrics (loss, LR per group, grad norm, tokens/s) to a PNG",
+    "report": "Plot a run's metrics (loss, LR per group, grad norm, tokens/s, rank imbalance) to a PNG",
 }
 
 
