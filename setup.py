@@ -26,11 +26,14 @@ setup(
         "pillow>=10.0",
         "torchdata>=0.11",
         "tqdm>=4.66",
+        "matplotlib>=3.7",
     ],
     extras_require={
-        "dev": ["pytest>=8.0", "ruff>=0.6", "pytest-timeout>=2.3"],
+        "dev": ["pytest>=8.0", "ruff>=0.6", "pytest-timeout>=2.3", "wandb>=0.17"],
         # data.*_shards as s3://, gs://, hf:// ... URLs; the remote backend itself (s3fs, gcsfs ...) is the user's
         "remote": ["fsspec>=2023.1"],
+        # train.wandb_project: Weights & Biases logging from rank 0
+        "wandb": ["wandb>=0.17"],
     },
     entry_points={
         "console_scripts": ["nanovlm-scale=toolkit.__main__:main"],

@@ -255,6 +255,26 @@ class TrainConfig:
         "parts' weights come from it, optimizer, schedule, data position and step start fresh.",
     )
 
+    lmms_tasks: str = opt(
+        "",
+        "Comma-separated lmms-eval tasks scored on each lmms_interval export while training goes on (empty = off; "
+        "nanoVLM's set: mmstar,mmmu_val,ocrbench,textvqa_val,docvqa_val,scienceqa,mme,infovqa_val,chartqa).",
+    )
+    lmms_interval: int = opt(0, "Export and score lmms_tasks every N steps (0 = off).")
+    lmms_limit: int = opt(0, "At most this many documents per lmms-eval task (0 = every document).")
+    lmms_batch_size: int = opt(64, "Requests answered together by the lmms-eval adapter (nanoVLM: 64).")
+    lmms_launcher: str = opt(
+        "process",
+        "Where the scoring runs: a background process on rank 0's node, or one SLURM job per export (sbatch).",
+        choices=("process", "slurm"),
+    )
+    wandb_project: str = opt("", "Weights & Biases project to log to from rank 0 (empty = no W&B).")
+    wandb_mode: str = opt(
+        "online",
+        "W&B mode: online, offline (sync later with `wandb sync`) or disabled.",
+        choices=("online", "offline", "disabled"),
+    )
+
     def validate(self) -> None:
         for name in ("batch_size", "gradient_accumulation_steps", "max_training_steps"):
             _require(getattr(self, name) > 0, f"train.{name}", "must be positive")
@@ -266,11 +286,19 @@ class TrainConfig:
             "eval_accuracy_samples",
             "checkpoint_interval",
             "global_batch_size",
+            "lmms_interval",
+            "lmms_limit",
         ):
             _require(getattr(self, name) >= 0, f"train.{name}", "must be >= 0 (0 = off)")
         _require(0 <= self.warmup_ratio < 1, "train.warmup_ratio", "must be in [0, 1)")
         _require(0 <= self.min_lr_ratio <= 1, "train.min_lr_ratio", "must be in [0, 1]")
         _require(self.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1")
+        _require(self.lmms_batch_size >= 1, "train.lmms_batch_size", "must be >= 1")
+        _require(
+            not self.lmms_interval or bool(self.lmms_tasks.strip()),
+            "train.lmms_interval",
+            "is set but train.lmms_tasks is empty; name the tasks (e.g. train.lmms_tasks=mmstar,mme) or set 0",
+        )
 
 
 @dataclass
@@ -291,6 +319,12 @@ class BackendConfig:
         "bf16", "Compute precision; master weights and optimizer state stay fp32.", choices=("bf16", "fp32")
     )
     device: str = opt("auto", "auto (CUDA when present), cuda or cpu.", choices=("auto", "cuda", "cpu"))
+    grad_reduce_dtype: str = opt(
+        "fp32",
+        "Precision of the gradient all-reduce / reduce-scatter: fp32, or bf16 (half the bytes; the loss bound is in "
+        "README).",
+        choices=("fp32", "bf16"),
+    )
 
     # No validate(): the backend named checks its own settings when it is built, before any process group.
 
