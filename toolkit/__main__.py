@@ -24,7 +24,8 @@ COMMANDS = {
     "generate": "Answer a prompt about an image with a checkpoint",
     "export": "Write a run's checkpoint in nanoVLM format (config.json + model.safetensors)",
     "bench": "Run a benchmark: packing, pipeline, overhead, memory, gpu, balance, shard-data, checkpoint, loss",
-    "report": "Plot a run's metrics (loss, LR per group, grad norm, tokens/s, rank imbalance) to a PNG",
+    "report": "Plot a run's metrics.jsonl to a PNG: loss (log axis, smoothed, validation), LR per group, grad norm, "
+    "tokens/s, MFU, data wait, rank imbalance, lmms-eval scores",
 }
 
 
@@ -103,7 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="gpu: --budget-s S, --variants ..., --profile ... (bench gpu -h); pipeline: --photos, --samples N",
     )
     p = sub.choices["report"]
-    p.add_argument("run")
+    p.add_argument("run", help="a run folder (train.run_dir) with metrics.jsonl")
+    p.add_argument("--out", default=None, help="PNG to write (default: RUN/report.png)")
     return parser
 
 
@@ -237,7 +239,7 @@ def _eval(args: argparse.Namespace) -> int:
 def _report(args: argparse.Namespace) -> int:
     from toolkit.report import write_report
 
-    print(f"wrote {write_report(args.run)}")
+    print(f"wrote {write_report(args.run, args.out)}")
     return 0
 
 
