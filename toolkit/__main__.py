@@ -22,7 +22,7 @@ COMMANDS = {
     "data-stats": "Run the data pipeline without a model and report counts, skips and fill rate",
     "eval": "Validation loss and answer accuracy of a checkpoint on held-out shards",
     "generate": "Answer a prompt about an image with a checkpoint",
-    "export": "Write a run's checkpoint in nanoVLM format (config.json + model.safetensors)",
+    "export": "Write a run, checkpoint or nanoVLM folder in nanoVLM format, or for transformers (--format hf)",
     "bench": "Run a benchmark: packing, pipeline, overhead, memory, gpu, balance, shard-data, checkpoint, loss",
     "report": "Plot a run's metrics.jsonl to a PNG: loss (log axis, smoothed, validation), LR per group, grad norm, "
     "tokens/s, MFU, data wait, rank imbalance, lmms-eval scores",
@@ -90,8 +90,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--sample", action="store_true", help="top-k/top-p sampling instead of greedy")
     p = sub.choices["export"]
-    p.add_argument("run_or_checkpoint")
+    p.add_argument("run_or_checkpoint", help="a run folder, a checkpoint (step_N) or a nanoVLM-format folder")
     p.add_argument("out")
+    p.add_argument(
+        "--format",
+        default="nanovlm",
+        choices=("nanovlm", "hf"),
+        help="nanovlm: config.json + model.safetensors; hf: Idefics3 for AutoModelForImageTextToText + AutoProcessor",
+    )
+    p.add_argument("--tokenizer", default=None, help="tokenizer folder, when the source has none beside it")
     p = sub.choices["bench"]
     p.add_argument(
         "name",
@@ -206,10 +213,14 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from toolkit.train.checkpoint import export_offline
+    from toolkit.export import export
 
-    ckpt = export_offline(args.run_or_checkpoint, args.out)
-    print(f"exported {ckpt} to {args.out} (nanoVLM format: config.json + model.safetensors)")
+    what = export(args.run_or_checkpoint, args.out, fmt=args.format, tokenizer=args.tokenizer)
+    kind = {
+        "nanovlm": "nanoVLM format: config.json + model.safetensors",
+        "hf": "transformers Idefics3: AutoModelForImageTextToText / AutoProcessor",
+    }[args.format]
+    print(f"exported {what} to {args.out} ({kind})")
     return 0
 
 

@@ -319,10 +319,9 @@ def offline_state_dict(ckpt: Path, model_cfg) -> dict[str, torch.Tensor]:
     return cls.read_full_weights(ckpt / "model", VisionLanguageModel(model_cfg))
 
 
-def export_offline(src: str | Path, out: str | Path) -> Path:
-    """`python -m toolkit export RUN_OR_CHECKPOINT OUT`: nanoVLM format from a checkpoint on disk."""
+def checkpoint_weights(src: str | Path) -> tuple[Path, Any, dict[str, torch.Tensor], str | None]:
+    """A run folder or checkpoint on disk -> (checkpoint, the run's ModelConfig, fp32 weights, tokenizer folder)."""
     from toolkit.config import Config, apply_mapping
-    from toolkit.model.hub import write_nanovlm
 
     ckpt = find_checkpoint(src)
     run_root = ckpt.parent.parent
@@ -336,5 +335,13 @@ def export_offline(src: str | Path, out: str | Path) -> Path:
     cfg.validate()
     state = {k: v.float() if v.is_floating_point() else v for k, v in offline_state_dict(ckpt, cfg.model).items()}
     tok = cfg.model.tokenizer_path if Path(cfg.model.tokenizer_path).is_dir() else None
-    write_atomically(Path(out), lambda tmp: write_nanovlm(cfg.model, state, tmp, tokenizer_dir=tok))
+    return ckpt, cfg.model, state, tok
+
+
+def export_offline(src: str | Path, out: str | Path) -> Path:
+    """`python -m toolkit export RUN_OR_CHECKPOINT OUT`: nanoVLM format from a checkpoint on disk."""
+    from toolkit.model.hub import write_nanovlm
+
+    ckpt, model_cfg, state, tok = checkpoint_weights(src)
+    write_atomically(Path(out), lambda tmp: write_nanovlm(model_cfg, state, tmp, tokenizer_dir=tok))
     return ckpt
