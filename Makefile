@@ -14,11 +14,15 @@ PYTEST_ARGS ?=
 install: $(STAMP)
 
 # torch first, pinned: a bare `torch` requirement would pull a multi-GB CUDA build.
+# lmms-eval (train.lmms_tasks and its tests) with --no-deps: its declared requirements pull torchvision for another
+# torch and ~5 GB of CUDA wheels; what it really imports is setup.py's `lmms` extra, which dev includes
+# (together about 100 MB and a minute on a 2-core machine).
 $(STAMP): setup.py
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet --no-deps lmms-eval==0.7.3
 	touch $(STAMP)
 
 # `slow` tests (long multi-rank runs) are left to `make test-slow`, which .ci/run runs after this.
