@@ -17,7 +17,7 @@ from PIL import Image
 
 from toolkit import __main__ as cli
 from toolkit.errors import UserError
-from toolkit.report import TITLES, build_figure, read_series, write_report
+from toolkit.report import TITLES, build_figure, panel_title, read_series, write_report
 
 STEPS = 150
 NAN_LOSS_STEP, INF_GRAD_STEP = 40, 41
@@ -72,7 +72,7 @@ def _write_run(run: Path, *, imbalance: bool = True, mfu: bool = True, lmms: boo
 
 
 def _panel(fig, key: str):
-    found = [ax for ax in fig.axes if ax.get_title() == TITLES[key]]
+    found = [ax for ax in fig.axes if ax.get_title() == panel_title(key)]
     assert len(found) == 1, [ax.get_title() for ax in fig.axes]
     return found[0]
 
@@ -143,12 +143,11 @@ def test_step_panels_skip_nan_inf_and_none(fig) -> None:
     assert imbalance["measured fwd+bwd time"][1] == pytest.approx([1.2 - s / 1000 for s in range(1, STEPS + 1)])
 
 
-def test_lmms_panel_lines_are_the_records_sorted_by_step(fig) -> None:
-    lines = _lines(_panel(fig, "lmms"))
-    assert lines == {
-        "ai2d/exact_match": ([25, 50, 100, 150], [0.40, 0.42, 0.47, 0.5]),
-        "mmstar/average": ([25, 50, 100], [0.28, 0.31, 0.35]),
-    }
+def test_lmms_panels_one_per_task_with_the_records_sorted_by_step(fig) -> None:
+    """Each task in its own panel (its own units), each of its metrics a line over the export steps."""
+    assert _lines(_panel(fig, "lmms:ai2d")) == {"exact_match": ([25, 50, 100, 150], [0.40, 0.42, 0.47, 0.5])}
+    assert _lines(_panel(fig, "lmms:mmstar")) == {"average": ([25, 50, 100], [0.28, 0.31, 0.35])}
+    assert panel_title("lmms:mmstar") == "lmms-eval: mmstar"
 
 
 def test_every_drawn_axis_has_labels_and_ticks(fig) -> None:
@@ -175,11 +174,12 @@ def test_panel_without_data_says_so(tmp_path) -> None:
 
 
 def test_png_is_written_at_the_figure_size(tmp_path) -> None:
-    """640 x 360 px a panel (6.4 x 3.6 in at 100 dpi), two a row: 8 panels = 4 rows, 5 panels = 3 rows."""
+    """640 x 360 px a panel (6.4 x 3.6 in at 100 dpi), two a row: 9 panels (two lmms-eval tasks) = 5 rows, 5 panels
+    = 3 rows."""
     full = _write_run(tmp_path / "full")
     assert write_report(full) == full / "report.png"
     with Image.open(full / "report.png") as image:
-        assert (image.format, image.size) == ("PNG", (1280, 1440))
+        assert (image.format, image.size) == ("PNG", (1280, 1800))
     old = _write_run(tmp_path / "old", imbalance=False, mfu=False, lmms=False)
     assert cli.main(["report", str(old), "--out", str(tmp_path / "elsewhere.png")]) == 0
     with Image.open(tmp_path / "elsewhere.png") as image:

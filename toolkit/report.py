@@ -50,7 +50,7 @@ TITLES = {
     "mfu": "Model FLOPs utilisation",
     "data_wait": "Waiting for data",
     "imbalance": "Rank imbalance (max / mean over ranks)",
-    "lmms": "lmms-eval scores",
+    "lmms": "lmms-eval",
 }
 
 
@@ -237,12 +237,23 @@ def _imbalance_panel(ax: Axes, s: Series) -> None:
     ax.legend()
 
 
-def _lmms_panel(ax: Axes, s: Series) -> None:
-    for i, (name, points) in enumerate(sorted(s.lmms.items())):
+def lmms_tasks(s: Series) -> dict[str, dict[str, Points]]:
+    """lmms-eval series grouped by task ("mme/perception" -> task "mme", metric "perception"): one panel each,
+    since tasks score in their own units (MME in the thousands, accuracies in 0..1) and one axis would flatten
+    all but the largest."""
+    tasks: dict[str, dict[str, Points]] = {}
+    for name, points in sorted(s.lmms.items()):
+        task, _, metric = name.partition("/")
+        tasks.setdefault(task, {})[metric or task] = points
+    return tasks
+
+
+def _lmms_panel(ax: Axes, metrics: dict[str, Points]) -> None:
+    for i, (metric, points) in enumerate(metrics.items()):
         linestyle, marker = STYLES[i % len(STYLES)]
-        ax.plot(*_xy(points), color=f"C{i % 10}", linestyle=linestyle, marker=marker, label=name)
-    ax.set_ylabel("score (task's own units)")
-    ax.legend(title="task/metric", fontsize="small")
+        ax.plot(*_xy(points), color=f"C{i % 10}", linestyle=linestyle, marker=marker, label=metric)
+    ax.set_ylabel("score (the task's own units)")
+    ax.legend(title="metric", fontsize="small")
 
 
 def _panels(s: Series) -> list[tuple[str, Callable[[Axes], None]]]:
@@ -259,9 +270,15 @@ def _panels(s: Series) -> list[tuple[str, Callable[[Axes], None]]]:
         ax, s.data_wait_share, "share of step time (%)", "no data-wait share logged", scale=100.0)))  # fmt: skip
     if s.imbalance:
         panels.append(("imbalance", lambda ax: _imbalance_panel(ax, s)))
-    if s.lmms:
-        panels.append(("lmms", lambda ax: _lmms_panel(ax, s)))
+    for task, metrics in lmms_tasks(s).items():
+        panels.append((f"lmms:{task}", lambda ax, m=metrics: _lmms_panel(ax, m)))
     return panels
+
+
+def panel_title(key: str) -> str:
+    """TITLES[key]; lmms-eval panels ("lmms:TASK") are titled by their task."""
+    kind, _, task = key.partition(":")
+    return f"{TITLES[kind]}: {task}" if task else TITLES[key]
 
 
 def build_figure(series: Series, title: str = "") -> Figure:
@@ -275,7 +292,7 @@ def build_figure(series: Series, title: str = "") -> Figure:
     for i, (key, draw) in enumerate(panels):
         row, col = divmod(i, 2)
         ax = fig.add_subplot(grid[row, :] if i == len(panels) - 1 and col == 0 else grid[row, col])
-        ax.set_title(TITLES[key])
+        ax.set_title(panel_title(key))
         draw(ax)
         if ax.has_data():
             ax.set_xlabel(STEP_LABEL)
