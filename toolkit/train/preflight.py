@@ -8,6 +8,7 @@ a refused run leaves no run folder behind.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from toolkit.config import Config, ConfigError
 from toolkit.data.order import check_layout
 from toolkit.data.shards import resolve_sets
 from toolkit.data.tokenizer import VLMTokenizer, load_tokenizer
+from toolkit.train.metrics import WANDB_MISSING, wandb_enabled
 
 EVAL_FIELDS = ("eval_interval", "eval_max_batches", "eval_accuracy_samples")
 
@@ -50,6 +52,7 @@ def check_run(cfg: Config) -> VLMTokenizer:
         _check_backbone(f"model.{field}", getattr(cfg.model, field))
     _check_init_from(cfg)
     _check_writable("train.run_dir", Path(cfg.train.run_dir))
+    _check_wandb(cfg)
     return tokenizer
 
 
@@ -115,6 +118,14 @@ def _check_init_from(cfg: Config) -> None:
             f"train.init_from={folder} sets every weight, so {' and '.join(backbones)} would be overwritten; "
             f"drop {' and '.join(backbones)} or train.init_from"
         )
+
+
+def _check_wandb(cfg: Config) -> None:
+    """train.wandb_project needs the wandb package, otherwise missed only once rank 0 opens its metrics writer.
+    Found without importing it (importing wandb takes a second); checked on every rank, so all refuse alike."""
+    t = cfg.train
+    if wandb_enabled(t.wandb_project, t.wandb_mode) and importlib.util.find_spec("wandb") is None:
+        raise ConfigError(WANDB_MISSING.format(project=t.wandb_project))
 
 
 def _check_writable(field: str, path: Path) -> None:

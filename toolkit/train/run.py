@@ -208,6 +208,9 @@ def _train(cfg: Config, run: RunDir, resume_from: Path | None, *, backend, loade
         total_steps=cfg.train.max_training_steps,
         log_interval=cfg.train.log_interval,
         resume_step=trainer.state.step,
+        wandb_project=cfg.train.wandb_project,
+        wandb_mode=cfg.train.wandb_mode,
+        run_config=cfg.to_dict(),
     )
     trainer.writer = writer
     life = Lifecycle(cfg, run, backend=backend, loader=loader, tokenizer=tokenizer, writer=writer)
