@@ -10,6 +10,7 @@ service to stop, before reading; a training process gets the same wait from wand
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import signal
@@ -225,3 +226,21 @@ def test_writer_without_wandb_says_what_to_install(tmp_path, monkeypatch):
     MetricsWriter(tmp_path / "other", rank=1, total_steps=1, wandb_project="p").close()
     MetricsWriter(tmp_path / "plain", rank=0, total_steps=1).close()
     assert sorted(p.name for p in (tmp_path / "plain").iterdir()) == ["metrics.jsonl", "tb"]
+
+
+def test_a_run_that_raised_is_finished_as_failed(tmp_path):
+    """close() runs in a `finally`: an exception in flight finishes the W&B run with exit code 1, else 0."""
+    for name, fails in (("ok", False), ("crashed", True)):
+        writer = MetricsWriter(tmp_path / name, rank=0, total_steps=2, wandb_project="nanovlm-test",
+                               wandb_mode="offline")  # fmt: skip
+        with pytest.raises(RuntimeError) if fails else contextlib.nullcontext():
+            try:
+                writer.log(1, {"loss": 2.0})
+                if fails:
+                    raise RuntimeError("step 2 failed")
+            finally:
+                writer.close()
+    wandb.teardown()
+    exits = {name: [r.exit.exit_code for r in wandb_records(f) if r.HasField("exit")]
+             for name in ("ok", "crashed") for f in offline_files(tmp_path / name)}  # fmt: skip
+    assert exits == {"ok": [0], "crashed": [1]}
