@@ -1,7 +1,9 @@
 """The lmms-eval adapter: its answers and scores equal the toolkit's own generation and loss on the same inputs.
 
-lmms-eval is not installed here (it is optional), so its requests are stand-ins with the same `.args` layout, and
-the registration and `eval --lmms-tasks` paths run against a stand-in `lmms_eval` package in sys.modules.
+Most tests give the adapter stand-in requests with the same `.args` layout as lmms-eval's. `make install` puts
+the real lmms-eval 0.7.3 in .venv, and the `test_real_lmms_eval_*` tests run it on offline toy tasks (a datasets
+folder and a task YAML); where it is absent, the registration and `eval --lmms-tasks` paths run against a stand-in
+`lmms_eval` package in sys.modules instead.
 """
 
 from __future__ import annotations
@@ -109,6 +111,182 @@ def test_video_visuals_are_refused_with_a_clear_error(adapter):
         adapter.generate_until([Request(("q", {}, lambda doc: ["clip.mp4"], 0, "shapes", "test"))])
 
 
+# -- batched answers --
+
+
+def shapes_docs() -> list[dict]:
+    """Documents whose prompts differ in length: 1x1, 1x2, 2x2 tile grids (plus the global tile), no image."""
+    sizes = [(24, 24), (64, 30), (60, 60), (40, 28), None, (30, 64)]
+    colours = [(200, 30, 30), (30, 200, 30), (30, 30, 200), (200, 200, 30), None, (90, 10, 160)]
+    return [{"image": Image.new("RGB", size, c) if size else None} for size, c in zip(sizes, colours, strict=True)]
+
+
+def shapes_requests(questions: list[str], gens: list[dict]) -> list[Request]:
+    return [Request((q, g, visuals, i, "shapes", "test")) for i, (q, g) in enumerate(zip(questions, gens, strict=True))]
+
+
+@pytest.fixture
+def batch_adapter(checkpoint):
+    from toolkit.lmms import NanoVLMScale
+
+    model = NanoVLMScale(checkpoint, device="cpu", max_new_tokens=8, batch_size=3)
+    model.task_dict = {"shapes": {"test": shapes_docs()}}
+    return model
+
+
+def spy_generate(model) -> list[torch.Tensor]:
+    """Records the attention mask of every model.generate call (one per batch)."""
+    masks, original = [], model.generate
+
+    def generate(input_ids, pixel_values=None, attention_mask=None, *args, **kwargs):
+        masks.append(attention_mask if attention_mask is not None else torch.ones_like(input_ids))
+        return original(input_ids, pixel_values, attention_mask, *args, **kwargs)
+
+    model.generate = generate
+    return masks
+
+
+def test_batched_generate_until_gives_the_answers_of_batch_1(batch_adapter):
+    """6 requests, two generation settings: batches of at most 3 per setting, padded, and the answers of each
+    request asked alone, in request order."""
+    questions = ["what is in picture s001x002?", "colour?", "what is in picture s004x001? and where is it?",
+                 "shape?", "what is it?", "is it s003x003?"]  # fmt: skip
+    gens = [{"max_new_tokens": 8, "until": []}] * 4 + [{"max_new_tokens": 5, "until": ["zz"]}] * 2
+    requests = shapes_requests(questions, gens)
+    alone = []
+    for request in requests:
+        batch_adapter.batch_size = 1
+        alone += batch_adapter.generate_until([request])
+    batch_adapter.batch_size = 3
+    masks = spy_generate(batch_adapter.model)
+    try:
+        batched = batch_adapter.generate_until(requests)
+    finally:
+        del batch_adapter.model.generate
+    assert batched == alone
+    assert sorted(m.shape[0] for m in masks) == [1, 2, 3]  # 4 requests of one setting = 3 + 1, then 2 of the other
+    assert all((m == 0).any() for m in masks if m.shape[0] > 1)  # every batch of several was padded
+    assert len({a for a in alone}) > 2, "the answers differ across documents: equal lists are not all one answer"
+
+
+def test_generate_batch_stops_each_row_at_its_own_eos(batch_adapter):
+    from toolkit.evaluate import generate_batch, prompt_inputs
+
+    model, tok = batch_adapter.model, batch_adapter.tok
+    docs = batch_adapter.task_dict["shapes"]["test"]
+    prompts = [prompt_inputs(model, tok, visuals(d) or [], q) for d, q in zip(docs[:3], ["a?", "bb bb?", "c?"])]
+    free = generate_batch(model, tok, prompts, max_new_tokens=6)
+    # an end-of-sequence token that ends one row early and that another row never says
+    eos = next(t for t in free[0][:5] if any(t not in row for row in free[1:]))
+    stopper = types.SimpleNamespace(eos_token_id=eos, pad_token_id=tok.pad_token_id)
+    stopped = generate_batch(model, stopper, prompts, max_new_tokens=6)
+    for row, tokens in enumerate(free):
+        cut = tokens[: tokens.index(eos) + 1] if eos in tokens else tokens
+        assert stopped[row] == cut  # a row ends at its own EOS, kept; the others go on
+        assert generate_batch(model, stopper, [prompts[row]], max_new_tokens=6) == [cut]  # = the row alone
+    assert len(stopped[0]) < 6 and any(len(t) == 6 for t in stopped)
+
+
+# -- nanoVLM HEAD's per-benchmark prompts (eval/lmms_eval_wrapper.py at 4e0c096, get_benchmark_formatting) --
+
+LETTER = {"text_replacements": {"\nOptions:": "\nChoices:", "\nA. ": "\nChoices:\nA. ",
+                                "Please select the correct answer from the options above.": "Answer with the letter.",
+                                "Answer with the option's letter from the given choices directly":
+                                    "Answer with the letter directly"},
+          "assistant_prefix": "Answer:", "user_prefix": "", "user_suffix": ""}  # fmt: skip
+HEAD_FORMATS = {
+    ("ai2d", "mmstar", "seedbench", "scienceqa"): LETTER,
+    ("docvqa_val", "docvqa_test"): {
+        "text_replacements": {}, "assistant_prefix": "", "user_suffix": "",
+        "user_prefix": "Give a short and terse answer to the following question. Do not paraphrase or reformat the "
+                       "text you see in the image. Do not include any full stops. Just give the answer without "
+                       "additional explanation. Question: "},
+    ("chartvqa",): {
+        "text_replacements": {}, "assistant_prefix": "", "user_suffix": "",
+        "user_prefix": "For the question below, follow the following instructions:\n-The answer should contain as "
+                       "few words as possible.\n-Don't paraphrase or reformat the text you see in the image.\n-Answer"
+                       " a binary question with Yes or No.\n-When asked to give a numerical value, provide a number "
+                       "like 2 instead of Two.\n-If the final answer has two or more items, provide it in the list "
+                       "format like [1, 2].\n-When asked to give a ratio, give out the decimal value like 0.25 "
+                       "instead of 1:4.\n-When asked to give a percentage, give out the whole value like 17 instead "
+                       "of decimal like 0.17%.\n-Don't include any units in the answer.\n-Do not include any full "
+                       "stops at the end of the answer.\n-Try to include the full label from the graph when asked "
+                       "about an entity.\nQuestion: "},
+    ("textvqa_val", "textvqa_test"): {
+        "text_replacements": {}, "assistant_prefix": "", "user_suffix": "",
+        "user_prefix": "Answer the following question about the image using as few words as possible. Follow these "
+                       "additional instructions:\n-Always answer a binary question with Yes or No.\n-When asked what "
+                       "time it is, reply with the time seen in the image.\n-Do not put any full stops at the end of "
+                       "the answer.\n-Do not put quotation marks around the answer.\n-An answer with one or two "
+                       "words is favorable.\n-Do not apply common sense knowledge. The answer can be found in the "
+                       "image.\nQuestion: "},
+    ("mmmu_val", "mmmu_test"): {
+        "text_replacements": {"Question:": "", "Answer with the option's letter from the given choices directly.":
+                              "Answer with the letter directly.", "\nA. ": "\nChoices:\nA. "},
+        "assistant_prefix": "Answer:", "user_prefix": "", "user_suffix": ""},
+    ("infovqa_val", "mme", "ocrbench"): {
+        "text_replacements": {}, "assistant_prefix": "", "user_prefix": "",
+        "user_suffix": "\nGive a very brief answer."},
+}  # fmt: skip
+
+
+def test_prompt_formats_equal_nanovlm_heads_table():
+    from toolkit.lmms import PROMPT_FORMATS, prompt_format
+
+    named = {task for tasks in HEAD_FORMATS for task in tasks}
+    assert set(PROMPT_FORMATS) == named
+    for tasks, head in HEAD_FORMATS.items():
+        for task in tasks:
+            fmt = prompt_format(task)
+            assert dict(fmt.replacements) == head["text_replacements"] and len(fmt.replacements) == len(
+                head["text_replacements"]
+            )
+            assert list(dict(fmt.replacements)) == list(head["text_replacements"])  # HEAD applies them in order
+            assert (fmt.user_prefix, fmt.user_suffix, fmt.assistant_prefix) == (
+                head["user_prefix"], head["user_suffix"], head["assistant_prefix"])  # fmt: skip
+    assert prompt_format("chartqa") == prompt_format("some_task_of_yours")  # HEAD's key is "chartvqa"
+
+
+# (task, lmms-eval's question text, the user text HEAD asks, the start of the assistant's turn)
+WORKED = [
+    ("mmstar", "Which shape is red?\nA. circle\nB. square\nAnswer with the option's letter from the given choices "
+     "directly.", "Which shape is red?\nChoices:\nA. circle\nB. square\nAnswer with the letter directly.", "Answer:"),
+    ("ai2d", "Which part is the leaf?\nOptions:\nA. top\nB. root\nPlease select the correct answer from the "
+     "options above.", "Which part is the leaf?\nChoices:\nChoices:\nA. top\nB. root\nAnswer with the letter.",
+     "Answer:"),  # HEAD's two replacements each write "Choices:" when "Options:" precedes "A. "
+    ("mmmu_val", "Question: <image 1> What is drawn?\nA. a cat\nB. a dog\nAnswer with the option's letter from "
+     "the given choices directly.", " <image 1> What is drawn?\nChoices:\nA. a cat\nB. a dog\nAnswer with the "
+     "letter directly.", "Answer:"),
+    ("mme", "Is there a cat in the image? Please answer yes or no.",
+     "Is there a cat in the image? Please answer yes or no.\nGive a very brief answer.", ""),
+    ("docvqa_val", "What is the date?\nAnswer the question using a single word or phrase.",
+     "Give a short and terse answer to the following question. Do not paraphrase or reformat the text you see in "
+     "the image. Do not include any full stops. Just give the answer without additional explanation. Question: "
+     "What is the date?\nAnswer the question using a single word or phrase.", ""),
+    ("chartqa", "What is the highest bar?", "What is the highest bar?", ""),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("task", "context", "user", "assistant"), WORKED, ids=[w[0] for w in WORKED])
+def test_a_benchmark_question_is_asked_as_nanovlm_head_asks_it(adapter, task, context, user, assistant):
+    from toolkit.data.conversation import image_string
+    from toolkit.evaluate import tiles_for
+    from toolkit.lmms import format_question
+
+    assert format_question(context, task) == (user, assistant)
+    images = [Image.new("RGB", (64, 30), (1, 2, 3)), Image.new("RGB", (20, 20), (4, 5, 6))]
+    ids, pixels = adapter._prompt(context, images, task)
+    tiles, grids = tiles_for(adapter.model, images)
+    n = adapter.model.cfg.mp_image_token_length
+    # HEAD: each image's string alone (no "<image: i>" tags), then the question; "Answer:" after the template's
+    # generation prompt, in one string encoded once
+    content = image_string(adapter.tok, grids[:1], n) + image_string(adapter.tok, grids[1:], n) + user
+    rendered = adapter.tok.render([{"role": "user", "content": content}], add_generation_prompt=True)
+    assert "<image: " not in rendered and rendered.endswith("<|im_start|>assistant\n")
+    assert ids == adapter.tok.encode(rendered + assistant)
+    assert torch.equal(pixels, tiles) and grids[0] != (1, 1)
+
+
 @pytest.fixture
 def fake_lmms_eval():
     """A stand-in lmms_eval: the base class, the v2 manifest and a simple_evaluate that runs one generate task."""
@@ -135,7 +313,7 @@ def fake_lmms_eval():
     modules = {name: types.ModuleType(name) for name in
                ("lmms_eval", "lmms_eval.api", "lmms_eval.api.model", "lmms_eval.evaluator", "lmms_eval.models",
                 "lmms_eval.models.registry_v2", "lmms_eval.tasks")}  # fmt: skip
-    modules["lmms_eval.tasks"].TaskManager = lambda include_path=None: ("tasks from", include_path)
+    modules["lmms_eval.tasks"].TaskManager = lambda include_path=None, **kw: ("tasks from", include_path)
     modules["lmms_eval.api.model"].lmms = lmms
     modules["lmms_eval.evaluator"].simple_evaluate = simple_evaluate
     modules["lmms_eval.models.registry_v2"].ModelManifest = ModelManifest
@@ -169,7 +347,7 @@ def test_eval_lmms_tasks_runs_simple_evaluate_on_the_checkpoint(fake_lmms_eval, 
     assert [c["tasks"] for c in calls] == [["mme", "ai2d"]] and calls[0]["limit"] == 3
     assert type(calls[0]["model"]).__name__ == "NanoVLMScale"
     out = capsys.readouterr().out
-    assert "lmms-eval mme: answered,none=1" in out and "lmms-eval ai2d: answered,none=1" in out
+    assert "lmms-eval mme: answered=1" in out and "lmms-eval ai2d: answered=1" in out
 
 
 def test_eval_without_lmms_eval_or_shards_says_what_to_do(checkpoint, capsys):
@@ -179,10 +357,10 @@ def test_eval_without_lmms_eval_or_shards_says_what_to_do(checkpoint, capsys):
     assert "--shards" in capsys.readouterr().err
     if importlib.util.find_spec("lmms_eval") is None:
         assert main(["eval", "--checkpoint", checkpoint, "--lmms-tasks", "mme"]) == 2
-        assert "pip install lmms-eval" in capsys.readouterr().err
+        assert "lmms-eval==0.7.3" in capsys.readouterr().err
 
 
-# -- against the real lmms-eval, where it is installed (it is not in CI: it pulls torchvision for another torch) --
+# -- against the real lmms-eval (make install puts it in .venv; elsewhere these skip) --
 
 TASK_YAML = """
 task: toy_generate
@@ -211,18 +389,29 @@ def doc_to_text(doc, lmms_eval_specific_kwargs=None):
 """
 
 
+def write_toy_task(folder, rows: dict, name: str = "toy_generate") -> str:
+    """An offline lmms-eval task: a datasets folder of `rows` (image, question, answer) and its task YAML."""
+    import datasets
+
+    datasets.DatasetDict({"test": datasets.Dataset.from_dict(rows)}).save_to_disk(str(folder / f"{name}_data"))
+    (folder / "toy_utils.py").write_text(TOY_UTILS)
+    (folder / f"{name}.yaml").write_text(TASK_YAML.replace("toy_generate", name).format(data=folder / f"{name}_data"))
+    return str(folder)
+
+
 def test_real_lmms_eval_scores_a_checkpoint_as_computed_from_the_model(adapter, checkpoint, tmp_path):
-    """An offline lmms-eval task of 4 images whose reference answers are the model's own answer for 2 of them.
+    """An offline lmms-eval task of 4 images whose reference answers are the model's own answer for 2 of them,
+    through `eval --lmms-tasks ... --json-out`.
 
     Exact match must then be 0.5: lmms-eval loaded the task, asked the adapter with the document's image and text,
     and scored what came back. (lmms-eval 0.7.3 turns `loglikelihood` results into strings in
     `unwrap_generation_output`, so its multiple-choice tasks fail for every model; the adapter's log-likelihoods
     are checked against the model's own loss above.)
     """
-    pytest.importorskip("lmms_eval", reason="lmms-eval is not installed (optional; CI does not have it)")
-    import datasets
+    pytest.importorskip("lmms_eval", reason="lmms-eval is not installed (make install installs it)")
+    import json
 
-    from toolkit.lmms import run_tasks
+    from toolkit.__main__ import main
 
     model, tok = adapter.model, adapter.tok
     colours = [(200, 30, 30), (30, 200, 30), (30, 30, 200), (200, 200, 30)]
@@ -230,15 +419,49 @@ def test_real_lmms_eval_scores_a_checkpoint_as_computed_from_the_model(adapter, 
     question = "what is in picture s002x005?"
     said = [answer(model, tok, [img], question, max_new_tokens=8) for img in images]
     rows = {"image": images, "question": [question] * 4, "answer": [said[0], said[1] + " not", said[2], "no"]}
-    datasets.DatasetDict({"test": datasets.Dataset.from_dict(rows)}).save_to_disk(str(tmp_path / "data"))
-    (tmp_path / "toy_utils.py").write_text(TOY_UTILS)
-    (tmp_path / "toy_generate.yaml").write_text(TASK_YAML.format(data=tmp_path / "data"))
-    results = run_tasks(checkpoint, ["toy_generate"], include_path=str(tmp_path), device="cpu")
-    assert results["toy_generate"]["exact_match,none"] == pytest.approx(0.5)
+    include = write_toy_task(tmp_path, rows)
+    out = tmp_path / "scores" / "step_7.json"
+    argv = ["eval", "--checkpoint", checkpoint, "--lmms-tasks", "toy_generate", "--lmms-include", include,
+            "--lmms-batch-size", "2", "--device", "cpu", "--json-out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    written = json.loads(out.read_text())
+    assert written["scores"] == {"toy_generate": {"exact_match": pytest.approx(0.5)}}
+    assert written["tasks"] == ["toy_generate"] and not (tmp_path / "scores" / "step_7.json.tmp").exists()
+
+
+def test_real_lmms_eval_batched_answers_equal_batch_1(checkpoint, tmp_path):
+    """lmms-eval's own requests for 6 documents of different prompt lengths (tile grids, question lengths, one
+    without an image), answered 3 at a time: every document's response equals the batch-1 response."""
+    pytest.importorskip("lmms_eval", reason="lmms-eval is not installed (make install installs it)")
+    from lmms_eval.evaluator import simple_evaluate
+    from lmms_eval.tasks import TaskManager
+
+    from toolkit.lmms import NanoVLMScale
+
+    docs = [d for d in shapes_docs() if d["image"] is not None]
+    questions = ["what is in picture s001x002?", "colour?", "what is in picture s004x001? and where is it?", "shape?",
+                 "is it s003x003?"]  # fmt: skip
+    rows = {"image": [d["image"] for d in docs], "question": questions, "answer": ["x"] * len(docs)}
+    include = write_toy_task(tmp_path, rows)
+
+    def responses(batch_size: int) -> tuple[list, list[torch.Tensor]]:
+        model = NanoVLMScale(checkpoint, device="cpu", batch_size=batch_size)
+        masks = spy_generate(model.model)
+        out = simple_evaluate(model=model, tasks=["toy_generate"], batch_size=batch_size, log_samples=True,
+                              task_manager=TaskManager(include_path=include, include_defaults=False))  # fmt: skip
+        samples = sorted(out["samples"]["toy_generate"], key=lambda r: r["doc_id"])
+        return [r["resps"] for r in samples], masks
+
+    alone, masks1 = responses(1)
+    batched, masks3 = responses(3)
+    assert batched == alone and len(alone) == 5
+    assert [m.shape[0] for m in masks1] == [1] * 5 and sorted(m.shape[0] for m in masks3) == [2, 3]
+    assert all((m == 0).any() for m in masks3)  # both batches were padded
+    assert len({str(r) for r in alone}) > 2, "the documents got different answers: the equality is not trivial"
 
 
 def test_real_lmms_eval_registry_resolves_the_entry_point():
-    pytest.importorskip("lmms_eval", reason="lmms-eval is not installed (optional; CI does not have it)")
+    pytest.importorskip("lmms_eval", reason="lmms-eval is not installed (make install installs it)")
     from lmms_eval.models.registry_v2 import ModelRegistryV2
 
     from toolkit.lmms import NanoVLMScale, model_manifest

@@ -10,7 +10,9 @@ import argparse
 import importlib
 import json
 import logging
+import os
 import sys
+from pathlib import Path
 
 from toolkit.config import ConfigError, describe_fields, load_config
 from toolkit.errors import OOM_HINT, UserError
@@ -83,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lmms-tasks", default=None, help="comma-separated lmms-eval tasks (needs lmms-eval installed)")
     p.add_argument("--lmms-limit", type=int, default=None, help="at most this many documents per lmms-eval task")
     p.add_argument("--lmms-include", default=None, help="a folder of your own lmms-eval task YAMLs")
+    p.add_argument("--lmms-batch-size", type=int, default=64, help="lmms-eval requests answered together (nanoVLM: 64)")
+    p.add_argument("--json-out", default=None, help="also write the lmms-eval scores to this JSON file (atomically)")
+    p.add_argument("--device", default="auto", help="cuda, cuda:N or cpu (auto: cuda when there is one)")
     p = sub.choices["generate"]
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--image", required=True)
@@ -230,21 +235,35 @@ def _eval(args: argparse.Namespace) -> int:
     if not args.shards and not args.lmms_tasks:
         raise UserError("eval needs --shards (held-out shards) or --lmms-tasks (lmms-eval benchmarks), or both")
     if args.shards:
-        model, tok = load_for_inference(args.checkpoint)
+        model, tok = load_for_inference(args.checkpoint, device=args.device)
         loss = heldout_loss(model, tok, args.shards)
         acc, _ = answer_accuracy(model, tok, iter_eval_samples(args.shards), max_samples=args.max_samples)
         print(f"validation loss: {loss:.4f}")
         for kind, value in acc.table().items():
             print(f"accuracy {kind:>14}: {value:6.1%}  ({acc.total.get(kind, sum(acc.total.values()))} questions)")
     if args.lmms_tasks:
-        from toolkit.lmms import run_tasks
-
-        tasks = [t.strip() for t in args.lmms_tasks.split(",") if t.strip()]
-        results = run_tasks(args.checkpoint, tasks, limit=args.lmms_limit, include_path=args.lmms_include)
-        for task, metrics in results.items():
-            shown = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and "stderr" not in k}
-            print(f"lmms-eval {task}: " + ", ".join(f"{k}={v:.4g}" for k, v in shown.items()))
+        _eval_lmms(args)
     return 0
+
+
+def _eval_lmms(args: argparse.Namespace) -> None:
+    """lmms-eval's tasks on the checkpoint; printed, and with --json-out written where training's watcher looks."""
+    from toolkit.lmms import run_tasks, scalar_scores
+
+    if args.lmms_batch_size < 1:
+        raise UserError(f"--lmms-batch-size must be >= 1, got {args.lmms_batch_size}")
+    tasks = [t.strip() for t in args.lmms_tasks.split(",") if t.strip()]
+    results = run_tasks(args.checkpoint, tasks, limit=args.lmms_limit, include_path=args.lmms_include,
+                        device=args.device, batch_size=args.lmms_batch_size)  # fmt: skip
+    scores = scalar_scores(results)
+    for task, metrics in scores.items():
+        print(f"lmms-eval {task}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+    if args.json_out:
+        out = Path(args.json_out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.write_text(json.dumps({"checkpoint": str(args.checkpoint), "tasks": tasks, "scores": scores}, indent=1))
+        os.replace(tmp, out)  # a reader polling for the file never sees half of it
 
 
 def _report(args: argparse.Namespace) -> int:

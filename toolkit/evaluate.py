@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from toolkit.config import Config
-from toolkit.data.conversation import encode_prompt
+from toolkit.data.conversation import image_string
 from toolkit.data.images import process_image
 from toolkit.data.shards import ShardScan, image_members, resolve_shards
 from toolkit.data.texts import Skip, parse_texts
@@ -75,12 +75,70 @@ def answer(
 
 
 def prompt_inputs(
-    model: VisionLanguageModel, tok: VLMTokenizer, images: list[Image.Image], question: str
+    model: VisionLanguageModel,
+    tok: VLMTokenizer,
+    images: list[Image.Image],
+    question: str,
+    *,
+    answer_prefix: str = "",
+    image_tags: bool = True,
 ) -> tuple[list[int], torch.Tensor | None]:
-    """A question with its images -> (prompt ids up to the assistant's turn, tiles on the model's device or None)."""
+    """A question with its images -> (prompt ids up to the assistant's turn, tiles on the model's device or None).
+
+    `answer_prefix` is text the assistant's turn starts with (nanoVLM's lmms-eval prompts put "Answer:" there);
+    it is rendered into the same string before encoding, as nanoVLM does. `image_tags=False` writes each image's
+    tokens without the `<image: i>` tag that several images get in training (nanoVLM's lmms-eval adapter builds
+    each image's string alone).
+    """
     pixels, grids = tiles_for(model, images)
-    ids = encode_prompt(tok, question, grids, model.cfg.mp_image_token_length)
+    n = model.cfg.mp_image_token_length
+    images_text = image_string(tok, grids, n) if image_tags else "".join(image_string(tok, [g], n) for g in grids)
+    text = tok.render([{"role": "user", "content": images_text + question}], add_generation_prompt=True)
+    ids = tok.encode(text + answer_prefix)
     return ids, pixels.to(next(model.parameters()).device) if pixels is not None else None
+
+
+def left_pad(prompts: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts of unequal length -> (input_ids, attention_mask) (B, S), padded on the left so every row's last
+    token is at the same place: the next token of every row is then read from one column."""
+    longest = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), longest), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), longest), dtype=torch.long)
+    for row, p in enumerate(prompts):
+        ids[row, longest - len(p) :] = torch.tensor(p, dtype=torch.long)
+        mask[row, longest - len(p) :] = 1
+    return ids.to(device), mask.to(device)
+
+
+@torch.no_grad()
+def generate_batch(
+    model: VisionLanguageModel,
+    tok: VLMTokenizer,
+    prompts: list[tuple[list[int], torch.Tensor | None]],
+    *,
+    max_new_tokens: int,
+    greedy: bool = True,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+) -> list[list[int]]:
+    """(prompt ids, tiles) pairs -> each row's generated tokens, in one batched decode.
+
+    Rows are left-padded with an attention mask, so positions and attention see only each row's own tokens and a
+    row's greedy tokens equal those of the same prompt alone. Each row ends at its first EOS (kept, as a lone
+    prompt's `generate` keeps it); `generate` pads finished rows with EOS until the longest row is done.
+    """
+    device = next(model.parameters()).device
+    ids, mask = left_pad([p for p, _ in prompts], tok.pad_token_id, device)
+    tiles = [t for _, t in prompts if t is not None]
+    pixels = torch.cat(tiles) if tiles else None  # every row's tiles in row order: the order of its image tokens
+    out = model.generate(ids, pixels, mask, max_new_tokens=max_new_tokens, greedy=greedy,
+                         temperature=temperature, top_p=top_p, eos_token_id=tok.eos_token_id)  # fmt: skip
+    rows = []
+    for tokens in out.tolist():
+        if tok.eos_token_id in tokens:
+            tokens = tokens[: tokens.index(tok.eos_token_id) + 1]
+        rows.append(tokens)
+    return rows
 
 
 def answer_accuracy(

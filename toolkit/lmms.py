@@ -8,13 +8,18 @@ Two ways in, both with lmms-eval installed beside the toolkit (`pip install lmms
 
 The model is a "simple" lmms-eval model: a request carries the task's question text (its `<image>` placeholders
 are dropped, since the prompt puts each image's tokens before the question, as nanoVLM does) and a function that
-returns the document's images. Both request kinds are answered: `generate_until` (greedy unless the task asks
-for sampling, cut at the first stop string) and `loglikelihood` (the continuation's summed log-probability given
-the prompt, and whether greedy decoding would have produced it).
+returns the document's images. The question is rewritten per benchmark as nanoVLM HEAD's lmms-eval adapter does
+(`PROMPT_FORMATS`: answer-with-a-letter for multiple choice, short-answer instructions for the VQA sets). Both
+request kinds are answered: `generate_until` (greedy unless the task asks for sampling, cut at the first stop
+string; batch_size requests per batched decode, answers equal to batch 1) and `loglikelihood` (the continuation's
+summed log-probability given the prompt, and whether greedy decoding would have produced it; one request at a
+time: lmms-eval 0.7.3 cannot score those results anyway, see tests/test_lmms.py).
 """
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +27,7 @@ import torch
 from PIL import Image
 
 from toolkit.errors import UserError
-from toolkit.evaluate import load_for_inference, prompt_inputs
+from toolkit.evaluate import generate_batch, load_for_inference, prompt_inputs
 
 try:  # the registry checks that the class is an lmms subclass; without lmms-eval the adapter still works alone
     from lmms_eval.api.model import lmms as _LMMSBase
@@ -30,6 +35,10 @@ except ImportError:  # pragma: no cover - exercised where lmms-eval is absent, i
     _LMMSBase = object
 
 MODEL_ID = "nanovlm_scale"
+LMMS_MISSING = (
+    "--lmms-tasks needs lmms-eval: `make install` puts it in .venv (the `lmms` extra), or "
+    "`pip install --no-deps lmms-eval==0.7.3` then `pip install -e '.[lmms]'` in this environment"
+)
 IMAGE_PLACEHOLDER = "<image>"
 
 
@@ -53,55 +62,174 @@ def _images(visuals: Any) -> list[Image.Image]:
     return out
 
 
+@dataclass(frozen=True)
+class PromptFormat:
+    """How nanoVLM HEAD's lmms-eval adapter rewrites one benchmark's question (eval/lmms_eval_wrapper.py)."""
+
+    replacements: tuple[tuple[str, str], ...] = ()  # applied in order, after user_prefix is put in front
+    user_prefix: str = ""
+    user_suffix: str = ""
+    assistant_prefix: str = ""  # the start of the assistant's turn, after the chat template's generation prompt
+
+
+_LETTER = PromptFormat(
+    replacements=(
+        ("\nOptions:", "\nChoices:"),
+        ("\nA. ", "\nChoices:\nA. "),
+        ("Please select the correct answer from the options above.", "Answer with the letter."),
+        ("Answer with the option's letter from the given choices directly", "Answer with the letter directly"),
+    ),
+    assistant_prefix="Answer:",
+)
+_MMMU = PromptFormat(
+    replacements=(
+        ("Question:", ""),
+        ("Answer with the option's letter from the given choices directly.", "Answer with the letter directly."),
+        ("\nA. ", "\nChoices:\nA. "),
+    ),
+    assistant_prefix="Answer:",
+)
+_DOCVQA = PromptFormat(
+    user_prefix="Give a short and terse answer to the following question. Do not paraphrase or reformat the text you "
+    "see in the image. Do not include any full stops. Just give the answer without additional explanation. Question: "
+)
+_CHART = PromptFormat(
+    user_prefix="For the question below, follow the following instructions:\n"
+    "-The answer should contain as few words as possible.\n"
+    "-Don't paraphrase or reformat the text you see in the image.\n"
+    "-Answer a binary question with Yes or No.\n"
+    "-When asked to give a numerical value, provide a number like 2 instead of Two.\n"
+    "-If the final answer has two or more items, provide it in the list format like [1, 2].\n"
+    "-When asked to give a ratio, give out the decimal value like 0.25 instead of 1:4.\n"
+    "-When asked to give a percentage, give out the whole value like 17 instead of decimal like 0.17%.\n"
+    "-Don't include any units in the answer.\n"
+    "-Do not include any full stops at the end of the answer.\n"
+    "-Try to include the full label from the graph when asked about an entity.\n"
+    "Question: "
+)
+_TEXTVQA = PromptFormat(
+    user_prefix="Answer the following question about the image using as few words as possible. "
+    "Follow these additional instructions:\n"
+    "-Always answer a binary question with Yes or No.\n"
+    "-When asked what time it is, reply with the time seen in the image.\n"
+    "-Do not put any full stops at the end of the answer.\n"
+    "-Do not put quotation marks around the answer.\n"
+    "-An answer with one or two words is favorable.\n"
+    "-Do not apply common sense knowledge. The answer can be found in the image.\n"
+    "Question: "
+)
+_BRIEF = PromptFormat(user_suffix="\nGive a very brief answer.")
+
+# Task name (as lmms-eval names it in a request) -> format; other tasks are asked as they come. HEAD keys the
+# chart instructions by "chartvqa", a name lmms-eval has no task for, so its chartqa runs unformatted there; the
+# same key is kept here so that scores compare with HEAD's (pass the name to prompt_format() to see it).
+PROMPT_FORMATS: dict[str, PromptFormat] = {
+    **dict.fromkeys(("ai2d", "mmstar", "seedbench", "scienceqa"), _LETTER),
+    **dict.fromkeys(("docvqa_val", "docvqa_test"), _DOCVQA),
+    "chartvqa": _CHART,
+    **dict.fromkeys(("textvqa_val", "textvqa_test"), _TEXTVQA),
+    **dict.fromkeys(("mmmu_val", "mmmu_test"), _MMMU),
+    **dict.fromkeys(("infovqa_val", "mme", "ocrbench"), _BRIEF),
+}
+
+
+def prompt_format(task: str) -> PromptFormat:
+    return PROMPT_FORMATS.get(task, PromptFormat())
+
+
+def format_question(context: str, task: str) -> tuple[str, str]:
+    """lmms-eval's question text for `task` -> (the user's text as nanoVLM asks it, the assistant's first words).
+
+    HEAD's order: prefix in front, then the replacements over the whole text, then the suffix. A task's `<image>`
+    placeholders are then dropped with the whitespace they leave at either end (each image's tokens go in front
+    of the question instead); HEAD would ask them as text. Text without one is asked exactly as HEAD asks it.
+    """
+    fmt = prompt_format(task)
+    text = fmt.user_prefix + context
+    for old, new in fmt.replacements:
+        text = text.replace(old, new)
+    text += fmt.user_suffix
+    if IMAGE_PLACEHOLDER in text:
+        text = text.replace(IMAGE_PLACEHOLDER, "").strip()
+    return text, fmt.assistant_prefix
+
+
 class NanoVLMScale(_LMMSBase):
     """A nanoVLM-format model (a run folder, an export or nanoVLM's own checkpoint) answering lmms-eval requests.
 
     `self.task_dict[task][split][doc_id]` is the document; lmms-eval fills it before the first request.
+    `batch_size` requests with the same generation settings are answered by one batched decode (lmms-eval passes
+    its `--batch_size`, or `batch_size=` in model_args); answers equal those of batch_size 1.
     """
 
     is_simple = True
 
-    def __init__(self, pretrained: str, device: str = "auto", max_new_tokens: int = 256, **ignored: Any) -> None:
+    def __init__(
+        self,
+        pretrained: str,
+        device: str | None = "auto",
+        max_new_tokens: int = 256,
+        batch_size: int | str = 1,
+        **ignored: Any,
+    ) -> None:
         super().__init__()
         if not hasattr(self, "task_dict"):  # lmms' own __init__ sets it; without lmms-eval nobody does
             self.task_dict = {}
         self.pretrained = str(pretrained)
-        self.model, self.tok = load_for_inference(Path(pretrained), device=device)
+        self.model, self.tok = load_for_inference(Path(pretrained), device=device or "auto")
         self.device = next(self.model.parameters()).device
         self.max_new_tokens = int(max_new_tokens)
+        self.batch_size = int(batch_size)
+        if self.batch_size < 1:
+            raise UserError(f"nanovlm_scale: batch_size must be >= 1, got {batch_size}")
+
+    @property
+    def batch_size_per_gpu(self) -> int:
+        return self.batch_size
 
     # -- request plumbing --
     def _doc(self, task: str, split: str, doc_id: int) -> Any:
         return self.task_dict[task][split][doc_id]
 
-    def _prompt(self, context: str, images: list[Image.Image]) -> tuple[list[int], torch.Tensor | None]:
-        return prompt_inputs(self.model, self.tok, images, context.replace(IMAGE_PLACEHOLDER, "").strip())
+    def _prompt(self, context: str, images: list[Image.Image], task: str) -> tuple[list[int], torch.Tensor | None]:
+        question, answer_prefix = format_question(context, task)
+        return prompt_inputs(self.model, self.tok, images, question, answer_prefix=answer_prefix, image_tags=False)
 
     # -- the lmms interface --
     @torch.no_grad()
     def generate_until(self, requests: list) -> list[str]:
-        out = []
-        for request in requests:
-            context, gen_kwargs, doc_to_visual, doc_id, task, split = request.args
-            images = _images(doc_to_visual(self._doc(task, split, doc_id)))
-            out.append(self._generate(context, images, dict(gen_kwargs or {})))
-        return out
+        """Answers in request order. Requests are grouped by generation settings and taken longest question
+        first (less padding), batch_size at a time; only one batch's images are decoded and tiled at once."""
+        out: list[str | None] = [None] * len(requests)
+        groups: dict[str, list[int]] = {}
+        for i, request in enumerate(requests):
+            groups.setdefault(_settings_key(request.args[1]), []).append(i)
+        for members in groups.values():
+            members.sort(key=lambda i: -len(requests[i].args[0]))
+            for start in range(0, len(members), self.batch_size):
+                chunk = members[start : start + self.batch_size]
+                for i, text in zip(chunk, self._generate([requests[i].args for i in chunk]), strict=True):
+                    out[i] = text
+        return out  # type: ignore[return-value]
 
-    def _generate(self, context: str, images: list[Image.Image], gen: dict[str, Any]) -> str:
-        ids, pixels = self._prompt(context, images)
+    def _generate(self, args: list[tuple]) -> list[str]:
+        """One batch of requests that share their generation settings -> their answers."""
+        prompts = []
+        for context, _, doc_to_visual, doc_id, task, split in args:
+            prompts.append(self._prompt(context, _images(doc_to_visual(self._doc(task, split, doc_id))), task))
+        gen = dict(args[0][1] or {})
         temperature = float(gen.get("temperature", 0.0) or 0.0)
         sample = bool(gen.get("do_sample", False)) and temperature > 0
-        tokens = self.model.generate(
-            torch.tensor([ids], device=self.device),
-            pixels,
+        rows = generate_batch(
+            self.model,
+            self.tok,
+            prompts,
             max_new_tokens=int(gen.get("max_new_tokens", self.max_new_tokens)),
             greedy=not sample,
             temperature=temperature if sample else 1.0,
             top_p=float(gen.get("top_p", 1.0) or 1.0),
-            eos_token_id=self.tok.eos_token_id,
         )
-        text = self.tok.decode(tokens[0].tolist(), skip_special_tokens=True)
-        return cut_at_stop(text, gen.get("until"))
+        return [cut_at_stop(self.tok.decode(tokens, skip_special_tokens=True), gen.get("until")) for tokens in rows]
 
     @torch.no_grad()
     def loglikelihood(self, requests: list) -> list[tuple[float, bool]]:
@@ -112,12 +240,12 @@ class NanoVLMScale(_LMMSBase):
             target = doc_to_target(doc) if callable(doc_to_target) else doc_to_target
             if isinstance(target, list):  # some tasks give the answer as a one-element list
                 target = target[0]
-            out.append(self._score(context, _images(doc_to_visual(doc)), str(target)))
+            out.append(self._score(context, _images(doc_to_visual(doc)), str(target), task))
         return out
 
-    def _score(self, context: str, images: list[Image.Image], continuation: str) -> tuple[float, bool]:
+    def _score(self, context: str, images: list[Image.Image], continuation: str, task: str) -> tuple[float, bool]:
         """log p(continuation | prompt, images) summed over its tokens, and whether each token is the argmax."""
-        ids, pixels = self._prompt(context, images)
+        ids, pixels = self._prompt(context, images, task)
         cont = self.tok.encode(continuation)
         if not cont:
             return 0.0, True
@@ -130,6 +258,11 @@ class NanoVLMScale(_LMMSBase):
 
     def generate_until_multi_round(self, requests: list) -> list[str]:
         raise UserError("nanovlm_scale answers single-round tasks only; multi-round tasks are not supported")
+
+
+def _settings_key(gen_kwargs: Any) -> str:
+    """Requests batched together must decode alike: same length limit, stop strings and sampling settings."""
+    return json.dumps(dict(gen_kwargs or {}), sort_keys=True, default=repr)
 
 
 def cut_at_stop(text: str, until: Any) -> str:
@@ -148,6 +281,7 @@ def run_tasks(
     limit: int | None = None,
     include_path: str | None = None,
     device: str = "auto",
+    batch_size: int = 1,
 ) -> dict:
     """lmms-eval's `simple_evaluate` on this checkpoint; its per-task results dict.
 
@@ -157,12 +291,37 @@ def run_tasks(
         from lmms_eval.evaluator import simple_evaluate
         from lmms_eval.tasks import TaskManager
     except ImportError as exc:
-        raise UserError(
-            "--lmms-tasks needs lmms-eval: `pip install lmms-eval` in this environment (it is not a dependency)"
-        ) from exc
-    model = NanoVLMScale(checkpoint, device=device)
-    manager = TaskManager(include_path=include_path) if include_path else None
+        raise UserError(LMMS_MISSING) from exc
+    model = NanoVLMScale(checkpoint, device=device, batch_size=batch_size)
+    manager = _task_manager(TaskManager, include_path, tasks)
     results = simple_evaluate(
-        model=model, tasks=tasks, limit=limit, batch_size=1, log_samples=False, task_manager=manager
+        model=model, tasks=tasks, limit=limit, batch_size=batch_size, log_samples=False, task_manager=manager
     )
     return (results or {}).get("results", {})
+
+
+def _task_manager(manager_cls: Any, include_path: str | None, tasks: list[str]) -> Any:
+    """lmms-eval's task index. Indexing its own ~3,200 task YAMLs takes it 50 s on a 2-core machine (pure-Python
+    YAML), so when `include_path` alone defines every task asked for, only that folder is indexed."""
+    if not include_path:
+        return None  # simple_evaluate builds the default index
+    own = manager_cls(include_path=include_path, include_defaults=False)
+    if all(task in own.all_tasks for task in tasks):
+        return own
+    return manager_cls(include_path=include_path)
+
+
+def scalar_scores(results: dict) -> dict[str, dict[str, float]]:
+    """lmms-eval's results -> {task: {metric: value}}, numbers only and no standard errors.
+
+    lmms-eval names a metric "<metric>,<filter>"; the filter is dropped when it is lmms-eval's "none" (nanoVLM
+    HEAD drops it always) and joined with "_" otherwise, so two filters of one metric stay apart.
+    """
+    out: dict[str, dict[str, float]] = {}
+    for task, metrics in results.items():
+        for key, value in metrics.items():
+            metric, _, filt = key.partition(",")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or "_stderr" in metric:
+                continue
+            out.setdefault(task, {})[metric if filt in ("", "none") else f"{metric}_{filt}"] = float(value)
+    return out
