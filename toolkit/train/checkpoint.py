@@ -250,11 +250,12 @@ def restore_checkpoint(path: Path, *, backend, loader) -> dict:
             f"reshard its checkpoint: resume on {saved_world} ranks"
         )
     backend.load(path / "model")
-    rank_state = read_rank_state(path, backend.env.rank if saved_world == world else 0)
+    own = backend.env.rank if saved_world == world else 0
+    rank_state = read_rank_state(path, own)
     if saved_world == world and loader is not None and rank_state["loader"] is not None:
         loader.load_state_dict(rank_state["loader"])
-    elif loader is not None:
-        saved = [read_rank_state(path, r)["loader"] for r in range(saved_world)]
+    elif loader is not None:  # every saved rank's data position, rank 0's already read above
+        saved = [rank_state["loader"] if r == own else read_rank_state(path, r)["loader"] for r in range(saved_world)]
         if loader.reshard([state for state in saved if state is not None]):
             dist.log0("resumed %s ranks -> %s: the data continues at the next global row", saved_world, world)
         else:
