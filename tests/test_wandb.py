@@ -26,8 +26,9 @@ import yaml
 from toolkit import __main__ as cli
 from toolkit.data.prepare.synthetic import write_synth
 from toolkit.errors import UserError
-from toolkit.train.metrics import WANDB_ID_FILE, WANDB_STEP, MetricsWriter
+from toolkit.train.metrics import MetricsWriter
 from toolkit.train.trainer import Trainer
+from toolkit.train.wandb_log import WANDB_ID_FILE, WANDB_STEP
 
 wandb = pytest.importorskip("wandb")
 wandb_internal_pb2 = pytest.importorskip("wandb.proto.wandb_internal_pb2")

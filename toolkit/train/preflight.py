@@ -16,7 +16,7 @@ from toolkit.config import Config, ConfigError
 from toolkit.data.order import check_layout
 from toolkit.data.shards import resolve_sets
 from toolkit.data.tokenizer import VLMTokenizer, load_tokenizer
-from toolkit.train.metrics import WANDB_MISSING, wandb_enabled
+from toolkit.train.wandb_log import WANDB_MISSING, wandb_enabled
 
 EVAL_FIELDS = ("eval_interval", "eval_max_batches", "eval_accuracy_samples")
 
