@@ -9,7 +9,12 @@ folder and a task YAML); where it is absent, the registration and `eval --lmms-t
 from __future__ import annotations
 
 import importlib
+import json
+import os
+import re
+import subprocess
 import sys
+import time
 import types
 from dataclasses import dataclass
 from typing import Any
@@ -409,8 +414,6 @@ def test_real_lmms_eval_scores_a_checkpoint_as_computed_from_the_model(adapter, 
     are checked against the model's own loss above.)
     """
     pytest.importorskip("lmms_eval", reason="lmms-eval is not installed (make install installs it)")
-    import json
-
     from toolkit.__main__ import main
 
     model, tok = adapter.model, adapter.tok
@@ -469,3 +472,281 @@ def test_real_lmms_eval_registry_resolves_the_entry_point():
     registry = ModelRegistryV2()
     registry.register_manifest(model_manifest())
     assert registry.get_model_class("nanovlm_scale") is NanoVLMScale  # an lmms subclass, declared simple
+
+
+# -- scoring while training: the watcher, with a stand-in scorer (the real one is in the training test below) --
+
+FAKE_SCORER = """
+import json, os, pathlib, sys, time
+out, mode = pathlib.Path(sys.argv[1]), sys.argv[2]
+if mode == "fail":
+    print("the scorer fell over")
+    sys.exit(3)
+while mode == "wait" and not out.with_suffix(".go").exists():
+    time.sleep(0.05)
+step = int(out.stem.split("_")[1])
+scores = {"toy": {"exact_match": step / 10}, "env": {"rank_seen": float("RANK" in os.environ)}}
+tmp = out.with_name(out.name + ".tmp")
+tmp.write_text(json.dumps({"scores": scores}))
+os.replace(tmp, out)
+"""
+
+
+class Writer:  # MetricsWriter as the watcher sees it
+    def __init__(self) -> None:
+        self.logged: list[tuple[int, dict]] = []
+
+    def log(self, step: int, metrics: dict) -> None:
+        self.logged.append((step, metrics))
+
+
+@pytest.fixture
+def watch_env(tmp_path, monkeypatch):
+    """A run folder with exports, a stand-in scorer whose behaviour is set per step, and a watcher factory."""
+    from toolkit.config import TrainConfig
+    from toolkit.train import lmms_watch
+
+    modes: dict[int, str] = {}
+    monkeypatch.setattr(lmms_watch, "check_can_score", lambda t: None)  # lmms-eval is not what is tested here
+    monkeypatch.setattr(lmms_watch.LmmsWatch, "eval_command", lambda self, export, result: [
+        sys.executable, "-c", FAKE_SCORER, str(result), modes.get(int(result.stem.split("_")[1]), "now")])  # fmt: skip
+    monkeypatch.setattr(lmms_watch, "POLL_S", 0.05)
+    monkeypatch.setenv("RANK", "0")  # a training rank's variables: the job script unsets them for the scorer
+    run = tmp_path / "run"
+    for step in (2, 4, 6):
+        (run / "export" / f"lmms_step_{step}").mkdir(parents=True)
+    t = TrainConfig(lmms_tasks="toy", lmms_interval=2, lmms_wait=60)
+
+    def make(start_step: int = 0, **fields) -> tuple[lmms_watch.LmmsWatch, Writer]:
+        writer = Writer()
+        for k, v in fields.items():
+            setattr(t, k, v)
+        return lmms_watch.LmmsWatch(t, run, writer=writer, device="cpu", rank=0, start_step=start_step), writer
+
+    return run, modes, make
+
+
+def wait_until(condition, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def ledger(run) -> dict[str, str]:
+    return {s: j["state"] for s, j in json.loads((run / "lmms" / "ledger.json").read_text()).items()}
+
+
+def test_watch_logs_each_score_once_at_its_step_also_one_that_finished_while_the_run_was_down(watch_env, caplog):
+    run, modes, make = watch_env
+    modes[2] = "wait"  # step 2's scorer is still going when the run stops
+    watch, writer = make()
+    assert [watch.due(s) for s in (1, 2, 3, 4)] == [False, True, False, True]
+    watch.launch(2, run / "export" / "lmms_step_2")
+    watch.launch(4, run / "export" / "lmms_step_4")
+    watch.poll()
+    assert ledger(run) == {"2": "running", "4": "queued"} and 4 not in watch.procs  # one scorer at a time
+    with caplog.at_level("WARNING"):
+        watch.finish(wait=False)  # a stop request: nothing waits
+    assert "step(s) 2, 4 not finished" in caplog.text and writer.logged == []
+    proc = watch.procs[2]
+    (run / "lmms" / "step_2.go").touch()  # step 2's scorer finishes while the run is down
+    proc.wait(timeout=60)
+    again, writer2 = make(start_step=4)  # the resume logs it at step 2, then runs step 4's
+    assert writer2.logged == [(2, {"lmms/toy/exact_match": 0.2, "lmms/env/rank_seen": 0.0})]
+    wait_until(lambda: (again.poll(), len(writer2.logged) == 2)[1])
+    assert writer2.logged[1] == (4, {"lmms/toy/exact_match": 0.4, "lmms/env/rank_seen": 0.0})
+    again.poll()
+    assert len(writer2.logged) == 2 and ledger(run) == {"2": "logged", "4": "logged"}  # each once
+    assert (run / "lmms" / "step_2.rc").read_text().strip() == "0"
+
+
+def test_a_failed_scoring_is_a_warning_that_names_its_log_and_is_never_logged(watch_env, caplog):
+    run, modes, make = watch_env
+    modes[2] = "fail"
+    watch, writer = make()
+    watch.launch(2, run / "export" / "lmms_step_2")
+    with caplog.at_level("WARNING"):
+        wait_until(lambda: (watch.poll(), ledger(run)["2"] == "failed")[1])
+    log_file = run.resolve() / "lmms" / "step_2.log"
+    assert f"see {log_file}" in caplog.text and "status 3" in caplog.text
+    assert "the scorer fell over" in log_file.read_text() and writer.logged == []
+    watch.poll()
+    assert [r.levelname for r in caplog.records] == ["WARNING"]  # warned once
+
+
+def test_resume_from_an_earlier_step_forgets_the_later_jobs_and_a_dead_job_is_started_again(watch_env):
+    run, _, make = watch_env
+    watch, _ = make()
+    for step in (2, 6):
+        watch.launch(step, run / "export" / f"lmms_step_{step}")
+        watch.procs[step].wait(timeout=60)  # never polled: the ledger still says running
+    assert ledger(run) == {"2": "running", "6": "running"}
+    for kind in ("json", "rc"):  # as if step 2's scorer had died with the run: no result, no status
+        watch.path(kind, 2).unlink()
+    again, writer = make(start_step=4)  # 6 will be trained, exported and scored again; 2 is started again
+    assert sorted(again.jobs) == [2] and not watch.path("json", 6).exists()
+    wait_until(lambda: (again.poll(), writer.logged)[1])
+    assert writer.logged == [(2, {"lmms/toy/exact_match": 0.2, "lmms/env/rank_seen": 0.0})]
+    assert ledger(run) == {"2": "logged"}
+
+
+def test_finish_waits_for_this_runs_scorings(watch_env, caplog):
+    run, _, make = watch_env
+    watch, writer = make(lmms_wait=60)
+    watch.launch(2, run / "export" / "lmms_step_2")
+    watch.launch(4, run / "export" / "lmms_step_4")  # queued behind step 2's
+    with caplog.at_level("INFO"):
+        watch.finish(wait=True)
+    assert [s for s, _ in writer.logged] == [2, 4] and "waiting up to 60 s for lmms-eval scoring of step(s) 2, 4" in (
+        caplog.text
+    )
+
+
+def test_slurm_launcher_submits_one_sbatch_job_per_export(watch_env, tmp_path, monkeypatch):
+    """A stand-in sbatch on PATH that records its arguments and runs the script."""
+    run, _, make = watch_env
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "sbatch").write_text(
+        f'#!/bin/sh\necho "$@" >> {tmp_path}/calls\nbash "$2" >/dev/null 2>&1 &\necho 777\n'
+    )
+    (bin_dir / "sbatch").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    watch, writer = make(lmms_launcher="slurm")
+    watch.launch(2, run / "export" / "lmms_step_2")
+    script = run.resolve() / "lmms" / "step_2.sh"
+    assert (tmp_path / "calls").read_text().split() == ["--parsable", str(script)]
+    assert watch.jobs[2].job_id == "777" and "#SBATCH --gpus-per-node=1" in script.read_text()
+    assert f"#SBATCH --output={run.resolve() / 'lmms' / 'step_2.log'}" in script.read_text()
+    assert "--device auto" not in script.read_text()  # the stand-in command; the real one is checked below
+    wait_until(lambda: (watch.poll(), writer.logged)[1])
+    assert writer.logged == [(2, {"lmms/toy/exact_match": 0.2, "lmms/env/rank_seen": 0.0})]
+
+
+def test_slurm_launcher_without_sbatch_and_a_missing_include_are_refused(tmp_path, monkeypatch):
+    from toolkit.config import TrainConfig
+    from toolkit.errors import UserError
+    from toolkit.train import lmms_watch
+
+    monkeypatch.setattr(lmms_watch.importlib.util, "find_spec", lambda name: object())
+    monkeypatch.setattr(lmms_watch.shutil, "which", lambda name: None)
+    with pytest.raises(UserError, match="sbatch, which is not on PATH"):
+        lmms_watch.check_can_score(TrainConfig(lmms_tasks="mme", lmms_interval=5, lmms_launcher="slurm"))
+    with pytest.raises(UserError, match="not a folder"):
+        lmms_watch.check_can_score(TrainConfig(lmms_tasks="mme", lmms_interval=5, lmms_include=str(tmp_path / "x")))
+    monkeypatch.setattr(lmms_watch.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(UserError, match=r"lmms-eval==0\.7\.3"):
+        lmms_watch.check_can_score(TrainConfig(lmms_tasks="mme", lmms_interval=5))
+
+
+# -- a training run scored by real lmms-eval while it trains --
+
+TRAIN_TASK_YAML = """
+task: toy_train
+dataset_path: {data}
+dataset_kwargs:
+  load_from_disk: true
+test_split: test
+output_type: generate_until
+doc_to_visual: !function toy_utils.doc_to_visual
+doc_to_text: !function toy_utils.doc_to_text
+doc_to_target: answer
+process_results: !function toy_utils.process_results
+generation_kwargs:
+  max_new_tokens: 8
+metric_list:
+  - metric: exact_match
+    aggregation: mean
+    higher_is_better: true
+  - metric: answer_chars
+    aggregation: mean
+    higher_is_better: true
+"""
+TRAIN_TOY_UTILS = """
+import os
+import time
+
+
+def doc_to_visual(doc):
+    return [doc["image"].convert("RGB")]
+
+
+def doc_to_text(doc, lmms_eval_specific_kwargs=None):
+    time.sleep(float(os.environ.get("TOY_SLEEP", "0")))  # a slow scorer
+    return "<image>" + doc["question"]
+
+
+def process_results(doc, results):
+    said = results[0]
+    return {"exact_match": float(said == doc["answer"]), "answer_chars": float(len(said))}
+"""
+
+
+def talkative_start(synth, out) -> str:
+    """A tiny-preset model with random weights that never says a special or blank token, for train.init_from (with
+    small learning rates): four steps from nanoVLM's init teach the tiny model to say newlines only, which would
+    score 0 at every step and make the comparison with lmms-eval's own scores one between zeros."""
+    from toolkit.config import load_config
+
+    cfg = load_config("tiny", [f"model.tokenizer={synth / 'tokenizer'}"]).model
+    hf = AutoTokenizer.from_pretrained(str(synth / "tokenizer"))
+    torch.manual_seed(5)
+    model = VisionLanguageModel(cfg)
+    blank = [i for i in range(cfg.lm_base_vocab_size) if not hf.decode([i], skip_special_tokens=True).strip()]
+    with torch.no_grad():
+        model.decoder.head.weight[cfg.lm_base_vocab_size :] = 0
+        model.decoder.head.weight[blank] = 0
+    model.save_pretrained(str(out), tokenizer_dir=str(synth / "tokenizer"))
+    return str(out)
+
+
+def test_real_lmms_eval_scores_two_exports_while_training_goes_on(tmp_path):
+    """4 steps, lmms_interval 2: the exports of steps 2 and 4 are scored by background processes; their scores
+    land in metrics.jsonl at steps 2 and 4, after the later training steps' lines (training did not wait), and
+    equal lmms-eval's scores of those exports run here."""
+    pytest.importorskip("lmms_eval", reason="lmms-eval is not installed (make install installs it)")
+    import datasets
+
+    from tests.conftest import CPU_ENV, REPO
+    from toolkit.data.prepare.synthetic import write_synth
+    from toolkit.lmms import run_tasks, scalar_scores
+
+    synth = tmp_path / "synth"
+    write_synth(str(synth), samples=64, val_samples=8, seed=0)
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    colours = [(220, 20, 20), (20, 220, 20), (20, 20, 220), (220, 220, 20)]
+    rows = {"image": [Image.new("RGB", (32 + 16 * i, 40), c) for i, c in enumerate(colours)],
+            "question": ["What colour is the shape?", "What shape is it?", "How many shapes?", "Where is it?"],
+            "answer": ["red", "a circle", "two", "top left"]}  # fmt: skip
+    datasets.DatasetDict({"test": datasets.Dataset.from_dict(rows)}).save_to_disk(str(tasks / "data"))
+    (tasks / "toy_utils.py").write_text(TRAIN_TOY_UTILS)
+    (tasks / "toy_train.yaml").write_text(TRAIN_TASK_YAML.format(data=tasks / "data"))
+    run, start = tmp_path / "run", talkative_start(synth, tmp_path / "init")
+    args = ["backend.precision=fp32", "backend.device=cpu", f"model.tokenizer={synth / 'tokenizer'}",
+            f"data.train_shards={synth / 'train'}", f"data.val_shards={synth / 'val'}", "data.num_workers=0",
+            "data.shuffle_buffer=16", "train.batch_size=2", "train.max_training_steps=4", "train.eval_interval=0",
+            "train.checkpoint_interval=0", "train.export_best=false", f"train.run_dir={run}",
+            "train.lmms_tasks=toy_train", "train.lmms_interval=2", f"train.lmms_include={tasks}",
+            "train.lmms_batch_size=2", "train.lmms_wait=300", "train.lr_mp=1e-5", "train.lr_vision_backbone=1e-5",
+            "train.lr_language_backbone=1e-5", f"train.init_from={start}"]  # fmt: skip
+    env = {**os.environ, **CPU_ENV, "TOY_SLEEP": "0.5"}
+    done = subprocess.run([sys.executable, "-m", "toolkit", "train", "--config", "tiny", *args], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=400)  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    trained = {m["step"]: i for i, m in enumerate(lines) if "loss" in m}
+    scored = {m["step"]: (i, m) for i, m in enumerate(lines) if any(k.startswith("lmms/") for k in m)}
+    assert sorted(trained) == [1, 2, 3, 4] and sorted(scored) == [2, 4]  # each score once, at its export's step
+    assert scored[2][0] > trained[4], "step 2's score came after steps 3 and 4 were trained: training went on"
+    assert re.search(r"waiting up to 300 s for lmms-eval scoring of step\(s\) (2, )?4 ", done.stderr)
+    for step in (2, 4):
+        export = run / "export" / f"lmms_step_{step}"
+        here = scalar_scores(run_tasks(str(export), ["toy_train"], include_path=str(tasks), device="cpu",
+                                       batch_size=2))  # fmt: skip
+        logged = {k: v for k, v in scored[step][1].items() if k != "step"}
+        assert logged == {f"lmms/toy_train/{m}": pytest.approx(v) for m, v in here["toy_train"].items()}
+        assert set(here["toy_train"]) == {"exact_match", "answer_chars"} and here["toy_train"]["answer_chars"] > 0
+        assert json.loads((run / "lmms" / f"step_{step}.json").read_text())["checkpoint"] == str(export.resolve())
+    assert json.loads((run / "lmms" / "ledger.json").read_text()).keys() == {"2", "4"}

@@ -268,6 +268,12 @@ class TrainConfig:
         "Where the scoring runs: a background process on rank 0's node, or one SLURM job per export (sbatch).",
         choices=("process", "slurm"),
     )
+    lmms_include: str = opt("", "A folder of your own lmms-eval task YAMLs for lmms_tasks (lmms-eval's include_path).")
+    lmms_wait: int = opt(
+        3600,
+        "At the end of training, wait at most this many seconds for process-launched scorings still running, so "
+        "their scores reach metrics.jsonl (0 = do not wait).",
+    )
     wandb_project: str = opt("", "Weights & Biases project to log to from rank 0 (empty = no W&B).")
     wandb_mode: str = opt(
         "online",
@@ -288,6 +294,7 @@ class TrainConfig:
             "global_batch_size",
             "lmms_interval",
             "lmms_limit",
+            "lmms_wait",
         ):
             _require(getattr(self, name) >= 0, f"train.{name}", "must be >= 0 (0 = off)")
         _require(0 <= self.warmup_ratio < 1, "train.warmup_ratio", "must be in [0, 1)")

@@ -29,6 +29,7 @@ from toolkit.train.checkpoint import (
     save_checkpoint,
     start_checkpoint,
 )
+from toolkit.train.lmms_watch import LmmsWatch
 from toolkit.train.preflight import check_run, derive_accumulation
 from toolkit.train.trainer import Trainer, TrainerState
 from toolkit.train.validation import validation_loss
@@ -39,12 +40,14 @@ STOP_FILE_ENV = "NANOVLM_STOP_FILE"
 class Lifecycle:
     """The per-step callback: checkpoint, validate and export on their intervals; watch for stop requests."""
 
-    def __init__(self, cfg: Config, run: RunDir, *, backend, loader, tokenizer, writer) -> None:
+    def __init__(self, cfg: Config, run: RunDir, *, backend, loader, tokenizer, writer, start_step: int = 0) -> None:
         self.cfg, self.run, self.backend, self.loader = cfg, run, backend, loader
         self.tokenizer, self.writer = tokenizer, writer
         self.saved_step = -1
         self.pending: PendingCheckpoint | None = None  # an async checkpoint not yet committed
         self.stop_file = os.environ.get(STOP_FILE_ENV)
+        self.lmms = LmmsWatch(cfg.train, run.root, writer=writer, device=backend.device, rank=backend.env.rank,
+                              start_step=start_step)  # fmt: skip
 
     def __call__(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
         t, step = self.cfg.train, trainer.state.step
@@ -59,6 +62,10 @@ class Lifecycle:
             self.checkpoint(trainer, background=t.async_checkpoint)
         if t.export_interval and step % t.export_interval == 0:
             self.export(f"step_{step}")
+        if self.lmms.due(step):  # export on every rank, then rank 0 starts the scoring and goes on
+            self.export(f"lmms_step_{step}")
+            self.lmms.launch(step, self.run.exports / f"lmms_step_{step}")
+        self.lmms.poll()  # rank 0 logs scores that arrived, at their export's step
 
     def data_counts(self) -> dict[str, Any]:
         """Samples read and skipped by reason, summed over ranks (collective)."""
@@ -213,7 +220,8 @@ def _train(cfg: Config, run: RunDir, resume_from: Path | None, *, backend, loade
         run_config=cfg.to_dict(),
     )
     trainer.writer = writer
-    life = Lifecycle(cfg, run, backend=backend, loader=loader, tokenizer=tokenizer, writer=writer)
+    life = Lifecycle(cfg, run, backend=backend, loader=loader, tokenizer=tokenizer, writer=writer,
+                     start_step=trainer.state.step)  # fmt: skip
     life.saved_step = trainer.state.step if resume_from is not None else -1
     trainer.callbacks.append(life)
     for sig in (signal.SIGTERM, signal.SIGUSR1):
@@ -232,6 +240,7 @@ def _finish(cfg: Config, trainer: Trainer, life: Lifecycle) -> None:
     """Last checkpoint (also on a stop request) and where the best export is (the last step validated itself)."""
     done = trainer.state.step >= cfg.train.max_training_steps
     life.checkpoint(trainer)
+    life.lmms.finish(wait=done)  # a stop request does not wait: the scores are logged after the resume
     if done and not math.isinf(trainer.state.best_val_loss):
         dist.log0(
             "best validation loss %.4f at step %d, exported to %s",
