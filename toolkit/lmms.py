@@ -1,6 +1,7 @@
 """lmms-eval adapter: benchmark a toolkit checkpoint (or nanoVLM's own) on lmms-eval's tasks.
 
-Two ways in, both with lmms-eval installed beside the toolkit (`pip install lmms-eval`; not a dependency):
+Two ways in, both with lmms-eval beside the toolkit (`make install` puts 0.7.3 in .venv with --no-deps and the
+`lmms` extra; see setup.py):
 - `python -m toolkit eval CHECKPOINT --lmms-tasks mme,ai2d [--lmms-limit N]` builds the model here and hands it
   to `lmms_eval.evaluator.simple_evaluate`;
 - `python -m lmms_eval --model nanovlm_scale --model_args pretrained=CHECKPOINT --tasks mme`: setup.py declares
