@@ -11,10 +11,11 @@ from setuptools import find_packages, setup
 # `pip install --no-deps lmms-eval==0.7.3` (the Makefile does both). lmms-eval's own requirements are not taken:
 # they pull torchvision with another torch, the nvidia-* CUDA wheels (about 5 GB) and video, audio and API-client
 # packages that image benchmarks never import. filelock<4: lmms-eval's evaluator patches `filelock._api`, which
-# filelock 4 removed. Found by importing lmms_eval.evaluator and running an offline generate_until task in a venv
-# holding only the toolkit (tests/test_lmms.py::test_real_lmms_eval_*).
+# filelock 4 removed; pytablewriter: the results table of `python -m lmms_eval`. Found by importing
+# lmms_eval.evaluator, running an offline generate_until task and lmms-eval's command line in a venv holding only
+# the toolkit (tests/test_lmms.py::test_real_lmms_eval_*).
 LMMS_DEPS = ["accelerate>=0.29.1", "evaluate>=0.4.0", "loguru", "sacrebleu>=1.5.0", "pytz", "tenacity>=8.3.0",
-             "filelock<4"]  # fmt: skip
+             "filelock<4", "pytablewriter"]  # fmt: skip
 
 setup(
     name="nanovlm-scale",
