@@ -701,6 +701,7 @@ def talkative_start(synth, out) -> str:
     return str(out)
 
 
+@pytest.mark.slow  # about 50 s on 2 cores: a training run and three lmms-eval runs
 def test_real_lmms_eval_scores_two_exports_while_training_goes_on(tmp_path):
     """4 steps, lmms_interval 2: the exports of steps 2 and 4 are scored by background processes; their scores
     land in metrics.jsonl at steps 2 and 4, after the later training steps' lines (training did not wait), and
