@@ -162,7 +162,7 @@ def test_cli_bench_gpu_takes_its_own_options_and_other_benches_refuse_them(monke
     assert main(["bench", "gpu", "--budget-s", "60", "--preset", "tiny", "--variants", "plain,single", "--json"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["config"] == {"preset": "tiny"}
     assert main(["bench", "packing", "--budget-s", "60"]) == 2
-    assert "only gpu and pipeline" in capsys.readouterr().err
+    assert "only gpu, pipeline and overhead" in capsys.readouterr().err
 
 
 def test_gpu_synthetic_packs_follow_the_batch_contract():

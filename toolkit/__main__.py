@@ -25,7 +25,7 @@ COMMANDS = {
     "eval": "Validation loss and answer accuracy of a checkpoint on held-out shards",
     "generate": "Answer a prompt about an image with a checkpoint",
     "export": "Write a run, checkpoint or nanoVLM folder in nanoVLM format, or for transformers (--format hf)",
-    "bench": "Run a benchmark: packing, pipeline, overhead, memory, gpu, balance, shard-data, checkpoint, loss",
+    "bench": "Run a benchmark: packing, pipeline, overhead, memory, gpu, balance, shard-data, checkpoint, loss, comm",
     "report": "Plot a run's metrics.jsonl to a PNG: loss (log axis, smoothed, validation), LR per group, grad norm, "
     "tokens/s, MFU, data wait, rank imbalance, lmms-eval scores",
 }
@@ -107,13 +107,25 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.choices["bench"]
     p.add_argument(
         "name",
-        choices=("packing", "pipeline", "overhead", "memory", "gpu", "balance", "shard-data", "checkpoint", "loss"),
+        choices=(
+            "packing",
+            "pipeline",
+            "overhead",
+            "memory",
+            "gpu",
+            "balance",
+            "shard-data",
+            "checkpoint",
+            "loss",
+            "comm",
+        ),
     )
     p.add_argument("--json", action="store_true")
     p.add_argument(
         "options",
         nargs=argparse.REMAINDER,
-        help="gpu: --budget-s S, --variants ..., --profile ... (bench gpu -h); pipeline: --photos, --samples N",
+        help="gpu: --budget-s S, --variants ..., --profile ... (bench gpu -h); pipeline: --photos, --samples N; "
+        "overhead: --backend NAME",
     )
     p = sub.choices["report"]
     p.add_argument("run", help="a run folder (train.run_dir) with metrics.jsonl")
@@ -278,11 +290,11 @@ def _bench(args: argparse.Namespace) -> int:
 
     as_json = args.json or "--json" in args.options  # after the name, --json lands among the options
     options = [o for o in args.options if o != "--json"]
-    if args.name in ("gpu", "pipeline"):  # flags of their own: time budget, variants, photo-sized data
+    if args.name in ("gpu", "pipeline", "overhead"):  # flags of their own: time budget, variants, data, --backend
         module = importlib.import_module(f"toolkit.bench.{args.name}")
         return module.main([*options, *(["--json"] if as_json else [])])
     if options:
-        raise UserError(f"bench {args.name} takes no options ({' '.join(options)}); only gpu and pipeline do")
+        raise UserError(f"bench {args.name} takes no options ({' '.join(options)}); only gpu, pipeline and overhead do")
     run(args.name, as_json=as_json)
     return 0
 
