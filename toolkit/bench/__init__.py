@@ -15,7 +15,18 @@ from pathlib import Path
 
 import torch
 
-BENCHES = ("packing", "pipeline", "overhead", "memory", "gpu", "balance", "shard-data", "checkpoint", "loss")
+BENCHES = (
+    "packing",
+    "pipeline",
+    "overhead",
+    "memory",
+    "gpu",
+    "balance",
+    "shard-data",
+    "checkpoint",
+    "loss",
+    "comm",
+)
 
 
 def format_table(rows: list[dict]) -> str:

@@ -1,8 +1,9 @@
 """DeepSpeed ZeRO stage 0-3 (and the offload variants) behind the backend interface.
 
-The files in ds_configs/ hold ZeRO settings only. Batch size, accumulation, clipping and bf16 are the toolkit
-config's: they are filled in here, and a value written by hand that disagrees is an error naming both, since a
-silent mismatch changes the effective batch or the precision without anyone noticing. The optimizer is the
+The files in ds_configs/ hold ZeRO settings only. Batch size, accumulation, clipping, bf16 and the gradient
+reduction's dtype (`communication_data_type`, from backend.grad_reduce_dtype) are the toolkit config's: they
+are filled in here, and a value written by hand that disagrees is an error naming both, since a silent mismatch
+changes the effective batch or the precision without anyone noticing. The optimizer is the
 toolkit's AdamW with one group per module and the schedule the toolkit's LambdaLR, stepped here rather than by
 DeepSpeed: DeepSpeed's WarmupCosineLR would write one LR into every group, and stepping it ourselves keeps a
 skipped step (non-finite loss) advancing the schedule the same way under every ZeRO stage.
@@ -100,6 +101,8 @@ def resolve_ds_config(cfg: Config, world_size: int) -> dict:
             f"train.batch_size x train.gradient_accumulation_steps x {world_size} ranks",
         ),
         "gradient_clipping": (tc.max_grad_norm, "train.max_grad_norm"),
+        # DeepSpeed's default is the parameters' dtype (bf16 under bf16); the toolkit's is fp32 unless asked.
+        "communication_data_type": (cfg.backend.grad_reduce_dtype, "backend.grad_reduce_dtype"),
     }
     resolved = dict(raw)
     for key, (value, source) in owned_values.items():

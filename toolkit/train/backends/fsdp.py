@@ -7,7 +7,8 @@ root group means the one shared parameter is sharded, gathered and reduced once.
 
 `hybrid` sharding is a 2-D mesh (replicate across nodes, shard within a node): parameter gathers stay on the
 fast intra-node links and only gradient all-reduces cross nodes. Mixed precision: parameters are gathered in
-bf16 and gradients reduced in fp32 onto fp32 shards, which AdamW updates. FSDP2 averages gradients over the
+bf16 and gradients reduced in fp32 (bf16 with backend.grad_reduce_dtype=bf16: half the bytes) onto fp32 shards,
+which AdamW updates. FSDP2 averages gradients over the
 data-parallel ranks, so the loss is multiplied by the world size to keep token-weighted sums.
 """
 
@@ -140,11 +141,8 @@ class FSDPBackend(TorchOptimizerBackend):
         prepare_blocks(model, tc, self.device)
         model.to(self.device)
         mesh = self._mesh()
-        policy = (
-            MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-            if self.bf16
-            else (MixedPrecisionPolicy())
-        )
+        reduce = torch.bfloat16 if self.cfg.backend.grad_reduce_dtype == "bf16" else torch.float32
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if self.bf16 else None, reduce_dtype=reduce)
         for block in model.blocks():
             fully_shard(block, mesh=mesh, mp_policy=policy)
         fully_shard(model, mesh=mesh, mp_policy=policy)
