@@ -144,10 +144,14 @@ class LmmsWatch:
         beside training's on one GPU is one too many): a later export waits in the queue, started by poll()."""
         if not self.active:
             return
-        for kind in ("json", "rc"):
-            self.path(kind, step).unlink(missing_ok=True)
-        self.path("sh", step).write_text(self.job_script(step, Path(export)))
         self.jobs[step] = Job(step, launcher=self.t.lmms_launcher, state="queued", host=socket.gethostname())
+        try:
+            for kind in ("json", "rc"):
+                self.path(kind, step).unlink(missing_ok=True)
+            self.path("sh", step).write_text(self.job_script(step, Path(export)))
+        except OSError as exc:
+            self._fail(step, f"its job script could not be written: {exc}")
+            return
         if self.t.lmms_launcher == "slurm":
             self._start(step)  # the scheduler queues
         else:
