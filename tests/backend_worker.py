@@ -308,6 +308,28 @@ def gradient_exchanges(batches: list[list[Batch]]) -> dict[str, list[int]]:
     return out
 
 
+def local_shard_update(batches: list[list[Batch]], steps: int = 3) -> dict[str, Any]:
+    """FSDP2's AdamW update on the local shards (the backend's) against torch's own on the DTensors: `steps` steps
+    from the same start; the largest difference of any parameter or AdamW moment shard, and how many compared."""
+    rank, shards = dist.get_rank(), {}
+    for path in ("dtensor", "local"):
+        cfg = make_config("fsdp")
+        trainer = Trainer(new_backend(cfg), cfg)
+        backend = trainer.backend
+        if path == "dtensor":
+            backend._update = backend.optimizer.step
+        for step in range(steps):
+            trainer.train_step(rank_stream(batches, rank, MICRO_PER_RANK, range(step, step + 1)))
+        named = dict(backend.module.named_parameters())
+        shards[path] = {n: p._local_tensor.clone() for n, p in named.items()}
+        shards[path].update({f"{n}.{k}": backend.optimizer.state[p][k]._local_tensor.clone()
+                             for n, p in named.items() for k in ("exp_avg", "exp_avg_sq")})  # fmt: skip
+        backend.close()
+    pairs = [(shards["dtensor"][k], shards["local"][k]) for k in shards["dtensor"]]
+    diffs = [float((a - b).abs().max()) for a, b in pairs if a.numel()]  # a rank's shard of a short tensor is empty
+    return {"max_diff": max(diffs), "compared": len(diffs)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
@@ -321,9 +343,11 @@ def main() -> None:
         results[name] = run_scenario(name, SCENARIOS[name], batches, out)
         dist.log0("%s done in %.1fs", name, results[name]["seconds"])
     exchanges = gradient_exchanges(batches)
+    local_update = local_shard_update(batches)
     dist.barrier()
     if dist.get_rank() == 0:
         (out / "exchanges.json").write_text(json.dumps(exchanges))
+        (out / "local_update.json").write_text(json.dumps(local_update))
         (out / "results.json").write_text(json.dumps(results, indent=1))
     dist.destroy_distributed()
 

@@ -30,6 +30,7 @@ from toolkit.data.batch import Batch, ModelInputs
 from toolkit.errors import UserError
 from toolkit.model import VisionLanguageModel
 from toolkit.train.backends import build_backend
+from toolkit.train.backends.fsdp import BLOCKS_PER_UNIT
 from toolkit.train.metrics import step_flops
 from toolkit.train.optim import freeze_frozen_groups, param_groups, trainable_numel
 from toolkit.train.trainer import Trainer, TrainingDiverged
@@ -285,9 +286,20 @@ def test_no_gradient_exchange_before_the_last_micro_step(launched) -> None:
     ddp, fsdp, eager = exchanges["ddp"], exchanges["fsdp"], exchanges["fsdp_no_defer"]
     assert ddp[0] >= 1 and ddp[1] == ddp[0]
     cfg = bw.tiny_model_config()
-    groups = cfg.vit_n_blocks + cfg.lm_n_blocks + 1  # one reduce-scatter per fully_shard group: blocks + root
+    per_unit = BLOCKS_PER_UNIT  # one reduce-scatter per fully_shard group: runs of blocks per tower, + the root
+    groups = math.ceil(cfg.vit_n_blocks / per_unit) + math.ceil(cfg.lm_n_blocks / per_unit) + 1
     assert fsdp == [groups, groups]
     assert eager == [groups, 2 * groups]  # backend.fsdp_defer_grad_sync=false reduce-scatters every micro-step
+
+
+@pytest.mark.multiproc
+@pytest.mark.timeout(600)
+def test_fsdp_update_on_local_shards_is_torchs_update_on_the_dtensors(launched) -> None:
+    """Three FSDP2 steps with AdamW stepped on the local shards (the backend's) and on the DTensors (torch's own
+    path): every parameter and moment shard is bit for bit the same on both ranks' view (rank 0 reports)."""
+    local_update = json.loads((launched[1] / "local_update.json").read_text())
+    assert local_update["compared"] > 3 * 20  # parameters and both moments of the tiny model
+    assert local_update["max_diff"] == 0.0
 
 
 # -- single-process checks of the loop itself --

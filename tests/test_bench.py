@@ -133,6 +133,52 @@ def test_interleave_alternates_blocks_on_the_same_batch_sequence():
     assert order == ["b", "a", "a", "a", "b", "b", "b", "b", "a", "a", "a", "a", "b", "b"]
 
 
+def test_host_reads_count_device_values_read_by_the_host_and_nothing_else():
+    """On the CPU the counter must tell the would-be device tensors from host ones: host arithmetic, reads of what
+    `.cpu()` returned and dtype changes are free; reads of device values and value-sized outputs are syncs."""
+    device = torch.device("cpu")
+    weight = torch.nn.Parameter(torch.ones(4))  # made before counting, like the model: on the device
+    with overhead.HostReads(device) as mode:
+        counts = torch.zeros(3)  # a host vector, as the trainer builds its counts
+        float(counts[0] + 1)  # host arithmetic: free
+        on_device = counts.to(device)  # the backend's own device object: moved to the device
+        float(on_device.sum().double())  # 1: __float__ of a device value (a dtype change stays on the device)
+        back = on_device.cpu()  # 2: the copy to the host ...
+        int(back[1]), back.tolist()  # ... and reads of the copy are free
+        weight[weight > 0]  # 3: a boolean mask's output size needs the count of True
+        made_there = torch.zeros(2, device=on_device.device)  # factories with the device of a device tensor
+        bool(made_there.any())  # 4
+    assert sorted(op for op, _ in mode.sites.elements()) == ["__bool__", "__float__", "__getitem__", "cpu"]
+    assert all(site.startswith("tests/test_bench.py:") for _, site in mode.sites)
+
+
+def test_a_step_reads_the_grad_norm_once(one_thread):
+    """The clip reads the global norm once for the skip check, the clip and the report (it read it twice)."""
+    from toolkit.bench.memory import synthetic_batch
+    from toolkit.config import load_config
+
+    cfg = load_config("tiny", ["backend.device=cpu", "backend.precision=fp32"])
+    trainer = overhead.toolkit_trainer(cfg, seed=0)
+    reads = overhead.count_host_reads(trainer, [synthetic_batch(cfg.model, seed=s) for s in range(2)])
+    assert sum(n for site, n in reads.items() if "backends/base.py" in site) == 1, reads
+    assert sum(n for site, n in reads.items() if "train/trainer.py" in site) == 2, reads  # counts, then the loss
+
+
+def test_narrow_450m_keeps_the_presets_structure_and_the_backend_asked_for():
+    from toolkit.config import load_config
+
+    full = load_config("nanovlm-450m", []).model
+    for backend, label in (("ddp", "ddp"), ("fsdp", "fsdp"), ("deepspeed", "zero2")):
+        cfg = overhead.narrow_config(backend)
+        assert (cfg.backend.name, overhead.backend_label(cfg), cfg.backend.precision) == (backend, label, "fp32")
+        assert (cfg.model.vit_n_blocks, cfg.model.lm_n_blocks) == (full.vit_n_blocks, full.lm_n_blocks) == (12, 32)
+        assert cfg.model.lm_hidden_dim == 48 and not cfg.train.compile and cfg.train.gradient_accumulation_steps == 1
+    cfg = overhead.narrow_config("deepspeed", ["backend.ds_config=ds_configs/zero3.json"])
+    assert overhead.backend_label(cfg) == "zero3"
+    with pytest.raises(ValueError, match="choose one of ddp, fsdp, deepspeed"):
+        overhead.narrow_config("zero9")
+
+
 # -- gpu --------------------------------------------------------------------------------------------------------------
 
 

@@ -409,7 +409,8 @@ class HostReads(TorchFunctionMode):
 
     On the CPU every tensor is a host tensor, so which ones would live on a GPU is tracked instead: a tensor is on
     the host when made by a factory without a `device` argument (torch.zeros(9), torch.tensor(x)), returned by
-    `.cpu()` or `.to("cpu")`, or computed only from host tensors. `.to(d)` with `d` the backend's device (or the
+    `.cpu()` or `.to("cpu")` (but in DeepSpeed, whose CPU accelerator is named "cpu"), or computed only from host
+    tensors. `.to(d)` with `d` the backend's device (or the
     `.device` of a device tensor) puts it on the device; `.to()` with any other device leaves it where it was.
     Everything else (parameters, gradients, activations, engine buffers, anything made with `device=`) is on the
     device. Work the autograd engine does in C++ is not seen; its results are device tensors, as on a GPU.
@@ -438,6 +439,8 @@ class HostReads(TorchFunctionMode):
         tensors = [t for t in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
         from_device = any(not self.is_host(t) for t in tensors)
         target = self._target(name, args, kwargs)  # "device", "host" or None (not a move)
+        if target == "host" and name == "to" and "deepspeed/" in _caller():
+            target = "device"  # DeepSpeed's CPU accelerator names its device "cpu": `.to(accelerator)` is no copy
         reads = name in VALUE_READS or target == "host" or _sizes_from_values(name, args, kwargs)
         if reads and tensors and not self.is_host(tensors[0]):
             self.sites[(name, _caller())] += 1

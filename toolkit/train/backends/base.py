@@ -119,20 +119,53 @@ def prepare_blocks(model: nn.Module, tc: TrainConfig, device: torch.device) -> N
     model.decoder.head.chunked = tc.chunked_loss
 
 
-def clip_grad_norm(params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
+def clip_grad_norm(params: list[nn.Parameter], max_norm: float) -> float:
     """Global L2 norm of the gradients (across shards for DTensors) and, when max_norm > 0, clip to it.
 
-    Returns the pre-clip norm; the clip factor is torch's max_norm / (norm + 1e-6), the same as DeepSpeed's.
+    Returns the pre-clip norm, read by the host once (the skip check needs it before the clip; reading the norm
+    again after the clip would wait for the clip too). The clip factor is torch's max_norm / (norm + 1e-6), the
+    same as DeepSpeed's.
     """
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
-        return torch.zeros(())
+        return 0.0
+    shards = _local_shards(grads)
+    if shards is not None:
+        return _clip_shards(*shards, max_norm)
     total = torch.nn.utils.get_total_norm(grads)
-    if hasattr(total, "full_tensor"):  # FSDP2: a DTensor holding per-shard partial norms
-        total = total.full_tensor()
-    if max_norm > 0 and math.isfinite(float(total)):
+    norm = float(total)
+    if max_norm > 0 and math.isfinite(norm):
         torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
-    return total
+    return norm
+
+
+def _local_shards(grads: list[torch.Tensor]) -> tuple[list[torch.Tensor], Any] | None:
+    """FSDP2's gradients as their local shards and the group their squared norms sum over (the mesh dimensions
+    they are sharded on); None for plain tensors, or DTensors laid out in more than one way."""
+    first = grads[0]
+    if not hasattr(first, "to_local"):
+        return None
+    mesh, placements = first.device_mesh, first.placements
+    if any(g.device_mesh != mesh or g.placements != placements for g in grads):
+        return None
+    dims = [d for d, placement in enumerate(placements) if placement.is_shard()]
+    if len(dims) != 1:
+        return None
+    return [g._local_tensor for g in grads], mesh.get_group(dims[0])
+
+
+def _clip_shards(local: list[torch.Tensor], group: Any, max_norm: float) -> float:
+    """The global norm from the shards' squared norms summed over `group`, and the clip as one foreach multiply:
+    the same arithmetic as torch's DTensor path without dispatching every op on hundreds of DTensors. On the
+    narrow nanovlm-450m (CPU) the clip took 20 ms a step that way, 10 ms this way, and 8 ms under DDP."""
+    squares = torch.nn.utils.get_total_norm(local).square()
+    if torch.distributed.get_world_size(group) > 1:
+        torch.distributed.all_reduce(squares, group=group)
+    total = squares.sqrt()
+    norm = float(total)
+    if max_norm > 0 and math.isfinite(norm):
+        torch._foreach_mul_(local, torch.clamp(max_norm / (total + 1e-6), max=1.0))
+    return norm
 
 
 class Backend(ABC):
@@ -302,20 +335,26 @@ class TorchOptimizerBackend(Backend):
 
     model: nn.Module
     optimizer: torch.optim.Optimizer
+    _trainable: list[nn.Parameter] | None = None  # listed at the first step: the set is fixed once set up
 
     def _model_call(self, inputs: dict[str, torch.Tensor]) -> Any:
         return self.model(**inputs)
+
+    def _update(self) -> None:
+        """The optimizer's update of the parameters from their gradients."""
+        self.optimizer.step()
 
     def _backward(self, loss: torch.Tensor) -> None:
         loss.backward()
 
     def _step(self, skip: bool) -> StepResult:
-        params = list(self.trainable_parameters())
-        norm = float(clip_grad_norm(params, 0.0 if skip else self.cfg.train.max_grad_norm))
+        if self._trainable is None:  # walking the ~600 modules of nanovlm-450m for them took ~10 ms a step on a CPU
+            self._trainable = list(self.trainable_parameters())
+        norm = clip_grad_norm(self._trainable, 0.0 if skip else self.cfg.train.max_grad_norm)
         skip = skip or not math.isfinite(norm)
         lrs = group_lrs(self.optimizer.param_groups, self.groups)
         if not skip:
-            self.optimizer.step()
+            self._update()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         return StepResult(grad_norm=norm, lrs=lrs, skipped=skip)

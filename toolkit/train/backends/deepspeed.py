@@ -281,7 +281,7 @@ class DeepSpeedBackend(Backend):
             raise RuntimeError("DeepSpeed engine is not at an accumulation boundary; micro-step counts disagree")
         fallback = None
         if self.stage == 0 and not self.bf16:  # plain torch AdamW: DeepSpeed clips but does not record the norm
-            fallback = float(clip_grad_norm(list(self.trainable_parameters()), 0.0))
+            fallback = clip_grad_norm(list(self.trainable_parameters()), 0.0)
             skip = skip or not math.isfinite(fallback)
         lrs = group_lrs(self.optimizer.param_groups, self.groups)
         with _updates_disabled(self.optimizer) if skip else contextlib.nullcontext():
