@@ -404,7 +404,7 @@ def write_toy_task(folder, rows: dict, name: str = "toy_generate") -> str:
     return str(folder)
 
 
-def test_real_lmms_eval_scores_a_checkpoint_as_computed_from_the_model(adapter, checkpoint, tmp_path):
+def test_real_lmms_eval_scores_a_checkpoint_as_computed_from_the_model(adapter, checkpoint, tmp_path, monkeypatch):
     """An offline lmms-eval task of 4 images whose reference answers are the model's own answer for 2 of them,
     through `eval --lmms-tasks ... --json-out`.
 
@@ -412,9 +412,14 @@ def test_real_lmms_eval_scores_a_checkpoint_as_computed_from_the_model(adapter, 
     and scored what came back. (lmms-eval 0.7.3 turns `loglikelihood` results into strings in
     `unwrap_generation_output`, so its multiple-choice tasks fail for every model; the adapter's log-likelihoods
     are checked against the model's own loss above.)
+
+    A LOCAL_RANK left in the environment (as an earlier in-process run can leave it) does not make lmms-eval's
+    accelerate join a process group: scoring runs in this one process, and the variable is back afterwards.
     """
     pytest.importorskip("lmms_eval", reason="lmms-eval is not installed (make install installs it)")
     from toolkit.__main__ import main
+
+    monkeypatch.setenv("LOCAL_RANK", "0")
 
     model, tok = adapter.model, adapter.tok
     colours = [(200, 30, 30), (30, 200, 30), (30, 30, 200), (200, 200, 30)]
@@ -430,6 +435,7 @@ def test_real_lmms_eval_scores_a_checkpoint_as_computed_from_the_model(adapter, 
     written = json.loads(out.read_text())
     assert written["scores"] == {"toy_generate": {"exact_match": pytest.approx(0.5)}}
     assert written["tasks"] == ["toy_generate"] and not (tmp_path / "scores" / "step_7.json.tmp").exists()
+    assert os.environ["LOCAL_RANK"] == "0"
 
 
 def test_real_lmms_eval_batched_answers_equal_batch_1(checkpoint, tmp_path):

@@ -153,8 +153,19 @@ def broken_set(folder: Path) -> tuple[list[str], dict[str, int]]:
     return keep, skipped
 
 
-@pytest.mark.parametrize(("world", "workers"), [(1, 2), (7, 0)], ids=["by-shard-2-workers", "by-sample-7-ranks"])
-def test_broken_data_streams_through_with_exact_skip_counts(tok, tmp_path: Path, world: int, workers: int) -> None:
+@pytest.mark.parametrize(
+    ("world", "workers", "pil_loads_truncated"),
+    [(1, 2, False), (7, 0, False), (1, 0, True)],
+    ids=["by-shard-2-workers", "by-sample-7-ranks", "pil-told-to-load-truncated-images"],
+)
+def test_broken_data_streams_through_with_exact_skip_counts(
+    tok, tmp_path: Path, world: int, workers: int, pil_loads_truncated: bool, monkeypatch
+) -> None:
+    """The last case: PIL's process-wide LOAD_TRUNCATED_IMAGES on (lmms-eval sets it when imported) must not let
+    the cut JPEG through as an image, and the flag is left as it was found."""
+    from PIL import ImageFile
+
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", pil_loads_truncated)
     keep, skipped = broken_set(tmp_path / "d")
     cfg = tiny_config(tok, str(tmp_path / "d"), data={"num_workers": workers, "max_images_per_example": 1,
                                                      "max_sample_length": 200})  # fmt: skip
@@ -167,6 +178,7 @@ def test_broken_data_streams_through_with_exact_skip_counts(tok, tmp_path: Path,
     assert Counter(seen) == Counter(keep)
     assert dict(totals) == skipped
     assert read == len(keep) + 7  # every sample taken out of a tar, good or bad at sample level
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is pil_loads_truncated
 
 
 def test_mixture_follows_the_weights_and_the_seed(tok, tmp_path: Path) -> None:

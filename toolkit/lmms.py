@@ -19,7 +19,10 @@ time: lmms-eval 0.7.3 cannot score those results anyway, see tests/test_lmms.py)
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -295,10 +298,31 @@ def run_tasks(
         raise UserError(LMMS_MISSING) from exc
     model = NanoVLMScale(checkpoint, device=device, batch_size=batch_size)
     manager = _task_manager(TaskManager, include_path, tasks)
-    results = simple_evaluate(
-        model=model, tasks=tasks, limit=limit, batch_size=batch_size, log_samples=False, task_manager=manager
-    )
+    with _one_process():
+        results = simple_evaluate(
+            model=model, tasks=tasks, limit=limit, batch_size=batch_size, log_samples=False, task_manager=manager
+        )
     return (results or {}).get("results", {})
+
+
+# What accelerate (which lmms-eval's evaluate builds) reads to decide that this process is a rank of a group.
+GROUP_ENV = ("LOCAL_RANK", "RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+             "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")  # fmt: skip
+
+
+@contextlib.contextmanager
+def _one_process() -> Iterator[None]:
+    """Scoring runs in this one process. A LOCAL_RANK left in the environment (by a launcher, or by an earlier
+    in-process run) would make accelerate join a process group that does not exist (it fails for want of
+    MASTER_ADDR), so outside an initialised group the rank variables are hidden meanwhile, restored after."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        yield
+        return
+    saved = {k: os.environ.pop(k) for k in GROUP_ENV if k in os.environ}
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
 
 
 def _task_manager(manager_cls: Any, include_path: str | None, tasks: list[str]) -> Any:

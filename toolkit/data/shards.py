@@ -17,6 +17,7 @@ the run starts is an error, because that is a wrong path, not bad data.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import io
@@ -33,7 +34,7 @@ from pathlib import Path
 from typing import IO, Any
 
 import torch
-from PIL import Image
+from PIL import Image, ImageFile
 
 from toolkit.config import Config, ConfigError
 from toolkit.data.conversation import encode_sample
@@ -610,12 +611,25 @@ def decode_sample(raw: RawSample, tok: VLMTokenizer, spec: DecodeSpec) -> Sample
     return Sample(raw.ref, raw.where, input_ids, labels, images, grids, tiles)
 
 
+@contextlib.contextmanager
+def truncated_images_refused() -> Iterator[None]:
+    """PIL's process-wide LOAD_TRUNCATED_IMAGES off while we decode, whoever set it: lmms-eval sets it on import
+    (so does other code), and with it on a cut JPEG decodes into grey rows and trains as an image instead of
+    being counted as bad_image. Restored afterwards for the code that wanted it."""
+    before = ImageFile.LOAD_TRUNCATED_IMAGES
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    try:
+        yield
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = before
+
+
 def load_tiles(sample: Sample, spec: DecodeSpec) -> torch.Tensor:
     """Full decode and nanoVLM tiling of every image: (tiles, 3, tile, tile) in token order, or `Skip`."""
     out = []
     for data, grid in zip(sample.images, sample.grids, strict=True):
         try:
-            with Image.open(io.BytesIO(data)) as img:
+            with truncated_images_refused(), Image.open(io.BytesIO(data)) as img:
                 tiles, got = process_image(
                     img, tile=spec.tile, max_side=spec.max_side, resize_to_max=spec.resize_to_max
                 )
