@@ -38,6 +38,7 @@ def twin(name: str, reduce: str) -> str:
     return f"{base}{'_bf16' if reduce == 'bf16' else ''}_fp32compute"
 
 
+@pytest.mark.slow  # one 2-rank launch of 6 scenarios, shared by these tests
 @pytest.mark.parametrize("name", list(SCENARIOS))
 def test_measured_bytes_equal_the_backends_formula_within_5_percent(ranks, name):
     for rank in ranks:
@@ -48,6 +49,7 @@ def test_measured_bytes_equal_the_backends_formula_within_5_percent(ranks, name)
         assert abs(row["grad_MB"] - row["grad_formula_MB"]) * 1e6 < 64
 
 
+@pytest.mark.slow  # one 2-rank launch of 6 scenarios, shared by these tests
 @pytest.mark.parametrize("backend", list(BACKENDS))
 def test_bf16_reduction_halves_the_gradient_bytes_and_nothing_else(ranks, backend):
     fp32, bf16 = (ranks[0][twin(backend, r)] for r in ("fp32", "bf16"))
@@ -58,6 +60,7 @@ def test_bf16_reduction_halves_the_gradient_bytes_and_nothing_else(ranks, backen
     assert gathers["bf16"] == gathers["fp32"]  # parameters are gathered in the compute dtype either way
 
 
+@pytest.mark.slow  # one 2-rank launch of 6 scenarios, shared by these tests
 @pytest.mark.parametrize("backend", list(BACKENDS))
 def test_bf16_reduction_trains_within_the_rounding_bound_of_fp32(ranks, backend):
     """bf16 reduction against fp32 reduction, same weights, batches and fp32 compute, over 4 optimizer steps.

@@ -167,6 +167,7 @@ def _photo(seed: int, size: tuple[int, int]) -> Image.Image:
     return Image.fromarray((np.random.RandomState(seed).rand(size[1], size[0], 3) * 255).astype(np.uint8))
 
 
+@pytest.mark.slow  # trains a tiny run and exports it through the CLI: ~60 s on 2 cores
 def test_trained_run_export_logits_equal_the_toolkits(trained_run):
     model, tok = load_for_inference(trained_run / "nanovlm", device="cpu")
     hf, processor = _hf_model(trained_run / "hf"), _processor(trained_run / "hf")
@@ -181,6 +182,7 @@ def test_trained_run_export_logits_equal_the_toolkits(trained_run):
         assert (theirs - mine).abs().max().item() <= 1e-4
 
 
+@pytest.mark.slow  # trains a tiny run and exports it through the CLI: ~60 s on 2 cores
 def test_trained_run_greedy_generate_through_hf_inputs_equals_the_toolkits(trained_run):
     """Token for token: once stopping at EOS as both do, and once 12 tokens with EOS off, so the KV-cache decode
     is compared well past the first token whatever this briefly trained model says first."""
