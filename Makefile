@@ -56,6 +56,10 @@ bench: $(STAMP)
 	$(BIN)/python -m toolkit bench pipeline
 	$(BIN)/python -m toolkit bench pipeline --photos
 	$(BIN)/python -m toolkit bench overhead
+	$(BIN)/python -m toolkit bench overhead --backend ddp
+	$(BIN)/python -m toolkit bench overhead --backend deepspeed
+	$(BIN)/python -m toolkit bench overhead --backend fsdp
+	$(BIN)/python -m toolkit bench comm
 	$(BIN)/python -m toolkit bench memory
 	$(BIN)/python -m toolkit bench balance
 	$(BIN)/python -m toolkit bench shard-data

@@ -164,6 +164,14 @@ def test_a_step_reads_the_grad_norm_once(one_thread):
     assert sum(n for site, n in reads.items() if "train/trainer.py" in site) == 2, reads  # counts, then the loss
 
 
+def test_paired_ratio_is_the_median_of_back_to_back_block_ratios():
+    base = [1.0, 3.0, 2.0, 2.0, 5.0, 7.0]  # blocks of 2: medians 2, 2, 6 (the load moved between blocks)
+    ours = [2.4, 2.4, 2.0, 2.2, 6.0, 6.0]  # medians 2.4, 2.1, 6: ratios 1.2, 1.05, 1.0
+    stats = {"single": (base, base, []), "backend": (ours, [2 * x for x in ours], [])}
+    wall, cpu = overhead.paired_ratios(stats, block=2)
+    assert wall == pytest.approx(1.05) and cpu == pytest.approx(2.1)
+
+
 def test_narrow_450m_keeps_the_presets_structure_and_the_backend_asked_for():
     from toolkit.config import load_config
 

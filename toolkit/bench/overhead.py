@@ -10,6 +10,21 @@ checks, metrics) is what the ratio measures.
 The two alternate in blocks of steps after an untimed warm-up block each, so a noisy neighbour slows both alike;
 the headline is the ratio of median step times. Losses of the two runs are compared as a check that they really
 did the same work (they agree to float rounding).
+
+`bench overhead --backend NAME` (ddp, deepspeed = ZeRO-2 unless backend.ds_config says otherwise, fsdp): that
+backend's host time per optimizer step against `single`'s, on the narrow nanovlm-450m (`NARROW_450M`: the preset's
+12 + 32 blocks and every parameter tensor at width 48, as `bench gpu --device cpu` builds it through
+gpu.bench_config), fp32, one thread per rank, synthetic packs from gpu.synthetic_batches. It runs twice: at world
+size 1 (the H200 table's setting: what the backend adds with no one to talk to) and on 2 gloo ranks under torchrun.
+On 2 ranks, `single` runs on each rank as well, a replica of its own on that rank's batches, inside the same
+trainer and its two per-step all-reduces of counts and loss: both sides then occupy both cores and wait for the
+slower rank at the same points, so what the ratio adds is the backend's own work and its gradient and parameter
+collectives (on the CPU, gloo's copies and sums are host work too). Each rank alternates blocks of the two after
+a warm-up; a step's time is the slower rank's, its CPU time the ranks' mean (process time, gloo's threads
+included); the headline is the ratio of medians, wall and CPU.
+
+It also counts the step's device -> host syncs (`HostReads`): each read of a would-be device tensor's values by
+the host, by call site, over a few more steps of each loop.
 """
 
 from __future__ import annotations
@@ -529,6 +544,19 @@ def per_step(ranks: list[dict[str, Any]], name: str) -> tuple[list[float], list[
     return walls, cpus, [t[2] for t in series[0]]
 
 
+def paired_ratios(stats: dict[str, tuple[list[float], list[float], list[float]]], block: int) -> tuple[float, float]:
+    """Median over block pairs (a block of each loop, run back to back) of backend / single median step time, wall
+    and CPU: a load that drifts over minutes on a shared machine moves both halves of a pair alike."""
+    out = []
+    for series in (0, 1):  # wall, CPU
+        ours, base = stats["backend"][series], stats["single"][series]
+        pairs = range(0, len(base) - block + 1, block)
+        out.append(statistics.median(
+            statistics.median(ours[i : i + block]) / statistics.median(base[i : i + block]) for i in pairs
+        ))  # fmt: skip
+    return out[0], out[1]
+
+
 def summarise_ranks(launches: dict[int, list[dict[str, Any]]], spec: dict[str, Any]) -> dict:
     """Rows per world size (single, then the backend), ratios of medians as the headline."""
     label = next(iter(launches.values()))[0]["label"]
@@ -553,6 +581,8 @@ def summarise_ranks(launches: dict[int, list[dict[str, Any]]], spec: dict[str, A
             })  # fmt: skip
         headline[f"ratio_world{world}"] = med["backend"][0] / med["single"][0]
         headline[f"ratio_cpu_world{world}"] = med["backend"][1] / med["single"][1]
+        paired = paired_ratios(stats, spec["block"])
+        headline[f"paired_ratio_world{world}"], headline[f"paired_ratio_cpu_world{world}"] = paired
     headline["host_reads_per_step"] = rows[-1]["host_reads_per_step"]
     headline["single_host_reads_per_step"] = rows[0]["host_reads_per_step"]
     profiles = {f"x{w}": ranks[0]["profile"] for w, ranks in launches.items() if ranks[0]["profile"]}
