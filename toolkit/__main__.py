@@ -14,6 +14,7 @@ import os
 import sys
 from pathlib import Path
 
+from toolkit.bench import BENCHES
 from toolkit.config import ConfigError, describe_fields, load_config
 from toolkit.errors import OOM_HINT, UserError
 
@@ -105,21 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--tokenizer", default=None, help="tokenizer folder, when the source has none beside it")
     p = sub.choices["bench"]
-    p.add_argument(
-        "name",
-        choices=(
-            "packing",
-            "pipeline",
-            "overhead",
-            "memory",
-            "gpu",
-            "balance",
-            "shard-data",
-            "checkpoint",
-            "loss",
-            "comm",
-        ),
-    )
+    p.add_argument("name", choices=BENCHES)
     p.add_argument("--json", action="store_true")
     p.add_argument(
         "options",

@@ -13,8 +13,6 @@ import json
 import platform
 from pathlib import Path
 
-import torch
-
 BENCHES = (
     "packing",
     "pipeline",
@@ -49,6 +47,8 @@ def run(name: str, *, out_dir: str | Path = "runs/bench", as_json: bool = False,
     """Run benchmark `name` with `kwargs`, print its table (or JSON) and write runs/bench/(label or name).json."""
     if name not in BENCHES:
         raise ValueError(f"unknown benchmark {name!r}; choose one of {', '.join(BENCHES)}")
+    import torch  # here, not at import: the CLI reads BENCHES for its --help without paying for torch
+
     module = importlib.import_module(f"toolkit.bench.{name.replace('-', '_')}")
     result = module.run(**kwargs)
     result["meta"] = {
