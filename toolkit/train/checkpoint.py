@@ -201,13 +201,15 @@ def start_checkpoint(
     if env.is_main:
         prepare_step_dir(path)
     dist.barrier()
+    # The small per-rank state first: once the backend's write runs in the background, a rank killed meanwhile
+    # still leaves a complete rank file (and the order cannot race with the writer thread).
+    write_rank_state(path, env.rank, loader.state_dict() if loader is not None else None)
     client_state = {"step": step}
     if background:
         write = backend.save_async(path / "model", client_state=client_state)
     else:
         backend.save(path / "model", client_state=client_state)
         write = PendingSave()  # written already
-    write_rank_state(path, env.rank, loader.state_dict() if loader is not None else None)
     meta = {"backend": backend.name, "world_size": env.world_size, "trainer": dict(trainer_state)}
     return PendingCheckpoint(run, step, meta, keep, write)
 
