@@ -23,6 +23,7 @@ import torch
 
 from toolkit.config import ModelConfig
 from toolkit.errors import UserError
+from toolkit.model.hub import LLAMA_BLOCK_NAMES
 
 # Written into preprocessor_config.json (transformers keeps unknown image-processor keys): what hf_inputs needs to
 # rebuild nanoVLM's tiles and image string from the processor alone.
@@ -137,15 +138,10 @@ def _decoder_state(cfg: ModelConfig, take, present: set[str]) -> dict[str, torch
         out[f"{txt}embed_tokens.weight"] = out["lm_head.weight"] = tied
     else:
         out[f"{txt}embed_tokens.weight"], out["lm_head.weight"] = take(embed), take(head)
-    attn = {"q_proj": "q_proj", "k_proj": "k_proj", "v_proj": "v_proj", "out_proj": "o_proj"}
     for i in range(cfg.lm_n_blocks):
         hf_l, ours = f"{txt}layers.{i}.", f"{de}blocks.{i}."
-        for mine, theirs in attn.items():
-            out[f"{hf_l}self_attn.{theirs}.weight"] = take(f"{ours}attn.{mine}.weight")
-        for proj in ("gate_proj", "up_proj", "down_proj"):
-            out[f"{hf_l}mlp.{proj}.weight"] = take(f"{ours}mlp.{proj}.weight")
-        out[f"{hf_l}input_layernorm.weight"] = take(f"{ours}norm1.weight")
-        out[f"{hf_l}post_attention_layernorm.weight"] = take(f"{ours}norm2.weight")
+        for mine, theirs in LLAMA_BLOCK_NAMES.items():
+            out[f"{hf_l}{theirs}"] = take(f"{ours}{mine}")
     out[f"{txt}norm.weight"] = take(f"{de}norm.weight")
     return out
 

@@ -264,6 +264,20 @@ LANGUAGE_PAIRS = {
 }
 
 
+# One decoder block's tensors: ours -> transformers' Llama (read by the backbone import and the HF export).
+LLAMA_BLOCK_NAMES = {
+    "attn.q_proj.weight": "self_attn.q_proj.weight",
+    "attn.k_proj.weight": "self_attn.k_proj.weight",
+    "attn.v_proj.weight": "self_attn.v_proj.weight",
+    "attn.out_proj.weight": "self_attn.o_proj.weight",
+    "mlp.gate_proj.weight": "mlp.gate_proj.weight",
+    "mlp.up_proj.weight": "mlp.up_proj.weight",
+    "mlp.down_proj.weight": "mlp.down_proj.weight",
+    "norm1.weight": "input_layernorm.weight",
+    "norm2.weight": "post_attention_layernorm.weight",
+}
+
+
 def _check_llama(cfg: ModelConfig, hf: dict, folder: str | Path) -> None:
     _check_shape_fields(cfg, hf, LANGUAGE_PAIRS, folder)
     theta = hf.get("rope_theta", (hf.get("rope_parameters") or {}).get("rope_theta"))
@@ -284,20 +298,10 @@ def language_state_from_hf(cfg: ModelConfig, folder: str | Path, model: VisionLa
     take = _Taker(state, f"{folder} lacks language tensor ")
 
     out = {}
-    names = {
-        "q_proj": "self_attn.q_proj",
-        "k_proj": "self_attn.k_proj",
-        "v_proj": "self_attn.v_proj",
-        "out_proj": "self_attn.o_proj",
-    }
     for i in range(cfg.lm_n_blocks):
         hf_l, ours = f"model.layers.{i}.", f"blocks.{i}."
-        for mine, theirs in names.items():
-            out[f"{ours}attn.{mine}.weight"] = take(f"{hf_l}{theirs}.weight")
-        for proj in ("gate_proj", "up_proj", "down_proj"):
-            out[f"{ours}mlp.{proj}.weight"] = take(f"{hf_l}mlp.{proj}.weight")
-        out[f"{ours}norm1.weight"] = take(f"{hf_l}input_layernorm.weight")
-        out[f"{ours}norm2.weight"] = take(f"{hf_l}post_attention_layernorm.weight")
+        for mine, theirs in LLAMA_BLOCK_NAMES.items():
+            out[f"{ours}{mine}"] = take(f"{hf_l}{theirs}")
     out["norm.weight"] = take("model.norm.weight")
     out["token_embedding.weight"] = _extend_rows(
         model.decoder.token_embedding.weight, take("model.embed_tokens.weight")
