@@ -23,7 +23,7 @@ import torch
 
 from toolkit.config import ModelConfig
 from toolkit.errors import UserError
-from toolkit.model.hub import LLAMA_BLOCK_NAMES
+from toolkit.model.hub import LLAMA_BLOCK_NAMES, SIGLIP_BLOCK_NAMES
 
 # Written into preprocessor_config.json (transformers keeps unknown image-processor keys): what hf_inputs needs to
 # rebuild nanoVLM's tiles and image string from the processor alone.
@@ -112,11 +112,8 @@ def hf_state_dict(cfg: ModelConfig, state: dict[str, torch.Tensor]) -> dict[str,
             q, k, v = take(f"{ours}attn.qkv_proj.{part}").chunk(3, dim=0)
             for name, t in (("q", q), ("k", k), ("v", v)):
                 out[f"{hf_l}self_attn.{name}_proj.{part}"] = t.contiguous()
-            out[f"{hf_l}self_attn.out_proj.{part}"] = take(f"{ours}attn.out_proj.{part}")
-            out[f"{hf_l}layer_norm1.{part}"] = take(f"{ours}ln1.{part}")
-            out[f"{hf_l}layer_norm2.{part}"] = take(f"{ours}ln2.{part}")
-            out[f"{hf_l}mlp.fc1.{part}"] = take(f"{ours}mlp.fc1.{part}")
-            out[f"{hf_l}mlp.fc2.{part}"] = take(f"{ours}mlp.fc2.{part}")
+            for mine, theirs in SIGLIP_BLOCK_NAMES.items():
+                out[f"{hf_l}{theirs}.{part}"] = take(f"{ours}{mine}.{part}")
     for part in ("weight", "bias"):
         out[f"{vis}post_layernorm.{part}"] = take(f"{ve}layer_norm.{part}")
     out["model.connector.modality_projection.proj.weight"] = take("MP.proj.weight")

@@ -196,6 +196,16 @@ def _vision_config(raw: dict) -> dict:
     return raw.get("vision_config", raw) if raw.get("model_type") in ("siglip", "siglip2") else raw
 
 
+# One ViT block's modules besides the fused qkv: ours -> transformers' SigLIP (backbone import and HF export).
+SIGLIP_BLOCK_NAMES = {
+    "attn.out_proj": "self_attn.out_proj",
+    "ln1": "layer_norm1",
+    "ln2": "layer_norm2",
+    "mlp.fc1": "mlp.fc1",
+    "mlp.fc2": "mlp.fc2",
+}
+
+
 def vision_state_from_hf(cfg: ModelConfig, folder: str | Path) -> dict[str, torch.Tensor]:
     """SigLIP (conv patches, fixed grid) or SigLIP2 (linear patches, resizable grid) -> our vision_encoder.*"""
     raw, state = _read_hf_folder(folder)
@@ -215,11 +225,8 @@ def vision_state_from_hf(cfg: ModelConfig, folder: str | Path) -> dict[str, torc
         for part in ("weight", "bias"):
             qkv = [take(f"{hf_l}self_attn.{p}_proj.{part}") for p in "qkv"]
             out[f"{ours}attn.qkv_proj.{part}"] = torch.cat(qkv, dim=0)
-            out[f"{ours}attn.out_proj.{part}"] = take(f"{hf_l}self_attn.out_proj.{part}")
-            out[f"{ours}ln1.{part}"] = take(f"{hf_l}layer_norm1.{part}")
-            out[f"{ours}ln2.{part}"] = take(f"{hf_l}layer_norm2.{part}")
-            out[f"{ours}mlp.fc1.{part}"] = take(f"{hf_l}mlp.fc1.{part}")
-            out[f"{ours}mlp.fc2.{part}"] = take(f"{hf_l}mlp.fc2.{part}")
+            for mine, theirs in SIGLIP_BLOCK_NAMES.items():
+                out[f"{ours}{mine}.{part}"] = take(f"{hf_l}{theirs}.{part}")
     for part in ("weight", "bias"):
         out[f"layer_norm.{part}"] = take(f"post_layernorm.{part}")
     # The attention-pooling head serves SigLIP's contrastive loss; nanoVLM reads the patch features instead.
