@@ -339,12 +339,3 @@ def checkpoint_weights(src: str | Path) -> tuple[Path, Any, dict[str, torch.Tens
     state = {k: v.float() if v.is_floating_point() else v for k, v in offline_state_dict(ckpt, cfg.model).items()}
     tok = cfg.model.tokenizer_path if Path(cfg.model.tokenizer_path).is_dir() else None
     return ckpt, cfg.model, state, tok
-
-
-def export_offline(src: str | Path, out: str | Path) -> Path:
-    """`python -m toolkit export RUN_OR_CHECKPOINT OUT`: nanoVLM format from a checkpoint on disk."""
-    from toolkit.model.hub import write_nanovlm
-
-    ckpt, model_cfg, state, tok = checkpoint_weights(src)
-    write_atomically(Path(out), lambda tmp: write_nanovlm(model_cfg, state, tmp, tokenizer_dir=tok))
-    return ckpt
