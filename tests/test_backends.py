@@ -261,9 +261,12 @@ def test_rank_imbalance_metrics_are_computed_from_both_ranks(name: str, launched
             flops.append(sum(step_flops(model, n_tokens=s.tokens, n_tiles=s.tiles, sum_sq_lengths=q)
                              for s, q in zip(mine, sum_sq, strict=True)))  # fmt: skip
         assert cost_imb == [pytest.approx(max(flops) / (sum(flops) / bw.WORLD), rel=1e-12)] * bw.WORLD, step
-        assert min(times) > 0 and times[0] != times[1]
+        assert min(times) > 0
         assert time_imb == [pytest.approx(max(times) / (sum(times) / bw.WORLD), rel=1e-12)] * bw.WORLD, step
     assert max(max(c) for c in result["cost_imbalance_by_rank"]) > 1.01  # the batches differ: not trivially 1
+    # Two ranks' clocks can agree to the nanosecond on one step (a ZeRO-3 step starts and ends on a collective):
+    # that the figures came from both ranks shows over the run, not in every step.
+    assert any(times[0] != times[1] for times in result["fwd_bwd_by_rank"])
 
 
 @pytest.mark.multiproc
