@@ -152,8 +152,9 @@ def test_host_reads_count_device_values_read_by_the_host_and_nothing_else():
     assert all(site.startswith("tests/test_bench.py:") for _, site in mode.sites)
 
 
-def test_a_step_reads_the_grad_norm_once(one_thread):
-    """The clip reads the global norm once for the skip check, the clip and the report (it read it twice)."""
+def test_a_step_reads_the_grad_norm_once_and_the_model_reads_nothing(one_thread):
+    """The clip reads the global norm once for the skip check, the clip and the report (it read it twice); the
+    model reads nothing back, since the backend hands it the image and target positions found on the host."""
     from toolkit.bench.memory import synthetic_batch
     from toolkit.config import load_config
 
@@ -162,6 +163,7 @@ def test_a_step_reads_the_grad_norm_once(one_thread):
     reads = overhead.count_host_reads(trainer, [synthetic_batch(cfg.model, seed=s) for s in range(2)])
     assert sum(n for site, n in reads.items() if "backends/base.py" in site) == 1, reads
     assert sum(n for site, n in reads.items() if "train/trainer.py" in site) == 2, reads  # counts, then the loss
+    assert sum(reads.values()) == 3, reads
 
 
 def test_paired_ratio_is_the_median_of_back_to_back_block_ratios():

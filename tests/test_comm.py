@@ -23,7 +23,7 @@ SCENARIOS = {
     f"{name}{'_bf16' if reduce == 'bf16' else ''}_fp32compute": (backend, ds, "fp32", reduce)
     for name, (backend, ds) in BACKENDS.items()
     for reduce in ("fp32", "bf16")
-}
+} | {"fsdp_keep_gathered_fp32compute": ("fsdp", "", "fp32", "fp32", comm.KEEP_GATHERED)}
 STEPS = 3  # recorded steps, after one unrecorded
 BF16_REL = 2.0**-8  # bf16 keeps 8 significant bits: each rank's addend and the sum round to 2^-9, together 2^-8
 
@@ -38,7 +38,7 @@ def twin(name: str, reduce: str) -> str:
     return f"{base}{'_bf16' if reduce == 'bf16' else ''}_fp32compute"
 
 
-@pytest.mark.slow  # one 2-rank launch of 6 scenarios, shared by these tests
+@pytest.mark.slow  # one 2-rank launch of 7 scenarios, shared by these tests
 @pytest.mark.parametrize("name", list(SCENARIOS))
 def test_measured_bytes_equal_the_backends_formula_within_5_percent(ranks, name):
     for rank in ranks:
@@ -49,7 +49,18 @@ def test_measured_bytes_equal_the_backends_formula_within_5_percent(ranks, name)
         assert abs(row["grad_MB"] - row["grad_formula_MB"]) * 1e6 < 64
 
 
-@pytest.mark.slow  # one 2-rank launch of 6 scenarios, shared by these tests
+@pytest.mark.slow  # one 2-rank launch of 7 scenarios, shared by these tests
+def test_fsdp_keeping_blocks_gathered_halves_their_gathers_and_changes_no_number(ranks):
+    """backend.fsdp_reshard_after_forward=false: each block group is gathered once a micro-step instead of twice
+    (the formula test above checks the bytes against g (P r + (Pb + Pr) q/N)); the arithmetic is the same, so
+    losses and gradient norms equal the resharding run's bit for bit."""
+    keep, base = (ranks[0][name] for name in ("fsdp_keep_gathered_fp32compute", "fsdp_fp32compute"))
+    assert (keep["losses"], keep["grad_norms"]) == (base["losses"], base["grad_norms"])
+    gathered = [sum(n for k, n in r["bytes"].items() if "gather" in k) for r in (keep, base)]
+    assert gathered[0] < 0.75 * gathered[1]
+
+
+@pytest.mark.slow  # one 2-rank launch of 7 scenarios, shared by these tests
 @pytest.mark.parametrize("backend", list(BACKENDS))
 def test_bf16_reduction_halves_the_gradient_bytes_and_nothing_else(ranks, backend):
     fp32, bf16 = (ranks[0][twin(backend, r)] for r in ("fp32", "bf16"))
@@ -60,7 +71,7 @@ def test_bf16_reduction_halves_the_gradient_bytes_and_nothing_else(ranks, backen
     assert gathers["bf16"] == gathers["fp32"]  # parameters are gathered in the compute dtype either way
 
 
-@pytest.mark.slow  # one 2-rank launch of 6 scenarios, shared by these tests
+@pytest.mark.slow  # one 2-rank launch of 7 scenarios, shared by these tests
 @pytest.mark.parametrize("backend", list(BACKENDS))
 def test_bf16_reduction_trains_within_the_rounding_bound_of_fp32(ranks, backend):
     """bf16 reduction against fp32 reduction, same weights, batches and fp32 compute, over 4 optimizer steps.

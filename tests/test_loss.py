@@ -102,3 +102,35 @@ def test_the_training_forward_saves_no_logits_for_backward() -> None:
 
     assert any(s[-1] == vocab and len(s) >= 2 and s[0] > 1 for s in saved_shapes(False) if s)  # the control
     assert [s for s in saved_shapes(True) if s and s[-1] == vocab] == []
+
+
+def test_host_found_positions_give_the_same_loss_and_gradients_bit_for_bit() -> None:
+    """`ModelInputs.with_indices` (what every backend feeds the model) splices image features by index and picks the
+    loss's rows by index instead of counting them on the device; nothing else may change: the loss and every
+    gradient are bit-identical to the masked path's."""
+    from toolkit.data.batch import ModelInputs
+
+    model, batch = _model_and_batch()
+    inputs = ModelInputs(batch["input_ids"], batch["labels"], torch.arange(48).repeat(2, 1), batch["pixel_values"])
+    results = []
+    for kwargs in (inputs.as_kwargs(), inputs.with_indices(model.image_token_id).as_kwargs()):
+        model.zero_grad()
+        out = model(**kwargs)
+        out.loss_sum.backward()
+        results.append((out.loss_sum.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (loss, grads), (loss_ix, grads_ix) = results
+    assert torch.equal(loss, loss_ix)
+    assert all(torch.equal(grads[n], grads_ix[n]) for n in grads)
+    indexed = inputs.with_indices(model.image_token_id)
+    assert indexed.image_index.tolist() == list(range(1, 1 + model.cfg.mp_image_token_length))
+    assert indexed.target_index.tolist() == (batch["labels"].flatten() != -100).nonzero().flatten().tolist()
+
+
+def test_host_found_image_positions_that_disagree_with_the_tiles_are_refused() -> None:
+    from toolkit.data.batch import ModelInputs
+
+    model, batch = _model_and_batch()
+    two_tiles = batch["pixel_values"].repeat(2, 1, 1, 1)
+    inputs = ModelInputs(batch["input_ids"], batch["labels"], torch.arange(48).repeat(2, 1), two_tiles)
+    with pytest.raises(ValueError, match="image tokens but pixel_values give 2 tiles"):
+        model(**inputs.with_indices(model.image_token_id).as_kwargs())

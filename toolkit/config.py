@@ -322,6 +322,12 @@ class BackendConfig:
         "FSDP2: reduce-scatter gradients only on an accumulation's last micro-step (fewer collectives, but every rank "
         "holds unsharded fp32 gradients meanwhile: +4 bytes/param).",
     )
+    fsdp_reshard_after_forward: bool = opt(
+        True,
+        "FSDP2: free each block group's gathered parameters after its forward and gather them again for its backward "
+        "(ZeRO-3's memory); false keeps them until the backward: one all-gather a micro-step instead of two, for the "
+        "peak memory of every block's parameters unsharded (bf16: +2 bytes/param).",
+    )
     precision: str = opt(
         "bf16", "Compute precision; master weights and optimizer state stay fp32.", choices=("bf16", "fp32")
     )

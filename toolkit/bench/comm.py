@@ -22,8 +22,9 @@ and q bytes per gathered parameter element (the compute dtype):
              k = 2, again for backward; k = 1 when stage3_max_reuse_distance is at least P (1e9 in the shipped
              zero3.json), which keeps them gathered until their backward; Pp the persistent ones (under
              stage3_param_persistence_threshold), all-gathered after the update
-    fsdp     g (P r + (2 Pb + Pr) q / N)        Pb in the per-block units (gathered for forward and again for
-             backward), Pr in the root unit (kept gathered from forward to backward)
+    fsdp     g (P r + (k Pb + Pr) q / N)        Pb in the per-block units, gathered for forward and, with k = 2,
+             again for backward; k = 1 with backend.fsdp_reshard_after_forward=false, which keeps them gathered
+             until their backward; Pr in the root unit (kept gathered from forward to backward)
 
 plus what every backend's step shares: the trainer's two float64 vectors (counts before the step; loss, stop flag
 and times after it: 8 (9 + N) + 8 (2 + N) bytes), and DDP's broadcast of the model's buffers before the forward
@@ -48,7 +49,8 @@ import torch
 
 WORLD = 2
 MICRO = 2  # g: micro-steps per optimizer step, so per-micro-step and per-step terms differ
-# (scenario, backend, ds_config stem or "", compute precision, gradient reduction dtype)
+# (scenario, backend, ds_config stem or "", compute precision, gradient reduction dtype, *more overrides)
+KEEP_GATHERED = "backend.fsdp_reshard_after_forward=false"
 SCENARIOS = {
     "ddp": ("ddp", "", "fp32", "fp32"),
     "ddp_bf16": ("ddp", "", "fp32", "bf16"),
@@ -60,6 +62,7 @@ SCENARIOS = {
     "zero3_bf16": ("deepspeed", "zero3", "bf16", "bf16"),
     "fsdp": ("fsdp", "", "bf16", "fp32"),
     "fsdp_bf16": ("fsdp", "", "bf16", "bf16"),
+    "fsdp_keep_gathered": ("fsdp", "", "bf16", "fp32", KEEP_GATHERED),
 }
 TENSOR_ARGS: dict[str, str | int] = {  # collective -> the argument (name or position) this rank hands in
     "all_reduce": "tensor",
@@ -156,12 +159,12 @@ def install(log: CommLog) -> None:
 
 
 def bench_config(spec: tuple[str, ...], *, model: dict[str, Any] | None = None, micro: int = MICRO) -> Any:
-    """The tiny preset (widened by `model`) under a scenario's (backend, ds_config, precision, reduce dtype):
-    one 64-token row per micro-step, CPU."""
+    """The tiny preset (widened by `model`) under a scenario's (backend, ds_config, precision, reduce dtype, *more
+    overrides): one 64-token row per micro-step, CPU."""
     from toolkit.config import load_config
 
-    backend, ds, precision, reduce = spec
-    overrides = [f"model.{k}={v}" for k, v in (model or {}).items()]
+    backend, ds, precision, reduce, *extra = spec
+    overrides = [f"model.{k}={v}" for k, v in (model or {}).items()] + extra
     overrides += [f"backend.name={backend}", f"backend.precision={precision}", f"backend.grad_reduce_dtype={reduce}"]
     overrides += ["backend.device=cpu", "train.batch_size=1", f"train.gradient_accumulation_steps={micro}"]
     overrides += ["model.lm_max_length=64", "train.max_training_steps=20"]
@@ -187,7 +190,7 @@ def padded(p: torch.Tensor, world: int) -> int:
 
 def formula(spec: tuple[str, ...], model: torch.nn.Module, cfg: Any, world: int = WORLD) -> dict[str, float]:
     """Expected bytes handed in per optimizer step on one rank, by term (see the module docstring)."""
-    backend, ds, precision, reduce = spec
+    backend, ds, precision, reduce, *_ = spec
     g = cfg.train.gradient_accumulation_steps
     r = 2 if reduce == "bf16" else 4
     q = 2 if precision == "bf16" else 4
@@ -214,8 +217,9 @@ def formula(spec: tuple[str, ...], model: torch.nn.Module, cfg: Any, world: int 
         in_blocks = {id(p) for block in model.blocks() for p in block.parameters()}
         blocks = sum(padded(p, world) for p in params if id(p) in in_blocks)
         root = sum(padded(p, world) for p in params if id(p) not in in_blocks)
+        passes = 2 if cfg.backend.fsdp_reshard_after_forward else 1
         terms["grad reduce-scatter"] = g * (blocks + root) * r
-        terms["param all-gather (blocks fwd + bwd, root once)"] = g * (2 * blocks + root) * q / world
+        terms[f"param all-gather (blocks x{passes}, root once)"] = g * (passes * blocks + root) * q / world
     return terms
 
 
@@ -302,7 +306,7 @@ def launch(
 def compare(name: str, result: dict[str, Any]) -> dict[str, Any]:
     """One scenario on one rank: measured bytes per step (gradient reductions, parameter gathers, everything)
     against the formula's."""
-    _, _, precision, reduce = result["spec"]
+    _, _, precision, reduce, *_ = result["spec"]
     measured = sum(result["bytes"].values())
     expected = sum(result["formula"].values())
     grads = sum(n for k, n in result["bytes"].items() if k.split()[0].startswith(("all_reduce", "reduce")))

@@ -151,7 +151,7 @@ def make_batch(
         position_ids[r, at:] = torch.arange(seq - at)  # the padding tail: a segment of its own
     side = m.vit_img_size
     pixels = torch.rand(tiles, 3, side, side, generator=gen)  # (N, 3, H, W)
-    inputs = ModelInputs(ids, labels, position_ids, pixels).to(device)
+    inputs = ModelInputs(ids, labels, position_ids, pixels).with_indices(image_id).to(device)
     stats = BatchStats(
         rows=len(rows),
         samples=len(lengths),

@@ -21,6 +21,20 @@ class ModelInputs:
     labels: torch.Tensor  # (B, S), already next-token aligned, -100 = no loss
     position_ids: torch.Tensor  # (B, S), restarting at 0 in every packed sample
     pixel_values: torch.Tensor | None = None  # (N, 3, tile, tile): every tile of every image, in token order
+    # Flat positions (into the B*S tokens) of the image tokens and of the target tokens (labels != -100), found on
+    # the host by `with_indices`: with them the model splices image features and picks the loss's rows by index,
+    # where it would otherwise read a count back from the device (a sync) before it could size either.
+    image_index: torch.Tensor | None = None  # (n_image_tokens,)
+    target_index: torch.Tensor | None = None  # (n_targets,)
+
+    def with_indices(self, image_token_id: int) -> ModelInputs:
+        """These inputs with image_index and target_index filled in, when the tensors are still on the host (on a
+        device, finding them would be the very sync they save)."""
+        if self.input_ids.device.type != "cpu" or (self.image_index is not None and self.target_index is not None):
+            return self
+        image_index = (self.input_ids.reshape(-1) == image_token_id).nonzero().squeeze(1)
+        target_index = (self.labels.reshape(-1) != -100).nonzero().squeeze(1)
+        return replace(self, image_index=image_index, target_index=target_index)
 
     def to(self, device: torch.device) -> ModelInputs:
         moved = {f.name: getattr(self, f.name) for f in fields(self)}

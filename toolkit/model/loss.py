@@ -32,12 +32,21 @@ def dense_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Ten
 
 
 def linear_cross_entropy(
-    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *, chunk_rows: int = CHUNK_ROWS
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    chunk_rows: int = CHUNK_ROWS,
+    target_index: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Sum over target tokens of -log softmax(hidden @ weight.T)[label]; hidden (..., D), labels (...) with -100
-    for no loss. The same value and gradients as the dense head + cross-entropy, without its (B, S, V) logits."""
+    for no loss. The same value and gradients as the dense head + cross-entropy, without its (B, S, V) logits.
+
+    `target_index` (the flat positions of labels != -100, found on the host) spares the `nonzero` that would
+    otherwise read the count of targets back from the device to size the chunks.
+    """
     flat_labels = labels.reshape(-1)
-    keep = (flat_labels != -100).nonzero().squeeze(1)
+    keep = target_index if target_index is not None else (flat_labels != -100).nonzero().squeeze(1)
     rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, keep)  # (T, D): the target tokens only
     targets = flat_labels.index_select(0, keep)
     total = hidden.new_zeros((), dtype=torch.float32)
@@ -59,9 +68,11 @@ class OutputHead(nn.Linear):
 
     chunked = True  # train.chunked_loss; False: the dense logits + cross-entropy, kept for comparison
 
-    def forward(self, hidden: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, hidden: torch.Tensor, labels: torch.Tensor | None = None, target_index: torch.Tensor | None = None
+    ) -> torch.Tensor:
         if labels is None:
             return F.linear(hidden, self.weight)
         if self.chunked:
-            return linear_cross_entropy(hidden, self.weight, labels)
+            return linear_cross_entropy(hidden, self.weight, labels, target_index=target_index)
         return dense_cross_entropy(F.linear(hidden, self.weight), labels)

@@ -62,8 +62,14 @@ class VisionLanguageModel(nn.Module):
         return list(self.decoder.blocks)
 
     # -- forward --
-    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
-        """Token embeddings with image features written over the image-token positions."""
+    def embed(
+        self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None, image_index: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Token embeddings with image features written over the image-token positions.
+
+        `image_index` (flat positions of the image tokens, found on the host) makes the splice an index copy whose
+        size is known without reading the device; without it the image tokens are counted on the device.
+        """
         embeds = self.decoder.token_embedding(input_ids)  # (B, S, D)
         if pixel_values is None or pixel_values.shape[0] == 0:
             if not self.training:
@@ -72,15 +78,17 @@ class VisionLanguageModel(nn.Module):
             dummy = torch.zeros(1, 3, side, side, device=embeds.device, dtype=embeds.dtype)
             return embeds + 0.0 * self.MP(self.vision_encoder(dummy)).sum()  # in the graph, zero weight
         feats = self.MP(self.vision_encoder(pixel_values.to(embeds.dtype)))  # (N, tokens_per_tile, D)
-        is_image = input_ids == self.image_token_id
-        flat = feats.reshape(-1, feats.shape[-1])
-        n_slots = int(is_image.sum())
+        flat = feats.reshape(-1, feats.shape[-1]).to(embeds.dtype)  # (N * tokens_per_tile, D)
+        is_image = None if image_index is not None else input_ids == self.image_token_id
+        n_slots = image_index.shape[0] if image_index is not None else int(is_image.sum())
         if n_slots != flat.shape[0]:
             raise ValueError(
                 f"input_ids hold {n_slots} image tokens but pixel_values give {feats.shape[0]} tiles x "
                 f"{feats.shape[1]} = {flat.shape[0]} features; the image string and the tiling disagree"
             )
-        return embeds.masked_scatter(is_image[..., None], flat.to(embeds.dtype))
+        if is_image is not None:
+            return embeds.masked_scatter(is_image[..., None], flat)
+        return embeds.reshape(-1, embeds.shape[-1]).index_copy(0, image_index, flat).view_as(embeds)
 
     def forward(
         self,
@@ -90,13 +98,17 @@ class VisionLanguageModel(nn.Module):
         position_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         return_logits: bool = False,
+        image_index: torch.Tensor | None = None,
+        target_index: torch.Tensor | None = None,
     ) -> VLMOutput:
         """input_ids (B, S); pixel_values (N, 3, H, W); labels (B, S) already next-token aligned, -100 = no loss.
 
         With labels the loss is computed chunk by chunk over the target tokens (toolkit/model/loss.py) and no
         (B, S, V) logits exist; `return_logits=True` also returns them (and computes the loss from them densely).
+        `image_index` / `target_index`: the flat positions of the image and target tokens, when the caller found
+        them on the host (`ModelInputs.with_indices`); the result is the same, without two device -> host syncs.
         """
-        x = self.embed(input_ids, pixel_values)
+        x = self.embed(input_ids, pixel_values, image_index)
         hidden, _ = self.decoder(x, position_ids=position_ids, attention_mask=attention_mask)
         if labels is None:
             return VLMOutput(logits=self.decoder.head(hidden))  # (B, S, V)
@@ -106,7 +118,7 @@ class VisionLanguageModel(nn.Module):
             logits = self.decoder.head(hidden)
             loss_sum = dense_cross_entropy(logits, labels)
         else:
-            loss_sum = self.decoder.head(hidden, labels)
+            loss_sum = self.decoder.head(hidden, labels, target_index)
         loss = loss_sum / n_targets.clamp(min=1)
         return VLMOutput(logits=logits, loss=loss, loss_sum=loss_sum, n_targets=n_targets)
 

@@ -223,7 +223,7 @@ class Backend(ABC):
             )
         last = self._micro == self.accumulation - 1
         self._micro += 1
-        inputs = micro_batch.inputs.to(self.device).as_kwargs()
+        inputs = self._inputs(micro_batch)
         with self._micro_step(last=last):
             out = self._forward(inputs)
             self._backward(out.loss_sum * (loss_scale * self.grad_average_factor))
@@ -285,10 +285,14 @@ class Backend(ABC):
         module.training = True
         try:
             with self._autocast():
-                out = self._model_call(micro_batch.inputs.to(self.device).as_kwargs())
+                out = self._model_call(self._inputs(micro_batch))
         finally:
             module.train()
         return out.loss_sum.detach().float(), out.n_targets.detach()
+
+    def _inputs(self, micro_batch: Batch) -> dict[str, torch.Tensor]:
+        """The micro-batch's model inputs on the device, with the image and target positions found on the host."""
+        return micro_batch.inputs.with_indices(self.module.image_token_id).to(self.device).as_kwargs()
 
     # -- what subclasses provide --
     def _micro_step(self, *, last: bool) -> contextlib.AbstractContextManager:

@@ -192,8 +192,9 @@ class FSDPBackend(TorchOptimizerBackend):
         mesh = self._mesh()
         reduce = torch.bfloat16 if self.cfg.backend.grad_reduce_dtype == "bf16" else torch.float32
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if self.bf16 else None, reduce_dtype=reduce)
+        reshard = self.cfg.backend.fsdp_reshard_after_forward
         for unit in shard_units(model):
-            fully_shard(unit if len(unit) > 1 else unit[0], mesh=mesh, mp_policy=policy)
+            fully_shard(unit if len(unit) > 1 else unit[0], mesh=mesh, mp_policy=policy, reshard_after_forward=reshard)
         fully_shard(model, mesh=mesh, mp_policy=policy)
         self.model = model
         self.model.train()
