@@ -1,16 +1,20 @@
 #!/usr/bin/env bash
-# One pass over everything that needs a GPU, sized for one call of a lent single-GPU machine (318 s on 2026-11-28).
+# One pass over everything that needs a GPU, sized for one call of a lent single-GPU machine (at most 9 minutes).
 #
 # Run from the repository root on a CUDA host whose python3 already has torch; the wheels that host lacks are
 # carried in .whl/ (`bash .ci/gpu-wheels.sh` fills it). Logs, the bench JSON and kernel profiles go to $OUT.
-#   1. the attention, patch and AdamW `gpu` tests: do the fused kernels give the dense mask's outputs and
-#      gradients? If torch's varlen kernel fails them, the bench below runs on FlexAttention instead;
-#   2. `python -m toolkit.bench.gpu`: the README's GPU table (BENCH_BUDGET_S caps its variants), alone on the
-#      machine (on 2026-11-28 the CPU suite running beside it slowed some variants by a third);
-#   3. the same bench's single and single + compile rows with the other packed-attention kernel, to compare;
-#   4. the `gpu` tests that train each backend over NCCL with one rank.
+#   1. the attention, patch, AdamW and chunked-loss `gpu` tests: do the fused kernels give the dense mask's outputs
+#      and gradients, and does the bf16 chunked loss keep its bound and its memory? If torch's varlen kernel fails
+#      them, the bench below runs on FlexAttention instead;
+#   2. `python -m toolkit.bench.gpu`: issue 15's table (single, DDP, ZeRO-1/2/3 and FSDP2, compiled, and ZeRO-3
+#      eager), the profile of the sharded rows, and the largest micro-batch with the chunked and the dense loss
+#      (BENCH_BUDGET_S caps it), alone on the machine (on 2026-11-28 the CPU suite beside it slowed some variants
+#      by a third);
+#   3. the `gpu` tests that train each backend over NCCL with one rank;
+#   4. issue 14's cost calibration: seconds per tile, per token and per squared sample length (`--calibrate`, the
+#      preset's compiled single backend; last, since its recompiles on new shapes are the least predictable).
 # The CPU suite is left to CI. Each stage has its own time limit, so one that hangs cannot take the others'
-# results with it: 20 s install + 90 + 230 + 90 + 120 = 550 s, under a 580 s device call. Logs are written as
+# results with it: 20 s install + 75 + 260 + 90 + 90 = 535 s, under a 580 s device call. Logs are written as
 # they go.
 set -u
 OUT=${OUT:-runs/gpu-check}
@@ -28,26 +32,26 @@ deepspeed.__version__, torch.cuda.get_device_name(0))
 from torch.nn.attention.varlen import varlen_attn; print("varlen_attn", inspect.signature(varlen_attn))'
 } 2>&1 | tee "$OUT/env.log"
 
-timeout "${KERNEL_TESTS_TIMEOUT_S:-90}" python3 -m pytest -q -m gpu -p no:cacheprovider \
-  -k "attention or patch or adamw" 2>&1 | tee "$OUT/gpu_tests.log"
+timeout "${KERNEL_TESTS_TIMEOUT_S:-75}" python3 -m pytest -q -m gpu -p no:cacheprovider \
+  -k "attention or patch or adamw or chunked" 2>&1 | tee "$OUT/gpu_tests.log"
 if grep -q "FAILED.*varlen" "$OUT/gpu_tests.log" || ! grep -q " passed" "$OUT/gpu_tests.log"; then
-  kernel=flex other=dense  # the varlen kernel failed its checks: measure what `auto` would otherwise be
+  kernel=flex  # the varlen kernel failed its checks: measure what `auto` would otherwise be
 else
-  kernel=auto other=flex
+  kernel=auto
 fi
-echo "bench kernel: $kernel, comparison: $other" | tee -a "$OUT/gpu_tests.log"
+echo "bench kernel: $kernel" | tee -a "$OUT/gpu_tests.log"
 
-variants=${BENCH_VARIANTS:-plain,single,zero2,zero3,fsdp,single+compile,fsdp+compile,zero2+compile,single+ac,zero3+ac,single+ac+compile}
-timeout "${BENCH_TIMEOUT_S:-230}" python3 -m toolkit.bench.gpu --budget-s "${BENCH_BUDGET_S:-170}" \
-  --steps 8 --warmup 3 --variants "$variants" --profile "${BENCH_PROFILE:-single+compile,fsdp+compile}" \
-  "train.attention_kernel=$kernel" 2>&1 | tee "$OUT/bench.log"
+variants=${BENCH_VARIANTS:-plain,single+compile,ddp+compile,zero1+compile,zero2+compile,fsdp+compile,zero3+compile,zero3}
+timeout "${BENCH_TIMEOUT_S:-260}" python3 -m toolkit.bench.gpu --budget-s "${BENCH_BUDGET_S:-200}" \
+  --steps 8 --warmup 3 --variants "$variants" --profile "${BENCH_PROFILE:-zero3+compile,fsdp+compile,zero2+compile}" \
+  --largest-batch "${LARGEST_BATCH:-single}" --largest-limit 24 "train.attention_kernel=$kernel" 2>&1 \
+  | tee "$OUT/bench.log"
 cp runs/bench/gpu.json runs/bench/gpu_profile_*.txt "$OUT/" 2>/dev/null
-
-timeout "${OTHER_TIMEOUT_S:-90}" python3 -m toolkit.bench.gpu --budget-s 45 --steps 8 --warmup 3 \
-  --variants single,single+compile "train.attention_kernel=$other" 2>&1 | tee -a "$OUT/bench.log"
-cp runs/bench/gpu.json "$OUT/gpu_${other}_attention.json" 2>/dev/null
 
 # five one-rank launches side by side when pytest-xdist is there (each uses a few hundred MB of the GPU)
 parallel=$(python3 -c 'import xdist; print("-n 5")' 2>/dev/null)
-timeout "${NCCL_TESTS_TIMEOUT_S:-120}" python3 -m pytest -q -m gpu -p no:cacheprovider $parallel -k nccl 2>&1 \
+timeout "${NCCL_TESTS_TIMEOUT_S:-90}" python3 -m pytest -q -m gpu -p no:cacheprovider $parallel -k nccl 2>&1 \
   | tee "$OUT/gpu_nccl_tests.log"
+
+timeout "${CALIBRATE_TIMEOUT_S:-90}" python3 -m toolkit.bench.gpu --calibrate "$OUT/cost_calibration.json" \
+  --steps 3 --warmup 2 "train.attention_kernel=$kernel" 2>&1 | tee "$OUT/calibrate.log"

@@ -192,6 +192,35 @@ def test_narrow_450m_keeps_the_presets_structure_and_the_backend_asked_for():
 # -- gpu --------------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize(("fit_up_to", "limit"), [(0, 32), (1, 32), (5, 32), (8, 32), (13, 32), (32, 32), (50, 20)])
+def test_largest_batch_search_finds_the_largest_size_that_fits(fit_up_to, limit):
+    """Doubling, then bisection: the answer for every threshold, each size tried at most once, and about
+    2 log2(answer) tries; an out-of-memory error is a 'no', any other error is raised."""
+    from toolkit.bench import largest_batch
+
+    class FakeOOM(Exception):
+        pass
+
+    released = []
+
+    def measure(rows):
+        if rows > fit_up_to:
+            raise FakeOOM(rows)
+        return {"tokens_per_s": 100.0 * rows}
+
+    row = largest_batch.search_rows("v", measure, limit=limit, oom=FakeOOM, release=lambda: released.append(1))
+    want = min(fit_up_to, limit)
+    assert row["batch_rows"] == want
+    assert len(set(row["tried"])) == len(row["tried"]) == len(released)
+    assert len(row["tried"]) <= 2 * max(want, 1).bit_length() + 1
+    if want:
+        assert row["tokens_per_s"] == 100.0 * want and row["status"].startswith(f"ok: largest micro-batch {want}")
+    else:
+        assert row["status"] == "failed: one row does not fit" and row["tried"] == [1]
+    with pytest.raises(ValueError, match="boom"):
+        largest_batch.search_rows("v", lambda rows: (_ for _ in ()).throw(ValueError("boom")), limit=4, oom=FakeOOM)
+
+
 def test_gpu_bench_skips_cleanly_without_cuda(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     result = bench.run("gpu", out_dir=tmp_path)
@@ -256,15 +285,21 @@ def test_gpu_bench_runs_every_code_path_on_cpu(tmp_path):
     A correctness check of the harness (rows, MFU and tokens/s arithmetic, same work in every variant), not a speed
     figure. It runs as `python -m toolkit.bench.gpu` in a child process: engines and process groups stay out of pytest.
     """
-    variants = "plain,single,zero2,zero3,fsdp,fsdp+ac,single+compile"
+    variants = "plain,single,ddp,zero1,zero2,zero3,fsdp,fsdp+ac,single+compile"
     cmd = [sys.executable, "-m", "toolkit.bench.gpu", "--device=cpu", "--preset=tiny", "--steps=1", "--warmup=1"]
     cmd += ["--batch-size=2", f"--variants={variants}", "--peak-flops=1e12", "--profile=fsdp"]
+    cmd += ["--largest-batch=single", "--largest-limit=2"]  # no out-of-memory on a CPU: both stop at the limit
     env = {**os.environ, **CPU_ENV}
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=540)
     assert proc.returncode == 0, proc.stderr[-4000:]
     rows = {r["variant"]: r for r in json.loads((tmp_path / "runs" / "bench" / "gpu.json").read_text())["rows"]}
-    assert list(rows) == ["plain", "single", "zero2", "zero3", "fsdp", "fsdp ac=language", "single compile"]
+    largest = {name: rows.pop(f"single, {name} loss") for name in ("chunked", "dense")}
+    assert list(rows) == [
+        "plain", "single", "ddp", "zero1", "zero2", "zero3", "fsdp", "fsdp ac=language", "single compile"
+    ]  # fmt: skip
     assert all(r["status"] == "ok" for r in rows.values()), rows
+    assert [r["batch_rows"] for r in largest.values()] == [2, 2], largest
+    assert largest["chunked"]["last_loss"] == pytest.approx(largest["dense"]["last_loss"], rel=1e-5)  # same work
     cfg = gpu.bench_config("tiny", gpu.Variant("plain"), batch_size=2, device="cpu", overrides=[])
     timed = gpu.synthetic_batches(cfg, 2, seed=0, device=torch.device("cpu"))[1]  # the warm-up step took batch 0
     for r in rows.values():

@@ -134,3 +134,53 @@ def test_fused_adamw_takes_the_same_steps_as_foreach():
             opt.zero_grad()
     for a, b in zip(models[0].parameters(), models[1].parameters()):
         assert (a - b).abs().max().item() <= 1e-6
+
+
+def _chunked_against_dense_in_bf16(device: torch.device) -> dict[str, tuple]:
+    """A 4096-token row at nanovlm-450m's width and vocabulary under bf16 autocast, the dense loss and the chunked
+    one: the loss, both gradients and the peak memory the row added (CUDA only; 0 elsewhere). As `bench loss`
+    does, a short row goes first, so the gradients and allocator pools exist and the peak is the row's own."""
+    import torch.nn.functional as F
+
+    from toolkit.model.loss import dense_cross_entropy, linear_cross_entropy
+
+    gen = torch.Generator(device).manual_seed(0)
+    vocab, width, tokens = 49218, 960, 4096
+    hidden = torch.randn(tokens, width, device=device, generator=gen).requires_grad_()
+    weight = torch.randn(vocab, width, device=device, generator=gen).mul_(0.02).requires_grad_()
+    labels = torch.randint(0, vocab, (tokens,), device=device, generator=gen)
+    labels[::3] = -100
+    losses = {
+        "dense": lambda rows: dense_cross_entropy(F.linear(hidden[:rows], weight), labels[:rows]),
+        "chunked": lambda rows: linear_cross_entropy(hidden[:rows], weight, labels[:rows]),
+    }
+    out = {}
+    for name, loss_fn in losses.items():
+        cuda = device.type == "cuda"
+        hidden.grad = weight.grad = None
+        for rows in (512, tokens):  # the short row: gradients allocated; then the full row's peak
+            if hidden.grad is not None:
+                hidden.grad.zero_()
+                weight.grad.zero_()
+            if cuda:
+                torch.cuda.synchronize(device)
+                torch.cuda.reset_peak_memory_stats(device)
+            before = torch.cuda.memory_allocated(device) if cuda else 0
+            with torch.autocast(device.type, dtype=torch.bfloat16):
+                loss = loss_fn(rows)
+            loss.backward()
+        peak = torch.cuda.max_memory_allocated(device) - before if cuda else 0
+        out[name] = (loss.item(), [hidden.grad.clone(), weight.grad.clone()], peak)
+    return out
+
+
+def test_chunked_loss_in_bf16_on_cuda_is_within_its_bound_and_adds_at_most_400_mb():
+    """Issue 15: the bound stated for bf16 (1e-3 relative on the loss, 2e-2 of the largest gradient entry) holds on
+    CUDA's bf16 matmuls, and one 4096-token row's loss adds at most 400 MB of peak memory at the 450m vocabulary,
+    where the dense path's (the control) adds over 1 GB."""
+    result = _chunked_against_dense_in_bf16(torch.device("cuda"))
+    (want, want_grads, dense_peak), (got, got_grads, chunked_peak) = result["dense"], result["chunked"]
+    assert got == pytest.approx(want, rel=1e-3)
+    for g, w in zip(got_grads, want_grads, strict=True):
+        assert (g - w).abs().max().item() <= 2e-2 * w.abs().max().item()
+    assert chunked_peak <= 400e6 < 1e9 < dense_peak, (chunked_peak, dense_peak)

@@ -9,10 +9,11 @@ Per variant: real (non-padding) tokens/s; MFU = (vision + projector + language F
 `toolkit.train.metrics.step_flops` counts them, excluding recomputation) / (step time x the device's bf16 peak,
 989 TFLOP/s on an H100/H200); and the peak memory the variant allocated on top of what was allocated before it
 started. The baseline is a plain PyTorch loop of the same model and batches (autocast bf16 over fp32 weights,
-AdamW, clipping, LambdaLR). Variants: the `single`, ZeRO-2, ZeRO-3 and FSDP2 backends at world size 1, each with and
-without activation checkpointing (the preset's `language` setting) and torch.compile, ordered so that a time
-budget cuts the most expensive (compiled) ones first; a variant that does not fit the budget, or fails (an
-out-of-memory error, say), becomes a row that says so and the rest still run.
+AdamW, clipping, LambdaLR). Variants: the `single`, DDP, ZeRO-1, ZeRO-2, ZeRO-3 and FSDP2 backends at world size
+1, each with and without activation checkpointing (the preset's `language` setting) and torch.compile, ordered so
+that a time budget cuts the most expensive (compiled) ones first; a variant that does not fit the budget, or fails
+(an out-of-memory error, say), becomes a row that says so and the rest still run. `--largest-batch VARIANTS` adds,
+for each, the largest micro-batch that trains with the chunked loss and with the dense one (largest_batch.py).
 
 Without CUDA the benchmark prints one "skipped: needs CUDA" row. `device="cpu"` with a tiny config runs every code
 path on the CPU; that is what the tests do, and it says nothing about GPU speed.
@@ -21,6 +22,7 @@ path on the CPU; that is what the tests do, and it says nothing about GPU speed.
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import logging
 import random
@@ -32,15 +34,19 @@ from typing import Any
 
 import torch
 
+from toolkit.bench.largest_batch import LOSSES, search_rows
 from toolkit.config import Config, load_config
 from toolkit.data.batch import Batch, BatchStats, ModelInputs
 
 log = logging.getLogger(__name__)
 
 
+BACKENDS = ("single", "ddp", "zero1", "zero2", "zero3", "fsdp")
+
+
 @dataclass(frozen=True)
 class Variant:
-    backend: str  # plain (the baseline loop), single, zero2, zero3 or fsdp
+    backend: str  # plain (the baseline loop), or one of BACKENDS
     checkpointing: str = "none"  # train.activation_checkpointing
     compile: bool = False
 
@@ -52,10 +58,9 @@ class Variant:
 
 def default_variants(checkpointing: str = "language") -> list[Variant]:
     """The baseline, then every backend eager, then with checkpointing, compiled, and both: cheapest first."""
-    backends = ("single", "zero2", "zero3", "fsdp")
     out = [Variant("plain")]
     for ac, compiled in (("none", False), (checkpointing, False), ("none", True), (checkpointing, True)):
-        out += [Variant(b, ac, compiled) for b in backends]
+        out += [Variant(b, ac, compiled) for b in BACKENDS]
     return out
 
 
@@ -64,9 +69,9 @@ def parse_variants(text: str, checkpointing: str = "language") -> list[Variant]:
     out = []
     for label in filter(None, (t.strip() for t in text.split(","))):
         backend, *flags = label.split("+")
-        if backend not in ("plain", "single", "zero2", "zero3", "fsdp") or set(flags) - {"ac", "compile"}:
+        if backend not in ("plain", *BACKENDS) or set(flags) - {"ac", "compile"}:
             raise ValueError(
-                f"variant {label!r}: expected BACKEND[+ac][+compile], BACKEND one of plain, single, zero2, zero3, fsdp"
+                f"variant {label!r}: expected BACKEND[+ac][+compile], BACKEND one of plain, {', '.join(BACKENDS)}"
             )
         out.append(Variant(backend, checkpointing if "ac" in flags else "none", "compile" in flags))
     return out
@@ -77,6 +82,7 @@ def bench_config(preset: str, variant: Variant, *, batch_size: int | None, devic
     backend = {
         "plain": ["backend.name=single"],
         "single": ["backend.name=single"],
+        "ddp": ["backend.name=ddp"],
         "fsdp": ["backend.name=fsdp"],
     }.get(variant.backend, ["backend.name=deepspeed", f"backend.ds_config=ds_configs/{variant.backend}.json"])
     settings = [
@@ -282,10 +288,14 @@ def run(
     profile: list[Variant] | tuple[Variant, ...] = (),
     profile_dir: str | Path = "runs/bench",
     calibrate: str | Path | None = None,
+    largest_batch: list[Variant] | tuple[Variant, ...] = (),
+    largest_limit: int = 32,
 ) -> dict:
     """Every variant on one device within `budget_s` seconds; `device=None` means CUDA, or skip without it.
 
-    Variants in `profile` also write their top kernels to `profile_dir`/gpu_profile_LABEL.txt. With `calibrate`,
+    Variants in `profile` also write their top kernels to `profile_dir`/gpu_profile_LABEL.txt; for each variant in
+    `largest_batch`, two more rows give the largest micro-batch (up to `largest_limit` rows) that trains with the
+    chunked and with the dense loss, within the same budget. With `calibrate`,
     only the `single` backend runs: seconds per tile and per token are measured and written to that file
     (toolkit/bench/calibrate.py) for `data.cost_calibration`.
     """
@@ -314,24 +324,36 @@ def run(
         plain_cfg = bench_config(preset, Variant("plain"), **settings)
         batches = synthetic_batches(plain_cfg, n_batches, seed=seed, device=dev)
         peak = peak_flops or device_peak_flops(dev)  # None (no MFU) for a device whose peak is unknown
-        rows, started = [], time.perf_counter()
-        for variant in variants or default_variants():
-            if time.perf_counter() - started > budget_s:
-                rows.append({"variant": variant.label, "status": f"skipped: time budget ({budget_s:.0f} s)"})
-                continue
-            cfg = bench_config(preset, variant, **settings)
-            kw = {"steps": steps, "warmup": warmup, "device": dev, "seed": seed}
-            if variant in profile:
-                kw["profile_to"] = Path(profile_dir) / f"gpu_profile_{variant.label.replace(' ', '_')}.txt"
-            rows.append(_measure(variant, cfg, batches, peak=peak, **kw))
-            _release(dev)
-            log.info("bench gpu: %s", {k: v for k, v in rows[-1].items() if k != "last_loss"})  # survives a kill
+        kw = {"steps": steps, "warmup": warmup, "device": dev, "seed": seed, "peak": peak}
+        jobs: list[tuple[str, Callable[[], dict[str, Any]]]] = []
+        for v in variants or default_variants():
+            to = Path(profile_dir) / f"gpu_profile_{v.label.replace(' ', '_')}.txt" if v in profile else None
+            cfg = bench_config(preset, v, **settings)
+            jobs.append((v.label, functools.partial(_measure, v, cfg, batches, profile_to=to, **kw)))
+        for v in largest_batch:
+            for loss in LOSSES:
+                job = functools.partial(_largest_row, v, loss, preset, settings, dev, limit=largest_limit, **kw)
+                jobs.append((f"{v.label}, {loss} loss", job))
+        rows = _run_jobs(jobs, budget_s, dev)
     finally:
         if own_group:
             dist.destroy_distributed()
     config = {"preset": preset, "steps": steps, "warmup": warmup, "budget_s": budget_s, "n_batches": n_batches}
     config.update(batch_size=plain_cfg.train.batch_size, seq=plain_cfg.model.lm_max_length, peak_flops=peak)
     return {"name": "gpu", "rows": _relative(rows), "headline": _headline(rows), "config": config}
+
+
+def _run_jobs(jobs: list[tuple[str, Callable[[], dict[str, Any]]]], budget_s: float, dev: torch.device) -> list[dict]:
+    """Each job's row in turn; once `budget_s` has passed, the rest are rows that say they were skipped."""
+    rows, started = [], time.perf_counter()
+    for label, job in jobs:
+        if time.perf_counter() - started > budget_s:
+            rows.append({"variant": label, "status": f"skipped: time budget ({budget_s:.0f} s)"})
+            continue
+        rows.append(job())
+        _release(dev)
+        log.info("bench gpu: %s", {k: v for k, v in rows[-1].items() if k != "last_loss"})  # survives a kill
+    return rows
 
 
 def _measure(variant: Variant, cfg: Config, batches: list[Batch], *, peak: float | None, **kw: Any) -> dict[str, Any]:
@@ -348,7 +370,28 @@ def _measure(variant: Variant, cfg: Config, batches: list[Batch], *, peak: float
     return row
 
 
-COLUMNS = ("variant", "status", "step_s", "tokens_per_s", "mfu", "peak_GB", "vs_plain", "last_loss")
+def _largest_row(
+    variant: Variant, loss: str, preset: str, settings: dict[str, Any], dev: torch.device, **kw: Any
+) -> dict[str, Any]:
+    """The largest micro-batch of `variant` with the chunked or dense loss, and its timed step's figures."""
+    peak, seed, limit = kw["peak"], kw["seed"], kw["limit"]
+
+    def measure(rows: int) -> dict[str, Any]:
+        cfg = bench_config(
+            preset, variant, **{**settings, "batch_size": rows, "overrides": [*settings["overrides"], LOSSES[loss]]}
+        )
+        batches = synthetic_batches(cfg, 2, seed=seed, device=dev)
+        result = time_variant(variant, cfg, batches, steps=1, warmup=1, device=dev, seed=seed)
+        return {**result, "mfu": result["flops_per_s"] / peak if peak else "-"}
+
+    try:
+        return search_rows(f"{variant.label}, {loss} loss", measure, limit=limit, release=lambda: _release(dev))
+    except Exception as exc:  # as in _measure: a broken search must not hide the other rows
+        log.exception("bench gpu: the largest-batch search of %s failed", variant.label)
+        return {"variant": f"{variant.label}, {loss} loss", "status": f"failed: {type(exc).__name__}: {exc}"[:120]}
+
+
+COLUMNS = ("variant", "status", "batch_rows", "step_s", "tokens_per_s", "mfu", "peak_GB", "vs_plain", "last_loss")
 
 
 def _relative(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -365,11 +408,12 @@ def _relative(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def _headline(rows: list[dict[str, Any]]) -> dict[str, Any]:
     ok = [r for r in rows if r["status"] == "ok"]
-    if not ok:
+    largest = {r["variant"]: r["batch_rows"] for r in rows if r.get("batch_rows") is not None}
+    if not ok and not largest:
         return {"error": "no variant ran"}
     plain = next((r for r in ok if r["variant"] == "plain"), None)
     best = max((r for r in ok if r["variant"] != "plain"), key=lambda r: r["tokens_per_s"], default=None)
-    head: dict[str, Any] = {}
+    head: dict[str, Any] = {"largest_batch_rows": largest} if largest else {}
     if plain:
         head.update(plain_tokens_per_s=plain["tokens_per_s"], plain_mfu=plain["mfu"])
     if best:
@@ -390,7 +434,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=None, help="packs per step (default: the preset's)")
     p.add_argument("--preset", default="nanovlm-450m")
     p.add_argument("--device", default=None, help="default: cuda, or skip without it; cpu runs the code paths only")
-    p.add_argument("--variants", default="", help="e.g. plain,single,zero3+ac,fsdp+compile (default: all 17)")
+    p.add_argument("--variants", default="", help="e.g. plain,single,zero3+ac,fsdp+compile (default: all 25)")
+    p.add_argument(
+        "--largest-batch",
+        default="",
+        help="variants (as in --variants) whose largest micro-batch to find, chunked loss against dense",
+    )
+    p.add_argument("--largest-limit", type=int, default=32, help="--largest-batch: try at most this many rows")
     p.add_argument("--profile", default="", help="variants (as in --variants) whose top kernels to write out")
     p.add_argument(
         "--peak-flops", type=float, default=None, help="bf16 FLOP/s of one device, if torch's name is unknown"
@@ -410,6 +460,7 @@ def main(argv: list[str] | None = None) -> int:
     kw["peak_flops"] = a.peak_flops
     kw["variants"] = parse_variants(a.variants) if a.variants else None
     kw["profile"] = parse_variants(a.profile)
+    kw["largest_batch"], kw["largest_limit"] = parse_variants(a.largest_batch), a.largest_limit
     if a.calibrate:
         kw = {"warmup": a.warmup, "steps": a.steps, "batch_size": a.batch_size, "calibrate": a.calibrate}
     run_bench(
