@@ -25,9 +25,9 @@ def test_450m_preset_has_nanovlm_published_shapes():
 
 
 def test_overrides_are_typed():
-    cfg = load_config("tiny", ["train.lr_mp=1e-3", "train.compile=true", "data.num_workers=0", "backend.name=fsdp"])
+    cfg = load_config("tiny", ["train.lr_mp=1e-3", "train.compile=true", "data.num_workers=3", "backend.name=fsdp"])
     assert cfg.train.lr_mp == 1e-3 and cfg.train.compile is True
-    assert cfg.data.num_workers == 0 and cfg.backend.name == "fsdp"
+    assert cfg.data.num_workers == 3 and cfg.backend.name == "fsdp"
     mix = load_config("tiny", ["data.train_shards=[{pattern: 'a/{0..3}.tar', weight: 2}, {pattern: b}]"])
     assert mix.data.train_shards[0] == {"pattern": "a/{0..3}.tar", "weight": 2}
 

@@ -296,3 +296,46 @@ def test_worker_batches_build_their_tiles_in_shared_memory(monkeypatch):
     shared = collate_module.cat_tiles(tiles, 8)
     assert shared.is_shared() and shared.dtype == torch.float32 and torch.equal(shared, plain)
     assert collate_module.cat_tiles([], 8).shape == (0, 3, 8, 8)
+
+
+@pytest.mark.parametrize("method", ["forkserver", "spawn"])
+def test_every_worker_start_method_gives_fork_batches_and_state(tok, mixed, method: str) -> None:
+    """data.worker_start changes how workers start, not what they read: batches, counts and resume state equal
+    fork's, and a fork-started state resumes under the other method."""
+    cfg = {m: tiny_config(tok, mixed, data={"num_workers": 2, "shuffle_buffer": 6, "worker_start": m})
+           for m in ("fork", method)}  # fmt: skip
+    runs = {}
+    for m, c in cfg.items():
+        torch.manual_seed(0)  # the loader draws its workers' base seed from the global generator
+        loader = build_loader(c, rank=0, world=1)
+        runs[m] = (take(loader, 4), loader.state_dict(), loader.counts())
+    assert_same_batches(runs[method][0], runs["fork"][0])
+    assert runs[method][1:] == runs["fork"][1:]
+    resumed = build_loader(cfg[method], rank=0, world=1)
+    resumed.load_state_dict(runs["fork"][1])
+    fork_next = build_loader(cfg["fork"], rank=0, world=1)
+    fork_next.load_state_dict(runs["fork"][1])
+    assert_same_batches(take(resumed, 2), take(fork_next, 2))
+
+
+def test_auto_worker_start_is_forkserver_where_fork_can_deadlock(monkeypatch) -> None:
+    for version, expected in (((3, 11, 7), "forkserver"), ((3, 12, 0), None), ((3, 13, 1), None)):
+        monkeypatch.setattr(loader_module.sys, "version_info", version)
+        context = loader_module.worker_context("auto")
+        assert (context.get_start_method() if context else None) == expected, version
+    assert loader_module.worker_context("fork") is None
+    assert loader_module.worker_context("spawn").get_start_method() == "spawn"
+
+
+@pytest.mark.slow  # 1000 process starts: about 30 s on 2 cores
+def test_workers_start_while_c_threads_enter_python(tmp_path) -> None:
+    """tests/fork_storm.py: with 4 threads of C code entering Python all the time, on this Python a plain fork
+    left 4 of 1000 children blocked forever (3.11.7, 2026-12-07); data.worker_start=auto must start every one."""
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parent / "fork_storm.py"
+    done = subprocess.run([sys.executable, str(script), "auto", "1000"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=900)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "auto: 0 of 1000 children never started" in done.stdout, done.stdout

@@ -156,6 +156,12 @@ class DataConfig:
     )
     shuffle_buffer: int = opt(1000, "Samples in the shuffle buffer.")
     num_workers: int = opt(2, "Data-loader worker processes per rank.")
+    worker_start: str = opt(
+        "auto",
+        "How loader workers start: fork, forkserver, spawn, or auto (forkserver on Python 3.11 and older, whose fork "
+        "can deadlock a worker that a multi-threaded training process forks, CPython gh-112275; fork on 3.12+).",
+        choices=("auto", "fork", "forkserver", "spawn"),
+    )
     prefetch_factor: int = opt(2, "Batches each worker prepares ahead.")
     seed: int = opt(0, "Seed of shard order, sample shuffle and mixture sampling.")
     relevance_min_rating: int = opt(1, "Drop turns whose FineVision relevance rating is below this (nanoVLM's rule).")
