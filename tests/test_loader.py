@@ -339,3 +339,46 @@ def test_workers_start_while_c_threads_enter_python(tmp_path) -> None:
                           text=True, timeout=900)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     assert "auto: 0 of 1000 children never started" in done.stdout, done.stdout
+
+
+OWNER_SCRIPT = """
+import sys, time
+from toolkit.config import load_config
+from toolkit.data.loader import build_loader
+if __name__ == "__main__":
+    loader = build_loader(load_config(sys.argv[1]), rank=0, world=1)
+    next(iter(loader))
+    print(" ".join(str(w.pid) for w in loader._iterator._workers), flush=True)
+    time.sleep(600)
+"""
+
+
+def test_fork_server_workers_end_when_their_rank_is_killed(tok, mixed, tmp_path) -> None:
+    """A rank killed with SIGKILL (an elastic restart) must not leave its loader workers behind: a fork server's
+    workers are the server's children, so torch's own parent watch never fires (seen: orphans holding the killed
+    rank's output pipes kept an elastic restart test waiting forever)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from toolkit.config import save_config
+
+    cfg = tiny_config(tok, mixed, data={"num_workers": 2, "shuffle_buffer": 6, "worker_start": "forkserver"})
+    save_config(cfg, tmp_path / "cfg.yaml")
+    (tmp_path / "owner.py").write_text(OWNER_SCRIPT)
+    env = {**__import__("os").environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    rank = subprocess.Popen([sys.executable, str(tmp_path / "owner.py"), str(tmp_path / "cfg.yaml")], cwd=tmp_path,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)  # fmt: skip
+    try:
+        workers = [int(pid) for pid in rank.stdout.readline().split()]
+        assert len(workers) == 2 and all(Path(f"/proc/{pid}").exists() for pid in workers)
+        rank.send_signal(signal.SIGKILL)
+        rank.wait()
+        deadline = time.monotonic() + 20
+        while any(Path(f"/proc/{pid}").exists() for pid in workers) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        left = [pid for pid in workers if Path(f"/proc/{pid}").exists()]
+        assert not left, f"workers {left} outlived their rank"
+    finally:
+        rank.kill()

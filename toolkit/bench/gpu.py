@@ -380,7 +380,7 @@ def _largest_row(
         cfg = bench_config(
             preset, variant, **{**settings, "batch_size": rows, "overrides": [*settings["overrides"], LOSSES[loss]]}
         )
-        batches = synthetic_batches(cfg, 2, seed=seed, device=dev)
+        batches = synthetic_batches(cfg, 1, seed=seed, device=dev)  # one batch on the device, as in training
         result = time_variant(variant, cfg, batches, steps=1, warmup=1, device=dev, seed=seed)
         return {**result, "mfu": result["flops_per_s"] / peak if peak else "-"}
 

@@ -13,14 +13,17 @@ rows to keep the shape. Note that readers (and so ranks) can end a finite pass a
 
 from __future__ import annotations
 
+import functools
 import multiprocessing
 import multiprocessing.context
 import multiprocessing.forkserver
 import os
+import select
 import sys
+import threading
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -410,6 +413,43 @@ def worker_context(method: str) -> multiprocessing.context.BaseContext | None:
     return context
 
 
+def exit_with(pid: int) -> Callable[[int], None]:
+    """A worker_init_fn that ends the worker when process `pid` (the rank that owns the loader) ends.
+
+    A fork-server worker is the server's child, and torch's workers only watch their parent: a rank killed with
+    SIGKILL (an elastic restart, a lost node's peer) would leave its workers, and with them the server, waiting
+    forever, holding memory and the rank's output pipes. The worker watches the rank through a pidfd instead (Linux
+    5.3+; elsewhere it polls the pid every second).
+    """
+    return functools.partial(_watch_owner, pid)
+
+
+def _watch_owner(pid: int, worker_id: int) -> None:
+    def watch() -> None:
+        try:
+            fd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            os._exit(1)
+        except (AttributeError, OSError):  # no pidfd here: poll
+            while _alive(pid):
+                time.sleep(1.0)
+            os._exit(1)
+        select.select([fd], [], [])  # readable once the process has ended
+        os._exit(1)
+
+    threading.Thread(target=watch, name=f"owner-watch-{worker_id}", daemon=True).start()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def build_loader(
     cfg: Config,
     *,
@@ -439,6 +479,7 @@ def build_loader(
     finite = (split == "val") if finite is None else finite
     spec = stream_spec(cfg, sets, tok, finite=finite, shuffle=split == "train")
     workers = cfg.data.num_workers
+    context = worker_context(cfg.data.worker_start) if workers > 0 else None
     if workers > 0:
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # forked workers each tokenize on one thread
     with warnings.catch_warnings():  # torchdata 0.11 calls a torch API that torch 2.13 deprecates
@@ -447,7 +488,8 @@ def build_loader(
             PackedStream(spec, tok, rank=rank, world=world),
             batch_size=None,
             num_workers=workers,
-            multiprocessing_context=worker_context(cfg.data.worker_start) if workers > 0 else None,
+            multiprocessing_context=context,
+            worker_init_fn=exit_with(os.getpid()) if context is not None else None,  # fork: torch's own watch
             prefetch_factor=cfg.data.prefetch_factor if workers > 0 else None,
             pin_memory=torch.cuda.is_available(),
         )
