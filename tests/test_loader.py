@@ -298,7 +298,7 @@ def test_worker_batches_build_their_tiles_in_shared_memory(monkeypatch):
     assert collate_module.cat_tiles([], 8).shape == (0, 3, 8, 8)
 
 
-@pytest.mark.parametrize("method", ["forkserver", "spawn"])
+@pytest.mark.parametrize("method", ["forkserver", pytest.param("spawn", marks=pytest.mark.slow)])  # spawn: ~10 s
 def test_every_worker_start_method_gives_fork_batches_and_state(tok, mixed, method: str) -> None:
     """data.worker_start changes how workers start, not what they read: batches, counts and resume state equal
     fork's, and a fork-started state resumes under the other method."""

@@ -23,7 +23,7 @@ import sys
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -392,15 +392,17 @@ def stream_spec(cfg: Config, sets: list[ShardSet], tok: VLMTokenizer, *, finite:
     )
 
 
-def worker_context(method: str) -> multiprocessing.context.BaseContext | None:
+def worker_context(method: str, preload: Sequence[str] = ()) -> multiprocessing.context.BaseContext | None:
     """How loader workers start (data.worker_start); None is torch's default, fork.
 
     A training process has threads (gloo's, the engines', TensorBoard's). On Python 3.11 and older, a fork made
     while a C++ thread was entering Python inherits the interpreter's thread-list lock held, and the child blocks on
     it before running a line (CPython gh-112275, fixed in 3.12): seen here as a ZeRO-3 rank stuck forever starting
     its validation loader's worker while the other rank waited in a collective. A fork server is one process of
-    its own, started without those threads, that forks every worker; it imports this module once (preload), so
-    a worker then starts in about a second, against a tenth of one with fork.
+    its own, started without those threads, that forks every worker. It imports this module and `preload` (the
+    tokenizer's module: unpickling the tokenizer would import transformers in every worker) once, when it starts,
+    so that a worker starts in tens of milliseconds. As with spawn, a worker imports the main module again unless
+    it was run with `-m` (`python -m toolkit train`, torchrun's `-m toolkit`): scripts need the `__main__` guard.
     """
     if method == "auto":
         method = "fork" if sys.version_info >= (3, 12) else "forkserver"
@@ -408,7 +410,7 @@ def worker_context(method: str) -> multiprocessing.context.BaseContext | None:
         return None
     context = multiprocessing.get_context(method)
     if method == "forkserver":
-        context.set_forkserver_preload([__name__])
+        context.set_forkserver_preload([__name__, *preload])
         multiprocessing.forkserver.ensure_running()  # its imports overlap the model's set-up, not the first batch
     return context
 
@@ -479,7 +481,7 @@ def build_loader(
     finite = (split == "val") if finite is None else finite
     spec = stream_spec(cfg, sets, tok, finite=finite, shuffle=split == "train")
     workers = cfg.data.num_workers
-    context = worker_context(cfg.data.worker_start) if workers > 0 else None
+    context = worker_context(cfg.data.worker_start, [type(tok.hf).__module__]) if workers > 0 else None
     if workers > 0:
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # forked workers each tokenize on one thread
     with warnings.catch_warnings():  # torchdata 0.11 calls a torch API that torch 2.13 deprecates
