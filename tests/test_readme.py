@@ -131,6 +131,7 @@ def test_readme_config_reference_is_generated_from_the_dataclasses():
 
 
 @pytest.mark.multiproc
+@pytest.mark.slow  # 75-90 s on 2 cores, the longest test: make test-slow (in .ci/run) runs it
 def test_every_readme_command_runs(readme_env):
     commands = readme_commands()
     assert len(commands) >= 10
