@@ -9,6 +9,7 @@ worker that never starts. Run: python tests/fork_storm.py METHOD N (METHOD as da
 from __future__ import annotations
 
 import ctypes
+import multiprocessing
 import sys
 import threading
 from pathlib import Path
@@ -36,7 +37,7 @@ def started(queue) -> None:
 
 
 def main(method: str, n: int) -> int:
-    context = worker_context(method) or __import__("multiprocessing").get_context("fork")
+    context = worker_context(method) or multiprocessing.get_context("fork")
     stop = threading.Event()
     threads = [threading.Thread(target=storm, args=(stop,), daemon=True) for _ in range(4)]
     for t in threads:

@@ -357,6 +357,7 @@ def test_fork_server_workers_end_when_their_rank_is_killed(tok, mixed, tmp_path)
     """A rank killed with SIGKILL (an elastic restart) must not leave its loader workers behind: a fork server's
     workers are the server's children, so torch's own parent watch never fires (seen: orphans holding the killed
     rank's output pipes kept an elastic restart test waiting forever)."""
+    import os
     import signal
     import subprocess
     import sys
@@ -367,7 +368,7 @@ def test_fork_server_workers_end_when_their_rank_is_killed(tok, mixed, tmp_path)
     cfg = tiny_config(tok, mixed, data={"num_workers": 2, "shuffle_buffer": 6, "worker_start": "forkserver"})
     save_config(cfg, tmp_path / "cfg.yaml")
     (tmp_path / "owner.py").write_text(OWNER_SCRIPT)
-    env = {**__import__("os").environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
     rank = subprocess.Popen([sys.executable, str(tmp_path / "owner.py"), str(tmp_path / "cfg.yaml")], cwd=tmp_path,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)  # fmt: skip
     try:

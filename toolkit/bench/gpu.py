@@ -332,7 +332,9 @@ def run(
             jobs.append((v.label, functools.partial(_measure, v, cfg, batches, profile_to=to, **kw)))
         for v in largest_batch:
             for loss in LOSSES:
-                job = functools.partial(_largest_row, v, loss, preset, settings, dev, limit=largest_limit, **kw)
+                job = functools.partial(
+                    _largest_row, v, loss, preset, settings, dev, limit=largest_limit, seed=seed, peak=peak
+                )
                 jobs.append((f"{v.label}, {loss} loss", job))
         rows = _run_jobs(jobs, budget_s, dev)
     finally:
@@ -362,19 +364,33 @@ def _measure(variant: Variant, cfg: Config, batches: list[Batch], *, peak: float
     try:
         result = time_variant(variant, cfg, batches, **kw)
     except Exception as exc:  # one broken variant must not hide the others' figures
-        log.exception("bench gpu: variant %s failed", variant.label)
-        row["status"] = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:100] if str(exc) else ''}"
-        return row
+        return _failed(variant.label, exc)
     row.update(result)
     row["mfu"] = result["flops_per_s"] / peak if peak else "-"
     return row
 
 
+def _failed(label: str, exc: Exception) -> dict[str, Any]:
+    """A row for a variant or search that raised (out of memory, a compile error): logged, and its first line."""
+    log.exception("bench gpu: %s failed", label)
+    return {
+        "variant": label,
+        "status": f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:100] if str(exc) else ''}",
+    }
+
+
 def _largest_row(
-    variant: Variant, loss: str, preset: str, settings: dict[str, Any], dev: torch.device, **kw: Any
+    variant: Variant,
+    loss: str,
+    preset: str,
+    settings: dict[str, Any],
+    dev: torch.device,
+    *,
+    limit: int,
+    seed: int,
+    peak: float | None,
 ) -> dict[str, Any]:
     """The largest micro-batch of `variant` with the chunked or dense loss, and its timed step's figures."""
-    peak, seed, limit = kw["peak"], kw["seed"], kw["limit"]
 
     def measure(rows: int) -> dict[str, Any]:
         cfg = bench_config(
@@ -384,11 +400,11 @@ def _largest_row(
         result = time_variant(variant, cfg, batches, steps=1, warmup=1, device=dev, seed=seed)
         return {**result, "mfu": result["flops_per_s"] / peak if peak else "-"}
 
+    label = f"{variant.label}, {loss} loss"
     try:
-        return search_rows(f"{variant.label}, {loss} loss", measure, limit=limit, release=lambda: _release(dev))
+        return search_rows(label, measure, limit=limit, release=lambda: _release(dev))
     except Exception as exc:  # as in _measure: a broken search must not hide the other rows
-        log.exception("bench gpu: the largest-batch search of %s failed", variant.label)
-        return {"variant": f"{variant.label}, {loss} loss", "status": f"failed: {type(exc).__name__}: {exc}"[:120]}
+        return _failed(label, exc)
 
 
 COLUMNS = ("variant", "status", "batch_rows", "step_s", "tokens_per_s", "mfu", "peak_GB", "vs_plain", "last_loss")
