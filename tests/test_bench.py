@@ -189,6 +189,15 @@ def test_narrow_450m_keeps_the_presets_structure_and_the_backend_asked_for():
         overhead.narrow_config("zero9")
 
 
+def test_profile_on_two_ranks_finishes_and_keeps_rank_0s_profile():
+    """`--profile` on 2 ranks: the profiled steps hold collectives, so every rank must run them (rank 0 alone
+    did, and the launch hung in the other rank's barrier until torchrun's timeout)."""
+    out = overhead.run_backend("fsdp", worlds=(2,), blocks=1, block=1, warmup=0, n_batches=1, read_steps=1,
+                       profile_steps=1, timeout_s=300)  # fmt: skip
+    assert "_fsdp_param_group.py" in out["profile_rank0"]["x2"]  # FSDP's own hooks were profiled
+    assert "foreach_reduce" in out["profile_rank0"]["x2"]  # and its reduce-scatter, a collective
+
+
 # -- gpu --------------------------------------------------------------------------------------------------------------
 
 

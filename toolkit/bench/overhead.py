@@ -373,10 +373,13 @@ def measure_backend(
     try:
         timings = interleave(steps, batches, blocks=blocks, block=block, warmup=warmup)
         reads = {name: count_host_reads(t, batches[:read_steps]) for name, t in trainers.items()}
-        profile = profile_text(steps["backend"], batches[:profile_steps]) if profile_steps and rank == 0 else None
+        # Every rank runs the profiled steps (they hold collectives: a rank that skipped them would hang the rest);
+        # rank 0's profile is the one kept.
+        profile = profile_text(steps["backend"], batches[:profile_steps]) if profile_steps else None
     finally:
         for trainer in trainers.values():
             trainer.backend.close()
+    profile = profile if rank == 0 else None
     return {"rank": rank, "label": backend_label(cfg), "timings": timings, "host_reads": reads, "profile": profile}
 
 
