@@ -8,6 +8,7 @@ import os
 import pickle
 import random
 import signal
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -25,15 +26,6 @@ def synth(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("synth")
     write_synth(str(out), samples=48, val_samples=8, seed=0)
     return out
-
-
-@pytest.fixture(autouse=True)
-def _keep_signal_handlers():
-    """`train` in this process installs SIGTERM/SIGUSR1 handlers; put pytest's back afterwards."""
-    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}
-    yield
-    for sig, handler in saved.items():
-        signal.signal(sig, handler)
 
 
 def base_args(synth: Path, run: Path, steps: int = 2) -> list[str]:
@@ -119,10 +111,7 @@ def trained_runs(synth, tmp_path_factory) -> dict[str, Path]:
     runs = {}
     for name in ("single", "fsdp"):
         run = tmp_path_factory.mktemp(name) / "run"
-        saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}
         assert cli.main([*base_args(synth, run), f"backend.name={name}"]) == 0
-        for sig, handler in saved.items():
-            signal.signal(sig, handler)
         runs[name] = run
     return runs
 
@@ -165,6 +154,31 @@ def test_untouched_checkpoints_still_resume_and_export(name, trained_runs, synth
     assert ckpt.RunDir(run).latest().name == "step_3"
     assert run_cli(["export", str(run), str(tmp_path / "out")], capsys)[0] == 0
     assert (tmp_path / "out" / "model.safetensors").exists()
+
+
+def test_a_run_gives_back_the_signal_handlers_and_frees_its_model_before_returning(synth, tmp_path, monkeypatch):
+    """`train` asks the trainer to stop on SIGTERM/SIGUSR1 for the run only. A handler left installed kept the
+    trainer, the FSDP model and its process group alive into the interpreter's teardown, where a rank once
+    aborted ("terminate called without an active exception"); the model's reference cycles are collected before
+    the process group is destroyed, not whenever the collector next runs."""
+    from toolkit.model import VisionLanguageModel
+
+    models = []
+    real_init = VisionLanguageModel.__init__
+
+    def recorded(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        models.append(weakref.ref(self))
+
+    monkeypatch.setattr(VisionLanguageModel, "__init__", recorded)
+    ours = {sig: signal.signal(sig, signal.default_int_handler) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        assert cli.main([*base_args(synth, tmp_path / "run"), "backend.name=fsdp"]) == 0
+        assert {sig: signal.getsignal(sig) for sig in ours} == dict.fromkeys(ours, signal.default_int_handler)
+    finally:
+        for sig, handler in ours.items():
+            signal.signal(sig, handler)
+    assert len(models) == 1 and models[0]() is None  # freed by the time main returned
 
 
 def test_rank_state_of_the_previous_layout_still_loads(tmp_path):

@@ -8,9 +8,12 @@ the run then writes a checkpoint of that step and exits 0, and `train.resume=aut
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import math
 import os
 import signal
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -187,11 +190,16 @@ def run_training(cfg: Config) -> list[dict[str, Any]]:
         raise FileExistsError(
             f"{run.root} already holds checkpoints; continue it with train.resume=auto or start a new train.run_dir"
         )
+    loader = None
     try:
         loader = _build(cfg, backend, tokenizer)
         history = _train(cfg, run, resume_from, backend=backend, loader=loader, tokenizer=tokenizer)
     finally:
         backend.close()
+        # The model, optimizer and loader go (with their reference cycles) while the interpreter is whole, so
+        # the process groups they use are freed before destroy_process_group, not in the interpreter's teardown.
+        del backend, loader
+        gc.collect()
         dist.destroy_distributed()  # also after an error: an in-process caller can start another run
     return history
 
@@ -224,16 +232,31 @@ def _train(cfg: Config, run: RunDir, resume_from: Path | None, *, backend, loade
                      start_step=trainer.state.step)  # fmt: skip
     life.saved_step = trainer.state.step if resume_from is not None else -1
     trainer.callbacks.append(life)
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(sig, lambda *_: trainer.request_stop())
     dist.log0("training %s on %d rank(s), backend %s", cfg.train.run_dir, env.world_size, cfg.backend.name)
     try:
-        history = trainer.fit(loader, max_steps=cfg.train.stop_at_step or None)
-        _finish(cfg, trainer, life)
+        with _stop_on_signals(trainer):
+            history = trainer.fit(loader, max_steps=cfg.train.stop_at_step or None)
+            _finish(cfg, trainer, life)
         print(f"rank {env.rank}/{env.world_size} finished at step {trainer.state.step}", flush=True)
     finally:
         writer.close()
     return history
+
+
+@contextlib.contextmanager
+def _stop_on_signals(trainer: Trainer) -> Iterator[None]:
+    """SIGTERM and SIGUSR1 ask `trainer` to checkpoint and stop, for this run only.
+
+    The previous handlers come back afterwards: a handler left installed kept the trainer, and through it the
+    model and its process groups, alive until the interpreter's own teardown, where a gloo thread freeing a
+    tensor then aborted the process ("terminate called without an active exception", exit code -6).
+    """
+    previous = {sig: signal.signal(sig, lambda *_: trainer.request_stop()) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _finish(cfg: Config, trainer: Trainer, life: Lifecycle) -> None:
