@@ -189,6 +189,24 @@ def test_narrow_450m_keeps_the_presets_structure_and_the_backend_asked_for():
         overhead.narrow_config("zero9")
 
 
+def test_overrides_may_follow_the_world_sizes(monkeypatch):
+    """`--world 2 backend.x=y`: the override is an override (a list-valued --world took it for a world size)."""
+    import toolkit.bench
+
+    seen = {}
+    monkeypatch.setattr(toolkit.bench, "run", lambda name, **kw: seen.update(kw, name=name) or {})
+    override = "backend.fsdp_reshard_after_forward=false"
+    assert overhead.main(["--backend", "fsdp", "--world", "1,2", override, "--profile"]) == 0
+    assert (seen["name"], seen["worlds"], seen["overrides"], seen["profile_steps"]) == (
+        "overhead",
+        (1, 2),
+        [override],
+        3,
+    )
+    with pytest.raises(SystemExit):
+        overhead.main(["--backend", "fsdp", "--world", "0"])
+
+
 def test_profile_on_two_ranks_finishes_and_keeps_rank_0s_profile():
     """`--profile` on 2 ranks: the profiled steps hold collectives, so every rank must run them (rank 0 alone
     did, and the launch hung in the other rank's barrier until torchrun's timeout)."""

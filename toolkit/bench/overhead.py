@@ -29,6 +29,7 @@ the host, by call site, over a few more steps of each loop.
 
 from __future__ import annotations
 
+import argparse
 import collections
 import contextlib
 import math
@@ -292,6 +293,17 @@ def narrow_config(backend: str, overrides: list[str] | tuple[str, ...] = ()) -> 
         device="cpu",
         overrides=[*settings, *BACKEND_SETTINGS[backend]],
     )
+
+
+def world_sizes(text: str) -> tuple[int, ...]:
+    """`--world 1,2`: one value, so overrides may follow it (a list of values took them for world sizes)."""
+    try:
+        sizes = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected world sizes such as 1,2, got {text!r}") from None
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"world sizes must be at least 1, got {text!r}")
+    return sizes
 
 
 def backend_label(cfg: Config) -> str:
@@ -607,8 +619,6 @@ def summarise_ranks(launches: dict[int, list[dict[str, Any]]], spec: dict[str, A
 
 def main(argv: list[str] | None = None) -> int:
     """`bench overhead [--backend NAME] [section.field=value ...]`."""
-    import argparse
-
     from toolkit.bench import run as run_bench
 
     p = argparse.ArgumentParser(prog="python -m toolkit bench overhead", description=__doc__.splitlines()[0])
@@ -618,7 +628,12 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="time this backend on 2 gloo ranks against `single` (default: single against a plain loop)",
     )
-    p.add_argument("--world", type=int, nargs="+", default=[1, WORLD], help="--backend: world sizes to run")
+    p.add_argument(
+        "--world",
+        type=world_sizes,
+        default=(1, WORLD),
+        help=f"--backend: world sizes to run, comma-separated (default: 1,{WORLD})",
+    )
     p.add_argument("--blocks", type=int, default=6, help="--backend: alternating blocks of steps per loop")
     p.add_argument("--block", type=int, default=3, help="--backend: steps per block")
     p.add_argument("--profile", action="store_true", help="--backend: add rank 0's cProfile of 3 backend steps")
@@ -636,7 +651,7 @@ def main(argv: list[str] | None = None) -> int:
     kw = {
         "backend": a.backend,
         "overrides": a.overrides,
-        "worlds": tuple(a.world),
+        "worlds": a.world,
         "blocks": a.blocks,
         "block": a.block,
     }
