@@ -156,11 +156,29 @@ def test_untouched_checkpoints_still_resume_and_export(name, trained_runs, synth
     assert (tmp_path / "out" / "model.safetensors").exists()
 
 
-def test_a_run_gives_back_the_signal_handlers_and_frees_its_model_before_returning(synth, tmp_path, monkeypatch):
+ZERO = "backend.name=deepspeed"
+
+
+@pytest.mark.parametrize(
+    "backend",
+    [
+        ["backend.name=single"],
+        ["backend.name=ddp"],
+        ["backend.name=fsdp"],
+        [ZERO, "backend.ds_config=ds_configs/zero2.json"],
+        [ZERO, "backend.ds_config=ds_configs/zero3.json"],
+    ],
+    ids=["single", "ddp", "fsdp", "zero2", "zero3"],
+)
+def test_a_run_gives_back_the_signal_handlers_and_frees_its_model_before_returning(
+    backend, synth, tmp_path, monkeypatch
+):
     """`train` asks the trainer to stop on SIGTERM/SIGUSR1 for the run only. A handler left installed kept the
     trainer, the FSDP model and its process group alive into the interpreter's teardown, where a rank once
     aborted ("terminate called without an active exception"); the model's reference cycles are collected before
-    the process group is destroyed, not whenever the collector next runs."""
+    the process group is destroyed, not whenever the collector next runs. ZeRO-3 also kept every model in two
+    DeepSpeed globals after destroy(), which the backend's close() now clears: a second run in one process
+    (a sweep, a notebook) held both models, and on a GPU their memory."""
     from toolkit.model import VisionLanguageModel
 
     models = []
@@ -173,12 +191,21 @@ def test_a_run_gives_back_the_signal_handlers_and_frees_its_model_before_returni
     monkeypatch.setattr(VisionLanguageModel, "__init__", recorded)
     ours = {sig: signal.signal(sig, signal.default_int_handler) for sig in (signal.SIGTERM, signal.SIGUSR1)}
     try:
-        assert cli.main([*base_args(synth, tmp_path / "run"), "backend.name=fsdp"]) == 0
+        assert cli.main([*base_args(synth, tmp_path / "run"), *backend]) == 0
         assert {sig: signal.getsignal(sig) for sig in ours} == dict.fromkeys(ours, signal.default_int_handler)
     finally:
         for sig, handler in ours.items():
             signal.signal(sig, handler)
     assert len(models) == 1 and models[0]() is None  # freed by the time main returned
+
+
+def test_a_second_deepspeed_run_in_the_same_process_trains(synth, tmp_path):
+    """DeepSpeed caches its own groups; destroying the process group through torch alone left them cached, and
+    the next engine in the process (a sweep, a notebook) failed on a destroyed group ("... is not registered")."""
+    for stage in (2, 3):
+        run = tmp_path / f"zero{stage}"
+        assert cli.main([*base_args(synth, run), ZERO, f"backend.ds_config=ds_configs/zero{stage}.json"]) == 0
+        assert ckpt.RunDir(run).latest().name == "step_2"
 
 
 def test_rank_state_of_the_previous_layout_still_loads(tmp_path):

@@ -13,6 +13,7 @@ import logging
 import os
 import random
 import re
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -125,7 +126,18 @@ def _restart_store(env: DistEnv, timeout: timedelta) -> dist.Store | None:
 
 
 def destroy_distributed() -> None:
-    if dist.is_initialized():
+    """Destroy every process group, through DeepSpeed when it has used them.
+
+    DeepSpeed caches groups of its own (world, data-parallel, ZeRO's); its destroy forgets them with the groups.
+    Torch's alone left them cached, and the next DeepSpeed engine in the same process (a sweep, a notebook) was
+    handed a destroyed group: "Group ... is not registered".
+    """
+    if not dist.is_initialized():
+        return
+    ds_comm = sys.modules.get("deepspeed.comm.comm")  # its `cdb`: the package re-exports the import-time None
+    if ds_comm is not None and getattr(ds_comm, "cdb", None) is not None:
+        ds_comm.destroy_process_group()
+    else:
         dist.destroy_process_group()
 
 

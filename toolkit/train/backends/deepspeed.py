@@ -293,8 +293,10 @@ class DeepSpeedBackend(Backend):
     def close(self) -> None:
         """DeepSpeed's offload keeps helper threads; ending the process without destroy() aborts it."""
         if self.engine is not None:
+            module = self.engine.module
             self.engine.destroy()
             self.engine = None
+            _release_zero3_globals(module)
 
     def save(self, path: str | Path, client_state: dict | None = None) -> None:
         state = {
@@ -417,3 +419,25 @@ class DeepSpeedBackend(Backend):
 
     def optimizer_state_numel(self) -> int:
         return tensor_state_numel(self.optimizer.state)
+
+
+def _release_zero3_globals(module: nn.Module) -> None:
+    """Drop the two references DeepSpeed's ZeRO-3 keeps in globals, which outlive destroy() and hold `module`.
+
+    ZeRO-3 pushes the model onto a module-level forward stack at setup and never pops it, and it memoises which
+    parameters to free after each submodule in a `functools.lru_cache` on the coordinator's class, keyed by
+    (coordinator, submodule). Either one keeps the model, its partitions and (on a GPU) their memory alive for the
+    process's life, so a second run in the same process (a sweep, a notebook, the tests) held two models. The
+    cache sits inside DeepSpeed's NVTX wrapper; if a release moves either, this does nothing, and the test that a
+    run frees its model fails.
+    """
+    from deepspeed.runtime.zero import parameter_offload
+    from deepspeed.runtime.zero.partitioned_param_coordinator import PartitionedParameterCoordinator
+
+    stack = getattr(parameter_offload, "FWD_MODULE_STACK", [])
+    stack[:] = [m for m in stack if m is not module]
+    method = vars(PartitionedParameterCoordinator).get("_PartitionedParameterCoordinator__params_to_release")
+    for cell in getattr(method, "__closure__", None) or ():
+        clear = getattr(cell.cell_contents, "cache_clear", None)
+        if clear is not None:
+            clear()
