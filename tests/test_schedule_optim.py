@@ -163,3 +163,34 @@ def test_fused_adamw_by_default_takes_the_per_tensor_steps() -> None:
             opt.zero_grad()
     for a, b in zip(*(m.parameters() for m in models)):
         assert (a - b).abs().max().item() <= 1e-6
+
+
+def test_the_norm_read_with_the_loss_clips_as_a_step_that_reads_it_itself() -> None:
+    """The trainer asks for the norm tensor, reads it with the loss and passes the value to step(); a caller of
+    step() alone has the step read it. Same norm, same clipped update, bit for bit, with the clip active."""
+    from toolkit.bench.memory import synthetic_batch
+    from toolkit.bench.overhead import toolkit_trainer
+    from toolkit.config import load_config
+
+    settings = ["backend.device=cpu", "backend.precision=fp32"]
+    cfg = load_config("tiny", [*settings, "train.max_grad_norm=0.05"])
+    ours, theirs = toolkit_trainer(cfg, seed=0).backend, toolkit_trainer(cfg, seed=0).backend
+    unclipped = toolkit_trainer(load_config("tiny", [*settings, "train.max_grad_norm=0"]), seed=0).backend
+    batch = synthetic_batch(cfg.model, seed=1)
+    for backend in (ours, theirs, unclipped):
+        for _ in range(backend.accumulation):
+            backend.forward_backward(batch, 1e-2)
+    read = ours.step(grad_norm=float(ours.grad_norm()))
+    alone = theirs.step()
+    unclipped.step(grad_norm=float(unclipped.grad_norm()))
+    assert read.grad_norm == alone.grad_norm > 0.05 and not read.skipped
+    # AdamW's first update barely sees a uniform scale of the gradients; its first moment is the clipped gradient
+    moments = [[b.optimizer.state[p]["exp_avg"] for p in b.module.parameters()] for b in (ours, theirs, unclipped)]
+    assert all(torch.equal(a, b) for a, b in zip(moments[0], moments[1], strict=True))
+    assert not any(torch.equal(a, c) for a, c in zip(moments[0], moments[2], strict=True) if a.any())
+    params = [list(b.module.parameters()) for b in (ours, theirs)]
+    assert all(torch.equal(a, b) for a, b in zip(params[0], params[1], strict=True))
+    for _ in range(ours.accumulation):
+        ours.forward_backward(batch, 1e-2)
+    with pytest.raises(RuntimeError, match="grad_norm"):  # a value that no grad_norm() tensor gave
+        ours.step(grad_norm=1.0)

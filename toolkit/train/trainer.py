@@ -191,13 +191,18 @@ class Trainer:
     ) -> dict[str, Any]:
         n_targets = max(int(counts[TARGETS]), 1)
         loss_sum, fwd_bwd = self._forward_backward(micro, n_targets)
+        norm = self.backend.grad_norm()  # on the device: read below with the loss, in the same transfer
         # The stop flag and each rank's compute time ride on the loss all-reduce: no extra collective.
         mine = torch.stack([loss_sum, loss_sum.new_tensor(float(self._stop_requested))])
         rank, world = _slot()
         times = per_rank(fwd_bwd, rank=rank, world=world).to(mine.device)
-        reduced = dist.all_reduce_sum(torch.cat([mine, times])).cpu()
+        reduced = dist.all_reduce_sum(torch.cat([mine, times]))
+        if norm is not None:
+            reduced = torch.cat([reduced, norm.reshape(1).to(reduced.dtype)])
+        reduced = reduced.cpu()
         loss, self._stopping = float(reduced[0]) / n_targets, bool(reduced[1] > 0)
-        result = self.backend.step(skip=not math.isfinite(loss))
+        grad_norm = float(reduced[-1]) if norm is not None else None
+        result = self.backend.step(skip=not math.isfinite(loss), grad_norm=grad_norm)
         self._count(result.skipped)
         elapsed = time.perf_counter() - started
         metrics = {
@@ -217,7 +222,7 @@ class Trainer:
             "images_per_pack": float(counts[IMAGES]) / max(float(counts[ROWS]), 1.0),
             "peak_memory_gb": peak_memory_gb(self.backend.device),
             "fwd_bwd_s": fwd_bwd,  # this rank's (rank 0's in metrics.jsonl)
-            "rank_time_imbalance": imbalance(reduced[2:]),
+            "rank_time_imbalance": imbalance(reduced[2 : 2 + world]),
             "rank_cost_imbalance": imbalance(counts[N_COUNTS:]),
             **self._mfu(counts, elapsed),
         }

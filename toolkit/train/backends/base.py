@@ -120,23 +120,42 @@ def prepare_blocks(model: nn.Module, tc: TrainConfig, device: torch.device) -> N
 
 
 def clip_grad_norm(params: list[nn.Parameter], max_norm: float) -> float:
-    """Global L2 norm of the gradients (across shards for DTensors) and, when max_norm > 0, clip to it.
-
-    Returns the pre-clip norm, read by the host once (the skip check needs it before the clip; reading the norm
-    again after the clip would wait for the clip too). The clip factor is torch's max_norm / (norm + 1e-6), the
-    same as DeepSpeed's.
-    """
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
+    """Global L2 norm of the gradients (across shards for DTensors), read once, and, when max_norm > 0 and the norm
+    is finite, the clip to it. The clip factor is torch's max_norm / (norm + 1e-6), the same as DeepSpeed's."""
+    total = grad_norm_tensor(params)
+    if total is None:
         return 0.0
-    shards = _local_shards(grads)
-    if shards is not None:
-        return _clip_shards(*shards, max_norm)
-    total = torch.nn.utils.get_total_norm(grads)
     norm = float(total)
     if max_norm > 0 and math.isfinite(norm):
-        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
+        clip_to_norm(params, max_norm, total)
     return norm
+
+
+def grad_norm_tensor(params: list[nn.Parameter]) -> torch.Tensor | None:
+    """Global L2 norm of the gradients on the device, not read (None without gradients). FSDP2's shards: their
+    squared norms summed over the group they are sharded on (a collective), without DTensor's dispatch."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return None
+    shards = _local_shards(grads)
+    if shards is None:
+        return torch.nn.utils.get_total_norm(grads)
+    local, group = shards
+    squares = torch.nn.utils.get_total_norm(local).square()
+    if torch.distributed.get_world_size(group) > 1:
+        torch.distributed.all_reduce(squares, group=group)
+    return squares.sqrt()
+
+
+def clip_to_norm(params: list[nn.Parameter], max_norm: float, total: torch.Tensor) -> None:
+    """Scale the gradients by min(1, max_norm / (total + 1e-6)) on the device: torch's clip for plain tensors, one
+    foreach multiply of the local shards for FSDP2's (the same arithmetic; on the narrow nanovlm-450m on a CPU the
+    clip took 20 ms a step through DTensor, 10 ms on the shards, 8 ms under DDP)."""
+    shards = _local_shards([p.grad for p in params if p.grad is not None])
+    if shards is None:
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
+    else:
+        torch._foreach_mul_(shards[0], torch.clamp(max_norm / (total + 1e-6), max=1.0))
 
 
 def _local_shards(grads: list[torch.Tensor]) -> tuple[list[torch.Tensor], Any] | None:
@@ -152,20 +171,6 @@ def _local_shards(grads: list[torch.Tensor]) -> tuple[list[torch.Tensor], Any] |
     if len(dims) != 1:
         return None
     return [g._local_tensor for g in grads], mesh.get_group(dims[0])
-
-
-def _clip_shards(local: list[torch.Tensor], group: Any, max_norm: float) -> float:
-    """The global norm from the shards' squared norms summed over `group`, and the clip as one foreach multiply:
-    the same arithmetic as torch's DTensor path without dispatching every op on hundreds of DTensors. On the
-    narrow nanovlm-450m (CPU) the clip took 20 ms a step that way, 10 ms this way, and 8 ms under DDP."""
-    squares = torch.nn.utils.get_total_norm(local).square()
-    if torch.distributed.get_world_size(group) > 1:
-        torch.distributed.all_reduce(squares, group=group)
-    total = squares.sqrt()
-    norm = float(total)
-    if max_norm > 0 and math.isfinite(norm):
-        torch._foreach_mul_(local, torch.clamp(max_norm / (total + 1e-6), max=1.0))
-    return norm
 
 
 class Backend(ABC):
@@ -229,16 +234,24 @@ class Backend(ABC):
             self._backward(out.loss_sum * (loss_scale * self.grad_average_factor))
         return out.loss_sum.detach().float()
 
-    def step(self, *, skip: bool = False) -> StepResult:
+    def grad_norm(self) -> torch.Tensor | None:
+        """Collective, after the step's last micro-batch: the global gradient norm the coming `step` clips to, as
+        a device tensor not yet read, so the trainer reads it with the loss in one transfer (one device sync, not
+        two); then pass the value read to `step(grad_norm=...)`. None where the engine computes its norm inside
+        its own step (DeepSpeed)."""
+        return None
+
+    def step(self, *, skip: bool = False, grad_norm: float | None = None) -> StepResult:
         """Clip, update and advance the schedule; `skip` (a non-finite loss) drops the gradients instead.
 
-        The schedule advances on a skipped step too, so the LR stays a function of the step index (and of the
-        batches consumed), which is what resuming relies on.
+        `grad_norm` is the value of the tensor `grad_norm()` returned, read by the caller; without it the step
+        computes and reads the norm itself. The schedule advances on a skipped step too, so the LR stays a function
+        of the step index (and of the batches consumed), which is what resuming relies on.
         """
         if self._micro != self.accumulation:
             raise RuntimeError(f"step() after {self._micro} micro-batches; expected {self.accumulation}")
         self._micro = 0
-        return self._step(skip)
+        return self._step(skip, grad_norm)
 
     @abstractmethod
     def save(self, path: str | Path, client_state: dict | None = None) -> None:
@@ -313,7 +326,7 @@ class Backend(ABC):
     def _backward(self, loss: torch.Tensor) -> None: ...
 
     @abstractmethod
-    def _step(self, skip: bool) -> StepResult: ...
+    def _step(self, skip: bool, grad_norm: float | None) -> StepResult: ...
 
     # -- shared helpers --
     def trainable_parameters(self) -> Iterator[nn.Parameter]:
@@ -340,6 +353,7 @@ class TorchOptimizerBackend(Backend):
     model: nn.Module
     optimizer: torch.optim.Optimizer
     _trainable: list[nn.Parameter] | None = None  # listed at the first step: the set is fixed once set up
+    _norm: torch.Tensor | None = None  # grad_norm()'s tensor, for the step that follows it
 
     def _model_call(self, inputs: dict[str, torch.Tensor]) -> Any:
         return self.model(**inputs)
@@ -351,14 +365,31 @@ class TorchOptimizerBackend(Backend):
     def _backward(self, loss: torch.Tensor) -> None:
         loss.backward()
 
-    def _step(self, skip: bool) -> StepResult:
+    def grad_norm(self) -> torch.Tensor | None:
+        if self._micro != self.accumulation:
+            raise RuntimeError(f"grad_norm() after {self._micro} micro-batches; expected {self.accumulation}")
+        self._norm = grad_norm_tensor(self._params())
+        return self._norm
+
+    def _params(self) -> list[nn.Parameter]:
         if self._trainable is None:  # walking the ~600 modules of nanovlm-450m for them took ~10 ms a step on a CPU
             self._trainable = list(self.trainable_parameters())
-        norm = clip_grad_norm(self._trainable, 0.0 if skip else self.cfg.train.max_grad_norm)
-        skip = skip or not math.isfinite(norm)
+        return self._trainable
+
+    def _step(self, skip: bool, grad_norm: float | None) -> StepResult:
+        total, self._norm = self._norm, None
+        if grad_norm is not None and total is None:
+            raise RuntimeError("step(grad_norm=...) takes the value of the tensor grad_norm() returned for this step")
+        if total is None:
+            total = grad_norm_tensor(self._params())
+        if grad_norm is None:  # the caller did not read the norm with its own transfer: read it here
+            grad_norm = 0.0 if total is None else float(total)
+        skip = skip or not math.isfinite(grad_norm)
+        if not skip and total is not None and self.cfg.train.max_grad_norm > 0:
+            clip_to_norm(self._params(), self.cfg.train.max_grad_norm, total)
         lrs = group_lrs(self.optimizer.param_groups, self.groups)
         if not skip:
             self._update()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
-        return StepResult(grad_norm=norm, lrs=lrs, skipped=skip)
+        return StepResult(grad_norm=grad_norm, lrs=lrs, skipped=skip)

@@ -276,7 +276,7 @@ class DeepSpeedBackend(Backend):
         if self._micro < self.accumulation:
             self.engine.step()  # not a boundary: DeepSpeed only counts the micro-step
 
-    def _step(self, skip: bool) -> StepResult:
+    def _step(self, skip: bool, grad_norm: float | None) -> StepResult:
         if not self.engine.is_gradient_accumulation_boundary():
             raise RuntimeError("DeepSpeed engine is not at an accumulation boundary; micro-step counts disagree")
         fallback = None
