@@ -182,8 +182,13 @@ class Trainer:
         return micro
 
     def _global_counts(self, micro: Sequence[Batch], *, exhausted: bool) -> torch.Tensor:
+        """The step's counts summed over ranks, on the host. Alone (world size 1) they never leave it: the trip
+        to the device and back was a device sync at the start of every single-GPU step, waiting for the previous
+        step's update. With ranks they go through the device, which NCCL's all-reduce needs."""
         rank, world = _slot()
         counts = local_counts(micro, exhausted=exhausted, cost=self.cost, rank=rank, world=world)
+        if world == 1:
+            return counts
         return dist.all_reduce_sum(counts.to(self.backend.device)).cpu()
 
     def _run_step(
