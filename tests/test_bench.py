@@ -206,6 +206,9 @@ def test_overrides_may_follow_the_world_sizes(monkeypatch):
         [override],
         3,
     )
+    assert seen["label"] == "overhead_fsdp+fsdp_reshard_after_forward=false"  # not the plain run's overhead_fsdp
+    overhead.main(["--backend", "deepspeed", "backend.ds_config=ds_configs/zero3.json", "train.max_grad_norm=0.5"])
+    assert seen["label"] == "overhead_zero3+max_grad_norm=0.5"
     with pytest.raises(SystemExit):
         overhead.main(["--backend", "fsdp", "--world", "0"])
 

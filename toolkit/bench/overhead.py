@@ -33,6 +33,7 @@ import argparse
 import collections
 import contextlib
 import math
+import re
 import statistics
 import sys
 import tempfile
@@ -304,6 +305,14 @@ def world_sizes(text: str) -> tuple[int, ...]:
     if not sizes or min(sizes) < 1:
         raise argparse.ArgumentTypeError(f"world sizes must be at least 1, got {text!r}")
     return sizes
+
+
+def output_label(backend: str, overrides: list[str]) -> str:
+    """runs/bench/LABEL.json: overhead_zero2, or overhead_fsdp+fsdp_reshard_after_forward=false with overrides, so
+    a run that changes a setting does not overwrite the run it is compared with (the DeepSpeed config file is
+    already in the backend's name)."""
+    settings = [o.split(".", 1)[-1] for o in overrides if not o.startswith("backend.ds_config=")]
+    return "+".join([f"overhead_{backend}", *(re.sub(r"[^A-Za-z0-9_.=-]", "-", s) for s in settings)])
 
 
 def backend_label(cfg: Config) -> str:
@@ -647,7 +656,7 @@ def main(argv: list[str] | None = None) -> int:
             p.error("overrides and --profile go with --backend")
         run_bench("overhead", as_json=a.json)
         return 0
-    label = backend_label(narrow_config(a.backend, a.overrides))
+    label = output_label(backend_label(narrow_config(a.backend, a.overrides)), a.overrides)
     kw = {
         "backend": a.backend,
         "overrides": a.overrides,
@@ -655,7 +664,7 @@ def main(argv: list[str] | None = None) -> int:
         "blocks": a.blocks,
         "block": a.block,
     }
-    run_bench("overhead", label=f"overhead_{label}", as_json=a.json, **kw, profile_steps=3 if a.profile else 0)
+    run_bench("overhead", label=label, as_json=a.json, **kw, profile_steps=3 if a.profile else 0)
     return 0
 
 
