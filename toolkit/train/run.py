@@ -196,8 +196,8 @@ def run_training(cfg: Config) -> list[dict[str, Any]]:
         history = _train(cfg, run, resume_from, backend=backend, loader=loader, tokenizer=tokenizer)
     finally:
         backend.close()
-        # The model, optimizer and loader go (with their reference cycles) while the interpreter is whole, so
-        # the process groups they use are freed before destroy_process_group, not in the interpreter's teardown.
+        # The model, optimizer and loader go (with their reference cycles) while the interpreter is whole, and
+        # with them the collectives' last work objects, before destroy_process_group, not in the teardown.
         del backend, loader
         gc.collect()
         dist.destroy_distributed()  # also after an error: an in-process caller can start another run
@@ -248,8 +248,8 @@ def _stop_on_signals(trainer: Trainer) -> Iterator[None]:
     """SIGTERM and SIGUSR1 ask `trainer` to checkpoint and stop, for this run only.
 
     The previous handlers come back afterwards: a handler left installed kept the trainer, and through it the
-    model and its process groups, alive until the interpreter's own teardown, where a gloo thread freeing a
-    tensor then aborted the process ("terminate called without an active exception", exit code -6).
+    model, alive into the interpreter's own teardown (the likely cause of one FSDP rank's abort at exit,
+    "terminate called without an active exception"), and every later run in the process kept its predecessor.
     """
     previous = {sig: signal.signal(sig, lambda *_: trainer.request_stop()) for sig in (signal.SIGTERM, signal.SIGUSR1)}
     try:
