@@ -366,8 +366,13 @@ def _measure(variant: Variant, cfg: Config, batches: list[Batch], *, peak: float
     except Exception as exc:  # one broken variant must not hide the others' figures
         return _failed(variant.label, exc)
     row.update(result)
-    row["mfu"] = result["flops_per_s"] / peak if peak else "-"
+    row["mfu"] = _mfu(result, peak)
     return row
+
+
+def _mfu(result: dict[str, Any], peak: float | None) -> float | str:
+    """A timed step's model FLOPs utilisation, or "-" on a device whose peak is unknown."""
+    return result["flops_per_s"] / peak if peak else "-"
 
 
 def _failed(label: str, exc: Exception) -> dict[str, Any]:
@@ -398,7 +403,7 @@ def _largest_row(
         )
         batches = synthetic_batches(cfg, 1, seed=seed, device=dev)  # one batch on the device, as in training
         result = time_variant(variant, cfg, batches, steps=1, warmup=1, device=dev, seed=seed)
-        return {**result, "mfu": result["flops_per_s"] / peak if peak else "-"}
+        return {**result, "mfu": _mfu(result, peak)}
 
     label = f"{variant.label}, {loss} loss"
     try:
