@@ -262,6 +262,19 @@ def test_gpu_bench_skips_cleanly_without_cuda(monkeypatch, tmp_path, capsys):
     assert json.loads((tmp_path / "gpu.json").read_text())["headline"] == {"skipped": "needs CUDA"}
 
 
+def test_bench_gpu_warns_when_a_variant_leaves_memory_behind(monkeypatch, caplog):
+    """A variant that does not free its model (ZeRO-3 + compile, in torch 2.13 / DeepSpeed 0.19) leaves every later
+    row less memory, the largest-batch searches included: the log names it, once per new leak, not for noise."""
+    allocated = iter([1.0, 1.2, 9.2, 9.3, 9.3])  # GB: before any job, then after each of four
+    monkeypatch.setattr(gpu, "_allocated_gb", lambda dev: next(allocated))
+    jobs = [(name, lambda name=name: {"variant": name, "status": "ok"}) for name in ("a", "leaky", "b", "c")]
+    with caplog.at_level("WARNING", logger=gpu.log.name):
+        rows = gpu._run_jobs(jobs, budget_s=1e9, dev=torch.device("cpu"))
+    assert [r["variant"] for r in rows] == ["a", "leaky", "b", "c"]
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and warnings[0].startswith("bench gpu: 8.2 GB stay allocated after leaky")
+
+
 def test_cli_bench_gpu_exits_0_without_cuda(monkeypatch, tmp_path, capsys):
     from toolkit.__main__ import main
 

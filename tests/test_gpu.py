@@ -12,6 +12,7 @@ import torch
 
 from tests.conftest import PYTHONPATH, tiny_model_config, torchrun
 from toolkit.model import VisionLanguageModel, attention
+from toolkit.train.backends.base import compile_block
 
 REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.gpu
@@ -66,7 +67,7 @@ def test_fused_packed_attention_gradients_match_the_dense_mask(kernel, compiled)
         model.decoder.attention_kernel = name
         if compiled and name == kernel:
             for block in model.blocks():
-                block.compile()
+                compile_block(block)
         with torch.autocast("cuda", dtype=torch.bfloat16):
             logits = model(input_ids=ids, pixel_values=tiles, position_ids=pos).logits
         logits.float().logsumexp(-1).mean().backward()

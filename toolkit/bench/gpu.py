@@ -348,6 +348,7 @@ def run(
 def _run_jobs(jobs: list[tuple[str, Callable[[], dict[str, Any]]]], budget_s: float, dev: torch.device) -> list[dict]:
     """Each job's row in turn; once `budget_s` has passed, the rest are rows that say they were skipped."""
     rows, started = [], time.perf_counter()
+    held = _allocated_gb(dev)
     for label, job in jobs:
         if time.perf_counter() - started > budget_s:
             rows.append({"variant": label, "status": f"skipped: time budget ({budget_s:.0f} s)"})
@@ -355,7 +356,23 @@ def _run_jobs(jobs: list[tuple[str, Callable[[], dict[str, Any]]]], budget_s: fl
         rows.append(job())
         _release(dev)
         log.info("bench gpu: %s", {k: v for k, v in rows[-1].items() if k != "last_loss"})  # survives a kill
+        now = _allocated_gb(dev)
+        if now > held + LEFT_BEHIND_GB:
+            log.warning(
+                "bench gpu: %.1f GB stay allocated after %s (a model it did not free): every later row, the largest "
+                "micro-batch searches included, has that much less memory",
+                now - held,
+                label,
+            )
+            held = now
     return rows
+
+
+LEFT_BEHIND_GB = 0.5  # more than this still allocated after a variant is worth a warning
+
+
+def _allocated_gb(device: torch.device) -> float:
+    return torch.cuda.memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
 
 
 def _measure(variant: Variant, cfg: Config, batches: list[Batch], *, peak: float | None, **kw: Any) -> dict[str, Any]:

@@ -114,9 +114,20 @@ def prepare_blocks(model: nn.Module, tc: TrainConfig, device: torch.device) -> N
         block.forward = types.MethodType(_checkpointed_forward, block)
     if tc.compile:
         for block in model.blocks():
-            block.compile()
+            compile_block(block)
     model.decoder.attention_kernel = tc.attention_kernel
     model.decoder.head.chunked = tc.chunked_loss
+
+
+def compile_block(block: nn.Module) -> None:
+    """torch.compile the block's forward (its checkpointed one, if set), not its whole call.
+
+    The module hooks that FSDP2 and ZeRO-3 later put on each block then run as plain Python around the compiled
+    code. `block.compile()` compiled the call, hooks included: dynamo traced ZeRO-3's hooks, specialised them on
+    each block's `ds_id` and recompiled them block after block until its recompile limit, then ran them eagerly.
+    (FSDP2's hooks dynamo skips either way.)
+    """
+    block.forward = torch.compile(block.forward)
 
 
 def clip_grad_norm(params: list[nn.Parameter], max_norm: float) -> float:
