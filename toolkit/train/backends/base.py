@@ -130,18 +130,6 @@ def compile_block(block: nn.Module) -> None:
     block.forward = torch.compile(block.forward)
 
 
-def clip_grad_norm(params: list[nn.Parameter], max_norm: float) -> float:
-    """Global L2 norm of the gradients (across shards for DTensors), read once, and, when max_norm > 0 and the norm
-    is finite, the clip to it. The clip factor is torch's max_norm / (norm + 1e-6), the same as DeepSpeed's."""
-    total = grad_norm_tensor(params)
-    if total is None:
-        return 0.0
-    norm = float(total)
-    if max_norm > 0 and math.isfinite(norm):
-        clip_to_norm(params, max_norm, total)
-    return norm
-
-
 def grad_norm_tensor(params: list[nn.Parameter]) -> torch.Tensor | None:
     """Global L2 norm of the gradients on the device, not read (None without gradients). FSDP2's shards: their
     squared norms summed over the group they are sharded on (a collective), without DTensor's dispatch."""

@@ -41,7 +41,7 @@ from toolkit.train.backends.base import (
     Backend,
     Capabilities,
     StepResult,
-    clip_grad_norm,
+    grad_norm_tensor,
     prepare_blocks,
     tensor_state_numel,
 )
@@ -281,7 +281,8 @@ class DeepSpeedBackend(Backend):
             raise RuntimeError("DeepSpeed engine is not at an accumulation boundary; micro-step counts disagree")
         fallback = None
         if self.stage == 0 and not self.bf16:  # plain torch AdamW: DeepSpeed clips but does not record the norm
-            fallback = clip_grad_norm(list(self.trainable_parameters()), 0.0)
+            total = grad_norm_tensor(list(self.trainable_parameters()))
+            fallback = 0.0 if total is None else float(total)
             skip = skip or not math.isfinite(fallback)
         lrs = group_lrs(self.optimizer.param_groups, self.groups)
         with _updates_disabled(self.optimizer) if skip else contextlib.nullcontext():
