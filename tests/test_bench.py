@@ -275,6 +275,24 @@ def test_bench_gpu_warns_when_a_variant_leaves_memory_behind(monkeypatch, caplog
     assert len(warnings) == 1 and warnings[0].startswith("bench gpu: 8.2 GB stay allocated after leaky")
 
 
+def test_bench_gpu_runs_its_variants_with_recompile_headroom_and_restores_the_limit(monkeypatch):
+    """The variants share one process and compile the same block forwards: at dynamo's default limit (8) a later
+    compiled variant could fall back to eager blocks. The bench raises it while its jobs run, and only then."""
+    import torch._dynamo.config as dynamo_config
+
+    seen = []
+
+    def record(jobs, budget_s, dev):
+        seen.append(dynamo_config.recompile_limit)
+        return [{"variant": label, "status": "failed: not run"} for label, _ in jobs]
+
+    monkeypatch.setattr(gpu, "_run_jobs", record)
+    before = dynamo_config.recompile_limit
+    gpu.run(device="cpu", preset="tiny", variants=gpu.parse_variants("single+compile"), steps=1, warmup=0)
+    assert seen == [max(before, gpu.RECOMPILE_LIMIT)] and seen[0] > 8
+    assert dynamo_config.recompile_limit == before
+
+
 def test_cli_bench_gpu_exits_0_without_cuda(monkeypatch, tmp_path, capsys):
     from toolkit.__main__ import main
 
