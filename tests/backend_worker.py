@@ -279,19 +279,26 @@ def _count_gradient_exchanges(backend) -> list[int]:
 
         backend.model.register_comm_hook(None, hook)
     else:
-        original = torch.distributed.reduce_scatter_single
+        original = getattr(torch.distributed, FSDP_REDUCE_SCATTER)
 
         def counted(*args: Any, **kwargs: Any) -> Any:
             calls[0] += 1
             return original(*args, **kwargs)
 
-        torch.distributed.reduce_scatter_single = counted
+        setattr(torch.distributed, FSDP_REDUCE_SCATTER, counted)
     return calls
+
+
+# FSDP2's gradient reduce-scatter: `reduce_scatter_single` in torch 2.13, `reduce_scatter_tensor` in torch 2.11
+# (torch 2.11, the GPU machines' version, has no `reduce_scatter_single`).
+FSDP_REDUCE_SCATTER = (
+    "reduce_scatter_single" if hasattr(torch.distributed, "reduce_scatter_single") else "reduce_scatter_tensor"
+)
 
 
 def gradient_exchanges(batches: list[list[Batch]]) -> dict[str, list[int]]:
     """Gradient collectives of one optimizer step at accumulation 1 and 2: equal when micro-steps defer sync."""
-    original = torch.distributed.reduce_scatter_single
+    original = getattr(torch.distributed, FSDP_REDUCE_SCATTER)
     rank, out = dist.get_rank(), {}
     for name, backend, defer in (("ddp", "ddp", True), ("fsdp", "fsdp", True), ("fsdp_no_defer", "fsdp", False)):
         out[name] = []
@@ -302,7 +309,7 @@ def gradient_exchanges(batches: list[list[Batch]]) -> dict[str, list[int]]:
             try:
                 trainer.train_step(batches[0][rank * 2 : rank * 2 + accumulation])
             finally:
-                torch.distributed.reduce_scatter_single = original
+                setattr(torch.distributed, FSDP_REDUCE_SCATTER, original)
                 trainer.backend.close()
             out[name].append(calls[0])
     return out

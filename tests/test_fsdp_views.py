@@ -101,9 +101,22 @@ def worker(out: Path) -> None:
 
 
 # -- the tests --
+def fsdp2_warns_on_views() -> bool:
+    """Whether this torch's FSDP2 has the warning at all (torch 2.13 does; torch 2.11, on the GPU machines, does
+    not: there the 2-rank tests would have nothing to see, and the single-process ones below still check)."""
+    import inspect
+
+    from torch.distributed.fsdp._fully_shard import _fsdp_state
+
+    return "returned a view tensor" in inspect.getsource(_fsdp_state)
+
+
 @pytest.fixture(scope="module")
 def launched(tmp_path_factory) -> list[dict]:
     from conftest import CPU_ENV, run_ranks
+
+    if not fsdp2_warns_on_views():
+        pytest.skip(f"torch {torch.__version__}'s FSDP2 does not warn about a unit that returns a view")
 
     out = tmp_path_factory.mktemp("fsdp_views")
     env = {**os.environ, **CPU_ENV}
