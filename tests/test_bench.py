@@ -293,23 +293,6 @@ def test_bench_gpu_runs_its_variants_with_recompile_headroom_and_restores_the_li
     assert dynamo_config.recompile_limit == before
 
 
-def test_bench_gpu_runs_variants_that_keep_their_memory_after_the_largest_batch_searches(monkeypatch):
-    """ZeRO-3 + compile keeps its model to the process's end: run before the largest-batch searches, it would
-    shrink the sizes they find. It runs after them; the rows still come back in the order asked."""
-    ran = []
-
-    def record(jobs, budget_s, dev):
-        ran.extend(label for label, _ in jobs)
-        return [{"variant": label, "status": "failed: not run"} for label, _ in jobs]
-
-    monkeypatch.setattr(gpu, "_run_jobs", record)
-    variants = gpu.parse_variants("single,zero3+compile,zero3,zero2+compile")
-    result = gpu.run(device="cpu", preset="tiny", variants=variants, largest_batch=gpu.parse_variants("single"))
-    searches = ["single, chunked loss", "single, dense loss"]
-    assert ran == ["single", "zero3", "zero2 compile", *searches, "zero3 compile"]
-    assert [r["variant"] for r in result["rows"]] == ["single", "zero3 compile", "zero3", "zero2 compile", *searches]
-
-
 def test_cli_bench_gpu_exits_0_without_cuda(monkeypatch, tmp_path, capsys):
     from toolkit.__main__ import main
 

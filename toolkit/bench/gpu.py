@@ -13,9 +13,7 @@ AdamW, clipping, LambdaLR). Variants: the `single`, DDP, ZeRO-1, ZeRO-2, ZeRO-3 
 1, each with and without activation checkpointing (the preset's `language` setting) and torch.compile, ordered so
 that a time budget cuts the most expensive (compiled) ones first; a variant that does not fit the budget, or fails
 (an out-of-memory error, say), becomes a row that says so and the rest still run. `--largest-batch VARIANTS` adds,
-for each, the largest micro-batch that trains with the chunked loss and with the dense one (largest_batch.py); they
-run before any variant that keeps its memory to the process's end (ZeRO-3 + compile), which the budget then cuts
-first.
+for each, the largest micro-batch that trains with the chunked loss and with the dense one (largest_batch.py).
 
 Without CUDA the benchmark prints one "skipped: needs CUDA" row. `device="cpu"` with a tiny config runs every code
 path on the CPU; that is what the tests do, and it says nothing about GPU speed.
@@ -328,9 +326,8 @@ def run(
         batches = synthetic_batches(plain_cfg, n_batches, seed=seed, device=dev)
         peak = peak_flops or device_peak_flops(dev)  # None (no MFU) for a device whose peak is unknown
         kw = {"steps": steps, "warmup": warmup, "device": dev, "seed": seed, "peak": peak}
-        table = variants or default_variants()
         jobs: list[tuple[str, Callable[[], dict[str, Any]]]] = []
-        for v in table:
+        for v in variants or default_variants():
             to = Path(profile_dir) / f"gpu_profile_{v.label.replace(' ', '_')}.txt" if v in profile else None
             cfg = bench_config(preset, v, **settings)
             jobs.append((v.label, functools.partial(_measure, v, cfg, batches, profile_to=to, **kw)))
@@ -340,30 +337,14 @@ def run(
                     _largest_row, v, loss, preset, settings, dev, limit=largest_limit, seed=seed, peak=peak
                 )
                 jobs.append((f"{v.label}, {loss} loss", job))
-        order = run_order(table, len(jobs))
         with _recompile_headroom():
-            ran = _run_jobs([jobs[i] for i in order], budget_s, dev)
-        rows = [row for _, row in sorted(zip(order, ran, strict=True), key=lambda pair: pair[0])]
+            rows = _run_jobs(jobs, budget_s, dev)
     finally:
         if own_group:
             dist.destroy_distributed()
     config = {"preset": preset, "steps": steps, "warmup": warmup, "budget_s": budget_s, "n_batches": n_batches}
     config.update(batch_size=plain_cfg.train.batch_size, seq=plain_cfg.model.lm_max_length, peak_flops=peak)
     return {"name": "gpu", "rows": _relative(rows), "headline": _headline(rows), "config": config}
-
-
-def keeps_memory(variant: Variant) -> bool:
-    """ZeRO-3 with compile keeps its model allocated until the process exits (torch 2.13, DeepSpeed 0.19; README,
-    "Runs that follow each other in one process")."""
-    return variant.backend == "zero3" and variant.compile
-
-
-def run_order(variants: list[Variant], n_jobs: int) -> list[int]:
-    """Job indices in the order they run: the table's variants as asked, except those that keep their memory, which
-    run after the largest-batch searches (jobs past the variants), so those searches start with the device free.
-    Rows come back in the order asked."""
-    held = [i for i, v in enumerate(variants) if keeps_memory(v)]
-    return [i for i in range(n_jobs) if i not in held] + held
 
 
 def _recompile_headroom() -> contextlib.AbstractContextManager:
