@@ -263,8 +263,8 @@ def test_gpu_bench_skips_cleanly_without_cuda(monkeypatch, tmp_path, capsys):
 
 
 def test_bench_gpu_warns_when_a_variant_leaves_memory_behind(monkeypatch, caplog):
-    """A variant that does not free its model (ZeRO-3 + compile, in torch 2.13 / DeepSpeed 0.19) leaves every later
-    row less memory, the largest-batch searches included: the log names it, once per new leak, not for noise."""
+    """A variant that does not free its model (as ZeRO-3 under dynamo's "eager" compile backend does) leaves every
+    later row less memory, the largest-batch searches included: the log names it, once per new leak, not for noise."""
     allocated = iter([1.0, 1.2, 9.2, 9.3, 9.3])  # GB: before any job, then after each of four
     monkeypatch.setattr(gpu, "_allocated_gb", lambda dev: next(allocated))
     jobs = [(name, lambda name=name: {"variant": name, "status": "ok"}) for name in ("a", "leaky", "b", "c")]
