@@ -9,7 +9,7 @@ SRC ?=
 OUT ?=
 PYTEST_ARGS ?=
 
-.PHONY: install test test-slow lint format demo shard-data train bench test-multinode docs clean
+.PHONY: install test test-slow test-torch lint format demo shard-data train bench test-multinode docs clean
 
 install: $(STAMP)
 
@@ -31,6 +31,22 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow $(PYTEST_ARGS)
+
+# The suite under another torch, by default the GPU machines' 2.11 (its CUDA wheel imports and runs on a CPU-only
+# host), in a venv of its own: run it before a GPU session, whose one call cannot afford an API that torch lacks.
+# About 4 GB of wheels; not part of `make test`.
+TORCH ?= 2.11.0
+TVENV := .venv-torch-$(TORCH)
+$(TVENV)/.installed: setup.py
+	$(PY) -m venv $(TVENV)
+	$(TVENV)/bin/pip install --quiet --upgrade pip
+	$(TVENV)/bin/pip install --quiet torch==$(TORCH)
+	$(TVENV)/bin/pip install --quiet -e '.[dev]'
+	$(TVENV)/bin/pip install --quiet --no-deps lmms-eval==0.7.3
+	touch $@
+
+test-torch: $(TVENV)/.installed
+	$(TVENV)/bin/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check toolkit tests
@@ -75,4 +91,4 @@ docs: $(STAMP)
 	$(BIN)/python -m toolkit.docs README.md
 
 clean:
-	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) .venv-torch-* *.egg-info .pytest_cache .ruff_cache
