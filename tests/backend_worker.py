@@ -134,6 +134,14 @@ def rank_stream(batches: list[list[Batch]], rank: int, per_rank: int, steps: ran
     return [mb for s in steps for mb in batches[s][rank * per_rank : (rank + 1) * per_rank]]
 
 
+class Endless(list):
+    """Batches that say they never run out, as the toolkit's training loader does: the trainer then reads each
+    step's counts with its loss instead of before its forward. The scenarios train their first steps on one, the
+    rest on a plain list, so the parity tests check both ways against the single-process run."""
+
+    endless = True
+
+
 def new_backend(cfg: Config):
     dist.seed_everything(SEED)
     model = VisionLanguageModel(cfg.model)
@@ -201,7 +209,7 @@ def _run_scenario(name: str, spec: dict, batches: list[list[Batch]], out: Path) 
     started = time.perf_counter()
     backend = new_backend(cfg)
     trainer = Trainer(backend, cfg)
-    trainer.fit(rank_stream(batches, rank, MICRO_PER_RANK, range(SAVE_AFTER)), max_steps=SAVE_AFTER)
+    trainer.fit(Endless(rank_stream(batches, rank, MICRO_PER_RANK, range(SAVE_AFTER))), max_steps=SAVE_AFTER)
     ckpt = out / f"ckpt_{name}"
     if spec.get("resume"):
         backend.save(ckpt, {"trainer": trainer.state_dict()})

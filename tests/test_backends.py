@@ -473,6 +473,16 @@ def test_metrics_and_data_exhaustion() -> None:
     assert set(metrics["lr"]) == {"mp", "vision", "language"}
 
 
+def test_batches_that_say_they_are_endless_but_end_raise_instead_of_stopping() -> None:
+    """Endless batches skip the agreement on whose data ran out (the counts are read with the loss): if they end
+    anyway, this rank must not quietly stop while the others train on, so the trainer raises."""
+    cfg = bw.make_config("single", accumulation=2)
+    trainer = Trainer(bw.new_backend(cfg), cfg)
+    with pytest.raises(RuntimeError, match="said they were endless"):
+        trainer.fit(bw.Endless(BATCHES[0] + BATCHES[1][:1]))
+    assert [h["step"] for h in trainer.history] == [1, 2]  # the whole steps before it trained
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_compiled_blocks_match_eager() -> None:

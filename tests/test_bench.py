@@ -155,8 +155,8 @@ def test_host_reads_count_device_values_read_by_the_host_and_nothing_else():
 def test_a_step_reads_the_device_once_alone_and_the_model_reads_nothing(one_thread):
     """One read a step on one rank: the loss with the gradient norm (and the stop flag and rank times) in one
     transfer after the last backward. The clip reads nothing (its norm came with the loss: it read it once more,
-    and twice before that); the counts stay on the host (with ranks they go through the device and are read back
-    before the first backward: `bench overhead --backend` counts 2 there). The model reads nothing back, since the
+    and twice before that); the counts stay on the host (with ranks they go through the device and are read with
+    the loss: the next test). The model reads nothing back, since the
     backend hands it the image and target positions found on the host."""
     from toolkit.bench.memory import synthetic_batch
     from toolkit.config import load_config
@@ -213,13 +213,28 @@ def test_overrides_may_follow_the_world_sizes(monkeypatch):
         overhead.main(["--backend", "fsdp", "--world", "0"])
 
 
-def test_profile_on_two_ranks_finishes_and_keeps_rank_0s_profile():
+@pytest.fixture(scope="module")
+def fsdp_two_ranks() -> dict:
+    """One short `bench overhead --backend fsdp --world 2 --profile` launch, shared by the tests below."""
+    return overhead.run_backend("fsdp", worlds=(2,), blocks=1, block=1, warmup=0, n_batches=1, read_steps=2,
+                                profile_steps=1, timeout_s=300)  # fmt: skip
+
+
+def test_profile_on_two_ranks_finishes_and_keeps_rank_0s_profile(fsdp_two_ranks):
     """`--profile` on 2 ranks: the profiled steps hold collectives, so every rank must run them (rank 0 alone
     did, and the launch hung in the other rank's barrier until torchrun's timeout)."""
-    out = overhead.run_backend("fsdp", worlds=(2,), blocks=1, block=1, warmup=0, n_batches=1, read_steps=1,
-                       profile_steps=1, timeout_s=300)  # fmt: skip
-    assert "_fsdp_param_group.py" in out["profile_rank0"]["x2"]  # FSDP's own hooks were profiled
-    assert "foreach_reduce" in out["profile_rank0"]["x2"]  # and its reduce-scatter, a collective
+    assert "_fsdp_param_group.py" in fsdp_two_ranks["profile_rank0"]["x2"]  # FSDP's own hooks were profiled
+    assert "foreach_reduce" in fsdp_two_ranks["profile_rank0"]["x2"]  # and its reduce-scatter, a collective
+
+
+def test_a_step_on_two_ranks_reads_the_device_once(fsdp_two_ranks):
+    """With ranks, the counts go through the device for their all-reduce and used to come back before the first
+    forward: two reads a step. A caller whose batches cannot run out (train_step here, the toolkit's endless
+    training loader in a run) has them read with the loss, after the backward: one."""
+    reads = fsdp_two_ranks["host_reads"]
+    for loop in ("single x2", "fsdp x2"):
+        assert sum(reads[loop].values()) == 1, reads[loop]
+        assert [site.split(" (")[1] for site in reads[loop]] == ["_run_step)"], reads[loop]
 
 
 # -- gpu --------------------------------------------------------------------------------------------------------------

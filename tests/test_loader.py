@@ -112,6 +112,17 @@ def test_resume_at_every_batch_of_a_finite_pass(tok, mixed) -> None:
         assert resumed.counts() == loader.counts()  # counters carry over: 'read' counts each sample once
 
 
+def test_a_training_loader_says_it_is_endless_and_a_finite_pass_does_not(tok, mixed) -> None:
+    """For endless batches the trainer skips the per-step agreement on whose data ran out: only a training stream
+    may say so, and it must go on past its epochs."""
+    cfg = tiny_config(tok, mixed, data={"shuffle_buffer": 5, "buffer_packs": 5}, train={"batch_size": 3})
+    finite = build_loader(cfg, rank=0, world=1, finite=True)
+    one_pass = len(list(finite))
+    train = build_loader(cfg, rank=0, world=1)
+    assert train.endless and not finite.endless
+    assert len(take(iter(train), 3 * one_pass)) == 3 * one_pass
+
+
 def test_iterating_a_training_loader_again_continues(tok, mixed) -> None:
     cfg = tiny_config(tok, mixed)
     one = build_loader(cfg, rank=0, world=1)

@@ -335,6 +335,12 @@ class StreamLoader(StatefulDataLoader):
         items = super().__iter__()
         return (item for item in items if not isinstance(item, EndOfPass)) if finite else items
 
+    @property
+    def endless(self) -> bool:
+        """A training stream never ends: each reader starts another epoch, and raises on data it cannot read. The
+        trainer relies on it to read a step's counts with its loss rather than before its forward."""
+        return not self.dataset.spec.finite
+
     def reshard(self, saved: list[dict]) -> bool:
         """Continue the global order from the loader states every rank of another layout saved (at a step
         boundary); before iterating. False when this stream has no virtual readers: it cannot be resharded."""

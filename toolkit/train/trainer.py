@@ -9,6 +9,12 @@ costs no extra collective. A stop request (a signal seen by one rank) travels wi
 of the step, so every rank stops after the same step and before drawing the next batches from its loader; that
 all-reduce also carries each rank's measured forward + backward seconds, for `rank_time_imbalance`.
 
+The counts are read back only where a rank must know them before its forward: when this rank's stream may run
+out (a plain iterable), since a rank that stopped while the others entered the forward's collectives would hang
+them. The toolkit's training loader never runs out (it starts another epoch; it raises on data it cannot read)
+and says so (`endless`); so does `train_step`'s caller. Then the all-reduced counts stay on the device, the loss
+is scaled by their target count there, and they are read with the loss after the backward: one transfer a step.
+
 A step whose loss (or gradient norm) is NaN/inf is skipped by the backend and counted; `max_bad_steps` of them
 in a row stop the run with an error instead of training on garbage.
 """
@@ -37,6 +43,21 @@ log = logging.getLogger(__name__)
 # slot per rank (rank r writes its estimated cost at N_COUNTS + r, the others leave it 0).
 TARGETS, TOKENS, TILES, SUM_SQ, EXHAUSTED, SLOTS, IMAGES, ROWS, DIGEST = range(9)
 N_COUNTS = 9
+
+
+@dataclass
+class StepCounts:
+    """The step's all-reduced counts: on the host, or still on the device (`on_device`), to be read with the loss."""
+
+    values: torch.Tensor
+    on_device: bool = False
+
+    def loss_scale(self) -> float | torch.Tensor:
+        """1 / the step's target tokens over all ranks: a number, or a device scalar when the counts are unread
+        (the same double either way: one IEEE division of 1 by the same count)."""
+        if self.on_device:
+            return self.values[TARGETS].clamp(min=1).reciprocal()
+        return 1.0 / max(int(self.values[TARGETS]), 1)
 
 
 class TrainingDiverged(RuntimeError):
@@ -149,8 +170,12 @@ class Trainer:
         self._stop_requested = True
 
     def fit(self, batches: Iterable[Batch], *, max_steps: int | None = None) -> list[dict[str, Any]]:
-        """Train until max_steps (default train.max_training_steps), the data ends, or a stop is requested."""
+        """Train until max_steps (default train.max_training_steps), the data ends, or a stop is requested.
+
+        `batches` with a true `endless` attribute promise never to run out, which saves each step the read of its
+        counts before the forward (module docstring)."""
         end = max_steps or self.cfg.train.max_training_steps
+        endless = bool(getattr(batches, "endless", False))
         stream = iter(batches)
         while self.state.step < end:
             if self._stopping:  # checked before fetching: no batch is drawn from the loader and then dropped
@@ -159,17 +184,24 @@ class Trainer:
             started = time.perf_counter()
             micro = self._take(stream)
             wait = time.perf_counter() - started
-            counts = self._global_counts(micro, exhausted=len(micro) < self.backend.accumulation)
-            if counts[EXHAUSTED] > 0:
+            exhausted = len(micro) < self.backend.accumulation
+            if endless and exhausted:
+                raise RuntimeError(
+                    f"the training batches ended after {self.state.step} steps though they said they were endless; "
+                    "pass an iterable without an `endless` attribute if it can run out"
+                )
+            counts = self._global_counts(micro, exhausted=exhausted, read=not endless)
+            if not endless and counts.values[EXHAUSTED] > 0:
                 dist.log0("stopping after step %d: the training data ran out", self.state.step)
                 break
             self._run_step(micro, counts, started=started, data_wait=wait)
         return self.history
 
     def train_step(self, micro_batches: Sequence[Batch]) -> dict[str, Any]:
-        """One optimizer step over this rank's micro-batches (collective: every rank calls it)."""
+        """One optimizer step over this rank's micro-batches (collective: every rank calls it, each with its
+        accumulation's worth: nothing has run out, so the counts are read with the loss)."""
         started = time.perf_counter()
-        counts = self._global_counts(micro_batches, exhausted=False)
+        counts = self._global_counts(micro_batches, exhausted=False, read=False)
         return self._run_step(micro_batches, counts, started=started, data_wait=0.0)
 
     def _take(self, stream: Iterator[Batch]) -> list[Batch]:
@@ -181,32 +213,35 @@ class Trainer:
                 break
         return micro
 
-    def _global_counts(self, micro: Sequence[Batch], *, exhausted: bool) -> torch.Tensor:
-        """The step's counts summed over ranks, on the host. Alone (world size 1) they never leave it: the trip
-        to the device and back was a device sync at the start of every single-GPU step, waiting for the previous
-        step's update. With ranks they go through the device, which NCCL's all-reduce needs."""
+    def _global_counts(self, micro: Sequence[Batch], *, exhausted: bool, read: bool = True) -> StepCounts:
+        """The step's counts summed over ranks. Alone (world size 1) they never leave the host: the trip to the
+        device and back was a device sync at the start of every single-GPU step, waiting for the previous step's
+        update. With ranks they go through the device, which NCCL's all-reduce needs, and come back now if `read`,
+        else with the loss (`StepCounts.on_device`)."""
         rank, world = _slot()
         counts = local_counts(micro, exhausted=exhausted, cost=self.cost, rank=rank, world=world)
         if world == 1:
-            return counts
-        return dist.all_reduce_sum(counts.to(self.backend.device)).cpu()
+            return StepCounts(counts)
+        summed = dist.all_reduce_sum(counts.to(self.backend.device))
+        return StepCounts(summed.cpu()) if read else StepCounts(summed, on_device=True)
 
-    def _run_step(
-        self, micro: Sequence[Batch], counts: torch.Tensor, *, started: float, data_wait: float
-    ) -> dict[str, Any]:
-        n_targets = max(int(counts[TARGETS]), 1)
-        loss_sum, fwd_bwd = self._forward_backward(micro, n_targets)
+    def _run_step(self, micro: Sequence[Batch], step_counts: StepCounts, *, started: float, data_wait: float
+                  ) -> dict[str, Any]:  # fmt: skip
+        loss_sum, fwd_bwd = self._forward_backward(micro, step_counts.loss_scale())
         norm = self.backend.grad_norm()  # on the device: read below with the loss, in the same transfer
         # The stop flag and each rank's compute time ride on the loss all-reduce: no extra collective.
         mine = torch.stack([loss_sum, loss_sum.new_tensor(float(self._stop_requested))])
         rank, world = _slot()
         times = per_rank(fwd_bwd, rank=rank, world=world).to(mine.device)
         reduced = dist.all_reduce_sum(torch.cat([mine, times]))
-        if norm is not None:
-            reduced = torch.cat([reduced, norm.reshape(1).to(reduced.dtype)])
-        reduced = reduced.cpu()
+        unread = [step_counts.values] if step_counts.on_device else []
+        norms = [norm.reshape(1).to(reduced.dtype)] if norm is not None else []
+        host = torch.cat([reduced, *unread, *norms]).cpu()  # the step's one read
+        reduced, rest = host[: len(reduced)], host[len(reduced) :]
+        counts = rest[: len(step_counts.values)] if step_counts.on_device else step_counts.values
+        n_targets = max(int(counts[TARGETS]), 1)
         loss, self._stopping = float(reduced[0]) / n_targets, bool(reduced[1] > 0)
-        grad_norm = float(reduced[-1]) if norm is not None else None
+        grad_norm = float(host[-1]) if norm is not None else None
         result = self.backend.step(skip=not math.isfinite(loss), grad_norm=grad_norm)
         self._count(result.skipped)
         elapsed = time.perf_counter() - started
@@ -240,14 +275,14 @@ class Trainer:
         self._check_divergence()
         return metrics
 
-    def _forward_backward(self, micro: Sequence[Batch], n_targets: int) -> tuple[torch.Tensor, float]:
+    def _forward_backward(self, micro: Sequence[Batch], loss_scale: float | torch.Tensor) -> tuple[torch.Tensor, float]:
         """The step's summed loss and this rank's forward + backward seconds (waiting for the device on CUDA,
         where the loss all-reduce that follows would wait for it anyway)."""
         device = self.backend.device
         started = time.perf_counter()
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         for mb in micro:
-            loss_sum += self.backend.forward_backward(mb, 1.0 / n_targets).double()
+            loss_sum += self.backend.forward_backward(mb, loss_scale).double()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         return loss_sum, time.perf_counter() - started

@@ -214,11 +214,12 @@ class Backend(ABC):
     @abstractmethod
     def setup(self, model: nn.Module, param_groups: list[ParamGroup], schedule: WarmupCosine) -> None: ...
 
-    def forward_backward(self, micro_batch: Batch, loss_scale: float) -> torch.Tensor:
+    def forward_backward(self, micro_batch: Batch, loss_scale: float | torch.Tensor) -> torch.Tensor:
         """Forward and backward of one micro-batch; gradients accumulate until `step`.
 
-        `loss_scale` is 1 / (global target tokens of this optimizer step). Returns this rank's summed token loss
-        of the micro-batch (detached, fp32) for reporting.
+        `loss_scale` is 1 / (global target tokens of this optimizer step): a number, or a scalar on the device
+        when the trainer has not read the counts back. Returns this rank's summed token loss of the micro-batch
+        (detached, fp32) for reporting.
         """
         if self._micro >= self.accumulation:
             raise RuntimeError(
@@ -230,7 +231,10 @@ class Backend(ABC):
         inputs = self._inputs(micro_batch)
         with self._micro_step(last=last):
             out = self._forward(inputs)
-            self._backward(out.loss_sum * (loss_scale * self.grad_average_factor))
+            scale = loss_scale * self.grad_average_factor  # in double, as a number or as a device scalar
+            if isinstance(scale, torch.Tensor):  # then rounded to the loss's dtype, as a number is: same gradients
+                scale = scale.to(out.loss_sum.dtype)
+            self._backward(out.loss_sum * scale)
         return out.loss_sum.detach().float()
 
     def grad_norm(self) -> torch.Tensor | None:
