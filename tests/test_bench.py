@@ -164,7 +164,7 @@ def test_a_step_reads_the_device_once_alone_and_the_model_reads_nothing(one_thre
     cfg = load_config("tiny", ["backend.device=cpu", "backend.precision=fp32"])
     trainer = overhead.toolkit_trainer(cfg, seed=0)
     reads = overhead.count_host_reads(trainer, [synthetic_batch(cfg.model, seed=s) for s in range(2)])
-    assert [site.split(" (")[1] for site in reads] == ["_run_step)"], reads
+    assert [site.split(" (")[1] for site in reads] == ["_read_step)"], reads
     assert sum(reads.values()) == 1, reads
     assert trainer.history[-1]["grad_norm"] > 0  # the norm read with the loss is the one reported
 
@@ -234,7 +234,7 @@ def test_a_step_on_two_ranks_reads_the_device_once(fsdp_two_ranks):
     reads = fsdp_two_ranks["host_reads"]
     for loop in ("single x2", "fsdp x2"):
         assert sum(reads[loop].values()) == 1, reads[loop]
-        assert [site.split(" (")[1] for site in reads[loop]] == ["_run_step)"], reads[loop]
+        assert [site.split(" (")[1] for site in reads[loop]] == ["_read_step)"], reads[loop]
 
 
 # -- gpu --------------------------------------------------------------------------------------------------------------

@@ -252,6 +252,15 @@ class TrainConfig:
         "else FlexAttention; a dense mask on CPU), or force varlen, flex or dense (to compare them with `bench gpu`).",
         choices=("auto", "flex", "varlen", "dense"),
     )
+    profile_steps: int = opt(
+        0,
+        "Trace this many steps with torch.profiler on every rank (0 = off): run_dir/profile/ gets each rank's trace "
+        "(Chrome/Perfetto JSON, with the trainer's forward_backward, norm_and_loss_read and optimizer_step spans) "
+        "and rank 0's table of the ops that took the most time.",
+    )
+    profile_start: int = opt(
+        5, "Steps of each launch left untraced before train.profile_steps begin (compilation, allocator growth)."
+    )
     seed: int = opt(0, "Seed of model initialisation and dropout.")
     run_dir: str = opt("runs/default", "Run folder: config, checkpoints, exports, TensorBoard, metrics.jsonl.")
     resume: str = opt("auto", "'auto' resumes from run_dir's latest checkpoint if any, 'none' starts fresh, or a path.")
@@ -301,8 +310,10 @@ class TrainConfig:
             "lmms_interval",
             "lmms_limit",
             "lmms_wait",
+            "profile_steps",
         ):
             _require(getattr(self, name) >= 0, f"train.{name}", "must be >= 0 (0 = off)")
+        _require(self.profile_start >= 0, "train.profile_start", "must be >= 0")
         _require(0 <= self.warmup_ratio < 1, "train.warmup_ratio", "must be in [0, 1)")
         _require(0 <= self.min_lr_ratio <= 1, "train.min_lr_ratio", "must be in [0, 1]")
         _require(self.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1")

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from torch.profiler import record_function
 
 from toolkit import dist
 from toolkit.config import Config, ConfigError, save_config
@@ -34,6 +35,7 @@ from toolkit.train.checkpoint import (
 )
 from toolkit.train.lmms_watch import LmmsWatch
 from toolkit.train.preflight import check_run, derive_accumulation
+from toolkit.train.profiling import StepProfiler
 from toolkit.train.trainer import Trainer, TrainerState
 from toolkit.train.validation import validation_loss
 
@@ -60,9 +62,11 @@ class Lifecycle:
         if step % t.log_interval == 0 or step == t.max_training_steps:
             metrics["samples"] = self.data_counts()
         if (t.eval_interval and step % t.eval_interval == 0) or step == t.max_training_steps:
-            metrics.update(self.validate(trainer))
+            with record_function("toolkit.validate"):  # named in a train.profile_steps trace
+                metrics.update(self.validate(trainer))
         if t.checkpoint_interval and step % t.checkpoint_interval == 0:
-            self.checkpoint(trainer, background=t.async_checkpoint)
+            with record_function("toolkit.checkpoint"):
+                self.checkpoint(trainer, background=t.async_checkpoint)
         if t.export_interval and step % t.export_interval == 0:
             self.export(f"step_{step}")
         if self.lmms.due(step):  # export on every rank, then rank 0 starts the scoring and goes on
@@ -231,11 +235,16 @@ def _train(cfg: Config, run: RunDir, resume_from: Path | None, *, backend, loade
     life = Lifecycle(cfg, run, backend=backend, loader=loader, tokenizer=tokenizer, writer=writer,
                      start_step=trainer.state.step)  # fmt: skip
     life.saved_step = trainer.state.step if resume_from is not None else -1
-    trainer.callbacks.append(life)
+    t = cfg.train
+    profiler = StepProfiler(run.root / "profile", steps=t.profile_steps, skip=t.profile_start,
+                            start_step=trainer.state.step, end=t.stop_at_step or t.max_training_steps,
+                            rank=env.rank, device=backend.device)  # fmt: skip
+    trainer.callbacks += [profiler.stop_due, life, profiler.start_due]  # the trace holds steps, not what follows
     dist.log0("training %s on %d rank(s), backend %s", cfg.train.run_dir, env.world_size, cfg.backend.name)
     try:
         with _stop_on_signals(trainer):
             history = trainer.fit(loader, max_steps=cfg.train.stop_at_step or None)
+            profiler.close(trainer.state.step)  # a run that ended inside the window: what was traced
             _finish(cfg, trainer, life)
         print(f"rank {env.rank}/{env.world_size} finished at step {trainer.state.step}", flush=True)
     finally:

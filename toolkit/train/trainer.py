@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
 import torch
+from torch.profiler import record_function
 
 from toolkit import dist
 from toolkit.config import Config
@@ -225,24 +226,15 @@ class Trainer:
         summed = dist.all_reduce_sum(counts.to(self.backend.device))
         return StepCounts(summed.cpu()) if read else StepCounts(summed, on_device=True)
 
-    def _run_step(self, micro: Sequence[Batch], step_counts: StepCounts, *, started: float, data_wait: float
-                  ) -> dict[str, Any]:  # fmt: skip
-        loss_sum, fwd_bwd = self._forward_backward(micro, step_counts.loss_scale())
-        norm = self.backend.grad_norm()  # on the device: read below with the loss, in the same transfer
-        # The stop flag and each rank's compute time ride on the loss all-reduce: no extra collective.
-        mine = torch.stack([loss_sum, loss_sum.new_tensor(float(self._stop_requested))])
-        rank, world = _slot()
-        times = per_rank(fwd_bwd, rank=rank, world=world).to(mine.device)
-        reduced = dist.all_reduce_sum(torch.cat([mine, times]))
-        unread = [step_counts.values] if step_counts.on_device else []
-        norms = [norm.reshape(1).to(reduced.dtype)] if norm is not None else []
-        host = torch.cat([reduced, *unread, *norms]).cpu()  # the step's one read
-        reduced, rest = host[: len(reduced)], host[len(reduced) :]
-        counts = rest[: len(step_counts.values)] if step_counts.on_device else step_counts.values
-        n_targets = max(int(counts[TARGETS]), 1)
-        loss, self._stopping = float(reduced[0]) / n_targets, bool(reduced[1] > 0)
-        grad_norm = float(host[-1]) if norm is not None else None
-        result = self.backend.step(skip=not math.isfinite(loss), grad_norm=grad_norm)
+    def _run_step(
+        self, micro: Sequence[Batch], step_counts: StepCounts, *, started: float, data_wait: float
+    ) -> dict[str, Any]:
+        with record_function("toolkit.forward_backward"):  # named spans in a train.profile_steps trace
+            loss_sum, fwd_bwd = self._forward_backward(micro, step_counts.loss_scale())
+        with record_function("toolkit.norm_and_loss_read"):
+            loss, grad_norm, counts, rank_times = self._read_step(loss_sum, fwd_bwd, step_counts)
+        with record_function("toolkit.optimizer_step"):
+            result = self.backend.step(skip=not math.isfinite(loss), grad_norm=grad_norm)
         self._count(result.skipped)
         elapsed = time.perf_counter() - started
         metrics = {
@@ -262,7 +254,7 @@ class Trainer:
             "images_per_pack": float(counts[IMAGES]) / max(float(counts[ROWS]), 1.0),
             "peak_memory_gb": peak_memory_gb(self.backend.device),
             "fwd_bwd_s": fwd_bwd,  # this rank's (rank 0's in metrics.jsonl)
-            "rank_time_imbalance": imbalance(reduced[2 : 2 + world]),
+            "rank_time_imbalance": imbalance(rank_times),
             "rank_cost_imbalance": imbalance(counts[N_COUNTS:]),
             **self._mfu(counts, elapsed),
         }
@@ -274,6 +266,27 @@ class Trainer:
             self.writer.log(self.state.step, metrics)
         self._check_divergence()
         return metrics
+
+    def _read_step(
+        self, loss_sum: torch.Tensor, fwd_bwd: float, step_counts: StepCounts
+    ) -> tuple[float, float | None, torch.Tensor, torch.Tensor]:
+        """The step's one read: (loss, gradient norm, counts, each rank's forward + backward seconds).
+
+        The stop flag and each rank's compute time ride on the loss all-reduce (no extra collective); the norm, and
+        the counts if still on the device, come back in the same transfer."""
+        norm = self.backend.grad_norm()  # collective, on the device
+        mine = torch.stack([loss_sum, loss_sum.new_tensor(float(self._stop_requested))])
+        rank, world = _slot()
+        times = per_rank(fwd_bwd, rank=rank, world=world).to(mine.device)
+        reduced = dist.all_reduce_sum(torch.cat([mine, times]))
+        unread = [step_counts.values] if step_counts.on_device else []
+        norms = [norm.reshape(1).to(reduced.dtype)] if norm is not None else []
+        host = torch.cat([reduced, *unread, *norms]).cpu()
+        reduced, rest = host[: len(reduced)], host[len(reduced) :]
+        counts = rest[: len(step_counts.values)] if step_counts.on_device else step_counts.values
+        loss = float(reduced[0]) / max(int(counts[TARGETS]), 1)
+        self._stopping = bool(reduced[1] > 0)
+        return loss, (float(host[-1]) if norm is not None else None), counts, reduced[2 : 2 + world]
 
     def _forward_backward(self, micro: Sequence[Batch], loss_scale: float | torch.Tensor) -> tuple[torch.Tensor, float]:
         """The step's summed loss and this rank's forward + backward seconds (waiting for the device on CUDA,
