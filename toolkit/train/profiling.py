@@ -60,7 +60,7 @@ class StepProfiler:
         trace = self.out_dir / f"rank{self.rank}_steps{self.traced_from + 1}-{step}.json"
         prof.export_chrome_trace(str(trace))
         if self.rank == 0:
-            sort = "self_cuda_time_total" if self.device.type == "cuda" else "self_cpu_time_total"
+            sort = "self_device_time_total" if self.device.type == "cuda" else "self_cpu_time_total"
             table = prof.key_averages().table(sort_by=sort, row_limit=TABLE_ROWS)
             (self.out_dir / f"ops_steps{self.traced_from + 1}-{step}.txt").write_text(table)
         dist.log0("steps %d-%d traced: %s (one trace per rank)", self.traced_from + 1, step, self.out_dir)
