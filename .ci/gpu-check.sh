@@ -10,7 +10,7 @@
 #      eager), the profile of the sharded rows, and the largest micro-batch with the chunked and the dense loss
 #      (BENCH_BUDGET_S caps it), alone on the machine (on 2026-11-28 the CPU suite beside it slowed some variants
 #      by a third);
-#   3. the `gpu` tests that train each backend over NCCL with one rank;
+#   3. the `gpu` tests that train each backend over NCCL with one rank, and a short run with train.profile_steps;
 #   4. issue 14's cost calibration: seconds per tile, per token and per squared sample length (`--calibrate`, the
 #      preset's compiled single backend; last, since its recompiles on new shapes are the least predictable).
 # The CPU suite is left to CI. Each stage has its own time limit, so one that hangs cannot take the others'
@@ -50,7 +50,7 @@ cp runs/bench/gpu.json runs/bench/gpu_profile_*.txt "$OUT/" 2>/dev/null
 
 # five one-rank launches side by side when pytest-xdist is there (each uses a few hundred MB of the GPU)
 parallel=$(python3 -c 'import xdist; print("-n 5")' 2>/dev/null)
-timeout "${NCCL_TESTS_TIMEOUT_S:-90}" python3 -m pytest -q -m gpu -p no:cacheprovider $parallel -k nccl 2>&1 \
+timeout "${NCCL_TESTS_TIMEOUT_S:-90}" python3 -m pytest -q -m gpu -p no:cacheprovider $parallel -k "nccl or profile" 2>&1 \
   | tee "$OUT/gpu_nccl_tests.log"
 
 timeout "${CALIBRATE_TIMEOUT_S:-90}" python3 -m toolkit.bench.gpu --calibrate "$OUT/cost_calibration.json" \

@@ -86,3 +86,16 @@ def test_every_rank_writes_its_own_trace(synth, tmp_path):
         assert spans(trace) == dict.fromkeys(SPANS, 1)
         assert "gloo:all_reduce" in trace.read_text()  # DDP's gradient all-reduce and the loss's, on each rank
     assert [p.name for p in (run / "profile").glob("ops_*")] == ["ops_steps2-2.txt"]  # rank 0's table only
+
+
+@pytest.mark.gpu
+def test_a_cuda_run_traces_its_kernels_and_sorts_by_device_time(synth, tmp_path):
+    """On CUDA the trace holds the device's kernels too, and rank 0's table is sorted by their time."""
+    run = tmp_path / "run"
+    args = [a.replace("device=cpu", "device=cuda") for a in train_args(synth, run, steps=3, start=1, traced=1)]
+    assert cli.main(["train", "--config", "tiny", *args]) == 0
+    trace = json.loads((run / "profile" / "rank0_steps2-2.json").read_text())
+    assert any(event.get("cat") == "kernel" for event in trace["traceEvents"])
+    assert spans(run / "profile" / "rank0_steps2-2.json") == dict.fromkeys(SPANS, 1)
+    header = (run / "profile" / "ops_steps2-2.txt").read_text().splitlines()[1]
+    assert "CUDA" in header or "Device" in header, header
