@@ -66,6 +66,22 @@ def test_no_trace_by_default(synth, tmp_path):
     assert not (run / "profile").exists()
 
 
+def test_a_run_that_fails_inside_the_window_stops_the_profiler(synth, tmp_path, monkeypatch):
+    """An error mid-window (here a diverging loss) must not leave torch's profiler recording after the run."""
+    import torch
+
+    from toolkit.train.trainer import Trainer, TrainingDiverged
+
+    def diverge(self):
+        raise TrainingDiverged("diverged on purpose")
+
+    monkeypatch.setattr(Trainer, "_check_divergence", diverge)
+    run = tmp_path / "run"
+    assert cli.main(["train", "--config", "tiny", *train_args(synth, run, steps=4, start=0, traced=3)]) == 1
+    assert not torch.autograd.profiler._is_profiler_enabled
+    assert not (run / "profile").exists()  # nothing half-written
+
+
 def test_negative_profile_settings_are_refused():
     for field in ("profile_steps", "profile_start"):
         with pytest.raises(ConfigError, match=f"train.{field}"):

@@ -65,6 +65,13 @@ class StepProfiler:
             (self.out_dir / f"ops_steps{self.traced_from + 1}-{step}.txt").write_text(table)
         dist.log0("steps %d-%d traced: %s (one trace per rank)", self.traced_from + 1, step, self.out_dir)
 
+    def discard(self) -> None:
+        """Stop an open window without writing it: the run is ending on an error, and a profiler left running
+        would keep recording into the interpreter's teardown."""
+        if self._prof is not None:
+            prof, self._prof = self._prof, None
+            prof.stop()
+
     def _start(self, step: int) -> None:
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
         self._prof = profile(activities=activities)

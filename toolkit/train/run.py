@@ -248,6 +248,7 @@ def _train(cfg: Config, run: RunDir, resume_from: Path | None, *, backend, loade
             _finish(cfg, trainer, life)
         print(f"rank {env.rank}/{env.world_size} finished at step {trainer.state.step}", flush=True)
     finally:
+        profiler.discard()  # only an error leaves it open here
         writer.close()
     return history
 
