@@ -12,7 +12,6 @@ is in the trace, under its own span (`toolkit.checkpoint`, `toolkit.validate`).
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +19,6 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from toolkit import dist
-
-log = logging.getLogger(__name__)
 
 TABLE_ROWS = 40
 
@@ -35,45 +32,47 @@ class StepProfiler:
     ) -> None:
         self.out_dir, self.rank, self.device = out_dir, rank, device
         self.first, self.last = start_step + skip, min(start_step + skip + steps, end)
-        self.traced_from: int | None = None
         self._prof: profile | None = None
-        if self.last > self.first == start_step:
-            self._start(start_step)
+        self._open_if_due(start_step)  # skip = 0: from the launch's first step
 
     def start_due(self, trainer: Any, metrics: dict[str, Any]) -> None:
         """Per-step callback, last: open the window after step `first`."""
-        if self._prof is None and self.traced_from is None and trainer.state.step == self.first < self.last:
-            self._start(trainer.state.step)
+        self._open_if_due(trainer.state.step)
 
     def stop_due(self, trainer: Any, metrics: dict[str, Any]) -> None:
         """Per-step callback, first: close the window after step `last`."""
-        if self._prof is not None and trainer.state.step >= self.last:
+        if trainer.state.step >= self.last:
             self.close(trainer.state.step)
 
     def close(self, step: int) -> None:
         """Stop and write what was traced (also when the run ends inside the window)."""
-        if self._prof is None:
+        prof = self._stop()
+        if prof is None:
             return
-        prof, self._prof = self._prof, None
-        prof.stop()
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        trace = self.out_dir / f"rank{self.rank}_steps{self.traced_from + 1}-{step}.json"
-        prof.export_chrome_trace(str(trace))
+        steps = f"steps{self.first + 1}-{step}"
+        prof.export_chrome_trace(str(self.out_dir / f"rank{self.rank}_{steps}.json"))
         if self.rank == 0:
             sort = "self_device_time_total" if self.device.type == "cuda" else "self_cpu_time_total"
             table = prof.key_averages().table(sort_by=sort, row_limit=TABLE_ROWS)
-            (self.out_dir / f"ops_steps{self.traced_from + 1}-{step}.txt").write_text(table)
-        dist.log0("steps %d-%d traced: %s (one trace per rank)", self.traced_from + 1, step, self.out_dir)
+            (self.out_dir / f"ops_{steps}.txt").write_text(table)
+        dist.log0("steps %d-%d traced: %s (one trace per rank)", self.first + 1, step, self.out_dir)
 
     def discard(self) -> None:
         """Stop an open window without writing it: the run is ending on an error, and a profiler left running
         would keep recording into the interpreter's teardown."""
-        if self._prof is not None:
-            prof, self._prof = self._prof, None
-            prof.stop()
+        self._stop()
 
-    def _start(self, step: int) -> None:
-        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
-        self._prof = profile(activities=activities)
-        self._prof.start()
-        self.traced_from = step
+    def _open_if_due(self, step: int) -> None:
+        """Start recording after step `first`, once (steps only grow), if the window holds any step."""
+        if self._prof is None and step == self.first < self.last:
+            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
+            self._prof = profile(activities=activities)
+            self._prof.start()
+
+    def _stop(self) -> profile | None:
+        """The profiler, stopped, if one was recording."""
+        prof, self._prof = self._prof, None
+        if prof is not None:
+            prof.stop()
+        return prof

@@ -46,6 +46,11 @@ TARGETS, TOKENS, TILES, SUM_SQ, EXHAUSTED, SLOTS, IMAGES, ROWS, DIGEST = range(9
 N_COUNTS = 9
 
 
+def n_targets(counts: torch.Tensor) -> int:
+    """The step's target tokens over all ranks, at least 1: the denominator of its token-mean loss."""
+    return max(int(counts[TARGETS]), 1)
+
+
 @dataclass
 class StepCounts:
     """The step's all-reduced counts: on the host, or still on the device (`on_device`), to be read with the loss."""
@@ -58,7 +63,7 @@ class StepCounts:
         (the same double either way: one IEEE division of 1 by the same count)."""
         if self.on_device:
             return self.values[TARGETS].clamp(min=1).reciprocal()
-        return 1.0 / max(int(self.values[TARGETS]), 1)
+        return 1.0 / n_targets(self.values)
 
 
 class TrainingDiverged(RuntimeError):
@@ -214,7 +219,7 @@ class Trainer:
                 break
         return micro
 
-    def _global_counts(self, micro: Sequence[Batch], *, exhausted: bool, read: bool = True) -> StepCounts:
+    def _global_counts(self, micro: Sequence[Batch], *, exhausted: bool, read: bool) -> StepCounts:
         """The step's counts summed over ranks. Alone (world size 1) they never leave the host: the trip to the
         device and back was a device sync at the start of every single-GPU step, waiting for the previous step's
         update. With ranks they go through the device, which NCCL's all-reduce needs, and come back now if `read`,
@@ -284,7 +289,7 @@ class Trainer:
         host = torch.cat([reduced, *unread, *norms]).cpu()
         reduced, rest = host[: len(reduced)], host[len(reduced) :]
         counts = rest[: len(step_counts.values)] if step_counts.on_device else step_counts.values
-        loss = float(reduced[0]) / max(int(counts[TARGETS]), 1)
+        loss = float(reduced[0]) / n_targets(counts)
         self._stopping = bool(reduced[1] > 0)
         return loss, (float(host[-1]) if norm is not None else None), counts, reduced[2 : 2 + world]
 
