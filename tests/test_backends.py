@@ -457,6 +457,26 @@ def test_nan_loss_skips_update_and_too_many_stop_the_run() -> None:
         trainer.train_step([bad])
 
 
+def test_a_step_without_targets_skips_its_update_and_too_many_stop_the_run() -> None:
+    """Every sample of a step skipped by the loader leaves no target anywhere: stepping would still move the
+    weights (AdamW's momentum and weight decay), so the step is skipped and counted like a NaN step."""
+    cfg = bw.make_config("single", accumulation=1)
+    backend = bw.new_backend(cfg)
+    trainer = Trainer(backend, cfg)
+    good = BATCHES[0][0]
+    labels = torch.full_like(good.inputs.labels, -100)
+    empty = Batch(replace(good.inputs, labels=labels), replace(good.stats, targets=0))
+    trainer.train_step([good])
+    before = backend.full_state_dict()
+    metrics = trainer.train_step([empty])
+    assert metrics["skipped"] and metrics["n_targets"] == 0
+    assert tensor_rel(backend.full_state_dict(), before) == 0.0  # an unskipped step moves them (momentum)
+    assert trainer.state.skipped_total == 1
+    trainer.train_step([empty])
+    with pytest.raises(TrainingDiverged, match="no target tokens on any rank.*data-stats"):
+        trainer.train_step([empty])
+
+
 def test_metrics_and_data_exhaustion() -> None:
     cfg = bw.make_config("single", accumulation=2)
     backend = bw.new_backend(cfg)

@@ -394,3 +394,44 @@ def test_fork_server_workers_end_when_their_rank_is_killed(tok, mixed, tmp_path)
         assert not left, f"workers {left} outlived their rank"
     finally:
         rank.kill()
+
+
+def test_another_worker_count_is_refused_clearly_or_resharded(tok, mixed, tmp_path: Path) -> None:
+    """torchdata's state differs between 0 workers and some: a resume that changed data.num_workers failed inside
+    it (an AssertionError). Now it is a clear error, or, with virtual readers, continues the same global order."""
+    for saved_with, resumed_with in [(0, 1), (1, 0), (1, 2)]:
+        loader = build_loader(tiny_config(tok, mixed, data={"num_workers": saved_with}), rank=0, world=1)
+        take(loader, 2)
+        other = build_loader(tiny_config(tok, mixed, data={"num_workers": resumed_with}), rank=0, world=1)
+        with pytest.raises(ShardError, match=rf"saved with data\.num_workers={saved_with} .* has {resumed_with}"):
+            other.load_state_dict(loader.state_dict())
+    shardgen.make_dataset(tmp_path / "d", shards=2, per_shard=12)
+
+    def virtual(workers: int):
+        cfg = tiny_config(tok, str(tmp_path / "d"), data={"num_workers": workers, "virtual_readers": 2})
+        return build_loader(cfg, rank=0, world=1)
+
+    uninterrupted = virtual(0)
+    first = take(uninterrupted, 4)  # 2 whole turns over the 2 readers: a step boundary
+    resumed = virtual(2)
+    resumed.load_state_dict(uninterrupted.state_dict())
+    assert batch_keys(take(resumed, 4)) == batch_keys(take(uninterrupted, 4))
+    assert first  # the saved position is after real batches
+
+
+def test_an_endless_stream_whose_every_image_fails_to_decode_stops(tok, tmp_path: Path, monkeypatch) -> None:
+    """Samples whose image headers read but whose pixels do not are dropped at collate, where the skip streak of
+    the header stage never saw them: such a stream yielded empty batches forever (a run trained on nothing)."""
+    monkeypatch.setattr(loader_module, "MAX_SKIPS_IN_A_ROW", 20)
+    folder = tmp_path / "cut"
+    folder.mkdir()
+    meta = shardgen.good("x").meta
+    write_shard(
+        folder / "shard-000000.tar", [Spec(f"k{i}", meta, [("img0.jpg", shardgen.truncated_jpeg(i))]) for i in range(6)]
+    )
+    loader = build_loader(tiny_config(tok, str(folder)), rank=0, world=1)
+    with pytest.raises(ShardError, match=r"the last 20 samples were all skipped .*bad_image"):
+        take(loader, 50)
+    finite = build_loader(tiny_config(tok, str(folder)), rank=0, world=1, finite=True)
+    assert all(b.stats.targets == 0 for b in finite)  # a finite pass ends on its own, every sample counted
+    assert finite.counts() == {"read": 6, "skipped": {"bad_image": 6}}

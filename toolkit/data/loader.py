@@ -113,6 +113,9 @@ class _Stream:
         )
         self.ready: list[list[Sample]] = []  # rows built but not yet handed out in a batch
         self.ended = False
+        # Samples in a row whose pixels failed at collate: their headers read fine, so _next_sample's own count
+        # never sees them (not saved: a resumed stream counts afresh, as it does for header skips)
+        self.pixel_fails_in_a_row = 0
 
     def batches(self) -> Iterator[Batch | EndOfPass]:
         while rows := self._next_rows():
@@ -140,12 +143,16 @@ class _Stream:
             except Skip as exc:
                 self.counter.skip(exc.reason, raw.where, exc.detail)
             in_a_row += 1
-            if in_a_row >= MAX_SKIPS_IN_A_ROW and not self.spec.finite:  # an endless stream would never yield
-                raise ShardError(
-                    f"the last {in_a_row} samples were all skipped ({self.counter.skipped}); check "
-                    "data.max_sample_length, data.max_images_per_example and the shards (`toolkit data-stats`)"
-                )
+            self._check_streak(in_a_row)
         return None
+
+    def _check_streak(self, in_a_row: int) -> None:
+        """An endless stream whose every sample is skipped would never yield (or yield only empty rows): stop."""
+        if in_a_row >= MAX_SKIPS_IN_A_ROW and not self.spec.finite:
+            raise ShardError(
+                f"the last {in_a_row} samples were all skipped ({self.counter.skipped}); check "
+                "data.max_sample_length, data.max_images_per_example and the shards (`toolkit data-stats`)"
+            )
 
     def _collate(self, rows: list[list[Sample]]) -> Batch:
         """Decode the pixels only now, so buffers hold encoded bytes; a sample whose image fails leaves its row."""
@@ -157,7 +164,10 @@ class _Stream:
                     pixels = load_tiles(s, self.spec.decode)  # (tiles, 3, tile, tile)
                 except Skip as exc:
                     self.counter.skip(exc.reason, s.where, exc.detail)
+                    self.pixel_fails_in_a_row += 1
+                    self._check_streak(self.pixel_fails_in_a_row)
                     continue
+                self.pixel_fails_in_a_row = 0
                 out.append(Encoded(s.input_ids, s.labels, pixels, images=len(s.images), key=s.where))
             encoded.append(out)
         batch = collate(
@@ -211,12 +221,11 @@ class _Stream:
             raise ShardError(
                 f"loader state was saved by reader {state['slot'][0]} of {state['slot'][1]} (ranks x data.num_workers) "
                 f"but this is reader {self.slot.index} of {self.slot.count}; resume with the same world size and "
-                "data.num_workers, or start the data stream afresh"
+                "data.num_workers"
             )
         if state["data"] != fingerprint(list(self.spec.sets)):
             raise ShardError(
-                "loader state refers to other shards or weights than data.*_shards now name; "
-                "resume with the same data, or start the data stream afresh"
+                "loader state refers to other shards or weights than data.*_shards now name; resume with the same data"
             )
 
     def _redecode(self, raw: RawSample) -> Sample:
@@ -335,6 +344,22 @@ class StreamLoader(StatefulDataLoader):
         items = super().__iter__()
         return (item for item in items if not isinstance(item, EndOfPass)) if finite else items
 
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from a saved state. One saved under another `data.num_workers` would fail deep inside torchdata
+        (its layout differs between 0 workers and some); with virtual readers it reshards instead, since a rank's
+        readers do not depend on its worker count; without, the error says which count to resume with."""
+        saved = saved_workers(state)
+        if saved is None or saved == self.num_workers:
+            super().load_state_dict(state)
+            return
+        if self.reshard([state]):
+            return
+        raise ShardError(
+            f"the loader state was saved with data.num_workers={saved} and this run has {self.num_workers}; resume "
+            f"with data.num_workers={saved} (set data.virtual_readers in a new run for a data order that survives "
+            "such a change)"
+        )
+
     @property
     def endless(self) -> bool:
         """A training stream never ends: each reader starts another epoch, and raises on data it cannot read. The
@@ -348,13 +373,14 @@ class StreamLoader(StatefulDataLoader):
         if not count:
             return False
         states = {tuple(st["slot"]): st for state in saved for st in stream_states(state)}
-        missing = [v for v in range(count) if (v, count) not in states]
+        mine = owned_readers(count, rank=self.dataset.rank, world=self.dataset.world)
+        missing = [v for v in mine if (v, count) not in states]
         if missing:
             raise ShardError(
                 f"the checkpoint holds no state for virtual readers {missing[:5]} of {count}: it was written with "
                 "another data.virtual_readers (or none); resume with the checkpoint's data settings"
             )
-        self.dataset.resharded = {v: states[v, count] for v in range(count)}
+        self.dataset.resharded = {v: states[v, count] for v in mine}
         return True
 
     def empty_batch(self) -> Batch:
@@ -368,6 +394,15 @@ class StreamLoader(StatefulDataLoader):
         finite pass, of the whole pass (the end of each reader's pass delivers its final counts)."""
         state = self.state_dict() if self._iterator is not None else self.next_iter_state  # loaded, not yet iterated
         return sum_counts([st["counts"] for st in stream_states(state or {})])
+
+
+def saved_workers(state: object) -> int | None:
+    """The `num_workers` a StatefulDataLoader state was saved with (None: not such a state, e.g. empty)."""
+    if not isinstance(state, dict):
+        return None
+    if "_snapshot" in state:
+        return len(state["_snapshot"].get("_worker_snapshots", {}))
+    return 0 if "_num_yielded" in state else None
 
 
 def sum_counts(counts: list[dict]) -> dict:

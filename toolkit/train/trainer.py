@@ -15,8 +15,10 @@ them. The toolkit's training loader never runs out (it starts another epoch; it 
 and says so (`endless`); so does `train_step`'s caller. Then the all-reduced counts stay on the device, the loss
 is scaled by their target count there, and they are read with the loss after the backward: one transfer a step.
 
-A step whose loss (or gradient norm) is NaN/inf is skipped by the backend and counted; `max_bad_steps` of them
-in a row stop the run with an error instead of training on garbage.
+A step whose loss (or gradient norm) is NaN/inf is skipped by the backend and counted, and so is a step with no
+target token on any rank (every sample of its batches was skipped by the loader, or had no assistant tokens): its
+update would be AdamW's momentum and weight decay alone. `max_bad_steps` of them in a row stop the run with an
+error instead of training on garbage.
 """
 
 from __future__ import annotations
@@ -159,6 +161,7 @@ class Trainer:
         self.cost = sample_cost(cfg.model, cfg.data.cost_calibration)  # the packer's model, for rank_cost_imbalance
         self.history: list[dict[str, Any]] = []
         self._stop_requested = False  # this rank saw a signal
+        self._last_skip = ""  # why the last skipped step was skipped, for the error that stops a run
         self._stopping = False  # some rank did: agreed by all after the last step
 
     def state_dict(self) -> dict[str, Any]:
@@ -238,9 +241,10 @@ class Trainer:
             loss_sum, fwd_bwd = self._forward_backward(micro, step_counts.loss_scale())
         with record_function("toolkit.norm_and_loss_read"):
             loss, grad_norm, counts, rank_times = self._read_step(loss_sum, fwd_bwd, step_counts)
+        empty = int(counts[TARGETS]) == 0
         with record_function("toolkit.optimizer_step"):
-            result = self.backend.step(skip=not math.isfinite(loss), grad_norm=grad_norm)
-        self._count(result.skipped)
+            result = self.backend.step(skip=empty or not math.isfinite(loss), grad_norm=grad_norm)
+        self._count(result.skipped, "no target tokens on any rank" if empty else "loss or gradient not finite")
         elapsed = time.perf_counter() - started
         metrics = {
             "loss": loss,
@@ -319,25 +323,29 @@ class Trainer:
         )
         return {"mfu": flops / (elapsed * self.peak_flops * dist.get_world_size())}
 
-    def _count(self, skipped: bool) -> None:
+    def _count(self, skipped: bool, why: str) -> None:
         self.state.step += 1
         if not skipped:
             self.state.bad_in_row = 0
             return
         self.state.bad_in_row += 1
         self.state.skipped_total += 1
+        self._last_skip = why
         dist.log0(
-            "step %d skipped: loss or gradient not finite (%d in a row)",
-            self.state.step,
-            self.state.bad_in_row,
-            level=logging.WARNING,
+            "step %d skipped: %s (%d in a row)", self.state.step, why, self.state.bad_in_row, level=logging.WARNING
         )
+
+    _SKIP_ADVICE = {
+        "loss or gradient not finite": "Lower train.lr_* or train.max_grad_norm, try backend.precision=fp32 to rule "
+        "out bf16 overflow, or check the data for broken images or labels",
+        "no target tokens on any rank": "The loader skipped every sample of these batches or they had no assistant "
+        "tokens: see the skip reasons logged and in metrics.jsonl's `samples`, and run `toolkit data-stats`",
+    }
 
     def _check_divergence(self) -> None:
         limit = self.cfg.train.max_bad_steps
         if self.state.bad_in_row >= limit:
             raise TrainingDiverged(
-                f"{self.state.bad_in_row} optimizer steps in a row had a NaN/inf loss or gradient (up to step "
-                f"{self.state.step}; train.max_bad_steps={limit}). Lower train.lr_* or train.max_grad_norm, try "
-                "backend.precision=fp32 to rule out bf16 overflow, or check the data for broken images or labels"
+                f"{self.state.bad_in_row} optimizer steps in a row were skipped, the last for {self._last_skip} (up "
+                f"to step {self.state.step}; train.max_bad_steps={limit}). {self._SKIP_ADVICE[self._last_skip]}"
             )
