@@ -10,6 +10,8 @@
 #   SSH_PORT      ssh port on the hosts (default: ssh's own default)
 #   PYTHON        interpreter on every host (default: .venv/bin/python of this checkout)
 #   NCCL_*        forwarded to every host by DeepSpeed (e.g. NCCL_SOCKET_IFNAME=ib0, NCCL_DEBUG=WARN)
+#   GLOO_SOCKET_IFNAME  network interface of CPU (gloo) runs, when the hostname resolves to loopback: set it in
+#                 DS_ENV_FILE so every host gets it (e.g. GLOO_SOCKET_IFNAME=eth0)
 #   DS_ENV_FILE   file of KEY=VALUE lines DeepSpeed exports to every host (default ~/.deepspeed_env or ./.deepspeed_env)
 # Needs passwordless ssh and pdsh from this node to every host, and the same checkout path on each.
 set -euo pipefail

@@ -13,6 +13,7 @@
 #                   from the run's latest checkpoint (train.resume=auto)
 #   PYTHON          interpreter (default: .venv/bin/python of this checkout)
 #   NCCL_*          read by NCCL on every rank (e.g. NCCL_SOCKET_IFNAME, NCCL_IB_HCA)
+#   GLOO_SOCKET_IFNAME  network interface of CPU (gloo) runs across nodes, when the hostname resolves to loopback
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-$PWD/.venv/bin/python}

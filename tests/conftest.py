@@ -15,6 +15,7 @@ from toolkit.config import ModelConfig
 
 REPO = Path(__file__).resolve().parent.parent
 REFERENCE = Path(os.environ.get("NANOVLM_REFERENCE", REPO.parent / "shared" / "reference" / "nanovlm-tiny"))
+REFERENCE_HINT = "CI keeps ../shared beside the clone; elsewhere set NANOVLM_REFERENCE to the fixture folder"
 
 
 # What every multi-process test runs with: CPU DeepSpeed, no GPU (two ranks must not share one over NCCL),
@@ -52,7 +53,7 @@ def run_ranks(nproc: int, *target: str, timeout: int, env: dict | None = None) -
 @pytest.fixture
 def reference_dir() -> Path:
     if not (REFERENCE / "checkpoint" / "model.safetensors").exists():
-        pytest.skip(f"nanoVLM reference fixture not found at {REFERENCE} (CI keeps ../shared beside the clone)")
+        pytest.skip(f"nanoVLM reference fixture not found at {REFERENCE}: {REFERENCE_HINT}")
     return REFERENCE
 
 

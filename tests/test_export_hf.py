@@ -47,10 +47,10 @@ def _fixture_image() -> Image.Image:
 
 @pytest.fixture(scope="module")
 def fixture_export(tmp_path_factory) -> Path:
-    from tests.conftest import REFERENCE
+    from tests.conftest import REFERENCE, REFERENCE_HINT
 
     if not (REFERENCE / "checkpoint" / "model.safetensors").exists():
-        pytest.skip(f"nanoVLM reference fixture not found at {REFERENCE} (CI keeps ../shared beside the clone)")
+        pytest.skip(f"nanoVLM reference fixture not found at {REFERENCE}: {REFERENCE_HINT}")
     out = tmp_path_factory.mktemp("hf") / "fixture"
     export(REFERENCE / "checkpoint", out, fmt="hf")
     return out

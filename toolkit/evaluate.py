@@ -7,6 +7,7 @@ model that says "Red." for "red" is right. Results are grouped by the sample's `
 
 from __future__ import annotations
 
+import logging
 import re
 from collections import defaultdict
 from collections.abc import Iterable
@@ -24,6 +25,8 @@ from toolkit.data.texts import Skip, parse_texts
 from toolkit.data.tokenizer import VLMTokenizer, load_tokenizer
 from toolkit.model import VisionLanguageModel
 
+log = logging.getLogger(__name__)
+
 
 def normalise(text: str) -> str:
     words = re.findall(r"[a-z0-9]+", text.lower())
@@ -40,7 +43,9 @@ class Accuracy:
         self.total[kind] += 1
 
     def table(self) -> dict[str, float]:
-        out = {k: self.correct[k] / self.total[k] for k in sorted(self.total)}
+        """Accuracy per question type, when there are several, and over all questions (`all`)."""
+        kinds = sorted(self.total) if len(self.total) > 1 else []
+        out = {k: self.correct[k] / self.total[k] for k in kinds}
         n = sum(self.total.values())
         out["all"] = sum(self.correct.values()) / n if n else 0.0
         return out
@@ -211,21 +216,29 @@ def heldout_loss(model: VisionLanguageModel, tok: VLMTokenizer, shards: str, *, 
 
 
 def iter_eval_samples(shards: str) -> Iterable[dict]:
-    """Raw held-out samples (PIL images, texts, question_type, description) in shard order; bad ones skipped."""
+    """Raw held-out samples (PIL images, texts, question_type, description) in shard order. A sample that cannot
+    be read is skipped and, at the end of the pass, counted in a warning that names the first."""
     import io
     import json
 
+    skipped: list[str] = []
     for shard in resolve_shards(shards, name="--shards"):
-        for _, _, files in ShardScan(shard.path):
+        scan = ShardScan(shard.path)
+        for _, key, files in scan:
             try:
                 texts = parse_texts(files)
                 images = [Image.open(io.BytesIO(b)).convert("RGB") for b in image_members(files)]
-            except (Skip, OSError, ValueError):
+                meta = json.loads(files["json"]) if "json" in files else {}  # a caption pair may have only .txt
+            except (Skip, OSError, ValueError) as exc:
+                skipped.append(f"{shard.path}:{key} ({exc})")
                 continue
-            meta = json.loads(files["json"])
             yield {
                 "texts": texts,
                 "images": images,
                 "question_type": meta.get("question_type", "all questions"),
                 "description": meta.get("description", ""),
             }
+        if scan.error is not None:  # the shard's unread rest, or all of it: at least one sample each
+            skipped.append(f"{shard.path} ({scan.error[0]}: {scan.error[1]})")
+    if skipped:
+        log.warning("answer accuracy skipped %d held-out samples it could not read, first %s", len(skipped), skipped[0])

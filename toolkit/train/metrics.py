@@ -132,8 +132,8 @@ class MetricsWriter:
             self.first_step, self.started = step, time.monotonic()
         done = step - self.first_step
         rate = done / max(time.monotonic() - self.started, 1e-9)
-        eta = (self.total - step) / rate if rate > 0 else float("nan")
-        text = f"loss {m.get('loss', float('nan')):.4f} tok/s {m.get('tokens_per_s', 0):,.0f} eta {eta / 60:.1f} min"
+        eta = f"{(self.total - step) / rate / 60:.1f} min" if rate > 0 else "unknown yet"  # one step: no rate
+        text = f"loss {m.get('loss', float('nan')):.4f} tok/s {m.get('tokens_per_s', 0):,.0f} eta {eta}"
         if self._bar is not None:
             self._bar.n = step
             self._bar.set_postfix_str(text, refresh=True)

@@ -1,0 +1,37 @@
+"""Held-out samples for answer accuracy: what cannot be read is counted, and the table names each figure once."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import shardgen
+from shardgen import Spec, write_shard
+
+from toolkit.evaluate import Accuracy, iter_eval_samples
+
+
+def test_unreadable_held_out_samples_are_counted_not_dropped_silently(tmp_path: Path, caplog) -> None:
+    good = shardgen.good("g0")
+    typed = shardgen.good("g1")
+    typed.meta["question_type"] = "color"
+    broken = Spec("b0", shardgen.good("b0").meta, [("img0.jpg", shardgen.corrupt_jpeg())])
+    write_shard(tmp_path / "shard-000000.tar", [good, broken, typed])
+    write_shard(tmp_path / "shard-000001.tar", [shardgen.good("t0"), shardgen.good("t1")], truncate_in="t1")
+    with caplog.at_level(logging.WARNING, logger="toolkit.evaluate"):
+        samples = list(iter_eval_samples(str(tmp_path)))
+    assert [s["question_type"] for s in samples] == ["all questions", "color", "all questions"]  # g0, g1, t0
+    assert [len(s["images"]) for s in samples] == [1, 1, 1]
+    warning = "\n".join(r.getMessage() for r in caplog.records)
+    assert "skipped 2 held-out samples" in warning and ":b0 (" in warning  # the bad image and the cut shard
+
+
+def test_accuracy_table_lists_question_types_only_when_there_are_several() -> None:
+    one = Accuracy()
+    for ok in (True, False, True, True):
+        one.add("all questions", ok)
+    assert one.table() == {"all": 0.75}  # was {"all questions": 0.75, "all": 0.75}: the same figure twice
+    two = Accuracy()
+    for kind, ok in [("color", True), ("color", False), ("shape", True)]:
+        two.add(kind, ok)
+    assert two.table() == {"color": 0.5, "shape": 1.0, "all": 2 / 3}
