@@ -105,6 +105,12 @@ def test_calibration_file_replaces_the_flops(tmp_path) -> None:
     path.write_text("{}")
     with pytest.raises(ValueError, match="seconds_per_tile"):
         sample_cost(load_config("tiny").model, str(path))
+    for tile, token in [(0.0, 0.0), (-1e-3, 1e-5), (float("nan"), 1e-5)]:
+        path.write_text(
+            json.dumps({"seconds_per_tile": tile, "seconds_per_token": token})
+        )  # what a fit ruined by noise writes: it balanced nothing, silently
+        with pytest.raises(ValueError, match="unusable times"):
+            sample_cost(load_config("tiny").model, str(path))
     with pytest.raises(ConfigError, match=r"data\.cost_calibration"):
         load_config("tiny", [f"data.cost_calibration={tmp_path / 'missing.json'}"])
 

@@ -35,14 +35,14 @@ def test_overrides_are_typed():
 @pytest.mark.parametrize(
     ("overrides", "pattern"),
     [
-        (["model.lm_n_headz=4"], r"unknown field 'model\.lm_n_headz'.*Did you mean 'lm_n_heads'"),
+        (["model.lm_n_headz=4"], r"unknown field 'model\.lm_n_headz'.*Did you mean one of 'model\.lm_n_heads'"),
         (["modle.lm_n_heads=4"], r"unknown config section 'modle'"),
         (["model.lm_n_heads=5"], r"model\.lm_n_heads must divide model\.lm_hidden_dim"),
         (["model.lm_n_kv_heads=3"], r"model\.lm_n_kv_heads must divide model\.lm_n_heads"),
         (["backend.name=horovod"], r"backend\.name='horovod' is not allowed; choose one of single, ddp, deepspeed"),
         (["train.activation_checkpointing=some"], r"train\.activation_checkpointing='some'.*none, vision, language"),
         (["train.batch_size=two"], r"train\.batch_size='two' must be of type int"),
-        (["train.batch_size=0"], r"train\.batch_size must be positive"),
+        (["train.batch_size=0"], r"train\.batch_size=0 must be >= 1: Packed rows per rank per micro-step"),
         (["model.mp_image_token_length=5"], r"model\.mp_image_token_length must be .* = 4"),
         (["train.lr_mp"], r"must look like section\.field=value"),
     ],
@@ -125,3 +125,152 @@ def test_450m_preset_follows_nanovlm_heads_recipe():
     assert (cfg.train.batch_size, cfg.train.gradient_accumulation_steps, cfg.train.lr_mp) == (2, 8, 0.00512)
     assert (cfg.train.lr_vision_backbone, cfg.train.lr_language_backbone, cfg.train.max_grad_norm) == (5e-5, 5e-5, 1.0)
     assert (cfg.data.max_images_per_example, cfg.data.max_images_per_knapsack) == (4, 18)
+
+
+# -- values that passed validation and then crashed (ZeroDivisionError, torchdata's bare assert, a wrong stop) --
+
+
+@pytest.mark.parametrize(
+    ("override", "pattern"),
+    [
+        # 0 heads, patch or shuffle factor: a modulo by zero inside validate itself
+        ("model.lm_n_heads=0", r"model\.lm_n_heads=0 must be >= 1: Query heads"),
+        ("model.vit_n_heads=0", r"model\.vit_n_heads=0 must be >= 1"),
+        ("model.lm_n_kv_heads=0", r"model\.lm_n_kv_heads=0 must be >= 1"),
+        ("model.vit_patch_size=0", r"model\.vit_patch_size=0 must be >= 1"),
+        ("model.mp_pixel_shuffle_factor=0", r"model\.mp_pixel_shuffle_factor=0 must be >= 1"),
+        ("model.vit_inter_dim=0", r"model\.vit_inter_dim=0 must be >= 1"),
+        ("model.lm_rms_eps=0", r"model\.lm_rms_eps=0.0 must be > 0"),
+        ("model.lm_dropout=1", r"model\.lm_dropout=1.0 must be in \[0, 1\)"),
+        # step % log_interval after step 1; torchdata's bare AssertionError; a stop after one good step
+        ("train.log_interval=0", r"train\.log_interval=0 must be >= 1: Log a progress line every N steps"),
+        ("data.prefetch_factor=0", r"data\.prefetch_factor=0 must be >= 1: Batches each worker prepares ahead"),
+        ("train.max_bad_steps=0", r"train\.max_bad_steps=0 must be >= 1: Stop after this many skipped steps"),
+        # a negative interval exported every step (step % -1 == 0); 0 is the documented "off"
+        ("train.export_interval=-1", r"train\.export_interval=-1 must be >= 0: .*\(0 = never during training\)"),
+        ("train.stop_at_step=-3", r"train\.stop_at_step=-3 must be >= 0"),
+        ("data.max_tiles_per_knapsack=-1", r"data\.max_tiles_per_knapsack=-1 must be >= 0: .*\(0 = no limit"),
+        ("train.lr_mp=.inf", r"train\.lr_mp=inf must be a finite number"),
+        ("train.max_grad_norm=.nan", r"train\.max_grad_norm=nan must be a finite number"),
+        ("train.run_dir=", r"train\.run_dir is empty; name the run's folder"),
+        ("train.resume=None", r"train\.resume='None' would be read as a checkpoint path; write 'none'"),
+    ],
+)
+def test_values_that_would_crash_later_are_refused_with_the_field_and_its_range(override, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        load_config("tiny", [override])
+
+
+def test_every_numeric_field_declares_the_range_it_is_checked_against():
+    """Each int/float field names its Range beside its default, so a new field cannot skip the range check."""
+    import dataclasses
+    import typing
+
+    from toolkit.config import _SECTION_TYPES
+
+    unchecked = [
+        f"{section}.{f.name}"
+        for section, cls in _SECTION_TYPES.items()
+        for f in dataclasses.fields(cls)
+        if typing.get_type_hints(cls)[f.name] in (int, float) and f.metadata.get("valid") is None
+    ]
+    assert unchecked == []
+
+
+def test_a_nanovlm_config_json_with_zero_heads_is_a_config_error_not_a_zero_division(tmp_path):
+    """read_nanovlm_config calls ModelConfig.validate() alone, without Config's type pass: ranges live there."""
+    import json
+
+    from toolkit.model.hub import read_nanovlm_config
+
+    (tmp_path / "config.json").write_text(json.dumps({"lm_n_heads": 0}))
+    with pytest.raises(ConfigError, match=r"model\.lm_n_heads=0 must be >= 1"):
+        read_nanovlm_config(tmp_path)
+
+
+def test_max_img_size_beyond_the_tile_tokens_is_refused():
+    """A grid past r8c8 would fail on the first large image with a KeyError inside the data workers."""
+    with pytest.raises(ConfigError, match=r"model\.max_img_size=512 allows grids of 16x16 tiles .* up to r8c8 only; "
+                       r"lower max_img_size to 256"):  # fmt: skip
+        load_config("tiny", ["model.max_img_size=512"])
+    assert load_config("tiny", ["model.max_img_size=256"]).model.max_img_size == 256  # 8x8: every token exists
+
+
+@pytest.mark.parametrize(
+    ("mixture", "pattern"),
+    [
+        ("[{pattern: a, weight: abc}]", r"data\.train_shards\[0\]\.weight='abc' must be a number > 0"),
+        ("[{pattern: a}, {pattern: b, weight: 0}]", r"data\.train_shards\[1\]\.weight=0 must be a number > 0"),
+        ("[{pattern: a, weight: .inf}]", r"data\.train_shards\[0\]\.weight=inf must be a number > 0"),
+        ("[{pattern: a, weight: true}]", r"data\.train_shards\[0\]\.weight=True must be a number > 0"),
+        ("[{pattern: 5}]", r"data\.train_shards\[0\]\.pattern=5 must be a brace pattern, folder or manifest"),
+        ("[]", r"data\.train_shards is an empty list; give at least one"),
+    ],
+)
+def test_bad_mixture_entries_name_the_entry(mixture, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        load_config("tiny", [f"data.train_shards={mixture}"])
+
+
+def test_bad_mixture_in_a_yaml_file_is_a_config_error(tmp_path):
+    bad = tmp_path / "mix.yaml"
+    bad.write_text("data:\n  train_shards:\n    - {pattern: a, weight: abc}\n")
+    with pytest.raises(ConfigError, match=r"data\.train_shards\[0\]\.weight='abc'"):
+        load_config(str(bad))
+    good = load_config("tiny", ["data.train_shards=[{pattern: a, weight: '1e-3'}, {pattern: b, weight: 2}]"])
+    assert [s["weight"] for s in good.data.train_shards] == ["1e-3", 2]  # the loader reads them with float()
+
+
+# -- unknown names: the hint points at the key the user meant --
+
+
+@pytest.mark.parametrize(
+    ("override", "suggested"),
+    [
+        ("train.max_steps=5", ["train.max_training_steps"]),  # difflib alone said max_bad_steps
+        ("train.lr=1e-3", ["train.lr_mp", "train.lr_vision_backbone", "train.lr_language_backbone"]),
+        ("train.learning_rate=1e-3", ["train.lr_mp", "train.lr_vision_backbone", "train.lr_language_backbone"]),
+        ("train.num_workers=2", ["data.num_workers"]),  # the right field in the wrong section
+        ("train.precision=bf16", ["backend.precision"]),
+        ("data.batch_size=2", ["train.batch_size"]),
+        ("train.device=cpu", ["backend.device"]),
+        ("train.gradient_clipping=1.0", ["train.max_grad_norm"]),  # DeepSpeed's name
+        ("train.per_device_train_batch_size=2", ["train.batch_size"]),  # the HF Trainer's
+        ("train.lr_vision=1e-4", ["train.lr_vision_backbone"]),  # a prefix
+        ("modle.lm_n_heads=4", ["model.lm_n_heads"]),  # a section typo keeps the field
+    ],
+)
+def test_unknown_key_suggests_what_was_meant(override, suggested):
+    with pytest.raises(ConfigError) as err:
+        load_config("tiny", [override])
+    message = str(err.value)
+    hint = message.split("Did you mean ", 1)[1].split("?")[0]
+    assert [k.strip(" '") for k in hint.removeprefix("one of ").split(",")] == suggested, message
+
+
+def test_hint_for_a_key_without_section_and_a_flat_yaml(tmp_path):
+    from toolkit.config import suggest_keys
+
+    with pytest.raises(ConfigError, match=r"must be section\.field.*Did you mean 'train\.lr_mp'\?"):
+        load_config("tiny", ["lr_mp=1e-3"])
+    flat = tmp_path / "flat.yaml"
+    flat.write_text("max_training_steps: 10\n")  # nanoVLM's flat field names at the top level
+    with pytest.raises(ConfigError, match=r"unknown config section 'max_training_steps'.*'train\.max_training_steps'"):
+        load_config(str(flat))
+    assert suggest_keys("lm_n_headz", "model")[0] == "model.lm_n_heads"
+
+
+def test_resume_help_says_none_refuses_a_run_dir_with_checkpoints():
+    from toolkit.config import describe_fields
+
+    line = next(x for x in describe_fields().splitlines() if x.lstrip().startswith("train.resume ="))
+    assert "'none' starts fresh and refuses a run_dir that already holds checkpoints" in line
+
+
+def test_every_alias_points_at_an_existing_key():
+    """A renamed field must not leave ALIASES suggesting a key that no longer exists."""
+    from toolkit.config import ALIASES, SECTIONS, section_fields
+
+    keys = {f"{s}.{f}" for s in SECTIONS for f in section_fields(s)}
+    assert {k for targets in ALIASES.values() for k in targets} <= keys
+    assert not set(ALIASES) & {k.split(".")[1] for k in keys}  # a field name is found as itself, never aliased

@@ -12,6 +12,7 @@ make FLOPs a poor guide to time (`bench gpu --calibrate` writes one).
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,7 +46,7 @@ class SampleCost:
         `seconds_per_token_sq` (the attention term), e.g. from timing the model on a GPU."""
         try:
             data = json.loads(Path(path).read_text())
-            return cls(
+            cost = cls(
                 per_tile=float(data["seconds_per_tile"]),
                 per_token=float(data["seconds_per_token"]),
                 per_token_sq=float(data.get("seconds_per_token_sq", 0.0)),
@@ -55,6 +56,15 @@ class SampleCost:
                 f"data.cost_calibration={path} is not a readable JSON object with seconds_per_tile and "
                 f"seconds_per_token ({exc}); fix the file or set data.cost_calibration='' to use the model's FLOPs"
             ) from exc
+        terms = (cost.per_tile, cost.per_token, cost.per_token_sq)
+        if not all(math.isfinite(t) and t >= 0 for t in terms) or cost.per_tile + cost.per_token == 0:
+            # A fit that noise ruined: zero costs balance nothing, negative ones chase the wrong rows
+            raise ValueError(
+                f"data.cost_calibration={path} holds unusable times (per tile {terms[0]}, per token {terms[1]}, "
+                f"per squared token {terms[2]}): they must be finite and >= 0, and not all zero. Rerun `bench gpu "
+                "--calibrate` on an idle device with more --steps, or set data.cost_calibration='' to use FLOPs"
+            )
+        return cost
 
 
 def vit_tile_flops(cfg: ModelConfig) -> float:
