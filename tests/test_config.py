@@ -249,7 +249,8 @@ def test_unknown_key_suggests_what_was_meant(override, suggested):
 
 
 def test_hint_for_a_key_without_section_and_a_flat_yaml(tmp_path):
-    from toolkit.config import suggest_keys
+    from toolkit.config import SECTIONS, section_fields
+    from toolkit.config_hints import suggest_keys
 
     with pytest.raises(ConfigError, match=r"must be section\.field.*Did you mean 'train\.lr_mp'\?"):
         load_config("tiny", ["lr_mp=1e-3"])
@@ -257,7 +258,8 @@ def test_hint_for_a_key_without_section_and_a_flat_yaml(tmp_path):
     flat.write_text("max_training_steps: 10\n")  # nanoVLM's flat field names at the top level
     with pytest.raises(ConfigError, match=r"unknown config section 'max_training_steps'.*'train\.max_training_steps'"):
         load_config(str(flat))
-    assert suggest_keys("lm_n_headz", "model")[0] == "model.lm_n_heads"
+    fields = {s: section_fields(s) for s in SECTIONS}
+    assert suggest_keys("lm_n_headz", fields, "model")[0] == "model.lm_n_heads"
 
 
 def test_resume_help_says_none_refuses_a_run_dir_with_checkpoints():
@@ -269,7 +271,8 @@ def test_resume_help_says_none_refuses_a_run_dir_with_checkpoints():
 
 def test_every_alias_points_at_an_existing_key():
     """A renamed field must not leave ALIASES suggesting a key that no longer exists."""
-    from toolkit.config import ALIASES, SECTIONS, section_fields
+    from toolkit.config import SECTIONS, section_fields
+    from toolkit.config_hints import ALIASES
 
     keys = {f"{s}.{f}" for s in SECTIONS for f in section_fields(s)}
     assert {k for targets in ALIASES.values() for k in targets} <= keys

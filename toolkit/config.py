@@ -18,6 +18,8 @@ from typing import Any
 
 import yaml
 
+from toolkit.config_hints import ALIASES, did_you_mean, suggest_keys
+
 PRESETS_DIR = Path(__file__).parent / "configs"
 
 
@@ -581,80 +583,13 @@ _SECTION_TYPES: dict[str, type] = {
 }
 
 
-LR_KEYS = ("train.lr_mp", "train.lr_vision_backbone", "train.lr_language_backbone")
-
-# What users of nanoVLM, the Hugging Face Trainer and DeepSpeed call a setting -> this toolkit's keys. Read only
-# to turn an unknown name into a "did you mean"; names that are fields of another section need no entry here.
-ALIASES: dict[str, tuple[str, ...]] = {
-    "max_steps": ("train.max_training_steps",),
-    "num_steps": ("train.max_training_steps",),
-    "train_steps": ("train.max_training_steps",),
-    "lr": LR_KEYS,
-    "learning_rate": LR_KEYS,
-    "warmup_steps": ("train.warmup_ratio",),
-    "per_device_train_batch_size": ("train.batch_size",),
-    "train_micro_batch_size_per_gpu": ("train.batch_size",),
-    "micro_batch_size": ("train.batch_size",),
-    "train_batch_size": ("train.global_batch_size",),
-    "gradient_clipping": ("train.max_grad_norm",),
-    "grad_clip": ("train.max_grad_norm",),
-    "logging_steps": ("train.log_interval",),
-    "stats_log_interval": ("train.log_interval",),
-    "eval_steps": ("train.eval_interval",),
-    "save_steps": ("train.checkpoint_interval",),
-    "save_total_limit": ("train.keep_checkpoints",),
-    "output_dir": ("train.run_dir",),
-    "resume_from_checkpoint": ("train.resume",),
-    "resume_from_vlm_checkpoint": ("train.resume", "train.init_from"),
-    "gradient_checkpointing": ("train.activation_checkpointing",),
-    "torch_compile": ("train.compile",),
-    "lmms_eval_tasks": ("train.lmms_tasks",),
-    "dataloader_num_workers": ("data.num_workers",),
-    "train_dataset_path": ("data.train_shards",),
-    "max_length": ("model.lm_max_length",),
-    "max_seq_length": ("model.lm_max_length",),
-    "bf16": ("backend.precision",),
-    "fp16": ("backend.precision",),
-    "mixed_precision": ("backend.precision",),
-    "dtype": ("backend.precision",),
-    "strategy": ("backend.name",),
-    "deepspeed": ("backend.ds_config",),
-}
-
-
-def suggest_keys(name: str, section: str | None = None) -> list[str]:
-    """Keys (section.field) a user who typed `name` (under `section`, when given) most likely meant, best first.
-
-    The same field under another section, or a name another trainer uses (ALIASES), is taken as what was meant
-    and returned alone; otherwise fields that extend the name (lr_vision -> lr_vision_backbone) and close
-    spellings, those of `section` if it has any. One difflib match was too few: max_steps found max_bad_steps."""
-    name = name.strip().lower()
-    known = [f"{s}.{name}" for s in SECTIONS if s != section and name in section_fields(s)]
-    known += [key for key in ALIASES.get(name, ()) if key != f"{section}.{name}"]
-    if known:
-        return list(dict.fromkeys(known))
-    everywhere = [f"{s}.{f}" for s in SECTIONS for f in section_fields(s)]
-    by_field: dict[str, list[str]] = {}
-    for key in everywhere:
-        by_field.setdefault(key.split(".")[1], []).append(key)
-    extends = [key for key in everywhere if key.split(".")[1].startswith(f"{name}_")]
-    close = [key for f in difflib.get_close_matches(name, list(by_field), n=4) for key in by_field[f]]
-    found = list(dict.fromkeys(extends + close))
-    own = [key for key in found if key.split(".")[0] == section]
-    return (own or found)[:4]  # another section's look-alike is noise next to a match in the section typed
-
-
-def _did_you_mean(keys: list[str]) -> str:
-    if not keys:
-        return ""
-    if len(keys) == 1:
-        return f" Did you mean {keys[0]!r}?"
-    return f" Did you mean one of {', '.join(repr(k) for k in keys)}?"
+def _all_fields() -> dict[str, list[str]]:
+    return {s: section_fields(s) for s in SECTIONS}
 
 
 def _unknown_field(section: str, name: str) -> ConfigError:
     allowed = ", ".join(section_fields(section))
-    hint = _did_you_mean(suggest_keys(name, section))
+    hint = did_you_mean(suggest_keys(name, _all_fields(), section))
     return ConfigError(f"unknown field '{section}.{name}'.{hint} Fields of {section}: {allowed}")
 
 
@@ -663,10 +598,12 @@ def _unknown_section(section: str, field: str | None = None) -> ConfigError:
     written at the top level (a flat config such as nanoVLM's), which is then placed under its section."""
     keys = difflib.get_close_matches(section, SECTIONS, n=1)
     if field is not None:
-        keys = [f"{keys[0]}.{field}"] if keys and field in section_fields(keys[0]) else suggest_keys(field)
+        keys = (
+            [f"{keys[0]}.{field}"] if keys and field in section_fields(keys[0]) else suggest_keys(field, _all_fields())
+        )
     else:
-        keys += suggest_keys(section) if section.lower() in ALIASES or _is_field(section) else []
-    return ConfigError(f"unknown config section {section!r}.{_did_you_mean(keys)} Sections: {', '.join(SECTIONS)}")
+        keys += suggest_keys(section, _all_fields()) if section.lower() in ALIASES or _is_field(section) else []
+    return ConfigError(f"unknown config section {section!r}.{did_you_mean(keys)} Sections: {', '.join(SECTIONS)}")
 
 
 def _is_field(name: str) -> bool:
@@ -695,7 +632,7 @@ def parse_override(text: str) -> tuple[str, str, Any]:
         raise ConfigError(f"override {text!r} must look like section.field=value")
     key, raw = text.split("=", 1)
     if key.count(".") != 1:
-        hint = _did_you_mean(suggest_keys(key)) if "." not in key else ""
+        hint = did_you_mean(suggest_keys(key, _all_fields())) if "." not in key else ""
         raise ConfigError(
             f"override {text!r}: the key must be section.field, one of sections {', '.join(SECTIONS)}.{hint}"
         )
