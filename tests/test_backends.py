@@ -473,7 +473,7 @@ def test_a_step_without_targets_skips_its_update_and_too_many_stop_the_run() -> 
     assert tensor_rel(backend.full_state_dict(), before) == 0.0  # an unskipped step moves them (momentum)
     assert trainer.state.skipped_total == 1
     trainer.train_step([empty])
-    with pytest.raises(TrainingDiverged, match="no target tokens on any rank.*data-stats"):
+    with pytest.raises(TrainingDiverged, match=r"no target tokens on any rank.*data-stats"):
         trainer.train_step([empty])
 
 

@@ -35,3 +35,15 @@ def test_accuracy_table_lists_question_types_only_when_there_are_several() -> No
     for kind, ok in [("color", True), ("color", False), ("shape", True)]:
         two.add(kind, ok)
     assert two.table() == {"color": 0.5, "shape": 1.0, "all": 2 / 3}
+
+
+def test_held_out_samples_whose_members_are_apart_in_the_tar_are_counted(tmp_path: Path, caplog) -> None:
+    """`tar cf x.tar *.json *.png` puts each JSON away from its image: answering the JSON half would ask about an
+    image the model never sees."""
+    a, b = shardgen.good("a"), shardgen.good("b")
+    halves = [Spec("a", a.meta), Spec("b", b.meta), Spec("a", None, a.images), Spec("b", None, b.images)]
+    write_shard(tmp_path / "shard-000000.tar", [*halves, shardgen.good("c")])
+    with caplog.at_level(logging.WARNING, logger="toolkit.evaluate"):
+        samples = list(iter_eval_samples(str(tmp_path)))
+    assert [s["texts"][0]["assistant"] for s in samples] == ["it is c"]
+    assert "skipped 4 held-out samples" in "\n".join(r.getMessage() for r in caplog.records)

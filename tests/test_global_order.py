@@ -16,7 +16,7 @@ import shardgen
 from tests.conftest import run_ranks
 from toolkit.config import ConfigError
 from toolkit.data.loader import build_loader
-from toolkit.data.order import allowed_world_sizes, owned_readers
+from toolkit.data.order import allowed_world_sizes, check_layout, owned_readers
 from toolkit.data.prepare.synthetic import write_synth
 from toolkit.train.preflight import derive_accumulation
 
@@ -91,12 +91,30 @@ def test_layout_rules_and_refusals(tok, tmp_path):
     assert owned_readers(8, rank=1, world=2, worker=1, workers=2) == [3, 7]
     assert allowed_world_sizes(8, batch_size=1, global_batch=16, workers=2) == [1, 2, 4]
     shardgen.make_dataset(tmp_path / "d", shards=2, per_shard=4)
-    with pytest.raises(ConfigError, match=r"cannot be split over 3 ranks.*can use \[1, 2, 4\] ranks"):
+    with pytest.raises(ConfigError, match=r"cannot be split over 3 ranks.*can use 1, 2 or 4 ranks"):
         config(tok, tmp_path / "d", world=3, workers=0)
     with pytest.raises(ConfigError, match=r"not a multiple of train\.batch_size x world size"):
         cfg = shardgen.tiny_config(tok, str(tmp_path / "d"))
         cfg.train.global_batch_size = 6
         derive_accumulation(cfg, 4)
+
+
+def test_layout_refusals_name_the_setting_to_change_and_what_would_work():
+    """The global batch the user never set is not blamed first, and a layout no world size fits says so."""
+    with pytest.raises(ConfigError) as exc:  # data.virtual_readers=4 data.num_workers=3, global batch derived
+        check_layout(4, world=1, workers=3, batch_size=4, global_batch=4)
+    assert "train.global_batch_size" not in str(exc.value)
+    assert "With data.num_workers=3 no number of ranks works; on 1 ranks, set data.num_workers to 1, 2 or 4" in str(
+        exc.value
+    )
+    with pytest.raises(ConfigError, match=r"no number of ranks works; on 1 ranks, set data.num_workers to 1, 2 or 4"):
+        check_layout(4, world=1, workers=3, batch_size=1, global_batch=16)  # it said "the run can use [] ranks"
+    with pytest.raises(ConfigError, match=r"on 3 ranks, set data.virtual_readers to a multiple of 6"):
+        check_layout(8, world=3, workers=2, batch_size=1, global_batch=16)
+    batch_message = r"Set train.global_batch_size to a multiple of 16, e.g. 16 \(the run can then use 1 or 2 ranks\)"
+    with pytest.raises(ConfigError, match=batch_message):
+        check_layout(4, world=1, workers=2, batch_size=4, global_batch=4)
+    check_layout(4, world=2, workers=2, batch_size=4, global_batch=32)  # an allowed layout passes
 
 
 def backend_args(backend: str) -> list[str]:

@@ -269,6 +269,33 @@ def test_jsonl_with_image_folder_and_bad_lines(tmp_path):
     assert samples[2][2] == []
 
 
+def test_jsonl_singular_image_key_and_llava_placeholders(tmp_path):
+    """`"image": "a.png"` is one image (it was dropped and the row written text-only); `<image>` placeholders are
+    stripped when there is one per image and the row is counted when there is not."""
+    images = tmp_path / "images"
+    images.mkdir()
+    noise_image(5).save(images / "a.png")
+    q = [{"user": "q", "assistant": "a"}]
+    rows = [
+        {"image": "a.png", "texts": q},
+        {"images": ["a.png"], "texts": [{"user": "<image>\nWhat is it?", "assistant": "a shape"}]},
+        {"image": "a.png", "texts": [{"user": "Compare <image> with this.", "assistant": "same"}]},
+        {"images": ["a.png"], "texts": [{"user": "<image><image>\nCompare.", "assistant": "same"}]},  # 2 for 1
+        {"texts": [{"user": "<image>\nWhat?", "assistant": "x"}]},  # a placeholder, no image
+        {"image": "a.png", "images": ["a.png"], "texts": q},  # both keys: which?
+        {"image": ["a.png", "a.png"], "texts": q},
+    ]
+    src = tmp_path / "data.jsonl"
+    src.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    manifest = shard_data(str(src), str(tmp_path / "out"), images=str(images), shard_size="1MB")
+    assert manifest["skipped"] == {"placeholder_mismatch": 2, "wrong_type": 1}
+    samples = read_shards(tmp_path / "out")
+    png = (images / "a.png").read_bytes()
+    assert [imgs for _, _, imgs in samples] == [[("img0.png", png)]] * 3 + [[("img0.png", png), ("img1.png", png)]]
+    assert [m["texts"][0]["user"] for _, m, _ in samples] == ["q", "What is it?", "Compare with this.", "q"]
+    assert all("image" not in m for _, m, _ in samples)  # the path is not kept as a JSON field
+
+
 def test_python_rows_encode_pil_losslessly_and_skip_wrong_types(tmp_path):
     img = noise_image(7)
     rows = [

@@ -19,7 +19,8 @@ from PIL import Image
 
 from toolkit.config import Config
 from toolkit.data.conversation import image_string
-from toolkit.data.images import process_image
+from toolkit.data.format import SPLIT_SAMPLE
+from toolkit.data.images import process_image, to_rgb
 from toolkit.data.shards import ShardScan, image_members, resolve_shards
 from toolkit.data.texts import Skip, parse_texts
 from toolkit.data.tokenizer import VLMTokenizer, load_tokenizer
@@ -226,8 +227,10 @@ def iter_eval_samples(shards: str) -> Iterable[dict]:
         scan = ShardScan(shard.path)
         for _, key, files in scan:
             try:
+                if key in scan.split:
+                    raise Skip(SPLIT_SAMPLE, "its members are not together in the tar")
                 texts = parse_texts(files)
-                images = [Image.open(io.BytesIO(b)).convert("RGB") for b in image_members(files)]
+                images = [to_rgb(Image.open(io.BytesIO(b))) for b in image_members(files)]
                 meta = json.loads(files["json"]) if "json" in files else {}  # a caption pair may have only .txt
             except (Skip, OSError, ValueError) as exc:
                 skipped.append(f"{shard.path}:{key} ({exc})")

@@ -9,6 +9,7 @@ manifest's "skipped". Both sides import them from here, so a reason cannot be re
 
 from __future__ import annotations
 
+import itertools
 import re
 from collections.abc import Iterable
 
@@ -42,15 +43,39 @@ def split_member(name: str) -> tuple[str, str]:
 def image_exts(exts: Iterable[str]) -> list[str]:
     """The image extensions among a sample's member extensions, in image order (img0, img1, ..., img10); for an
     image-caption pair in img2dataset's layout (`KEY.jpg` ...), its one image."""
+    return place_images(exts)[0]
+
+
+def looks_like_image(ext: str) -> bool:
+    """A member extension that ends in an image file type (`gif`, `0.jpg`, `seg.png` ...)."""
+    return ext.rpartition(".")[2].lower() in IMAGE_FILE_EXTS
+
+
+def place_images(exts: Iterable[str]) -> tuple[list[str], list[str]]:
+    """(the image members in image order, the image-like members the format cannot place).
+
+    The second list is what would otherwise be dropped without a word and leave an image sample training as
+    text-only: `KEY.0.jpg` (not `KEY.img0.jpg`), a second `KEY.img0.*`, or two caption-layout images (`KEY.jpg`
+    + `KEY.png`: which one goes with the caption?). The reader skips such a sample as UNPLACED_IMAGE."""
     exts = list(exts)
-    found = sorted((int(m.group(1)), ext) for ext in exts if (m := IMAGE_EXT.match(ext)))
-    if found:
-        return [ext for _, ext in found]
-    return [ext for ext in exts if ext.lower() in CAPTION_IMAGE_EXTS][:1]
+    indexed = sorted((int(m.group(1)), ext) for ext in exts if (m := IMAGE_EXT.match(ext)))
+    loose = [ext for ext in exts if looks_like_image(ext) and not IMAGE_EXT.match(ext)]
+    if indexed:
+        placed, twice = [indexed[0][1]], []
+        for (before, _), (index, ext) in itertools.pairwise(indexed):
+            (twice if index == before else placed).append(ext)
+        return placed, twice + loose
+    caption = [ext for ext in loose if ext.lower() in CAPTION_IMAGE_EXTS]
+    if len(caption) == 1:
+        return caption, [ext for ext in loose if ext != caption[0]]
+    return [], loose
 
 
-# img2dataset's image-caption layout: KEY.jpg|png|webp with KEY.txt and/or KEY.json {"caption": ...}.
-CAPTION_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+# The image file types a sample may hold: what PIL decodes and datasets ship (a GIF trains on its first frame).
+IMAGE_FILE_EXTS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff")
+# img2dataset's image-caption layout: KEY.jpg|png|webp (or another IMAGE_FILE_EXTS) with KEY.txt and/or
+# KEY.json {"caption": ...}.
+CAPTION_IMAGE_EXTS = IMAGE_FILE_EXTS
 CAPTION_EXT = "txt"
 CAPTION_FIELD = "caption"
 
@@ -72,6 +97,8 @@ TRUNCATED_TAR = "truncated_tar"  # the tar ends early: its samples before the cu
 BAD_TAR = "bad_tar"
 UNREADABLE_SHARD = "unreadable_shard"
 NO_TURNS_LEFT = "no_turns_left"  # every turn was below a data.*_min_rating
+UNPLACED_IMAGE = "unplaced_image"  # image-like members the format cannot place (KEY.0.jpg, KEY.jpg + KEY.png)
+SPLIT_SAMPLE = "split_sample"  # a key whose members are not together in the tar (each part is skipped)
 READ_SKIPS = (
     NO_TURNS_LEFT,
     NO_JSON,
@@ -83,6 +110,8 @@ READ_SKIPS = (
     TOO_LONG,
     BAD_TEXT,
     BAD_IMAGE,
+    UNPLACED_IMAGE,
+    SPLIT_SAMPLE,
     TRUNCATED_TAR,
     BAD_TAR,
     UNREADABLE_SHARD,
@@ -93,4 +122,5 @@ WRONG_TYPE = "wrong_type"
 UNREADABLE_IMAGE = "unreadable_image"
 MISSING_IMAGE = "missing_image"
 INVALID_JSON = "invalid_json"
-WRITE_SKIPS = (NO_TEXTS, WRONG_TYPE, UNREADABLE_IMAGE, MISSING_IMAGE, INVALID_JSON)
+PLACEHOLDER_MISMATCH = "placeholder_mismatch"  # LLaVA-style <image> placeholders that do not match the images
+WRITE_SKIPS = (NO_TEXTS, WRONG_TYPE, UNREADABLE_IMAGE, MISSING_IMAGE, INVALID_JSON, PLACEHOLDER_MISMATCH)

@@ -53,14 +53,33 @@ def split_tiles(pixels: np.ndarray, tile: int) -> tuple[torch.Tensor, tuple[int,
 def process_image(
     img: Image.Image, *, tile: int, max_side: int, resize_to_max: bool
 ) -> tuple[torch.Tensor, tuple[int, int]]:
-    """Decoded image -> (tiles (n, 3, tile, tile), (rows, cols)) exactly as nanoVLM's processor."""
-    img = img.convert("RGB")
+    """Decoded image -> (tiles (n, 3, tile, tile), (rows, cols)) exactly as nanoVLM's processor (which converts
+    a 16-bit or float image straight to RGB and so trains it as white: here it is scaled to 8 bits first)."""
+    img = to_rgb(img)
     w, h = img.size
     new_h, new_w = target_size(h, w, tile=tile, max_side=max_side, resize_to_max=resize_to_max)
     if (new_h, new_w) != (h, w):
         img = img.resize((new_w, new_h), Image.Resampling.BICUBIC)
     # A read-only view suffices: split_tiles only reads the pixels (np.array's copy took 12 ms of a 2048 x 1536 image)
     return split_tiles(np.asarray(img, dtype=np.uint8), tile)
+
+
+# Greyscale modes wider than 8 bits: PIL's convert("RGB") clips their values to 255 instead of scaling them, so a
+# 16-bit PNG (mode I;16, or I on older Pillow) of mid-grey 32768 became pure white.
+WIDE_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any decoded image -> 8-bit RGB. Integer modes are read as 16-bit (0..65535, what PNG and TIFF store; the
+    32-bit mode I is how Pillow opens 16-bit files) and scaled by 255 / 65535 with rounding; float images (mode F,
+    e.g. a float TIFF) as 0..1. Values outside the range are clipped, NaN is black. Other modes convert as in
+    nanoVLM (P, L, CMYK ... ; alpha is dropped)."""
+    if img.mode not in WIDE_MODES:
+        return img.convert("RGB")
+    values = np.nan_to_num(np.asarray(img, dtype=np.float64), nan=0.0)
+    scale = 255.0 if img.mode == "F" else 255.0 / 65535.0
+    grey = np.rint(np.clip(values * scale, 0.0, 255.0)).astype(np.uint8)
+    return Image.fromarray(grey).convert("RGB")
 
 
 def tile_count(grid: tuple[int, int]) -> int:

@@ -34,16 +34,51 @@ def allowed_world_sizes(virtual: int, *, batch_size: int, global_batch: int, wor
 
 
 def check_layout(virtual: int, *, world: int, workers: int, batch_size: int, global_batch: int) -> None:
-    """Refuse a layout that would not give the global order; the message lists the world sizes that would."""
-    if global_batch % (batch_size * virtual):
+    """Refuse a layout that would not give the global order, saying which setting to change and which world sizes
+    and worker counts would work. The split over ranks and workers is checked first: it is what the user changes
+    when moving to another machine, and the global batch is often derived (train.global_batch_size=0), not set."""
+    workers = max(workers, 1)  # data.num_workers=0 reads in the main process: one reader slot
+    if virtual % world or (virtual // world) % workers:
+        raise ConfigError(_split_message(virtual, world=world, workers=workers, batch_size=batch_size,
+                                         global_batch=global_batch))  # fmt: skip
+    unit = batch_size * virtual
+    if global_batch % unit:
+        fixed = -(-global_batch // unit) * unit  # the next multiple up
+        worlds = allowed_world_sizes(virtual, batch_size=batch_size, global_batch=fixed, workers=workers)
         raise ConfigError(
-            f"train.global_batch_size={global_batch} is not a multiple of train.batch_size x data.virtual_readers = "
-            f"{batch_size} x {virtual}; every step takes the same number of batches from every virtual reader"
+            f"data.virtual_readers={virtual} needs a global batch that is a multiple of train.batch_size x "
+            f"data.virtual_readers = {batch_size} x {virtual} = {unit} packed rows (every step takes the same number "
+            f"of batches from every reader), but it is {global_batch} (train.global_batch_size, or when that is 0, "
+            f"train.batch_size x train.gradient_accumulation_steps x {world} ranks). Set train.global_batch_size to a "
+            f"multiple of {unit}, e.g. {fixed} (the run can then use {_sizes(worlds)} ranks), or lower "
+            "data.virtual_readers or train.batch_size"
         )
-    if virtual % world or (virtual // world) % max(workers, 1):
-        allowed = allowed_world_sizes(virtual, batch_size=batch_size, global_batch=global_batch, workers=workers)
-        raise ConfigError(
-            f"data.virtual_readers={virtual} cannot be split over {world} ranks x {max(workers, 1)} loader workers "
-            f"(data.num_workers): each rank must run the same number of readers, and each of its workers too. "
-            f"With these settings the run can use {allowed} ranks; or change data.num_workers"
-        )
+
+
+def _split_message(virtual: int, *, world: int, workers: int, batch_size: int, global_batch: int) -> str:
+    """What to change when V readers do not split evenly over `world` ranks x `workers` loader workers."""
+    head = (
+        f"data.virtual_readers={virtual} cannot be split over {world} ranks x {workers} loader workers "
+        f"(data.num_workers): each rank must run the same number of readers, and each of its workers too. "
+    )
+    unit = batch_size * virtual
+    worlds = allowed_world_sizes(virtual, batch_size=batch_size, global_batch=-(-global_batch // unit) * unit,
+                                 workers=workers)  # fmt: skip
+    if worlds:
+        fix = f"With these settings the run can use {_sizes(worlds)} ranks"
+    else:
+        fix = f"With data.num_workers={workers} no number of ranks works"
+    if virtual % world == 0:
+        counts = [n for n in range(1, virtual // world + 1) if (virtual // world) % n == 0]
+        fix += f"; on {world} ranks, set data.num_workers to {_sizes(counts)} (0 reads in the main process, as 1)"
+    else:
+        fix += f"; on {world} ranks, set data.virtual_readers to a multiple of {world * workers}"
+    return head + fix
+
+
+def _sizes(values: list[int]) -> str:
+    """[1, 2, 4] -> '1, 2 or 4'."""
+    if not values:
+        return "no"
+    head = ", ".join(map(str, values[:-1]))
+    return f"{head} or {values[-1]}" if head else str(values[-1])

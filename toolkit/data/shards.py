@@ -18,6 +18,7 @@ the run starts is an error, because that is a wrong path, not bad data.
 from __future__ import annotations
 
 import contextlib
+import functools
 import glob
 import hashlib
 import io
@@ -26,6 +27,9 @@ import logging
 import os
 import random
 import re
+import select
+import signal
+import subprocess
 import tarfile
 import time
 from collections.abc import Callable, Iterator
@@ -46,12 +50,14 @@ from toolkit.data.format import (
     MANIFEST,
     RATING_FIELDS,
     SHARD_SUFFIX,
+    SPLIT_SAMPLE,
     TOO_LONG,
     TOO_MANY_IMAGES,
     TOO_MANY_TILES,
     TRUNCATED_TAR,
+    UNPLACED_IMAGE,
     UNREADABLE_SHARD,
-    image_exts,
+    place_images,
     split_member,
 )
 from toolkit.data.images import process_image, target_size, tile_count
@@ -63,6 +69,12 @@ log = logging.getLogger(__name__)
 MAX_LOGGED = 100  # distinct bad samples logged per reader; later ones are only counted
 REMOTE_RETRIES = 3  # a failed remote shard is opened again this many times before it is counted
 RETRY_DELAY_S = 1.0  # then 2, 4 ...: back-off between tries
+# A pipe: shard that gives no byte for this long is a failed read (retried, then counted); 0 waits forever.
+READ_TIMEOUT_ENV = "NANOVLM_SHARD_READ_TIMEOUT_S"
+READ_TIMEOUT_S = float(os.environ.get(READ_TIMEOUT_ENV, "300"))
+STALL_LOG_S = 30.0  # while a pipe: shard gives nothing, say so this often
+PIPE_CLOSE_WAIT_S = 10.0  # a command still running when its shard is closed is killed after this
+PIPE_CHUNK = 1 << 20
 
 
 class ShardError(ConfigError):
@@ -122,11 +134,9 @@ def is_remote(path: str) -> bool:
 
 
 def open_shard(path: str) -> IO[bytes]:
-    """The shard's bytes: a local file, a pipe's output (webdataset's opener), or an fsspec stream."""
+    """The shard's bytes: a local file, a pipe's output (read with a timeout), or an fsspec stream."""
     if path.startswith("pipe:"):
-        from webdataset.gopen import gopen
-
-        return gopen(path, "rb")
+        return PipeStream(path)  # type: ignore[return-value]  # read/close are all tarfile's stream mode uses
     if "://" in path:
         try:
             import fsspec
@@ -134,6 +144,80 @@ def open_shard(path: str) -> IO[bytes]:
             raise ShardError(f"{path} is a URL: `pip install fsspec` and its backend (s3fs, gcsfs ...)") from exc
         return fsspec.open(path, "rb").open()
     return open(path, "rb")
+
+
+class ShardStalled(OSError):
+    """A pipe: shard gave no data for READ_TIMEOUT_S: a failed read, retried and then counted as unreadable."""
+
+
+class PipeStream:
+    """The output of `pipe:CMD` (WebDataset's convention), read with a deadline.
+
+    webdataset's own pipe blocks in read() for as long as the command stays silent, so a stalled download hung
+    the run without a word. Here every read waits with select(): a warning names the shard every STALL_LOG_S
+    seconds, and after READ_TIMEOUT_S (env NANOVLM_SHARD_READ_TIMEOUT_S) the read fails like a dropped
+    connection. The command runs in its own process group so that a stalled shell and its children are killed
+    together (killing the shell alone leaves `sleep`, `aws` ... holding the pipe open)."""
+
+    def __init__(self, path: str) -> None:
+        self.path, self.stalled = path, False
+        self.proc = subprocess.Popen(path[len("pipe:") :], shell=True, stdout=subprocess.PIPE, start_new_session=True)
+        self.fd = self.proc.stdout.fileno()
+        self.buf, self.ended = bytearray(), False
+
+    def read(self, size: int = -1) -> bytes:
+        """`size` bytes (all the rest for -1); fewer only at the end of the output. Whatever the pipe holds is
+        taken at once, so tarfile's 10 KiB reads cost one select() per pipe-full, not one each."""
+        while not self.ended and (size < 0 or len(self.buf) < size):
+            self._wait()
+            chunk = os.read(self.fd, PIPE_CHUNK)
+            self.buf += chunk
+            self.ended = not chunk
+        size = len(self.buf) if size < 0 else min(size, len(self.buf))
+        out = bytes(self.buf[:size])
+        del self.buf[:size]
+        return out
+
+    def _wait(self) -> None:
+        start = time.monotonic()
+        while True:
+            waited = time.monotonic() - start
+            timeout = READ_TIMEOUT_S
+            if timeout and waited >= timeout:
+                self.stalled = True
+                raise ShardStalled(
+                    f"the command gave no data for {waited:.0f} s; check it, or set "
+                    f"{READ_TIMEOUT_ENV} (seconds, 0 = wait forever) if it is slow but alive"
+                )
+            step = STALL_LOG_S if not timeout else min(STALL_LOG_S, timeout - waited)
+            if select.select([self.fd], [], [], step)[0]:
+                return
+            if time.monotonic() - start >= STALL_LOG_S:
+                log.warning(
+                    "waiting for %s: no data for %.0f s (a failed read after %s)",
+                    self.path,
+                    time.monotonic() - start,
+                    f"{timeout:g} s, {READ_TIMEOUT_ENV}" if timeout else f"ever: {READ_TIMEOUT_ENV}=0",
+                )
+
+    def close(self) -> None:
+        """Close our end and reap the command; OSError if it failed (exit status other than 0 or SIGPIPE's)."""
+        if self.proc.stdout.closed:
+            return
+        self.proc.stdout.close()
+        if self.stalled:
+            self._kill()
+        try:
+            status = self.proc.wait(timeout=PIPE_CLOSE_WAIT_S)
+        except subprocess.TimeoutExpired:
+            self._kill()
+            status = self.proc.wait()
+        if status not in (0, 128 + signal.SIGPIPE, -signal.SIGPIPE) and not self.stalled:
+            raise OSError(f"{self.path}: the command exited with status {status}")
+
+    def _kill(self) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
 
 
 def resolve_shards(spec: str, *, name: str = "data.train_shards") -> list[Shard]:
@@ -233,12 +317,14 @@ def shard_order(n: int, *, seed: int, set_index: int, epoch: int) -> list[int]:
 
 @dataclass
 class RawSample:
-    """One sample's tar members, undecoded. `ref` = (set, shard, ordinal) finds it again after a resume."""
+    """One sample's tar members, undecoded. `ref` = (set, shard, ordinal) finds it again after a resume.
+    `split`: its key's members are not together in the tar, so these are only some of them (SPLIT_SAMPLE)."""
 
     ref: tuple[int, int, int]
     key: str
     shard: str
     files: dict[str, bytes]
+    split: bool = False
 
     @property
     def where(self) -> str:
@@ -252,16 +338,29 @@ class ShardScan:
     could not be read to the end. A tar ends early (`truncated_tar`) when it is cut inside a member, or when its
     last member is not followed by the two zero blocks that end a POSIX tar (tarfile's next() returns None for a
     missing or cut end as for a real one, so the end is checked here); the sample in progress at the cut is
-    dropped, as it may lack images.
+    dropped, as it may lack images. A pipe: shard that stalls for READ_TIMEOUT_S is `unreadable_shard`.
+
+    A sample is the run of members with one key, so a tar written as `tar cf x.tar *.json *.png` holds each
+    sample as two groups: a JSON without its images, then images without their JSON. `split` holds the keys met
+    again after another key; callers skip each of their groups as SPLIT_SAMPLE. A local tar's headers are read
+    first (once per process, and not for a shard-data shard, which is grouped by construction), so both parts
+    are known before either is handed out; a stream cannot be read twice, so there only the parts after the
+    first are caught. `check_grouping=False` skips the header pass.
     """
 
-    def __init__(self, path: str, *, start: int = 0, keep: Callable[[int], bool] | None = None) -> None:
+    def __init__(
+        self, path: str, *, start: int = 0, keep: Callable[[int], bool] | None = None, check_grouping: bool = True
+    ) -> None:
         self.path, self.start, self.keep = path, start, keep
         self.groups = 0
         self.error: tuple[str, str] | None = None
+        self.split: set[str] = set()
+        self.check_grouping = check_grouping and not is_remote(path)
 
     def __iter__(self) -> Iterator[tuple[int, str, dict[str, bytes]]]:
         try:
+            if self.check_grouping:
+                self.split = set(split_keys(self.path, os.stat(self.path).st_mtime_ns))
             fh = open_shard(self.path)
         except (OSError, ValueError) as exc:
             self.error = (UNREADABLE_SHARD, str(exc))
@@ -277,6 +376,9 @@ class ShardScan:
     def _read(self, fh: IO[bytes]) -> Iterator[tuple[int, str, dict[str, bytes]]]:
         try:  # a stream (pipe, remote file) is read in order, without seeking back
             tar = tarfile.open(fileobj=fh, mode="r|*" if is_remote(self.path) else "r:*")  # noqa: SIM115
+        except ShardStalled as exc:
+            self.error = (UNREADABLE_SHARD, str(exc))
+            return
         except (tarfile.TarError, EOFError, OSError) as exc:
             self.error = (BAD_TAR, str(exc))
             return
@@ -284,7 +386,7 @@ class ShardScan:
         yield from self._samples(tar, tap)
 
     def _samples(self, tar: tarfile.TarFile, tap: _LastRead) -> Iterator[tuple[int, str, dict[str, bytes]]]:
-        key, ordinal, files, wanted = None, -1, {}, False
+        key, ordinal, files, wanted, seen = None, -1, {}, False, set()
         try:
             while (member := tar.next()) is not None:
                 tar.members.clear()  # only next() is used; the member list would grow with the shard
@@ -294,6 +396,9 @@ class ShardScan:
                 if k != key:
                     if wanted:
                         yield ordinal, key, files
+                    if k in seen:  # keys only, not data: memory stays O(samples in the shard) small strings
+                        self.split.add(k)
+                    seen.add(k)
                     key, ordinal, files = k, ordinal + 1, {}
                     wanted = ordinal >= self.start and (self.keep is None or self.keep(ordinal))
                 if wanted:
@@ -302,9 +407,30 @@ class ShardScan:
             if wanted:
                 yield ordinal, key, files
             self.groups = ordinal + 1
+        except ShardStalled as exc:
+            self.error = (UNREADABLE_SHARD, f"{exc} (in sample #{ordinal}; the samples before it are kept)")
+            self.groups = max(ordinal, 0)
         except (tarfile.TarError, EOFError, OSError) as exc:
             self.error = (TRUNCATED_TAR, f"{exc} (in sample #{ordinal}; the samples before it are kept)")
             self.groups = max(ordinal, 0)
+
+
+@functools.lru_cache(maxsize=1024)
+def split_keys(path: str, mtime_ns: int) -> frozenset[str]:
+    """The keys of a local tar whose members are not all in one run, from its headers alone (cached per file
+    version: a reader visits its shards every epoch). A tar that cannot be read to the end gives what was found;
+    the data pass reports the error."""
+    runs, last, split = set(), None, set()
+    with contextlib.suppress(tarfile.TarError, EOFError, OSError), tarfile.open(path, "r:*") as tar:
+        while (member := tar.next()) is not None:
+            tar.members.clear()
+            if not member.isfile():
+                continue
+            key = split_member(member.name)[0]
+            if key != last:
+                (split if key in runs else runs).add(key)
+                last = key
+    return frozenset(split)
 
 
 class _LastRead:
@@ -417,13 +543,16 @@ class SetReader:
             self.kept += 1
             self.counter.read += 1
             shard_index = self.plan()[self.pos]
-            return RawSample((self.set_index, shard_index, ordinal), key, self.set.shards[shard_index].path, files)
+            path, split = self.set.shards[shard_index].path, key in self._scan.split
+            return RawSample((self.set_index, shard_index, ordinal), key, path, files, split)
         return None
 
     def _open(self) -> None:
         offset, slot = self.offset, self.slot
         keep = (lambda o: (offset + o) % slot.count == slot.index) if self.by_sample else None
-        self._scan = ShardScan(self.set.shards[self.plan()[self.pos]].path, start=self.ordinal, keep=keep)
+        shard = self.set.shards[self.plan()[self.pos]]
+        # a shard-data shard (its manifest gave its sample count) is grouped by construction: no header pass
+        self._scan = ShardScan(shard.path, start=self.ordinal, keep=keep, check_grouping=shard.samples is None)
         self._iter = iter(self._scan)
 
     def _close(self) -> None:
@@ -470,9 +599,11 @@ def read_refs(sets: list[ShardSet], refs: list[tuple[int, int, int]]) -> dict[tu
         by_shard.setdefault((s, sh), set()).add(o)
     found: dict[tuple[int, int, int], RawSample] = {}
     for (s, sh), ordinals in by_shard.items():
-        path = sets[s].shards[sh].path
-        for ordinal, key, files in ShardScan(path, keep=ordinals.__contains__):
-            found[(s, sh, ordinal)] = RawSample((s, sh, ordinal), key, path, files)
+        shard = sets[s].shards[sh]
+        path = shard.path
+        scan = ShardScan(path, keep=ordinals.__contains__, check_grouping=shard.samples is None)
+        for ordinal, key, files in scan:
+            found[(s, sh, ordinal)] = RawSample((s, sh, ordinal), key, path, files, key in scan.split)
             if all((s, sh, o) in found for o in ordinals):
                 break
         lost = [o for o in ordinals if (s, sh, o) not in found]
@@ -578,8 +709,17 @@ class Sample:
 
 
 def image_members(files: dict[str, bytes]) -> list[bytes]:
-    """The image members' bytes, img0.*, img1.*, ... in index order."""
-    return [files[ext] for ext in image_exts(files)]
+    """The image members' bytes, img0.*, img1.*, ... in index order; `Skip` (UNPLACED_IMAGE) when a member looks
+    like an image but the format cannot say which image it is, rather than train the sample without it."""
+    placed, unplaced = place_images(files)
+    if unplaced:
+        raise Skip(
+            UNPLACED_IMAGE,
+            f"members {', '.join('KEY.' + e for e in unplaced)} look like images but the shard format cannot place "
+            "them: name a sample's images KEY.img0.EXT, KEY.img1.EXT ... (or one KEY.jpg|png|... beside a caption), "
+            "as `python -m toolkit shard-data` writes them",
+        )
+    return [files[ext] for ext in placed]
 
 
 def image_grid(data: bytes, spec: DecodeSpec) -> tuple[int, int]:
@@ -595,6 +735,13 @@ def image_grid(data: bytes, spec: DecodeSpec) -> tuple[int, int]:
 
 def decode_sample(raw: RawSample, tok: VLMTokenizer, spec: DecodeSpec) -> Sample:
     """Raw tar members -> tokens and labels (nanoVLM's chat template and image string), or `Skip`."""
+    if raw.split:
+        raise Skip(
+            SPLIT_SAMPLE,
+            f"the members of {raw.key} are not next to each other in the tar (other samples' members come between "
+            "them), so neither part is trained on; write each sample's members together: `tar --sort=name` or "
+            "`python -m toolkit shard-data`",
+        )
     texts = parse_texts(raw.files, caption_prompt=spec.caption_prompt, min_ratings=spec.min_ratings)
     images = image_members(raw.files)
     if len(images) > spec.max_images:

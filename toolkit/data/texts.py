@@ -12,6 +12,7 @@ from typing import Any
 
 from toolkit.data.format import (
     BAD_JSON,
+    BAD_TEXT,
     BAD_TYPES,
     CAPTION_EXT,
     CAPTION_FIELD,
@@ -45,7 +46,7 @@ def parse_texts(
         caption = _caption(files, meta) if caption_prompt is not None else None
         if caption is None:
             raise Skip(NO_TEXTS, "the JSON has no 'texts'")
-        return [{"user": caption_prompt, "assistant": caption}]
+        return _encodable([{"user": caption_prompt, "assistant": caption}])
     if not isinstance(texts, list) or not all(
         isinstance(t, dict) and isinstance(t.get("user"), str) and isinstance(t.get("assistant"), str) for t in texts
     ):
@@ -53,7 +54,27 @@ def parse_texts(
     kept = rated_turns(meta, texts, min_ratings)
     if not kept:
         raise Skip(NO_TURNS_LEFT, f"all {len(texts)} turns rated below {dict(min_ratings)}")
-    return kept
+    return _encodable(kept)
+
+
+def _encodable(turns: list[dict]) -> list[dict]:
+    """The turns, or BAD_TEXT if one is not valid Unicode.
+
+    JSON may escape half of a UTF-16 pair (`"\\ud83d"`, a cut emoji, common in scraped text); Python's json reads
+    it into a str that no UTF-8 codec accepts, and the tokenizer would fail on it deep inside (a TypeError that
+    stops the run) instead of the sample being skipped here."""
+    for i, turn in enumerate(turns):
+        for role in ("user", "assistant"):
+            try:
+                turn[role].encode("utf-8")
+            except UnicodeEncodeError as exc:
+                bad = turn[role][exc.start : exc.end].encode("unicode_escape").decode()
+                raise Skip(
+                    BAD_TEXT,
+                    f"turn {i}'s {role} text holds a lone UTF-16 surrogate ({bad}, half of a character): fix the "
+                    "text at its source (or drop the sample) and rewrite the shard",
+                ) from exc
+    return turns
 
 
 def _meta(files: dict[str, bytes], *, allow_missing: bool) -> dict:

@@ -68,6 +68,15 @@ class StepCounts:
         return 1.0 / n_targets(self.values)
 
 
+# Why a step was skipped -> what to do when too many in a row stop the run.
+SKIP_ADVICE = {
+    "loss or gradient not finite": "Lower train.lr_* or train.max_grad_norm, try backend.precision=fp32 to rule "
+    "out bf16 overflow, or check the data for broken images or labels",
+    "no target tokens on any rank": "The loader skipped every sample of these batches or they had no assistant "
+    "tokens: see the skip reasons logged and in metrics.jsonl's `samples`, and run `toolkit data-stats`",
+}
+
+
 class TrainingDiverged(RuntimeError):
     """Too many consecutive steps with a non-finite loss or gradient."""
 
@@ -335,17 +344,10 @@ class Trainer:
             "step %d skipped: %s (%d in a row)", self.state.step, why, self.state.bad_in_row, level=logging.WARNING
         )
 
-    _SKIP_ADVICE = {
-        "loss or gradient not finite": "Lower train.lr_* or train.max_grad_norm, try backend.precision=fp32 to rule "
-        "out bf16 overflow, or check the data for broken images or labels",
-        "no target tokens on any rank": "The loader skipped every sample of these batches or they had no assistant "
-        "tokens: see the skip reasons logged and in metrics.jsonl's `samples`, and run `toolkit data-stats`",
-    }
-
     def _check_divergence(self) -> None:
         limit = self.cfg.train.max_bad_steps
         if self.state.bad_in_row >= limit:
             raise TrainingDiverged(
                 f"{self.state.bad_in_row} optimizer steps in a row were skipped, the last for {self._last_skip} (up "
-                f"to step {self.state.step}; train.max_bad_steps={limit}). {self._SKIP_ADVICE[self._last_skip]}"
+                f"to step {self.state.step}; train.max_bad_steps={limit}). {SKIP_ADVICE[self._last_skip]}"
             )

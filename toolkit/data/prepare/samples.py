@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import io
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from PIL import Image
 
-from toolkit.data.format import MISSING_IMAGE, NO_TEXTS, UNREADABLE_IMAGE, WRONG_TYPE
-from toolkit.data.prepare.sources import BadRow, _encode_json, _is_json
+from toolkit.data.format import MISSING_IMAGE, NO_TEXTS, PLACEHOLDER_MISMATCH, UNREADABLE_IMAGE, WRONG_TYPE
+from toolkit.data.images import to_rgb
+from toolkit.data.prepare.sources import IMAGE_KEYS, BadRow, _encode_json, _is_json
 
 _EXTENSIONS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "BMP": "bmp", "TIFF": "tiff"}
 
@@ -82,13 +84,54 @@ def _image_bytes(item: Any) -> bytes:
 
 
 def _inspect_image(data: bytes) -> tuple[str, tuple[int, int]]:
-    """Decode fully (a truncated file only fails on load) and return (extension, (width, height))."""
+    """Decode fully (a truncated file only fails on load) and convert as the reader will (images.to_rgb: a 16-bit
+    or float image is scaled to 8 bits, not clipped to white), so what fails in training fails here first; return
+    (extension, (width, height))."""
     try:
         with Image.open(io.BytesIO(data)) as img:
             img.load()
+            to_rgb(img)
             return _EXTENSIONS.get(img.format or "", (img.format or "bin").lower()), img.size
     except Exception as exc:  # PIL raises OSError, ValueError, SyntaxError, DecompressionBombError ...
         raise SkipRow(UNREADABLE_IMAGE, f"{type(exc).__name__}: {exc}") from exc
+
+
+def _row_items(row: dict) -> list:
+    """The row's images: its `images` list, or its singular `image` (LLaVA's JSONL key, a column of many hub
+    datasets) as one image, which was ignored and left an image row to be written as a text-only sample."""
+    images, image = row.get("images"), row.get("image")
+    if images is not None and image is not None:
+        raise SkipRow(WRONG_TYPE, "the row has both 'images' and 'image'; give its images in one of them")
+    if images is None:
+        return [] if image is None else list(image) if isinstance(image, (list, tuple)) else [image]
+    if not isinstance(images, (list, tuple)):
+        raise SkipRow(WRONG_TYPE, f"images is a {type(images).__name__}, not a list")
+    return list(images)
+
+
+PLACEHOLDER = "<image>"  # LLaVA's mark for where an image goes in the text
+_PLACEHOLDER_RE = re.compile(r"[ \t]*<image>[ \t]*\n?")
+
+
+def _placeholders(turns: list[dict[str, str]], images: int) -> list[dict[str, str]]:
+    """The turns without LLaVA-style `<image>` placeholders; PLACEHOLDER_MISMATCH when their count is not the
+    number of images.
+
+    The toolkit writes the image tokens itself (nanoVLM's image string before the first turn), so a placeholder
+    left in the text would train as the plain words `<image>`; nanoVLM / FineVision texts hold none, LLaVA's do.
+    One placeholder per image is stripped, with the space and newline around it ("<image>\\nWhat is it?" ->
+    "What is it?"). A count that disagrees (two placeholders for one image, one for none) means the row's text and
+    images do not belong together, or images are missing: the row is counted, not guessed at."""
+    count = sum(turn[role].count(PLACEHOLDER) for turn in turns for role in ("user", "assistant"))
+    if count == 0:
+        return turns
+    if count != images:
+        raise SkipRow(
+            PLACEHOLDER_MISMATCH,
+            f"the text holds {count} {PLACEHOLDER} placeholders for {images} images; give one per image (they are "
+            "stripped: the toolkit places the image tokens itself), or none",
+        )
+    return [{role: _PLACEHOLDER_RE.sub(" ", text).strip() for role, text in turn.items()} for turn in turns]
 
 
 def encode_row(index: int, label: str, row: Any) -> Sample:
@@ -98,11 +141,8 @@ def encode_row(index: int, label: str, row: Any) -> Sample:
     if not isinstance(row, dict):
         raise SkipRow(WRONG_TYPE, f"row is a {type(row).__name__}, not an object")
     texts = _check_texts(row.get("texts"))
-    items = row.get("images")
-    if items is None:
-        items = []
-    if not isinstance(items, (list, tuple)):
-        raise SkipRow(WRONG_TYPE, f"images is a {type(items).__name__}, not a list")
+    items = _row_items(row)
+    texts = _placeholders(texts, len(items))
     images, sizes = [], []
     for item in items:
         data = _image_bytes(item)
@@ -111,7 +151,7 @@ def encode_row(index: int, label: str, row: Any) -> Sample:
         sizes.append(size)
     source = row.get("source") if isinstance(row.get("source"), str) else label
     meta = {"texts": texts, "source": source}
-    meta.update({k: v for k, v in row.items() if k not in ("images", "texts", "source") and _is_json(v)})
+    meta.update({k: v for k, v in row.items() if k not in (*IMAGE_KEYS, "texts", "source") and _is_json(v)})
     try:
         encoded = _encode_json(meta)
     except ValueError as exc:  # e.g. a lone surrogate from a JSONL escape: not encodable as UTF-8

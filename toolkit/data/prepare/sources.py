@@ -159,7 +159,7 @@ class JsonlSource(Source):
 
     def _image_bytes(self, line: bytes) -> int:
         try:
-            paths = json.loads(line).get("images") or []
+            paths = row_images(json.loads(line))
             return sum(os.path.getsize(self.images / p) for p in paths if isinstance(p, str))
         except (ValueError, AttributeError, TypeError, OSError):
             return 0  # the row will be skipped when written; the estimate does not matter
@@ -174,9 +174,18 @@ class JsonlSource(Source):
                 except ValueError as exc:
                     yield index, self.name, BadRow(INVALID_JSON, str(exc))
                     continue
-                if isinstance(row, dict) and isinstance(row.get("images"), list):
-                    row["images"] = [str(self.images / p) if isinstance(p, str) else p for p in row["images"]]
+                if isinstance(row, dict):
+                    self._resolve(row)
                 yield index, self.name, row
+
+    def _resolve(self, row: dict) -> None:
+        """Image paths relative to the image folder, under `images` or LLaVA's singular `image` (a path or list)."""
+        for key in IMAGE_KEYS:
+            value = row.get(key)
+            if isinstance(value, str):
+                row[key] = str(self.images / value)
+            elif isinstance(value, list):
+                row[key] = [str(self.images / p) if isinstance(p, str) else p for p in value]
 
     def row_sizes(self) -> np.ndarray:
         return np.asarray(self._sizes, dtype=np.float64)
@@ -206,7 +215,7 @@ class ListSource(Source):
             parts = [_encode_json(_json_part(row))]
         except UnicodeEncodeError:  # a lone surrogate: encode_row skips the row (wrong_type); still count its text
             parts = [repr(_json_part(row)).encode()]
-        for image in row.get("images") or []:
+        for image in row_images(row):
             data = image.get("bytes") if isinstance(image, dict) else image
             if isinstance(data, Image.Image):
                 data = data.tobytes()
@@ -237,7 +246,19 @@ def _is_json(value: Any) -> bool:
 
 
 def _json_part(row: dict) -> dict:
-    return {k: v for k, v in row.items() if k != "images" and _is_json(v)}
+    return {k: v for k, v in row.items() if k not in IMAGE_KEYS and _is_json(v)}
+
+
+IMAGE_KEYS = ("images", "image")  # a row's image list, or LLaVA's (and many hub datasets') one image
+
+
+def row_images(row: dict) -> list:
+    """The row's images for sizing and fingerprints: its `images` list, or its singular `image` as one. A row
+    with both, or with a value of the wrong type, is refused by encode_row; here it counts what it can."""
+    images = row.get("images")
+    if images is None and row.get("image") is not None:
+        images = [row["image"]]
+    return list(images) if isinstance(images, (list, tuple)) else []
 
 
 def _digest(value: Any) -> str:
