@@ -45,6 +45,27 @@ def test_gpu_asked_for_but_absent(tmp_path):
     assert "set backend.device=cpu or auto" in done.stderr
 
 
+def test_generate_names_an_image_it_cannot_read_before_loading_the_model(tmp_path, capsys, monkeypatch):
+    """PIL's UnidentifiedImageError (and a cut file's OSError) as one line naming the file; the model never loads."""
+    from toolkit import evaluate
+
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "config.json").write_text("{}")  # enough to be found; loading it would fail
+    monkeypatch.setattr(evaluate, "load_for_inference", lambda *a, **k: pytest.fail("loaded the model first"))
+    (tmp_path / "notes.jpg").write_text("not an image")
+    png = tmp_path / "cut.png"
+    from PIL import Image
+
+    Image.new("RGB", (64, 64), (200, 10, 10)).save(png)
+    png.write_bytes(png.read_bytes()[:60])
+    for image, says in [("notes.jpg", "is not an image PIL can read"), ("cut.png", "cannot be read")]:
+        path = tmp_path / image
+        args = ["generate", "--checkpoint", str(tmp_path / "ckpt"), "--image", str(path), "--prompt", "hi"]
+        assert cli.main(args) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"error: --image {path}") and says in err and "\n" not in err, err
+
+
 def test_out_of_memory_gets_a_hint(monkeypatch, capsys):
     def boom(args):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")

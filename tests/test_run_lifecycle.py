@@ -9,9 +9,12 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from tests.conftest import tiny_model_config
+from toolkit.config import ConfigError
 from toolkit.model import VisionLanguageModel
 from toolkit.train import checkpoint as ckpt
+from toolkit.train.checkpoint import DamagedCheckpointError
 from toolkit.train.metrics import language_flops, vision_flops_per_tile
+from toolkit.train.safe_load import CheckpointFileError
 
 
 def _save(run: ckpt.RunDir, step: int, keep: int = 2) -> None:
@@ -45,8 +48,11 @@ def test_resume_none_and_explicit_paths(tmp_path):
     assert ckpt.resolve_resume(run, "none") is None
     assert ckpt.resolve_resume(run, str(run.step_dir(5))) == run.step_dir(5)
     assert ckpt.resolve_resume(run, str(tmp_path)) == run.step_dir(5)
-    with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
+    with pytest.raises(ConfigError, match=r"nowhere: no such file or folder; give auto .*none .*step_N"):
         ckpt.resolve_resume(run, str(tmp_path / "nowhere"))
+    ckpt.prepare_step_dir(run.step_dir(6))  # a save that never finished
+    with pytest.raises(ConfigError, match="step_6 is an incomplete checkpoint"):
+        ckpt.resolve_resume(run, str(run.step_dir(6)))
 
 
 def test_missing_rank_state_explains_world_size(tmp_path):
@@ -54,6 +60,39 @@ def test_missing_rank_state_explains_world_size(tmp_path):
     _save(run, 1)
     with pytest.raises(FileNotFoundError, match="written by 1 ranks"):
         ckpt.read_rank_state(run.latest(), 1)
+    (run.latest() / "rank_0.pt").unlink()  # a rank the checkpoint had: a lost file, not another world size
+    with pytest.raises(CheckpointFileError, match=r"rank_0.pt .* the file is missing .*written by 1 rank"):
+        ckpt.read_rank_state(run.latest(), 0, saved_world=1)
+
+
+def test_a_cut_or_garbled_file_is_named_where_it_is_read(tmp_path):
+    """load_plain turns torch's read errors (zip reader, EOF, mmap's EINVAL, restricted unpickler) into one error
+    naming the file; what preflight's zip check lets through (a garbled file of the right shape) still gets it."""
+    ckpt.write_rank_state(tmp_path, 0, {"cursor": 1})
+    file = tmp_path / "rank_0.pt"
+    whole = file.read_bytes()
+    for size in (0, 100, len(whole) - 100):
+        file.write_bytes(whole[:size])
+        with pytest.raises(CheckpointFileError, match=f"{file} .* cannot be read: the file"):
+            ckpt.read_rank_state(tmp_path, 0)
+    file.write_bytes(b"garbage" * 100)
+    with pytest.raises(CheckpointFileError, match=r"garbled or cut short .*Unsupported operand"):
+        ckpt.read_rank_state(tmp_path, 0)
+
+
+def test_damaged_trainer_json_and_latest_name_the_file_and_the_kept_checkpoints(tmp_path):
+    run = ckpt.RunDir(tmp_path)
+    for step in (1, 2, 3):
+        _save(run, step, keep=3)
+    (run.step_dir(3) / "trainer.json").write_text('{"step": 3}')  # not what a save writes
+    with pytest.raises(CheckpointFileError, match=r"trainer.json .* it has no backend, world_size, trainer"):
+        ckpt.read_trainer_meta(run.step_dir(3))
+    assert ckpt.alternatives(run.checkpoints, run.step_dir(3), verb="resume") == (
+        f"use a kept checkpoint instead: train.resume={run.step_dir(2)} (kept: step_1, step_2)"
+    )
+    (run.checkpoints / "latest").write_text("")
+    with pytest.raises(DamagedCheckpointError, match=f"names 'nothing'.*train.resume={run.step_dir(3)}"):
+        run.latest()
 
 
 def test_rng_state_round_trip():

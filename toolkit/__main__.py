@@ -202,16 +202,27 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _read_image(path: str):
+    """--image decoded in full (PIL opens lazily: a cut file fails only at convert) before the model loads, so a
+    wrong path costs no load; a file that is missing or not an image PIL reads is one line naming it."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except UnidentifiedImageError:
+        raise UserError(f"--image {path} is not an image PIL can read; give a JPEG, PNG or WebP file") from None
+    except OSError as exc:  # missing, unreadable, or cut short ("image file is truncated")
+        raise UserError(f"--image {path} cannot be read: {exc.strerror or exc}; give an image file") from None
+
+
 def _generate(args: argparse.Namespace) -> int:
-    from PIL import Image
+    from toolkit.evaluate import answer, load_for_inference, nanovlm_folder
 
-    from toolkit.evaluate import answer, load_for_inference
-
+    nanovlm_folder(args.checkpoint)  # which checkpoint first (cheap), then the image, then the model loads
+    image = _read_image(args.image)
     model, tok = load_for_inference(args.checkpoint)
-    with Image.open(args.image) as img:
-        text = answer(
-            model, tok, [img.convert("RGB")], args.prompt, max_new_tokens=args.max_new_tokens, greedy=not args.sample
-        )
+    text = answer(model, tok, [image], args.prompt, max_new_tokens=args.max_new_tokens, greedy=not args.sample)
     print(text)
     return 0
 

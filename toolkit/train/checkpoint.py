@@ -23,6 +23,7 @@ import os
 import random
 import re
 import shutil
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,9 +31,20 @@ from typing import Any
 import numpy as np
 import torch
 
-from toolkit.train.safe_load import load_plain
+from toolkit.config import ConfigError
+from toolkit.errors import UserError
+from toolkit.train.safe_load import CheckpointFileError, WeightsMismatchError, load_plain, weights_mismatch
 
 STEP_RE = re.compile(r"^step_(\d+)$")
+RESUME_FORMS = (
+    "auto (this train.run_dir's latest checkpoint, if any), none (start fresh), a run folder (its latest "
+    "checkpoint) or one checkpoint folder RUN/checkpoints/step_N"
+)
+
+
+class DamagedCheckpointError(UserError):
+    """A checkpoint with a missing or unreadable file; the message names the file and the checkpoints kept beside
+    it, which are what a user resumes (or exports) from instead."""
 
 
 @dataclass
@@ -66,10 +78,58 @@ class RunDir:
         pointer = self.checkpoints / "latest"
         if not pointer.exists():
             return None
-        target = self.checkpoints / pointer.read_text().strip()
-        if not (target / "trainer.json").exists():
-            raise FileNotFoundError(f"{pointer} names {target}, which is incomplete; delete {pointer} to start over")
+        name = pointer.read_text().strip()
+        target = self.checkpoints / name
+        if not name or not (target / "trainer.json").exists():
+            raise DamagedCheckpointError(
+                f"{pointer} names {name or 'nothing'!r}, which is not a complete checkpoint (no trainer.json); "
+                + alternatives(self.checkpoints, target, verb="resume")
+            )
         return target
+
+
+def kept_checkpoints(checkpoints: Path) -> list[Path]:
+    """The complete (trainer.json written) step_N folders under `checkpoints`, oldest first."""
+    if not checkpoints.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in checkpoints.iterdir() if (m := STEP_RE.match(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found) if (p / "trainer.json").is_file()]
+
+
+def alternatives(checkpoints: Path, bad: Path, *, verb: str) -> str:
+    """What to do instead of using `bad`: the newest other kept checkpoint (before it when there is one), by the
+    setting (`verb` resume) or command (export) that takes it, with the list of what is kept."""
+    others = [p for p in kept_checkpoints(checkpoints) if p.resolve() != bad.resolve()]
+    if not others:
+        return (
+            f"{checkpoints} keeps no other complete checkpoint: put the file back from a copy, or start a new "
+            "train.run_dir (train.init_from=<an export of this run> keeps its weights)"
+        )
+    bad_step = int(m.group(1)) if (m := STEP_RE.match(bad.name)) else None
+    earlier = [p for p in others if bad_step is None or int(STEP_RE.match(p.name).group(1)) < bad_step]
+    pick = (earlier or others)[-1]
+    how = f"train.resume={pick}" if verb == "resume" else f"`python -m toolkit export {pick} OUT`"
+    return f"use a kept checkpoint instead: {how} (kept: {', '.join(p.name for p in others)})"
+
+
+def damaged(exc: CheckpointFileError, ckpt: Path, *, verb: str) -> DamagedCheckpointError:
+    """`exc` (one file of `ckpt`) as the error a user sees: which checkpoint, and which kept one to use instead."""
+    return DamagedCheckpointError(f"checkpoint {ckpt} is damaged: {exc}; {alternatives(ckpt.parent, ckpt, verb=verb)}")
+
+
+def read_trainer_meta(path: Path) -> dict[str, Any]:
+    """step_N/trainer.json: which backend and world size wrote the checkpoint, and the trainer's state.
+    Written last by a save, so a damaged one is a disk or copy problem; the error names the file."""
+    file = path / "trainer.json"
+    try:
+        meta = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointFileError(file, "the checkpoint's backend, world size and trainer state", str(exc)) from exc
+    missing = [k for k in ("backend", "world_size", "trainer") if not isinstance(meta, dict) or k not in meta]
+    if missing:
+        reason = f"it has no {', '.join(missing)} (not written by nanoVLM-scale, or edited)"
+        raise CheckpointFileError(file, "the checkpoint's backend, world size and trainer state", reason)
+    return meta
 
 
 def rng_state() -> dict[str, Any]:
@@ -106,15 +166,38 @@ def write_rank_state(path: Path, rank: int, loader_state: dict | None) -> None:
     torch.save({"loader": loader_state, "rng": rng_state()}, path / f"rank_{rank}.pt")
 
 
-def read_rank_state(path: Path, rank: int) -> dict:
+def check_files(path: Path, meta: dict, *, backend) -> None:
+    """Before the resume builds anything, on every rank alike: each rank file trainer.json implies is there and a
+    whole zip archive (torch.save's format, checked from its end record), then the backend's own files. A file that
+    fails only on the rank that reads it would leave the other ranks waiting in their next collective."""
+    what = "a rank's data-loader and RNG state"
+    for rank in range(int(meta["world_size"])):
+        file = path / f"rank_{rank}.pt"
+        if not file.is_file():
+            raise CheckpointFileError(file, what, f"the file is missing (trainer.json records {meta['world_size']} "
+                                      "rank(s), each writes its own)")  # fmt: skip
+        if not zipfile.is_zipfile(file):
+            raise CheckpointFileError(file, what, "the file is cut short or not a torch file (no zip end record)")
+    check = getattr(backend, "check_files", None)  # single/ddp, fsdp and deepspeed know their files
+    if check is not None:
+        check(path / "model")
+
+
+def read_rank_state(path: Path, rank: int, saved_world: int | None = None) -> dict:
+    """rank_R.pt; `saved_world` (from trainer.json) tells a file lost from the checkpoint from a rank the
+    checkpoint never had."""
     file = path / f"rank_{rank}.pt"
+    what = "this rank's data-loader and RNG state"
     if not file.exists():
+        if saved_world is not None and rank < saved_world:
+            reason = f"the file is missing (the checkpoint was written by {saved_world} rank(s), each writes its own)"
+            raise CheckpointFileError(file, what, reason)
         saved = sorted(p.name for p in path.glob("rank_*.pt"))
         raise FileNotFoundError(
-            f"{file} is missing: the checkpoint was written by {len(saved)} ranks ({', '.join(saved)}). "
+            f"{file} is missing: the checkpoint was written by {len(saved)} ranks ({', '.join(saved) or 'no files'}). "
             "Resume with the same number of ranks (a reshardable backend's model reshards, the data stream does not)"
         )
-    return load_plain(file, what="this rank's data-loader and RNG state")
+    return load_plain(file, what=what)
 
 
 def _fsync_write(path: Path, text: str) -> None:
@@ -150,20 +233,31 @@ def prune(run: RunDir, keep: int) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
+def _locate(path: Path) -> Path | None:
+    """A run folder, its checkpoints/ folder or one complete step_N -> that checkpoint; None when it is none."""
+    if (path / "checkpoints" / "latest").exists():  # a run folder
+        return RunDir(path).latest()
+    if (path / "latest").exists():  # its checkpoints/ folder
+        return RunDir(path.parent).latest()
+    return path if (path / "trainer.json").exists() else None
+
+
 def resolve_resume(run: RunDir, resume: str) -> Path | None:
-    """train.resume: 'auto' -> latest if any, 'none' -> fresh, else an explicit checkpoint folder."""
+    """train.resume: 'auto' -> latest if any, 'none' -> fresh, else a run folder or one checkpoint folder.
+    A value that is none of these is a ConfigError listing the accepted forms (`latest` is a guess people make)."""
     if resume == "none":
         return None
     if resume == "auto":
         return run.latest()
     path = Path(resume)
-    if (path / "checkpoints" / "latest").exists():  # a run folder
-        return RunDir(path).latest()
-    if (path / "latest").exists():  # its checkpoints/ folder
-        return RunDir(path.parent).latest()
-    if not (path / "trainer.json").exists():
-        raise FileNotFoundError(f"train.resume={resume} is not a complete checkpoint folder (no trainer.json)")
-    return path
+    if not path.exists():
+        raise ConfigError(f"train.resume={resume}: no such file or folder; give {RESUME_FORMS}")
+    found = _locate(path)
+    if found is None:
+        what = "an incomplete checkpoint (no trainer.json: its save never finished)" if STEP_RE.match(path.name) \
+            else "neither a run folder with checkpoints nor a checkpoint folder"  # fmt: skip
+        raise ConfigError(f"train.resume={resume} is {what}; give {RESUME_FORMS}")
+    return found
 
 
 # ---------------------------------------------------------------- collective save / restore / export
@@ -240,24 +334,43 @@ def restore_checkpoint(path: Path, *, backend, loader) -> dict:
     A reshardable backend's model and optimizer load onto a different number of ranks; the data stream cannot be
     resharded, so on a different world size the loader starts a fresh pass (logged) and RNG comes from rank 0's.
     """
-    from toolkit import dist
+    try:
+        return _restore(path, backend=backend, loader=loader)
+    except CheckpointFileError as exc:  # a file read failed: which checkpoint, and which to use instead
+        raise damaged(exc, path, verb="resume") from exc
 
-    meta = json.loads((path / "trainer.json").read_text())
+
+def check_resumable(path: Path, meta: dict, *, backend) -> None:
+    """The checkpoint's backend and world size against this run's (preflight calls it before anything starts)."""
     saved_world, world = meta["world_size"], backend.env.world_size
     if meta["backend"] != backend.name:
-        raise ValueError(f"{path} was written by backend {meta['backend']}; resume with backend.name={meta['backend']}")
+        raise ConfigError(
+            f"backend.name={backend.name}, but the checkpoint to resume ({path}) was written by backend "
+            f"{meta['backend']}; resume with backend.name={meta['backend']}, or start a new train.run_dir with "
+            "train.init_from=<an export of this run> to switch backends"
+        )
     if saved_world != world and not backend.capabilities.reshardable:
-        raise ValueError(
+        raise ConfigError(
             f"{path} was written by {saved_world} ranks and this run has {world}; backend {backend.name} cannot "
             f"reshard its checkpoint: resume on {saved_world} ranks"
         )
+
+
+def _restore(path: Path, *, backend, loader) -> dict:
+    """restore_checkpoint's reads, in order; a file that fails raises CheckpointFileError naming it."""
+    from toolkit import dist
+
+    meta = read_trainer_meta(path)
+    saved_world, world = meta["world_size"], backend.env.world_size
+    check_resumable(path, meta, backend=backend)
     backend.load(path / "model")
     own = backend.env.rank if saved_world == world else 0
-    rank_state = read_rank_state(path, own)
+    rank_state = read_rank_state(path, own, saved_world)
     if saved_world == world and loader is not None and rank_state["loader"] is not None:
         loader.load_state_dict(rank_state["loader"])
     elif loader is not None:  # every saved rank's data position, rank 0's already read above
-        saved = [rank_state["loader"] if r == own else read_rank_state(path, r)["loader"] for r in range(saved_world)]
+        saved = [rank_state["loader"] if r == own else read_rank_state(path, r, saved_world)["loader"]
+                 for r in range(saved_world)]  # fmt: skip
         if loader.reshard([state for state in saved if state is not None]):
             dist.log0("resumed %s ranks -> %s: the data continues at the next global row", saved_world, world)
         else:
@@ -302,24 +415,37 @@ def write_atomically(out: Path, write) -> None:
 def find_checkpoint(path: str | Path) -> Path:
     """A run folder (its latest checkpoint), its checkpoints/ folder, or one step_N folder."""
     path = Path(path)
-    if (path / "trainer.json").exists():
-        return path
-    found = resolve_resume(RunDir(path), str(path)) if path.exists() else None
+    found = _locate(path) if path.exists() else None
     if found is None:
         raise FileNotFoundError(f"{path} is neither a run folder with a checkpoint nor a checkpoint folder (step_N)")
     return found
 
 
 def offline_state_dict(ckpt: Path, model_cfg) -> dict[str, torch.Tensor]:
-    """Full model weights from any backend's checkpoint, in one process, without the training ranks."""
+    """Full model weights from any backend's checkpoint, in one process, without the training ranks; checked
+    against `model_cfg`'s shapes, since the weights are written beside a config.json made from it."""
     from toolkit.model import VisionLanguageModel
     from toolkit.train.backends import backend_class
 
-    meta = json.loads((ckpt / "trainer.json").read_text())
-    cls = backend_class(meta["backend"], field=f"{ckpt / 'trainer.json'}: backend")
-    if not cls.capabilities.offline_weights:
-        raise ValueError(f"{ckpt} is a {cls.name} checkpoint, which cannot be read offline; export it while training")
-    return cls.read_full_weights(ckpt / "model", VisionLanguageModel(model_cfg))
+    try:
+        meta = read_trainer_meta(ckpt)
+        cls = backend_class(meta["backend"], field=f"{ckpt / 'trainer.json'}: backend")
+        if not cls.capabilities.offline_weights:
+            raise UserError(f"{ckpt} is a {cls.name} checkpoint, which cannot be read offline: export while training")
+        model = VisionLanguageModel(model_cfg)
+        state = cls.read_full_weights(ckpt / "model", model)
+        problem = weights_mismatch(model, state)
+    except CheckpointFileError as exc:
+        raise damaged(exc, ckpt, verb="export") from exc
+    except WeightsMismatchError as exc:
+        problem = str(exc)
+    if problem:
+        raise WeightsMismatchError(
+            f"{ckpt} holds weights that do not fit {ckpt.parent.parent / 'config.yaml'} ({problem}): the config was "
+            "changed after this checkpoint was written (a refused resume with other model.* values used to rewrite "
+            "it); set its model.* fields back to the values the checkpoint was trained with, then export again"
+        )
+    return state
 
 
 def checkpoint_weights(src: str | Path) -> tuple[Path, Any, dict[str, torch.Tensor], str | None]:

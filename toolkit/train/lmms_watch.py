@@ -62,7 +62,8 @@ class Job:
 
 def check_can_score(t: TrainConfig) -> None:
     """Refuse, before the first step, a run whose scorings could not start (every rank: a refusal on rank 0 alone
-    would leave the others waiting in a collective)."""
+    would leave the others waiting in a collective). Called by preflight's check_run, before anything is written:
+    a refusal leaves no run folder."""
     if importlib.util.find_spec("lmms_eval") is None:
         from toolkit.lmms import LMMS_MISSING
 
@@ -89,8 +90,7 @@ class LmmsWatch:
         self.jobs: dict[int, Job] = {}
         self.procs: dict[int, subprocess.Popen] = {}  # this session's process-launched jobs
         if not self.enabled:
-            return
-        check_can_score(t)
+            return  # check_can_score ran in preflight, before the run folder was made
         if self.active:
             self.dir.mkdir(parents=True, exist_ok=True)
             self.jobs = self._load(start_step)

@@ -9,13 +9,18 @@ a refused run leaves no run folder behind.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 from pathlib import Path
+from typing import Any
+
+import yaml
 
 from toolkit.config import Config, ConfigError
 from toolkit.data.order import check_layout
 from toolkit.data.shards import resolve_sets
 from toolkit.data.tokenizer import VLMTokenizer, load_tokenizer
+from toolkit.train.lmms_watch import check_can_score
 from toolkit.train.wandb_log import WANDB_MISSING, wandb_enabled
 
 EVAL_FIELDS = ("eval_interval", "eval_max_batches", "eval_accuracy_samples")
@@ -53,7 +58,24 @@ def check_run(cfg: Config) -> VLMTokenizer:
     _check_init_from(cfg)
     _check_writable("train.run_dir", Path(cfg.train.run_dir))
     _check_wandb(cfg)
+    _check_lmms(cfg)
     return tokenizer
+
+
+def _check_lmms(cfg: Config) -> None:
+    """lmms-eval scores only the train.lmms_interval exports (there is no end-of-run scoring), so tasks without
+    an interval would train for hours and score nothing; and a scoring that cannot start (lmms-eval missing, no
+    sbatch, a missing include folder) is refused here, before the run folder is made, not by the watcher."""
+    t = cfg.train
+    if not t.lmms_tasks.strip():
+        return
+    if not t.lmms_interval:
+        raise ConfigError(
+            f"train.lmms_tasks={t.lmms_tasks} is set but train.lmms_interval is 0, so nothing would be scored: set "
+            "train.lmms_interval=N to score an export every N steps, or score a finished run with "
+            "`python -m toolkit eval --checkpoint RUN/export/... --lmms-tasks ...`"
+        )
+    check_can_score(t)
 
 
 def _check_eval(cfg: Config) -> None:
@@ -104,6 +126,7 @@ def _check_init_from(cfg: Config) -> None:
         )
     from toolkit.model.hub import read_nanovlm_config
 
+    _check_safetensors("train.init_from", path / "model.safetensors")
     saved = read_nanovlm_config(path)
     differ = [f"{f}: run {getattr(cfg.model, f)!r} vs folder {getattr(saved, f)!r}" for f in ARCHITECTURE_FIELDS
               if getattr(cfg.model, f) != getattr(saved, f)]  # fmt: skip
@@ -118,6 +141,81 @@ def _check_init_from(cfg: Config) -> None:
             f"train.init_from={folder} sets every weight, so {' and '.join(backbones)} would be overwritten; "
             f"drop {' and '.join(backbones)} or train.init_from"
         )
+
+
+def _check_safetensors(field: str, file: Path) -> None:
+    """A safetensors file whose header is unreadable or whose size is short of what the header lays out (a copy or
+    download cut short) is refused here: loading it fails once the model is built, in safetensors' own words."""
+    problem = ""
+    try:
+        with open(file, "rb") as fh:
+            size = int.from_bytes(fh.read(8), "little")
+            header = json.loads(fh.read(size)) if 0 < size < 100_000_000 else None
+        if not isinstance(header, dict):
+            problem = "its header is unreadable"
+        else:
+            end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+            if file.stat().st_size < 8 + size + end:
+                problem = f"it is {file.stat().st_size} bytes, its header lays out {8 + size + end}: it was cut short"
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, IndexError, TypeError) as exc:
+        problem = f"its header is unreadable ({type(exc).__name__})"
+    if problem:
+        raise ConfigError(f"{field}: {file} is not a complete safetensors file ({problem}); export it again")
+
+
+# train fields whose zero / non-zero decides the optimizer's layout: a group at LR 0 is frozen and has no state.
+GROUP_LR_FIELDS = ("lr_mp", "lr_vision_backbone", "lr_language_backbone")
+
+
+def check_resume(cfg: Config, checkpoint: Path | None, backend: Any) -> None:
+    """What a resume cannot change, against the checkpoint's trainer.json (backend, world size) and its run's
+    config.yaml (architecture, frozen groups), before anything is built or written.
+
+    Without this a changed model.* failed in load_state_dict after the run folder's config.yaml had been
+    rewritten with the new values, and `export` then paired the old weights with the new config.
+    """
+    if checkpoint is None:
+        return
+    from toolkit.train.checkpoint import check_files, check_resumable, damaged, read_trainer_meta
+    from toolkit.train.safe_load import CheckpointFileError
+
+    try:
+        meta = read_trainer_meta(checkpoint)
+        check_resumable(checkpoint, meta, backend=backend)
+        check_files(checkpoint, meta, backend=backend)
+    except CheckpointFileError as exc:
+        raise damaged(exc, checkpoint, verb="resume") from exc
+    saved_file = checkpoint.parent.parent / "config.yaml"
+    saved = _saved_config(saved_file)
+    now = cfg.to_dict()
+    model = [f"model.{f}: checkpoint {saved['model'][f]!r} vs now {now['model'][f]!r}" for f in ARCHITECTURE_FIELDS
+             if f in saved.get("model", {}) and saved["model"][f] != now["model"][f]]  # fmt: skip
+    if model:
+        raise ConfigError(
+            f"resuming {checkpoint}: this run's model differs from the one that wrote it ({'; '.join(model)}; "
+            f"from {saved_file}); resume with the same model.* values, or train the new architecture in a new "
+            "train.run_dir (its weights cannot load these)"
+        )
+    frozen = [f"train.{f}: checkpoint {saved['train'][f]!r} vs now {now['train'][f]!r}" for f in GROUP_LR_FIELDS
+              if f in saved.get("train", {}) and (saved["train"][f] == 0) != (now["train"][f] == 0)]  # fmt: skip
+    if frozen:
+        raise ConfigError(
+            f"resuming {checkpoint}: a group frozen (LR 0) in one run and trained in the other ({'; '.join(frozen)}; "
+            f"from {saved_file}) changes the optimizer's state; resume with the same groups frozen, or start a new "
+            f"train.run_dir with train.init_from=<an export of it> (`python -m toolkit export {checkpoint} OUT`)"
+        )
+
+
+def _saved_config(file: Path) -> dict[str, Any]:
+    """The run's config.yaml as written ({} when there is none: a checkpoint copied without it is not refused)."""
+    if not file.is_file():
+        return {}
+    try:
+        saved = yaml.safe_load(file.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise ConfigError(f"{file} cannot be read ({type(exc).__name__}); it records the run's settings: "
+                          "put it back from a copy") from exc  # fmt: skip
+    return {k: v for k, v in saved.items() if isinstance(v, dict)} if isinstance(saved, dict) else {}
 
 
 def _check_wandb(cfg: Config) -> None:

@@ -34,7 +34,7 @@ from toolkit.train.checkpoint import (
     start_checkpoint,
 )
 from toolkit.train.lmms_watch import LmmsWatch
-from toolkit.train.preflight import check_run, derive_accumulation
+from toolkit.train.preflight import check_resume, check_run, derive_accumulation
 from toolkit.train.profiling import StepProfiler
 from toolkit.train.trainer import Trainer, TrainerState
 from toolkit.train.validation import validation_loss
@@ -190,6 +190,7 @@ def run_training(cfg: Config) -> list[dict[str, Any]]:
     run = RunDir(cfg.train.run_dir)
     resume_from = resolve_resume(run, cfg.train.resume)
     check_init_and_resume(cfg, run, resume_from)
+    check_resume(cfg, resume_from, backend)  # architecture, backend and world size the checkpoint allows
     if resume_from is None and cfg.train.resume == "none" and (run.checkpoints / "latest").exists():
         raise FileExistsError(
             f"{run.root} already holds checkpoints; continue it with train.resume=auto or start a new train.run_dir"
@@ -212,15 +213,15 @@ def _train(cfg: Config, run: RunDir, resume_from: Path | None, *, backend, loade
     from toolkit.train.metrics import MetricsWriter, device_peak_flops
 
     env = backend.env
-    if env.is_main:
-        run.root.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run.root / "config.yaml")
     trainer = Trainer(backend, cfg, peak_flops=device_peak_flops(backend.device))
     if resume_from is not None:
         trainer.load_state_dict(restore_checkpoint(resume_from, backend=backend, loader=loader))
         dist.log0("resumed from %s at step %d", resume_from, trainer.state.step)
     else:
         dist.seed_everything(cfg.train.seed + env.rank)  # dropout differs across ranks, as in DDP training
+    if env.is_main:  # only once the checkpoint loaded: a refused resume leaves the run's config.yaml as it was
+        run.root.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run.root / "config.yaml")
     writer = MetricsWriter(
         run.root,
         rank=env.rank,
@@ -275,9 +276,5 @@ def _finish(cfg: Config, trainer: Trainer, life: Lifecycle) -> None:
     life.checkpoint(trainer)
     life.lmms.finish(wait=done)  # a stop request does not wait: the scores are logged after the resume
     if done and not math.isinf(trainer.state.best_val_loss):
-        dist.log0(
-            "best validation loss %.4f at step %d, exported to %s",
-            trainer.state.best_val_loss,
-            trainer.state.best_step,
-            life.run.exports / "best",
-        )
+        where = f", exported to {life.run.exports / 'best'}" if cfg.train.export_best else ""
+        dist.log0("best validation loss %.4f at step %d%s", trainer.state.best_val_loss, trainer.state.best_step, where)

@@ -26,8 +26,10 @@ import json
 import logging
 import math
 import os
+import pickle
 import re
 import shutil
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -46,6 +48,7 @@ from toolkit.train.backends.base import (
     tensor_state_numel,
 )
 from toolkit.train.optim import ParamGroup, build_optimizer, freeze_frozen_groups, group_lrs
+from toolkit.train.safe_load import CheckpointFileError, read_failure
 from toolkit.train.schedule import WarmupCosine, build_scheduler
 
 CHECKPOINT_TAG = "deepspeed"
@@ -169,6 +172,28 @@ def _updates_disabled(optimizer: torch.optim.Optimizer) -> Iterator[None]:
         yield
     finally:
         del optimizer.step
+
+
+def check_checkpoint_files(path: Path) -> None:
+    """The files DeepSpeed wrote under `path/deepspeed/`, checked without unpickling any: a model-states file, one
+    ZeRO optimizer shard per rank trainer.json records (a lost one would look like another world size and start a
+    conversion), each a whole zip archive (torch.save's format; a cut file has no end record). DeepSpeed's own load
+    fails on these with torch's message or a bare AssertionError, naming no file."""
+    what, tag = "DeepSpeed's model and optimizer state", path / CHECKPOINT_TAG
+    files = sorted(tag.glob("*.pt"))
+    if not any(f.name.endswith("model_states.pt") for f in files):
+        raise CheckpointFileError(tag / "mp_rank_00_model_states.pt", what, "no *model_states.pt file is there")
+    meta = path.parent / "trainer.json"
+    shards = [(f, m) for f in files if (m := ZERO_SHARD_RE.search(f.name))]
+    if shards and meta.is_file():
+        world = json.loads(meta.read_text()).get("world_size", 0)  # read and checked by the caller already
+        prefix = shards[0][0].name[: shards[0][1].start()]  # bf16_ with bf16 optimizer shards
+        for rank in sorted(set(range(world)) - {int(m.group(1)) for _, m in shards}):
+            missing = tag / f"{prefix}zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"
+            raise CheckpointFileError(missing, what, f"the file is missing (trainer.json records {world} ranks)")
+    for file in files:
+        if not zipfile.is_zipfile(file):
+            raise CheckpointFileError(file, what, "the file is cut short or not a torch checkpoint (no zip end record)")
 
 
 def saved_world_size(path: Path) -> int | None:
@@ -328,10 +353,18 @@ class DeepSpeedBackend(Backend):
             source = self._universal_copy(path)
         else:
             source = path
+        check_checkpoint_files(path)
         with _universal_loading(self.engine) if universal else contextlib.nullcontext():
-            loaded, state = self.engine.load_checkpoint(
-                str(source), tag=CHECKPOINT_TAG, load_optimizer_states=True, load_lr_scheduler_states=False
-            )
+            try:
+                loaded, state = self.engine.load_checkpoint(
+                    str(source), tag=CHECKPOINT_TAG, load_optimizer_states=True, load_lr_scheduler_states=False
+                )
+            except (EOFError, OSError, RuntimeError, pickle.UnpicklingError) as exc:  # a file torch.load fails on
+                reason = read_failure(exc)
+                if reason is None:
+                    raise
+                raise CheckpointFileError(getattr(exc, "filename", None) or source / CHECKPOINT_TAG,
+                                          "DeepSpeed's model and optimizer state", reason) from exc  # fmt: skip
         if loaded is None or state is None:
             raise FileNotFoundError(f"no DeepSpeed checkpoint under {source / CHECKPOINT_TAG}")
         self.scheduler.load_state_dict(state["toolkit_scheduler"])
@@ -383,12 +416,18 @@ class DeepSpeedBackend(Backend):
                 state["step"] = step.detach().to(device=device, dtype=torch.float32).clone()
 
     @classmethod
+    def check_files(cls, path: str | Path) -> None:
+        """check_checkpoint_files, for the resume's preflight (before DeepSpeed's engine reads anything)."""
+        check_checkpoint_files(Path(path))
+
+    @classmethod
     def read_full_weights(cls, path: str | Path, model: nn.Module) -> dict[str, torch.Tensor]:
         """fp32 master weights from the optimizer shards (DeepSpeed's zero_to_fp32 reader, any stage)."""
         _import_deepspeed(torch.device("cpu"))
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         logging.getLogger(__name__).warning(PICKLE_WARNING, path)
+        check_checkpoint_files(Path(path))
         return get_fp32_state_dict_from_zero_checkpoint(str(path), tag=CHECKPOINT_TAG)
 
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:

@@ -20,6 +20,7 @@ import contextlib
 import pathlib
 import pickle
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -29,6 +30,7 @@ import torch.distributed.checkpoint.filesystem as dcp_filesystem
 import torch.distributed.checkpoint.metadata as dcp_metadata
 from torch import nn
 from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -49,7 +51,13 @@ from toolkit.train.backends.base import (
     tensor_state_numel,
 )
 from toolkit.train.optim import ParamGroup, build_optimizer, freeze_frozen_groups
-from toolkit.train.safe_load import UnsafeCheckpointError, load_plain
+from toolkit.train.safe_load import (
+    CheckpointFileError,
+    UnsafeCheckpointError,
+    WeightsMismatchError,
+    load_plain,
+    read_failure,
+)
 from toolkit.train.schedule import WarmupCosine, build_scheduler
 
 # Blocks gathered, resharded and reduced together. FSDP2's host work (hooks, copies in and out of the flat buffers,
@@ -105,6 +113,46 @@ class _SafeReader(FileSystemReader):
             metadata.storage_meta = dcp_metadata.StorageMeta()
         metadata.storage_meta.load_id = getattr(self, "load_id", None)
         return metadata
+
+
+SHARDS_WHAT = "the fsdp backend's model and optimizer shards"
+
+
+def read_checked_metadata(path: Path) -> dcp_metadata.Metadata:
+    """DCP's `.metadata` (through `_SafeReader`), then every shard file it names checked to exist and to be as long
+    as the metadata lays out: a missing or cut shard is refused naming the file, before DCP reads any of it (DCP
+    itself fails with a bare EOFError, or a FileNotFoundError inside its per-rank CheckpointException)."""
+    reader = _SafeReader(str(path))
+    metadata = _read_dcp(path / ".metadata", "the fsdp checkpoint's shard layout", reader.read_metadata)
+    ends: dict[str, int] = {}
+    for info in (metadata.storage_data or {}).values():
+        ends[info.relative_path] = max(ends.get(info.relative_path, 0), info.offset + info.length)
+    for name, end in sorted(ends.items()):
+        file = path / name
+        if not file.is_file():
+            raise CheckpointFileError(file, SHARDS_WHAT, "the file is missing")
+        if file.stat().st_size < end:
+            reason = f"it is {file.stat().st_size} bytes and .metadata lays out {end}: it was cut short"
+            raise CheckpointFileError(file, SHARDS_WHAT, reason)
+    return metadata
+
+
+def _read_dcp(file: Path, what: str, read: Callable[[], Any]) -> Any:
+    """`read()` with a missing, cut or garbled file turned into CheckpointFileError naming `file`; any other
+    error (a shape mismatch, a bug) unchanged. DCP wraps each rank's error in a CheckpointException."""
+    try:
+        return read()
+    except CheckpointException as exc:
+        errors = [error for error, _ in exc.failures.values()]
+        reasons = [read_failure(error) for error in errors]
+        if not errors or None in reasons:
+            raise
+        raise CheckpointFileError(getattr(errors[0], "filename", None) or file, what, reasons[0]) from exc
+    except (EOFError, OSError, RuntimeError, pickle.UnpicklingError) as exc:
+        reason = read_failure(exc)
+        if reason is None:
+            raise
+        raise CheckpointFileError(getattr(exc, "filename", None) or file, what, reason) from exc
 
 
 def shard_units(model: nn.Module) -> list[list[nn.Module]]:
@@ -243,31 +291,39 @@ class FSDPBackend(TorchOptimizerBackend):
     def load(self, path: str | Path) -> dict:
         path = Path(path)
         if not (path / EXTRA_FILE).exists():
-            raise FileNotFoundError(f"{path / EXTRA_FILE} not found: not a checkpoint of backend fsdp")
+            raise CheckpointFileError(path / EXTRA_FILE, "the fsdp backend's schedule and client state",
+                                      "the file is missing")  # fmt: skip
         extra = load_plain(path / EXTRA_FILE, what="the fsdp backend's schedule and client state")
+        read_checked_metadata(path)  # a refused file raises here, not wrapped in DCP's per-rank CheckpointException
         reader = _SafeReader(str(path))
-        reader.read_metadata()  # a refused file raises here, not wrapped in DCP's per-rank CheckpointException
         state = self._sharded_state()
-        dcp.load(state, storage_reader=reader)
+        _read_dcp(path, SHARDS_WHAT, lambda: dcp.load(state, storage_reader=reader))
         set_model_state_dict(self.model, state["model"])
         set_optimizer_state_dict(self.model, self.optimizer, state["optim"])
         self.scheduler.load_state_dict(extra["scheduler"])
         return extra["client_state"]
 
     @classmethod
+    def check_files(cls, path: str | Path) -> None:
+        """The schedule file, `.metadata` and every shard it lays out (sizes only): the resume's preflight."""
+        path = Path(path)
+        if not (path / EXTRA_FILE).is_file():
+            raise CheckpointFileError(path / EXTRA_FILE, "the fsdp backend's schedule and client state",
+                                      "the file is missing")  # fmt: skip
+        read_checked_metadata(path)
+
+    @classmethod
     def read_full_weights(cls, path: str | Path, model: nn.Module) -> dict[str, torch.Tensor]:
         """DCP reshards the saved shards into the full tensors of a plain model (one process, no group)."""
+        path = Path(path)
         state = {"model": model.state_dict()}  # tied weights: one storage under two names, either one fills it
+        saved = read_checked_metadata(path).state_dict_metadata
+        _check_fits(path, state["model"], saved)
         reader = _SafeReader(str(path))
-        saved = set(reader.read_metadata().state_dict_metadata)
-        covered = {t.data_ptr() for k, t in state["model"].items() if f"model.{k}" in saved}
-        missing = [k for k, t in state["model"].items() if t.data_ptr() not in covered]
-        if missing:
-            raise ValueError(f"{path} holds no weights for {', '.join(missing[:3])}: not this run's model")
         planner = DefaultLoadPlanner(allow_partial_load=True)  # the optimizer's entries stay on disk
         with warnings.catch_warnings():  # DCP warns that it loads in one process, which is what is asked
             warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
-            dcp.load(state, storage_reader=reader, planner=planner, no_dist=True)
+            _read_dcp(path, SHARDS_WHAT, lambda: dcp.load(state, storage_reader=reader, planner=planner, no_dist=True))
         return state["model"]
 
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
@@ -285,3 +341,19 @@ class FSDPBackend(TorchOptimizerBackend):
 
     def optimizer_state_numel(self) -> int:
         return tensor_state_numel(self.optimizer.state)
+
+
+def _check_fits(path: Path, model_state: dict[str, torch.Tensor], saved: dict[str, Any]) -> None:
+    """The saved `model.*` entries against the model built from the config: every weight there (either name of a
+    tied one), none the model lacks, the same shapes. The partial load that leaves the optimizer on disk would
+    otherwise skip extra weights and fill the model from a checkpoint of another architecture without a word."""
+    covered = {t.data_ptr() for k, t in model_state.items() if f"model.{k}" in saved}
+    missing = [k for k, t in model_state.items() if t.data_ptr() not in covered]
+    weights = {k[len("model.") :]: v for k, v in saved.items() if k.startswith("model.")}
+    extra = [k for k in weights if k not in model_state]
+    shapes = [f"{k} {tuple(v.size)} vs {tuple(model_state[k].shape)}" for k, v in weights.items()
+              if k in model_state and hasattr(v, "size") and tuple(v.size) != tuple(model_state[k].shape)]  # fmt: skip
+    parts = [f"{label}: {', '.join(names[:3])}" for label, names in
+             (("missing", missing), ("not in the model", extra), ("shape differs for", shapes)) if names]  # fmt: skip
+    if parts:
+        raise WeightsMismatchError("; ".join(parts))

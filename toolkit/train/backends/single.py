@@ -10,6 +10,7 @@ backend.grad_reduce_dtype=bf16 that exchange sends bf16 copies of the fp32 gradi
 from __future__ import annotations
 
 import contextlib
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,7 @@ from toolkit.train.backends.base import (
     tensor_state_numel,
 )
 from toolkit.train.optim import ParamGroup, build_optimizer, freeze_frozen_groups
-from toolkit.train.safe_load import load_plain
+from toolkit.train.safe_load import CheckpointFileError, WeightsMismatchError, load_plain, weights_mismatch
 from toolkit.train.schedule import WarmupCosine, build_scheduler
 
 STATE_FILE = "state.pt"
@@ -132,6 +133,13 @@ class SingleBackend(TorchOptimizerBackend):
 
     def load(self, path: str | Path) -> dict:
         state = _read_state(Path(path), self.name)
+        problem = weights_mismatch(self._module, state["model"])
+        if problem:  # preflight compared config.yaml; this is a config.yaml that no longer matches its weights
+            raise WeightsMismatchError(
+                f"{Path(path) / STATE_FILE} does not hold this run's model ({problem}): it was trained with other "
+                "model.* values (a failed resume of an older version may have rewritten the run's config.yaml); "
+                "resume with the values it was trained with"
+            )
         self._module.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -140,6 +148,14 @@ class SingleBackend(TorchOptimizerBackend):
     @classmethod
     def read_full_weights(cls, path: str | Path, model: nn.Module) -> dict[str, torch.Tensor]:
         return _read_state(Path(path), cls.name)["model"]
+
+    @classmethod
+    def check_files(cls, path: str | Path) -> None:
+        """state.pt there and whole (its zip end record), without reading it: checked by the resume's preflight."""
+        file = Path(path) / STATE_FILE
+        if not file.is_file() or not zipfile.is_zipfile(file):
+            reason = "the file is missing" if not file.is_file() else "the file is cut short (no zip end record)"
+            raise CheckpointFileError(file, f"the {cls.name} backend's model, optimizer and schedule state", reason)
 
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
         if self.env.rank != 0:
@@ -176,9 +192,10 @@ def _write_state(path: Path, state: dict[str, Any]) -> None:
 
 def _read_state(path: Path, name: str) -> dict:
     file = path / STATE_FILE
+    what = f"the {name} backend's model, optimizer and schedule state"
     if not file.exists():
-        raise FileNotFoundError(f"{file} not found: not a checkpoint of backend {name} (single/ddp)")
-    return load_plain(file, what=f"the {name} backend's model, optimizer and schedule state")
+        raise CheckpointFileError(file, what, f"the file is missing (every {name} checkpoint has one)")
+    return load_plain(file, what=what)
 
 
 def bf16_allreduce_hook(

@@ -1,0 +1,214 @@
+"""Bad resumes, damaged checkpoints and runs that could never do what they ask end in one line (exit 2) that names
+the file or field and what to do, and leave the run folder as it was: no config.yaml rewritten, no folder made.
+
+One 2-step run per backend (single, and fsdp on one rank) is trained in this process; every case works on a copy.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+import pytest
+
+from toolkit import __main__ as cli
+from toolkit.data.prepare.synthetic import write_synth
+from toolkit.train import checkpoint as ckpt
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("synth")
+    write_synth(str(out), samples=48, val_samples=8, seed=0)
+    return out
+
+
+def train_args(synth: Path, run: Path, *extra: str, steps: int = 2) -> list[str]:
+    return [
+        "train", "--config", "tiny", "backend.device=cpu", "backend.precision=fp32",
+        f"model.tokenizer={synth / 'tokenizer'}", f"data.train_shards={synth / 'train'}",
+        f"data.val_shards={synth / 'val'}", "data.num_workers=0", "data.shuffle_buffer=8", "train.batch_size=2",
+        f"train.max_training_steps={steps}", "train.eval_interval=0", "train.export_best=false",
+        "train.checkpoint_interval=1", "train.keep_checkpoints=2", f"train.run_dir={run}", "train.log_interval=1",
+        *extra,
+    ]  # fmt: skip
+
+
+class Lines(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+@pytest.fixture(scope="module")
+def runs(synth, tmp_path_factory) -> dict[str, Path]:
+    """Checkpoints step_1 and step_2 of `single` and of `fsdp`, an export of the single run, and what the single
+    run logged (it validates at its last step, with train.export_best=false)."""
+    root = tmp_path_factory.mktemp("runs")
+    out: dict[str, Path] = {}
+    handler, root_logger = Lines(), logging.getLogger()
+    level = root_logger.level
+    root_logger.addHandler(handler)
+    root_logger.setLevel(logging.INFO)  # under pytest's own handlers the CLI's basicConfig sets no level
+    try:
+        for name in ("single", "fsdp"):
+            assert cli.main(train_args(synth, root / name, f"backend.name={name}")) == 0
+            out[name] = root / name
+    finally:
+        root_logger.removeHandler(handler)
+        root_logger.setLevel(level)
+    assert cli.main(["export", str(out["single"]), str(root / "export")]) == 0
+    out["export"] = root / "export"
+    out["log"] = root / "log.txt"
+    out["log"].write_text("\n".join(handler.lines))
+    return out
+
+
+def copy_run(runs: dict[str, Path], name: str, tmp_path: Path) -> Path:
+    run = tmp_path / name
+    shutil.copytree(runs[name], run)
+    return run
+
+
+def refused(args: list[str], capsys, *, code: int = 2) -> str:
+    """The command's exit code is `code` and its stderr ends in one line without a traceback; that line."""
+    assert cli.main(args) == code
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    return err.strip().splitlines()[-1]
+
+
+def snapshot(run: Path) -> dict[str, bytes]:
+    """Every file of a run folder that a refused resume must leave as it was."""
+    return {str(p.relative_to(run)): p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
+
+
+def test_resume_with_another_model_backend_or_frozen_group_is_refused_before_anything_is_written(
+    runs, synth, tmp_path, capsys
+):
+    run = copy_run(runs, "single", tmp_path)
+    before = snapshot(run)
+    cases = {
+        "model.lm_n_blocks=3": ["model.lm_n_blocks: checkpoint 2 vs now 3", "same model.* values"],
+        "backend.name=fsdp": ["written by backend single", "resume with backend.name=single", "train.init_from"],
+        "train.lr_mp=0": ["train.lr_mp", "frozen", "train.init_from"],
+    }
+    for override, says in cases.items():
+        line = refused(train_args(synth, run, override, steps=3), capsys)
+        assert line.startswith("config error:") and all(s in line for s in says), line
+        assert snapshot(run) == before, override  # config.yaml, metrics.jsonl, checkpoints: byte for byte
+
+
+def test_a_config_yaml_that_no_longer_fits_its_weights_is_refused_by_resume_and_export(runs, synth, tmp_path, capsys):
+    """A run whose config.yaml an older version rewrote on a failed resume (3 blocks, weights of 2): resuming
+    with that config, and exporting it, name the weights missing instead of pairing them with the wrong config."""
+    run = copy_run(runs, "single", tmp_path)
+    config = run / "config.yaml"
+    config.write_text(config.read_text().replace("lm_n_blocks: 2", "lm_n_blocks: 3"))
+    before = snapshot(run)
+    line = refused(train_args(synth, run, "model.lm_n_blocks=3", steps=3), capsys)
+    assert "state.pt does not hold this run's model" in line and "decoder.blocks.2" in line, line
+    line = refused(["export", str(run), str(tmp_path / "out")], capsys)
+    assert "do not fit" in line and str(config) in line and "decoder.blocks.2" in line, line
+    assert not (tmp_path / "out").exists() and snapshot(run) == before
+
+
+SINGLE_DAMAGE = {  # file under checkpoints/step_2, what is done to it, what the message says
+    "model/state.pt": ("cut", "cut short"),
+    "rank_0.pt": ("cut", "cannot be read"),
+    "trainer.json": ('{"backend": "single"', "Expecting"),
+}
+
+
+def damage(file: Path, how: str) -> None:
+    if how == "cut":
+        file.write_bytes(file.read_bytes()[: file.stat().st_size // 3])
+    elif how == "rm":
+        file.unlink()
+    else:
+        file.write_text(how)
+
+
+def test_a_damaged_file_in_the_latest_checkpoint_names_it_and_the_kept_one_to_resume(runs, synth, tmp_path, capsys):
+    for member, (how, says) in [*SINGLE_DAMAGE.items(), ("rank_0.pt", ("rm", "file is missing"))]:
+        run = tmp_path / f"{member.replace('/', '_')}_{how[:3]}"
+        shutil.copytree(runs["single"], run)
+        damage(run / "checkpoints" / "step_2" / member, how)
+        before = snapshot(run)
+        line = refused(train_args(synth, run, steps=3), capsys)
+        assert str(run / "checkpoints" / "step_2" / member) in line and says in line, line
+        assert f"train.resume={run / 'checkpoints' / 'step_1'}" in line and "kept: step_1" in line, line
+        assert snapshot(run) == before, member
+    # The advice works: resuming from the kept checkpoint trains on, and `latest` moves past the damaged one.
+    assert cli.main(train_args(synth, run, f"train.resume={run / 'checkpoints' / 'step_1'}", steps=3)) == 0
+    assert ckpt.RunDir(run).latest().name == "step_3"
+
+
+FSDP_DAMAGE = {
+    "model/__0_0.distcp": ("cut", "cut short"),
+    "model/.metadata": ("rm", "file is missing"),
+}
+
+
+@pytest.mark.parametrize("member", list(FSDP_DAMAGE))
+def test_a_damaged_fsdp_shard_is_named_by_resume_and_export(member, runs, synth, tmp_path, capsys):
+    run = copy_run(runs, "fsdp", tmp_path)
+    how, says = FSDP_DAMAGE[member]
+    damage(run / "checkpoints" / "step_2" / member, how)
+    line = refused(["export", str(run), str(tmp_path / "out")], capsys)
+    assert str(run / "checkpoints" / "step_2" / member) in line and says in line, line
+    assert f"toolkit export {run / 'checkpoints' / 'step_1'} OUT" in line and not (tmp_path / "out").exists()
+    if member.endswith(".distcp"):  # the same check on the resume path (a process group of one rank)
+        before = snapshot(run)
+        line = refused(train_args(synth, run, "backend.name=fsdp", steps=3), capsys)
+        assert str(run / "checkpoints" / "step_2" / member) in line and "train.resume=" in line, line
+        assert snapshot(run) == before
+
+
+def test_a_bad_latest_pointer_and_bad_train_resume_values_list_what_to_give(runs, synth, tmp_path, capsys):
+    run = copy_run(runs, "single", tmp_path)
+    (run / "checkpoints" / "latest").write_text("step_9\n")
+    line = refused(train_args(synth, run, steps=3), capsys)
+    assert "names 'step_9'" in line and f"train.resume={run / 'checkpoints' / 'step_2'}" in line, line
+    fresh = tmp_path / "fresh"
+    for value, says in {
+        "latest": "no such file or folder",
+        str(tmp_path / "nowhere"): "no such file or folder",
+        str(synth): "neither a run folder with checkpoints nor a checkpoint folder",
+    }.items():
+        line = refused(train_args(synth, fresh, f"train.resume={value}"), capsys)
+        assert line.startswith(f"config error: train.resume={value}") and says in line, line
+        assert "auto" in line and "none" in line and "checkpoints/step_N" in line, line
+    assert not fresh.exists()
+
+
+def test_runs_that_could_not_do_what_they_ask_leave_no_run_folder(runs, synth, tmp_path, capsys, monkeypatch):
+    import importlib.util
+
+    from toolkit.train import lmms_watch
+
+    cut = tmp_path / "cut_export"
+    shutil.copytree(runs["export"], cut)
+    damage(cut / "model.safetensors", "cut")
+    fresh = tmp_path / "fresh"
+    line = refused(train_args(synth, fresh, f"train.init_from={cut}"), capsys)
+    assert str(cut / "model.safetensors") in line and "cut short" in line, line
+    line = refused(train_args(synth, fresh, "train.lmms_tasks=mme"), capsys)
+    assert "train.lmms_interval" in line, line
+    if importlib.util.find_spec("lmms_eval") is not None:  # otherwise "lmms-eval is not installed" comes first
+        monkeypatch.setattr(lmms_watch.shutil, "which", lambda name: None)
+        line = refused(train_args(synth, fresh, "train.lmms_tasks=mme", "train.lmms_interval=1",
+                                  "train.lmms_launcher=slurm"), capsys)  # fmt: skip
+        assert "sbatch" in line, line
+    assert not fresh.exists()
+
+
+def test_best_validation_loss_mentions_an_export_only_when_there_is_one(runs):
+    lines = runs["log"].read_text().splitlines()
+    best = [line for line in lines if line.startswith("best validation loss")]
+    assert len(best) == 2 and not any("exported" in line for line in best), best
+    assert not (runs["single"] / "export").exists()
