@@ -12,6 +12,8 @@
 #   MAX_RESTARTS    times torchrun restarts the whole group after a rank dies (default 3); each restart resumes
 #                   from the run's latest checkpoint (train.resume=auto)
 #   PYTHON          interpreter (default: .venv/bin/python of this checkout)
+#   PREFLIGHT       1 (default): check the config, paths and resume once (`train --check`) before torchrun
+#                   starts, so a typo exits 2 here instead of failing every rank of every restart; 0 skips it
 #   NCCL_*          read by NCCL on every rank (e.g. NCCL_SOCKET_IFNAME, NCCL_IB_HCA)
 #   GLOO_SOCKET_IFNAME  network interface of CPU (gloo) runs across nodes, when the hostname resolves to loopback
 set -euo pipefail
@@ -19,6 +21,9 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-$PWD/.venv/bin/python}
 if [ -z "${NPROC_PER_NODE:-}" ]; then
   NPROC_PER_NODE=$("$PYTHON" -c 'import torch; print(max(torch.cuda.device_count(), 1))')
+fi
+if [ "${PREFLIGHT:-1}" != 0 ]; then
+  "$PYTHON" -m toolkit train --check --world $(( ${NNODES:-1} * NPROC_PER_NODE )) "$@" || exit $?
 fi
 exec "$PYTHON" -m torch.distributed.run \
   --nnodes "${NNODES:-1}" --nproc_per_node "$NPROC_PER_NODE" \

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -83,3 +84,39 @@ def test_unreachable_hostfile_host(tmp_path):
                           capture_output=True, text=True, timeout=60)  # fmt: skip
     assert done.returncode == 1
     assert "no-such-host.invalid" in done.stderr and "ssh-copy-id" in done.stderr
+
+
+@pytest.fixture(scope="module")
+def synth_data(tmp_path_factory) -> Path:
+    from toolkit.data.prepare.synthetic import write_synth
+
+    root = tmp_path_factory.mktemp("synth")
+    write_synth(str(root), samples=16, val_samples=4, seed=0)
+    return root
+
+
+def test_train_check_runs_the_checks_for_the_given_world_and_starts_nothing(synth_data, tmp_path, capsys):
+    """`train --check --world N` makes the run's checks for N ranks (accumulation, resume) and writes nothing."""
+    base = ["train", "--check", "--config", "tiny", f"model.tokenizer={synth_data / 'tokenizer'}",
+            f"data.train_shards={synth_data / 'train'}", f"data.val_shards={synth_data / 'val'}", f"train.run_dir={tmp_path / 'run'}",
+            "train.global_batch_size=4", "train.batch_size=1", "backend.name=ddp"]  # fmt: skip
+    assert cli.main([*base, "--world", "2"]) == 0
+    said = capsys.readouterr().out
+    assert "config ok for 2 ranks" in said and "2 micro-steps of 1 rows" in said  # 4 rows / (1 row x 2 ranks)
+    assert not (tmp_path / "run").exists()
+    assert cli.main([*base, "--world", "3"]) == 2  # 4 rows cannot split over 3 ranks: the run would fail there
+    assert "not a multiple of train.batch_size x world size" in capsys.readouterr().err
+
+
+def test_a_typo_under_torchrun_fails_once_before_any_rank_starts(synth_data, tmp_path):
+    """torchrun restarts a failed group (--max_restarts): a config error used to print on every rank of every
+    restart and end in torchrun's ChildFailedError (exit 1). The launcher checks once first: exit 2, one line."""
+    done = subprocess.run(
+        ["bash", "launch/torchrun.sh", "--config", "tiny", f"model.tokenizer={synth_data / 'tokenizer'}",
+         f"data.train_shards={synth_data / 'train'}", "train.max_step=5"],
+        cwd=REPO, capture_output=True, text=True, env={**os.environ, "NPROC_PER_NODE": "2"},
+        timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stderr.count("config error") == 1 and "ChildFailedError" not in done.stderr
+    assert "train.max_training_steps" in done.stderr  # the hint

@@ -49,7 +49,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, text in COMMANDS.items():
         sub.add_parser(name, help=text, description=text)
-    _config_args(sub.choices["train"])
+    p = sub.choices["train"]
+    _config_args(p)
+    p.add_argument(
+        "--check", action="store_true", help="only check the config, paths and resume for --world ranks; start none"
+    )
+    p.add_argument("--world", type=int, default=1, help="ranks the checked run will have (with --check)")
     p = sub.choices["shard-data"]
     p.add_argument(
         "src", nargs="?", help="datasets folder (save_to_disk), parquet/arrow files, cached hub name, or JSONL"
@@ -191,8 +196,14 @@ def _data_stats(args: argparse.Namespace) -> int:
 
 def _train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)  # config errors before anything heavy is imported
-    from toolkit.train.run import run_training
+    from toolkit.train.run import check_training, run_training
     from toolkit.train.trainer import TrainingDiverged
+
+    if args.check:
+        if args.world < 1:
+            raise UserError(f"--world {args.world}: give the number of ranks the run will have (at least 1)")
+        print(check_training(cfg, args.world))
+        return 0
 
     try:
         run_training(cfg)

@@ -14,6 +14,7 @@ import math
 import os
 import signal
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -181,11 +182,22 @@ def _build(cfg: Config, backend, tokenizer):
     return loader
 
 
-def run_training(cfg: Config) -> list[dict[str, Any]]:
+@dataclass
+class Prepared:
+    """What every check before a run leaves behind: nothing is started or written yet."""
+
+    backend: Any
+    tokenizer: Any
+    run: RunDir
+    resume_from: Path | None
+
+
+def prepare_run(cfg: Config, env: dist.DistEnv, device: Any = None) -> Prepared:
+    """Every check a run makes before it starts ranks or writes a file, on `env`'s world size."""
     from toolkit.train.backends import build_backend
 
-    derive_accumulation(cfg, dist.dist_env().world_size)  # train.global_batch_size on this many ranks
-    backend = build_backend(cfg)  # config errors (backend name, its settings files) before any process group
+    derive_accumulation(cfg, env.world_size)  # train.global_batch_size on this many ranks
+    backend = build_backend(cfg, env=env, device=device)  # backend name, its settings files; no process group
     tokenizer = check_run(cfg)  # every path and setting the run reads late, before anything starts or is written
     run = RunDir(cfg.train.run_dir)
     resume_from = resolve_resume(run, cfg.train.resume)
@@ -195,6 +207,29 @@ def run_training(cfg: Config) -> list[dict[str, Any]]:
         raise FileExistsError(
             f"{run.root} already holds checkpoints; continue it with train.resume=auto or start a new train.run_dir"
         )
+    return Prepared(backend, tokenizer, run, resume_from)
+
+
+def check_training(cfg: Config, world: int) -> str:
+    """`train --check --world N`: the run's checks, once, for N ranks, without starting any. Launchers that
+    restart a failed group (torchrun's --max_restarts) run it first, so a typo fails once, with status 2, instead
+    of on every rank of every restart. Returns a one-line summary."""
+    import torch
+
+    env = dist.DistEnv(rank=0, local_rank=0, world_size=world, local_world_size=world)
+    prepared = prepare_run(cfg, env, device=torch.device("cpu"))  # the checking host may have no GPU
+    start = f"resumes from {prepared.resume_from}" if prepared.resume_from else "starts fresh"
+    return (
+        f"config ok for {world} ranks: backend {cfg.backend.name}, {cfg.train.gradient_accumulation_steps} "
+        f"micro-steps of {cfg.train.batch_size} rows per rank a step; {prepared.run.root} {start}"
+    )
+
+
+def run_training(cfg: Config) -> list[dict[str, Any]]:
+    prepared = prepare_run(cfg, dist.dist_env())
+    backend, tokenizer, run, resume_from = (
+        prepared.backend, prepared.tokenizer, prepared.run, prepared.resume_from
+    )  # fmt: skip
     loader = None
     try:
         loader = _build(cfg, backend, tokenizer)
