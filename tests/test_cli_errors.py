@@ -98,8 +98,9 @@ def synth_data(tmp_path_factory) -> Path:
 def test_train_check_runs_the_checks_for_the_given_world_and_starts_nothing(synth_data, tmp_path, capsys):
     """`train --check --world N` makes the run's checks for N ranks (accumulation, resume) and writes nothing."""
     base = ["train", "--check", "--config", "tiny", f"model.tokenizer={synth_data / 'tokenizer'}",
-            f"data.train_shards={synth_data / 'train'}", f"data.val_shards={synth_data / 'val'}", f"train.run_dir={tmp_path / 'run'}",
-            "train.global_batch_size=4", "train.batch_size=1", "backend.name=ddp"]  # fmt: skip
+            f"data.train_shards={synth_data / 'train'}", f"data.val_shards={synth_data / 'val'}",
+            f"train.run_dir={tmp_path / 'run'}", "train.global_batch_size=4", "train.batch_size=1",
+            "backend.name=ddp"]  # fmt: skip
     assert cli.main([*base, "--world", "2"]) == 0
     said = capsys.readouterr().out
     assert "config ok for 2 ranks" in said and "2 micro-steps of 1 rows" in said  # 4 rows / (1 row x 2 ranks)

@@ -316,3 +316,28 @@ def test_caption_shards_train_on_two_ranks_and_every_sample_is_counted(tok, tmp_
     assert all(c["skipped"] == {} for c in counted)
     assert counted[-1]["read"] >= 21 and counted[0]["read"] > 0  # both ranks' readers, summed
     assert sum(r["loss"] for r in records[-4:]) < sum(r["loss"] for r in records[:4])
+
+
+def test_a_resume_after_changing_the_data_is_refused_unless_its_stream_starts_afresh(tok, tmp_path, capsys):
+    """The saved stream position fits only its own data: a resume on other shards is refused before the run's files
+    change, and with train.resume_data=false trains on, the new data from its first batch. A stop_at_step past the
+    end of the schedule ends with it."""
+    from toolkit import __main__ as cli
+    from toolkit.config import save_config
+
+    shardgen.make_dataset(tmp_path / "a", shards=2, per_shard=8, prefix="a")
+    shardgen.make_dataset(tmp_path / "b", shards=3, per_shard=6, prefix="b")  # a state names shards and counts
+    cfg = shardgen.tiny_config(tok, str(tmp_path / "a"), train={"max_training_steps": 5, "checkpoint_interval": 2,
+                               "log_interval": 1, "eval_interval": 0, "export_best": False})  # fmt: skip
+    cfg.backend.name, cfg.backend.device, cfg.backend.precision = "single", "cpu", "fp32"
+    save_config(cfg, tmp_path / "a.yaml")
+    run, on_b = f"train.run_dir={tmp_path / 'run'}", f"data.train_shards={tmp_path / 'b'}"
+    _train_in_process(tmp_path / "a.yaml", run, "train.stop_at_step=2")
+    saved = (tmp_path / "run" / "config.yaml").read_bytes()
+    assert cli.main(["train", "--config", str(tmp_path / "a.yaml"), run, on_b]) == 2
+    assert "train.resume_data=false" in capsys.readouterr().err
+    assert (tmp_path / "run" / "config.yaml").read_bytes() == saved  # refused before anything was rewritten
+    resumed = _train_in_process(tmp_path / "a.yaml", run, on_b, "train.resume_data=false", "train.stop_at_step=9")
+    fresh_b = _train_in_process(tmp_path / "a.yaml", f"train.run_dir={tmp_path / 'b_run'}", on_b)
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5]  # stop_at_step=9 ends with the schedule at 5
+    assert [r["batch_digest"] for r in resumed[2:]] == [r["batch_digest"] for r in fresh_b[:3]]  # b from its start

@@ -343,7 +343,8 @@ class TrainConfig:
     )
     stop_at_step: int = opt(
         0,
-        "Checkpoint and exit 0 after this step; the schedule still spans max_training_steps (time-boxed jobs).",
+        "Checkpoint and exit 0 after this step; the schedule still spans max_training_steps (time-boxed jobs; a "
+        "step past max_training_steps ends there).",
         valid=NON_NEGATIVE,
     )
     log_interval: int = opt(1, "Log a progress line every N steps.", valid=COUNT)
@@ -381,6 +382,12 @@ class TrainConfig:
         "'auto' continues from run_dir's latest checkpoint, or starts fresh when run_dir has none; 'none' starts "
         "fresh and refuses a run_dir that already holds checkpoints (give a new run_dir instead); any other value is "
         "a checkpoint folder (or a run folder, or its checkpoints/ folder, whose latest is taken) to continue from.",
+    )
+    resume_data: bool = opt(
+        True,
+        "On resume, continue the data stream where the checkpoint left it. false: start it afresh from the first "
+        "batch of data.train_shards (under data.seed) while the model, optimizer, schedule and step continue: for "
+        "a resume after changing the data, whose saved stream position fits only the data it was saved with.",
     )
     init_from: str = opt(
         "",

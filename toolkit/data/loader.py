@@ -225,7 +225,9 @@ class _Stream:
             )
         if state["data"] != fingerprint(list(self.spec.sets)):
             raise ShardError(
-                "loader state refers to other shards or weights than data.*_shards now name; resume with the same data"
+                "loader state refers to other shards or weights than data.*_shards now name; resume with the same "
+                "data, or set train.resume_data=false to start the new data's stream afresh (the model, optimizer "
+                "and schedule continue)"
             )
 
     def _redecode(self, raw: RawSample) -> Sample:
@@ -348,6 +350,13 @@ class StreamLoader(StatefulDataLoader):
         """Continue from a saved state. One saved under another `data.num_workers` would fail deep inside torchdata
         (its layout differs between 0 workers and some); with virtual readers it reshards instead, since a rank's
         readers do not depend on its worker count; without, the error says which count to resume with."""
+        data = fingerprint(list(self.dataset.spec.sets))
+        if any(st["data"] != data for st in stream_states(state)):  # now, not at the first batch: a refused resume
+            raise ShardError(  # must fail before the run rewrites its config.yaml
+                "the loader state to resume refers to other shards or weights than data.train_shards now names; "
+                "resume with the same data, or set train.resume_data=false to start the new data's stream afresh "
+                "(the model, optimizer and schedule continue)"
+            )
         saved = saved_workers(state)
         if saved is None or saved == self.num_workers:
             super().load_state_dict(state)

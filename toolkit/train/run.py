@@ -250,8 +250,11 @@ def _train(cfg: Config, run: RunDir, resume_from: Path | None, *, backend, loade
     env = backend.env
     trainer = Trainer(backend, cfg, peak_flops=device_peak_flops(backend.device))
     if resume_from is not None:
-        trainer.load_state_dict(restore_checkpoint(resume_from, backend=backend, loader=loader))
+        data = loader if cfg.train.resume_data else None  # None: the loader keeps its fresh start
+        trainer.load_state_dict(restore_checkpoint(resume_from, backend=backend, loader=data))
         dist.log0("resumed from %s at step %d", resume_from, trainer.state.step)
+        if data is None:
+            dist.log0("train.resume_data=false: the data stream starts afresh from data.train_shards' first batch")
     else:
         dist.seed_everything(cfg.train.seed + env.rank)  # dropout differs across ranks, as in DDP training
     if env.is_main:  # only once the checkpoint loaded: a refused resume leaves the run's config.yaml as it was
@@ -272,14 +275,15 @@ def _train(cfg: Config, run: RunDir, resume_from: Path | None, *, backend, loade
                      start_step=trainer.state.step)  # fmt: skip
     life.saved_step = trainer.state.step if resume_from is not None else -1
     t = cfg.train
+    end = min(t.stop_at_step or t.max_training_steps, t.max_training_steps)  # never past the schedule's end
     profiler = StepProfiler(run.root / "profile", steps=t.profile_steps, skip=t.profile_start,
-                            start_step=trainer.state.step, end=t.stop_at_step or t.max_training_steps,
+                            start_step=trainer.state.step, end=end,
                             rank=env.rank, device=backend.device)  # fmt: skip
     trainer.callbacks += [profiler.stop_due, life, profiler.start_due]  # the trace holds steps, not what follows
     dist.log0("training %s on %d rank(s), backend %s", cfg.train.run_dir, env.world_size, cfg.backend.name)
     try:
         with _stop_on_signals(trainer):
-            history = trainer.fit(loader, max_steps=cfg.train.stop_at_step or None)
+            history = trainer.fit(loader, max_steps=end)
             profiler.close(trainer.state.step)  # a run that ended inside the window: what was traced
             _finish(cfg, trainer, life)
         print(f"rank {env.rank}/{env.world_size} finished at step {trainer.state.step}", flush=True)
