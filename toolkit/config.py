@@ -475,8 +475,17 @@ class BackendConfig:
         "README).",
         choices=("fp32", "bf16"),
     )
+    collective_timeout_s: int = opt(
+        1800,
+        "Seconds a collective may wait for the other ranks before it fails: a rank that hangs (a stuck filesystem, "
+        "a node gone silent) stops the run after this instead of holding every GPU. Above the longest rank-0-only "
+        "pause (validation by generation, an export).",
+        valid=COUNT,
+    )
 
-    # No validate(): the backend named checks its own settings when it is built, before any process group.
+    def validate(self) -> None:
+        """Ranges only: the backend named checks its own settings when it is built, before any process group."""
+        _check_ranges(self, "backend")
 
 
 @dataclass

@@ -171,6 +171,7 @@ def _build(cfg: Config, backend, tokenizer):
 
     env = backend.env
     backend.start_process_group()
+    check_same_config(cfg)
     dist.seed_everything(cfg.train.seed)  # identical initial weights on every rank
     model = VisionLanguageModel(cfg.model)
     if cfg.model.vision_backbone or cfg.model.language_backbone:
@@ -180,6 +181,34 @@ def _build(cfg: Config, backend, tokenizer):
     loader = build_loader(cfg, rank=env.rank, world=env.world_size, tokenizer=tokenizer, split="train")
     backend.setup(model, param_groups(model, cfg.train), schedule_from_config(cfg.train))
     return loader
+
+
+def check_same_config(cfg: Config) -> None:
+    """Every rank must run the same config. A launcher that gives one rank other overrides (a per-node wrapper,
+    an edited file on one host) hung at the first checkpoint or log line one rank reached alone, or trained two
+    drifting replicas and exited 0. One all-gather at the start; every rank raises the same error."""
+    configs = dist.all_gather_object(_flat(cfg.to_dict()))
+    differ = {}
+    for rank, other in enumerate(configs[1:], start=1):
+        for key in sorted(set(configs[0]) | set(other)):
+            if configs[0].get(key) != other.get(key):
+                differ.setdefault(key, f"rank 0 {configs[0].get(key)!r}, rank {rank} {other.get(key)!r}")
+    if differ:
+        shown = "; ".join(f"{k}: {v}" for k, v in list(differ.items())[:5])
+        raise ConfigError(
+            f"the ranks were launched with different configs ({shown}{'; ...' if len(differ) > 5 else ''}); give "
+            "every rank the same --config file and overrides (same command and files on every node)"
+        )
+
+
+def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and prefix == "":  # sections; a field's own dict value compares whole
+            out.update(_flat(value, f"{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 @dataclass
@@ -226,10 +255,11 @@ def check_training(cfg: Config, world: int) -> str:
 
 
 def run_training(cfg: Config) -> list[dict[str, Any]]:
+    # Unpacked at once: a Prepared left in this frame would keep the backend, and so the model, alive past the
+    # `del` below (test_hardening's frees-its-model case)
     prepared = prepare_run(cfg, dist.dist_env())
-    backend, tokenizer, run, resume_from = (
-        prepared.backend, prepared.tokenizer, prepared.run, prepared.resume_from
-    )  # fmt: skip
+    backend, tokenizer, run, resume_from = prepared.backend, prepared.tokenizer, prepared.run, prepared.resume_from
+    del prepared
     loader = None
     try:
         loader = _build(cfg, backend, tokenizer)

@@ -209,7 +209,7 @@ class Backend(ABC):
     def start_process_group(self) -> None:
         """Start the process group this backend trains in, once per process; nothing when it needs none."""
         if self.capabilities.distributed and not dist.is_distributed():
-            dist.init_distributed(self.device, self.env)
+            dist.init_distributed(self.device, self.env, timeout_s=self.cfg.backend.collective_timeout_s)
 
     @abstractmethod
     def setup(self, model: nn.Module, param_groups: list[ParamGroup], schedule: WarmupCosine) -> None: ...

@@ -1,0 +1,45 @@
+"""Ranks launched with different configs stop at the start with one message, instead of hanging or drifting."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import CPU_ENV, REPO, torchrun
+
+# Rank 1 alone gets the extra overrides: what a per-node wrapper or a file edited on one host does.
+WORKER = """
+import os, sys
+from toolkit.__main__ import main
+extra = sys.argv[2:] if os.environ["RANK"] == "1" else []
+sys.exit(main(["train", "--config", sys.argv[1], *extra]))
+"""
+
+
+@pytest.mark.multiproc
+def test_ranks_with_different_configs_are_refused_before_training(tmp_path: Path) -> None:
+    """Measured before: train.log_interval=2 on one rank hung at step 1 (one rank gathered sample counts, the other
+    started the next step), train.checkpoint_interval hung at the save barrier, train.lr_mp trained two drifting
+    DDP replicas and exited 0."""
+    from toolkit.config import load_config, save_config
+    from toolkit.data.prepare.synthetic import write_synth
+
+    write_synth(str(tmp_path / "synth"), samples=16, val_samples=4, seed=0)
+    cfg = load_config("tiny", [f"model.tokenizer={tmp_path / 'synth' / 'tokenizer'}",
+                               f"data.train_shards={tmp_path / 'synth' / 'train'}", "data.val_shards=",
+                               "data.num_workers=0", "train.eval_interval=0", "backend.name=ddp", "backend.device=cpu",
+                               f"train.run_dir={tmp_path / 'run'}", "train.max_training_steps=4"])  # fmt: skip
+    save_config(cfg, tmp_path / "cfg.yaml")
+    (tmp_path / "worker.py").write_text(WORKER)
+    cmd = torchrun(
+        2, str(tmp_path / "worker.py"), str(tmp_path / "cfg.yaml"), "train.log_interval=2", "train.lr_mp=0.01"
+    )
+    done = subprocess.run(cmd, cwd=REPO, env={**os.environ, **CPU_ENV}, capture_output=True, text=True, timeout=240)
+    assert done.returncode != 0
+    said = [line for line in done.stderr.splitlines() if "launched with different configs" in line]
+    assert len(said) == 2, done.stderr[-3000:]  # both ranks, the same line
+    assert f"train.log_interval: rank 0 {cfg.train.log_interval}, rank 1 2" in said[0] and "train.lr_mp: rank 0 " in said[0]
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()  # no step was trained
