@@ -43,3 +43,18 @@ def test_ranks_with_different_configs_are_refused_before_training(tmp_path: Path
     assert len(said) == 2, done.stderr[-3000:]  # both ranks, the same line
     assert f"train.log_interval: rank 0 {cfg.train.log_interval}, rank 1 2" in said[0] and "train.lr_mp: rank 0 " in said[0]
     assert not (tmp_path / "run" / "metrics.jsonl").exists()  # no step was trained
+
+
+def test_the_collective_timeout_is_the_configs(monkeypatch) -> None:
+    """backend.collective_timeout_s reaches the process group (it was 1800 s, hard-coded)."""
+    from toolkit import dist
+    from toolkit.config import load_config
+    from toolkit.train.backends import build_backend
+
+    cfg = load_config("tiny", ["backend.name=ddp", "backend.device=cpu", "backend.collective_timeout_s=77"])
+    backend = build_backend(cfg, env=dist.DistEnv(rank=0, local_rank=0, world_size=2, local_world_size=2))
+    seen = {}
+    monkeypatch.setattr(dist, "is_distributed", lambda: False)
+    monkeypatch.setattr(dist, "init_distributed", lambda device, env, timeout_s: seen.update(timeout_s=timeout_s))
+    backend.start_process_group()
+    assert seen == {"timeout_s": 77}
