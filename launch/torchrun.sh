@@ -10,7 +10,8 @@
 #   MASTER_PORT     rendezvous port (default 29500)
 #   RDZV_ID         job id shared by all nodes (default: nanovlm-$USER)
 #   MAX_RESTARTS    times torchrun restarts the whole group after a rank dies (default 3); each restart resumes
-#                   from the run's latest checkpoint (train.resume=auto)
+#                   from the run's latest checkpoint (train.resume=auto). torchrun cannot tell a lost node from
+#                   a failure that recurs (a full disk): that one is retried too, then reported by every try
 #   PYTHON          interpreter (default: .venv/bin/python of this checkout)
 #   PREFLIGHT       1 (default): check the config, paths and resume once (`train --check`) before torchrun
 #                   starts, so a typo exits 2 here instead of failing every rank of every restart; 0 skips it
