@@ -121,3 +121,127 @@ def test_a_typo_under_torchrun_fails_once_before_any_rank_starts(synth_data, tmp
     assert done.returncode == 2, done.stderr[-2000:]
     assert done.stderr.count("config error") == 1 and "ChildFailedError" not in done.stderr
     assert "train.max_training_steps" in done.stderr  # the hint
+
+
+# What a survivor's collective raised in the audit runs when its peer died (gloo, CPU), and NCCL's words for it.
+PEER_LOSS_TEXTS = [
+    "[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed by peer "
+    "[127.0.0.1]:33195. This is typically caused by a remote worker crashing. Check the logs of the remote worker "
+    "before reporting an error. GLHF! \U0001f3d6\ufe0f",
+    "[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:537] Read error [127.0.0.1]:12484: "
+    "Connection reset by peer. This is typically caused by a remote worker hanging or bugs in the application. "
+    "Check the logs of the remote worker before reporting an error. GLHF! \U0001f3d6\ufe0f",
+    "NCCL communicator was aborted on rank 0. Original reason for failure was: [Rank 0] Watchdog caught collective "
+    "operation timeout: WorkNCCL(SeqNum=51, OpType=ALLREDUCE) ran for 600000 milliseconds before timing out.",
+    "NCCL error in: /pytorch/torch/csrc/distributed/c10d/ProcessGroupNCCL.cpp:3356, remote process exited or there "
+    "was a network error, NCCL version 2.21.5\nncclRemoteError: A call failed possibly due to a network error or a "
+    "remote process exiting prematurely.",
+    "Failed to recv, got 0 bytes. Connection was likely closed. Did the remote server shutdown or crash?",
+]
+NOT_PEER_LOSS = [  # bugs, or this rank's own failure: their tracebacks stay
+    "DDP expects same model across all ranks, but Rank 1 has 59 params, while rank 0 has inconsistent 50 params.",
+    "[enforce fail at inline_container.cc:672] . unexpected pos 890112 vs 890064",
+    "[../third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:81] Timed out waiting 1800000ms for recv operation",
+    "NCCL error in: ProcessGroupNCCL.cpp:1970, invalid usage (run with NCCL_DEBUG=WARN for details)",
+]
+
+
+def test_peer_loss_is_recognised_from_gloo_and_nccl_texts_only():
+    from torch.distributed import DistBackendError
+
+    from toolkit.errors import peer_loss
+
+    for text in PEER_LOSS_TEXTS:
+        for cls in (RuntimeError, DistBackendError):
+            found = peer_loss(cls(text))
+            assert found and "\n" not in found and "GLHF" not in found and not found.startswith("["), found
+    assert peer_loss(RuntimeError(PEER_LOSS_TEXTS[0])).startswith("Connection closed by peer [127.0.0.1]:33195")
+    wrapped = ValueError("while handling it")
+    wrapped.__context__ = RuntimeError(PEER_LOSS_TEXTS[1])
+    assert peer_loss(wrapped)
+    for text in NOT_PEER_LOSS:
+        assert peer_loss(RuntimeError(text)) is None and peer_loss(DistBackendError(text)) is None
+    assert peer_loss(ValueError(PEER_LOSS_TEXTS[0])) is None  # only what a collective raises
+
+
+@pytest.mark.parametrize("text", PEER_LOSS_TEXTS[:2])
+def test_a_peer_that_stopped_is_one_line_with_the_exit_status_of_a_crash(text, monkeypatch, capsys):
+    def boom(args):
+        raise RuntimeError(text)
+
+    monkeypatch.setitem(cli.HANDLERS, "report", boom)
+    assert cli.main(["report", "x"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: another rank stopped first") and "\n" not in err, err
+    assert "own log says why" in err and "latest" in err and "127.0.0.1" in err, err
+
+
+def test_a_real_gloo_peer_loss_ends_the_survivor_in_one_line(tmp_path):
+    """Two gloo ranks; rank 1 exits, rank 0's next all-reduce fails inside `main` as a training step's would."""
+    script = tmp_path / "ranks.py"
+    script.write_text(
+        "import os, sys, torch, torch.distributed as d\n"
+        "from toolkit import __main__ as cli\n"
+        "def handler(args):\n"
+        "    d.init_process_group('gloo')\n"
+        "    d.barrier()\n"
+        "    if d.get_rank() == 1:\n"
+        "        os._exit(0)\n"
+        "    for _ in range(100):\n"
+        "        d.all_reduce(torch.ones(4))\n"
+        "    return 0\n"
+        "cli.HANDLERS['report'] = handler\n"
+        "sys.exit(cli.main(['report', 'x']))\n"
+    )
+    from conftest import CPU_ENV, free_port
+
+    env = {**os.environ, **CPU_ENV, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": "2"}
+    procs = [subprocess.Popen([sys.executable, str(script)], cwd=REPO, env={**env, "RANK": str(r)},
+                              stderr=subprocess.PIPE, text=True) for r in (0, 1)]  # fmt: skip
+    try:
+        err0 = procs[0].communicate(timeout=90)[1]
+        procs[1].communicate(timeout=30)
+    finally:
+        for p in procs:
+            p.kill()
+    assert procs[0].returncode == 1, err0
+    assert "Traceback" not in err0 and err0.strip().splitlines()[-1].startswith("error: another rank stopped"), err0
+
+
+def test_an_error_raised_in_a_dataloader_worker_prints_its_own_message(monkeypatch, capsys):
+    """torch re-raises a worker's error as `Caught ShardError in DataLoader worker process 0. Original Traceback
+    ...`: only the original message is printed, a ShardError labelled as the data's fault."""
+    from torch._utils import ExceptionWrapper
+
+    from toolkit.config import ConfigError
+    from toolkit.data.shards import ShardError
+
+    said = "shard set '/d/train' gave reader 1 of 2 no samples in a whole epoch; check the shards"
+    for cls, label in ((ShardError, "data error"), (ConfigError, "config error")):
+        try:
+            raise cls(said)
+        except cls:
+            wrapped = ExceptionWrapper(where="in DataLoader worker process 0")
+        monkeypatch.setitem(cli.HANDLERS, "report", lambda args, w=wrapped: w.reraise())
+        assert cli.main(["report", "x"]) == 2
+        assert capsys.readouterr().err.strip() == f"{label}: {said}"
+
+
+def test_another_ranks_failed_save_and_a_full_disk_outside_a_save_are_one_line(monkeypatch, capsys):
+    import errno
+
+    from toolkit.errors import OtherRankFailed
+
+    cases = [
+        (OtherRankFailed("checkpoint step 3: 1 other rank(s) failed to write their part"), 1, "other rank(s)"),
+        (OSError(errno.ENOSPC, "No space left on device", "/runs/a/tb/events.out"), 2, "writing /runs/a/tb/events"),
+    ]
+    for exc, status, says in cases:
+
+        def boom(args, exc=exc):
+            raise exc
+
+        monkeypatch.setitem(cli.HANDLERS, "report", boom)
+        assert cli.main(["report", "x"]) == status
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and says in err and "\n" not in err, err

@@ -41,7 +41,10 @@ def test_ranks_with_different_configs_are_refused_before_training(tmp_path: Path
     assert done.returncode != 0
     said = [line for line in done.stderr.splitlines() if "launched with different configs" in line]
     assert len(said) == 2, done.stderr[-3000:]  # both ranks, the same line
-    assert f"train.log_interval: rank 0 {cfg.train.log_interval}, rank 1 2" in said[0] and "train.lr_mp: rank 0 " in said[0]
+    assert (
+        f"train.log_interval: rank 0 {cfg.train.log_interval}, rank 1 2" in said[0]
+        and "train.lr_mp: rank 0 " in said[0]
+    )
     assert not (tmp_path / "run" / "metrics.jsonl").exists()  # no step was trained
 
 

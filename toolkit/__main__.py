@@ -16,7 +16,16 @@ from pathlib import Path
 
 from toolkit.bench import BENCHES
 from toolkit.config import ConfigError, describe_fields, load_config
-from toolkit.errors import OOM_HINT, UserError
+from toolkit.errors import (
+    DISK_FULL_ERRNOS,
+    OOM_HINT,
+    PEER_LOST,
+    OtherRankFailed,
+    UserError,
+    disk_full,
+    os_error,
+    peer_loss,
+)
 
 COMMANDS = {
     "train": "Train a model: --config CFG [section.field=value ...]",
@@ -210,6 +219,19 @@ def _train(args: argparse.Namespace) -> int:
     except TrainingDiverged as exc:
         print(f"training stopped: {exc}", file=sys.stderr)
         return 1
+    except (UserError, ConfigError):
+        raise
+    except Exception as exc:  # a write outside a checkpoint save (TensorBoard, metrics.jsonl) on a full disk
+        if not disk_full(exc):  # not permissions: a shard this user cannot read is no write error
+            raise
+        from toolkit.train.checkpoint import RunDir
+        from toolkit.train.write_errors import write_failure
+
+        run_dir = Path(cfg.train.run_dir)
+        problem = write_failure(exc, RunDir(run_dir), None, folder=run_dir, what=f"writing to {run_dir}")
+        if problem is None:
+            raise
+        raise problem from exc
     return 0
 
 
@@ -327,6 +349,49 @@ def _device_name() -> str:
     return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
 
 
+def _own_message(exc: BaseException) -> str:
+    """`exc`'s message; for an error a DataLoader worker raised, which reaches here as "Caught X in DataLoader
+    worker process N. Original Traceback ...", only the original error's own message."""
+    text = str(exc)
+    if not (text.startswith("Caught ") and "Original Traceback" in text):
+        return text
+    cls = type(exc)
+    for prefix in (f"{cls.__module__}.{cls.__qualname__}: ", f"{cls.__qualname__}: "):
+        at = text.rfind("\n" + prefix)
+        if at >= 0:
+            return text[at + 1 + len(prefix) :].strip()
+    return text
+
+
+def _is_shard_error(exc: BaseException) -> bool:
+    shards = sys.modules.get("toolkit.data.shards")  # not imported: no ShardError can have been raised
+    return shards is not None and isinstance(exc, shards.ShardError)
+
+
+def _explain(exc: BaseException) -> int | None:
+    """One line and an exit status for an error a user can act on that is not a UserError (out of memory, a peer
+    rank that stopped, a full disk outside a checkpoint save); None for anything else, a bug: its traceback shows."""
+    if type(exc).__name__ == "OutOfMemoryError" or "out of memory" in str(exc).lower():
+        print(f"error: {OOM_HINT.format(device=_device_name())}", file=sys.stderr)
+        return 3
+    if isinstance(exc, OtherRankFailed):
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    lost = peer_loss(exc)
+    if lost is not None:  # a crash as far as the launcher goes: exit 1, and torchrun may restart the group
+        print(f"error: {PEER_LOST.format(detail=lost)}", file=sys.stderr)
+        return 1
+    if disk_full(exc):  # train and checkpoint saves say more (their run folder); this is any other command
+        full = os_error(exc, DISK_FULL_ERRNOS)
+        where = f" writing {full.filename}" if full is not None and full.filename else ""
+        print(
+            f"error: no space left on the device{where}: free space on that filesystem, or write to another one",
+            file=sys.stderr,
+        )
+        return 2
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     parser = build_parser()
@@ -340,16 +405,19 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return handler(args)
     except ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
+        label = "data error" if _is_shard_error(exc) else "config error"
+        print(f"{label}: {_own_message(exc)}", file=sys.stderr)
         return 2
     except (UserError, FileNotFoundError, FileExistsError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {_own_message(exc)}", file=sys.stderr)
         return 2
-    except Exception as exc:
-        if type(exc).__name__ == "OutOfMemoryError" or "out of memory" in str(exc).lower():
-            print(f"error: {OOM_HINT.format(device=_device_name())}", file=sys.stderr)
-            return 3
-        raise
+    except BaseException as exc:  # DCP's CheckpointException derives from BaseException, not Exception
+        if isinstance(exc, (KeyboardInterrupt, SystemExit, GeneratorExit)):
+            raise
+        status = _explain(exc)
+        if status is None:
+            raise
+        return status
 
 
 if __name__ == "__main__":

@@ -32,8 +32,9 @@ import numpy as np
 import torch
 
 from toolkit.config import ConfigError
-from toolkit.errors import UserError
+from toolkit.errors import OtherRankFailed, UserError
 from toolkit.train.safe_load import CheckpointFileError, WeightsMismatchError, load_plain, weights_mismatch
+from toolkit.train.write_errors import explain_write, resume_note
 
 STEP_RE = re.compile(r"^step_(\d+)$")
 RESUME_FORMS = (
@@ -286,24 +287,27 @@ def start_checkpoint(
     run: RunDir, step: int, *, backend, loader, trainer_state: dict, keep: int, background: bool = True
 ) -> PendingCheckpoint:
     """Every rank: write (with `background`, stage and start writing) the backend state; loader and RNG state are
-    written now either way (they are small, and the loader moves on with the next batch)."""
+    written now either way (they are small, and the loader moves on with the next batch).
+
+    A write that fails for want of disk space or permission raises a UserError saying so (`explain_write`)."""
     from toolkit import dist
     from toolkit.train.backends.base import PendingSave
 
     env = backend.env
     path = run.step_dir(step)
-    if env.is_main:
-        prepare_step_dir(path)
-    dist.barrier()
-    # The small per-rank state first: once the backend's write runs in the background, a rank killed meanwhile
-    # still leaves a complete rank file (and the order cannot race with the writer thread).
-    write_rank_state(path, env.rank, loader.state_dict() if loader is not None else None)
-    client_state = {"step": step}
-    if background:
-        write = backend.save_async(path / "model", client_state=client_state)
-    else:
-        backend.save(path / "model", client_state=client_state)
-        write = PendingSave()  # written already
+    with explain_write(run, step, keep=keep):
+        if env.is_main:
+            prepare_step_dir(path)
+        dist.barrier()
+        # The small per-rank state first: once the backend's write runs in the background, a rank killed meanwhile
+        # still leaves a complete rank file (and the order cannot race with the writer thread).
+        write_rank_state(path, env.rank, loader.state_dict() if loader is not None else None)
+        client_state = {"step": step}
+        if background:
+            write = backend.save_async(path / "model", client_state=client_state)
+        else:
+            backend.save(path / "model", client_state=client_state)
+            write = PendingSave()  # written already
     meta = {"backend": backend.name, "world_size": env.world_size, "trainer": dict(trainer_state)}
     return PendingCheckpoint(run, step, meta, keep, write)
 
@@ -311,19 +315,37 @@ def start_checkpoint(
 def finish_checkpoint(pending: PendingCheckpoint, *, wait: bool, device: torch.device) -> bool:
     """Collective: commit `pending` if every rank's write is done (or, with `wait`, once it is); True if committed.
 
-    One all-reduce of one number per call, made only while a write is in flight. A write that failed raises here
-    on its rank, and the others then fail in their next collective, as after any rank's error.
+    One all-reduce of two numbers per call (ranks still writing, ranks whose write failed), made only while a write
+    is in flight. A write that failed raises here on its rank (a UserError when the disk is full or not writable),
+    and OtherRankFailed on the others: the checkpoint is committed only when every rank wrote its part.
     """
     from toolkit import dist
 
-    if wait:
-        pending.write.wait()
-    busy = torch.tensor([0.0 if pending.write.done() else 1.0], dtype=torch.float64, device=device)
-    if float(dist.all_reduce_sum(busy)[0]) > 0:
+    failure: BaseException | None = None
+    finished = wait or pending.write.done()
+    if finished:
+        try:
+            pending.write.wait()  # done (or `wait`): re-raises the writer's error, if any
+        except BaseException as exc:  # DCP's CheckpointException derives from BaseException
+            if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+                raise
+            failure = exc
+    status = torch.tensor([0.0 if finished else 1.0, 0.0 if failure is None else 1.0], dtype=torch.float64,
+                          device=device)  # fmt: skip
+    busy, failed = (float(x) for x in dist.all_reduce_sum(status))
+    if failure is not None:
+        with explain_write(pending.run, pending.step, keep=pending.keep):
+            raise failure
+    if failed > 0:
+        raise OtherRankFailed(
+            f"checkpoint step {pending.step}: {int(failed)} other rank(s) failed to write their part (their logs "
+            f"say why), so it was not committed; {resume_note(pending.run)}"
+        )
+    if busy > 0:
         return False
-    pending.write.wait()  # done: re-raises the writer's error, if any
     if dist.get_rank() == 0:
-        commit(pending.run, pending.step, pending.meta, pending.keep)
+        with explain_write(pending.run, pending.step, keep=pending.keep):
+            commit(pending.run, pending.step, pending.meta, pending.keep)
     dist.barrier()
     return True
 
@@ -393,7 +415,9 @@ def export_live(backend, model_cfg, out: Path, *, tokenizer_dir: str | None = No
 
     state = backend.full_state_dict()
     if backend.env.is_main:
-        write_atomically(out, lambda tmp: write_nanovlm(model_cfg, state, tmp, tokenizer_dir=tokenizer_dir))
+        out = Path(out)
+        with explain_write(RunDir(out.parent.parent), None, folder=out.parent, what=f"exporting to {out}"):
+            write_atomically(out, lambda tmp: write_nanovlm(model_cfg, state, tmp, tokenizer_dir=tokenizer_dir))
     dist.barrier()
 
 

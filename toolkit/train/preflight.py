@@ -56,7 +56,7 @@ def check_run(cfg: Config) -> VLMTokenizer:
     for field in ("vision_backbone", "language_backbone"):
         _check_backbone(f"model.{field}", getattr(cfg.model, field))
     _check_init_from(cfg)
-    _check_writable("train.run_dir", Path(cfg.train.run_dir))
+    _check_run_dir(Path(cfg.train.run_dir))
     _check_wandb(cfg)
     _check_lmms(cfg)
     return tokenizer
@@ -224,6 +224,33 @@ def _check_wandb(cfg: Config) -> None:
     t = cfg.train
     if wandb_enabled(t.wandb_project, t.wandb_mode) and importlib.util.find_spec("wandb") is None:
         raise ConfigError(WANDB_MISSING.format(project=t.wandb_project))
+
+
+# What a run writes inside train.run_dir, and when: an existing folder that is not writable failed the first save,
+# export or log line, hours in, when only the run folder itself was checked.
+RUN_SUBFOLDERS = {
+    "checkpoints": "a checkpoint every train.checkpoint_interval steps",
+    "export": "its exports (train.export_interval, train.export_best)",
+    "tb": "its TensorBoard logs",
+}
+
+
+def _check_run_dir(run_dir: Path) -> None:
+    _check_writable("train.run_dir", run_dir)
+    for name, writes in RUN_SUBFOLDERS.items():
+        sub = run_dir / name
+        if sub.exists() and not (sub.is_dir() and os.access(sub, os.W_OK | os.X_OK)):
+            what = "is not writable by this user" if sub.is_dir() else "is a file, not a folder"
+            raise ConfigError(
+                f"train.run_dir={run_dir}: {sub} {what}, and the run writes {writes} there; make it writable "
+                f"(chmod u+w {sub}) or choose another train.run_dir"
+            )
+    metrics = run_dir / "metrics.jsonl"
+    if metrics.exists() and not os.access(metrics, os.W_OK):
+        raise ConfigError(
+            f"train.run_dir={run_dir}: {metrics} is not writable by this user, and the run appends to it; make it "
+            f"writable (chmod u+w {metrics}) or choose another train.run_dir"
+        )
 
 
 def _check_writable(field: str, path: Path) -> None:

@@ -1,0 +1,185 @@
+"""A checkpoint save that fails because the disk is full or a folder is not writable ends in one line (exit 2)
+naming the folder, the space free and needed, what to do, and the step `latest` still names; any other save error
+stays a traceback. A run folder whose checkpoints/ or export/ is not writable is refused before step 1.
+
+Runs are `train` in this process on the single backend (a few tiny steps); the disk is simulated (the writer raises
+as torch.save does on a full disk, shutil.disk_usage reports what a full filesystem would), so no root or mount.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import signal
+import stat
+from collections import namedtuple
+from pathlib import Path
+
+import pytest
+import torch
+
+from toolkit import __main__ as cli
+from toolkit.data.prepare.synthetic import write_synth
+from toolkit.errors import OtherRankFailed
+from toolkit.train import checkpoint as ckpt
+from toolkit.train import preflight, write_errors
+from toolkit.train.backends import single
+
+Usage = namedtuple("Usage", "total used free")
+TORCH_FULL_DISK = "[enforce fail at inline_container.cc:672] . unexpected pos 890112 vs 890064"  # its own words
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("synth")
+    write_synth(str(out), samples=32, val_samples=4, seed=0)
+    return out
+
+
+def train_args(synth: Path, run: Path, *extra: str, steps: int = 2) -> list[str]:
+    """Two steps, a checkpoint after each: the writer fails at the second."""
+    return [
+        "train", "--config", "tiny", "backend.name=single", "backend.device=cpu", "backend.precision=fp32",
+        f"model.tokenizer={synth / 'tokenizer'}", f"data.train_shards={synth / 'train'}", "data.val_shards=",
+        "data.num_workers=0", "data.shuffle_buffer=8", "train.batch_size=2", f"train.max_training_steps={steps}",
+        "train.eval_interval=0", "train.export_best=false", "train.checkpoint_interval=1", "train.keep_checkpoints=2",
+        f"train.run_dir={run}", "train.log_interval=1", *extra,
+    ]  # fmt: skip
+
+
+def train(args: list[str]) -> int:
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        return cli.main(args)
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+
+
+def one_line(capsys) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    return err.strip().splitlines()[-1]
+
+
+def fail_from_save(monkeypatch, error: BaseException, *, at: int = 2) -> None:
+    """The single backend's writer fails at its `at`-th save, after writing part of the file (as on a full disk)."""
+    real, calls = single._write_state, []
+
+    def write(path: Path, state: dict) -> None:
+        calls.append(path)
+        if len(calls) < at:
+            return real(path, state)
+        path.mkdir(parents=True, exist_ok=True)
+        (path / single.STATE_FILE).write_bytes(b"PK" * 1000)
+        raise error
+
+    monkeypatch.setattr(single, "_write_state", write)
+
+
+def full_disk(monkeypatch, free: int = 0) -> None:
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: Usage(1 << 30, (1 << 30) - free, free))
+
+
+@pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])
+@pytest.mark.parametrize("error", ["enospc", "torch"])
+def test_a_full_disk_during_a_save_is_one_line_and_latest_stays_on_the_last_complete_step(
+    error, async_save, synth, tmp_path, capsys, monkeypatch
+):
+    """torch.save on a full disk says only "unexpected pos"; the free space says the rest. An OSError with
+    ENOSPC (a background write, DCP) says it itself, whatever the free space reads afterwards."""
+    run = tmp_path / "run"
+    if error == "torch":
+        fail_from_save(monkeypatch, RuntimeError(TORCH_FULL_DISK))
+        full_disk(monkeypatch, free=4096)
+    else:
+        fail_from_save(monkeypatch, OSError(errno.ENOSPC, "No space left on device"))
+    assert train(train_args(synth, run, f"train.async_checkpoint={str(async_save).lower()}")) == 2
+    line = one_line(capsys)
+    size = write_errors._size(write_errors._tree_bytes(run / "checkpoints" / "step_1"))
+    assert line.startswith("error: writing checkpoint step 2") and "failed" in line, line
+    assert f"the filesystem of {run / 'checkpoints'} is full" in line and f"takes {size}" in line, line
+    assert "train.keep_checkpoints (now 2" in line and "train.run_dir" in line, line
+    assert "`latest` still names step_1, so the run resumes from there" in line, line
+    if error == "torch":
+        assert "0.0 MiB free" in line and "unexpected pos" in line, line
+    else:
+        assert "No space left on device" in line, line
+    assert ckpt.RunDir(run).latest().name == "step_1"
+
+
+def test_a_save_error_that_is_not_the_disk_stays_a_traceback(synth, tmp_path, monkeypatch):
+    fail_from_save(monkeypatch, RuntimeError("a bug in the writer"))  # the real disk has room for a checkpoint
+    with pytest.raises(RuntimeError, match="a bug in the writer"):
+        train(train_args(synth, tmp_path / "run"))
+    assert ckpt.RunDir(tmp_path / "run").latest().name == "step_1"
+
+
+def test_a_folder_that_refuses_the_save_is_named(synth, tmp_path, capsys, monkeypatch):
+    """checkpoints/ made read-only while the run goes on: rank 0's mkdir of step_N raises PermissionError."""
+    run = tmp_path / "run"
+    real = ckpt.prepare_step_dir
+
+    def prepare(path: Path) -> None:
+        if path.name == "step_2":
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        real(path)
+
+    monkeypatch.setattr(ckpt, "prepare_step_dir", prepare)
+    assert train(train_args(synth, run)) == 2
+    line = one_line(capsys)
+    assert line.startswith("error: writing checkpoint step 2") and "is not writable by this user" in line, line
+    assert f"chmod u+w {run / 'checkpoints'}" in line and "`latest` still names step_1" in line, line
+
+
+def test_a_background_write_that_failed_on_another_rank_is_not_committed(tmp_path, monkeypatch):
+    """finish_checkpoint's all-reduce carries the failures too: a rank whose own write finished does not commit
+    (trainer.json, `latest`) a checkpoint another rank failed to write; it says so in one line."""
+    from toolkit import dist
+    from toolkit.train.backends.base import PendingSave
+
+    run = ckpt.RunDir(tmp_path / "run")
+    run.step_dir(3).mkdir(parents=True)
+    pending = ckpt.PendingCheckpoint(run, 3, {"backend": "x", "world_size": 2, "trainer": {}}, 2, PendingSave())
+    monkeypatch.setattr(dist, "all_reduce_sum", lambda t: t + torch.tensor([0.0, 1.0], dtype=t.dtype))
+    with pytest.raises(OtherRankFailed, match=r"1 other rank.*not committed.*no complete checkpoint yet"):
+        ckpt.finish_checkpoint(pending, wait=False, device=torch.device("cpu"))
+    assert not (run.checkpoints / "latest").exists() and not (run.step_dir(3) / "trainer.json").exists()
+
+
+def access_by_mode(path, mode, **kw) -> bool:
+    """os.access as a user without root's bypass (the tests run as root in CI): the owner's mode bits."""
+    bits = os.stat(path).st_mode
+    return all(bits & flag for want, flag in ((os.W_OK, stat.S_IWUSR), (os.X_OK, stat.S_IXUSR)) if mode & want)
+
+
+@pytest.mark.parametrize("sub", ["checkpoints", "export"])
+def test_a_run_folder_whose_checkpoints_or_export_is_not_writable_is_refused_before_step_1(
+    sub, synth, tmp_path, capsys, monkeypatch
+):
+    run = tmp_path / "run"
+    (run / sub).mkdir(parents=True)
+    (run / sub).chmod(0o555)
+    monkeypatch.setattr(preflight.os, "access", access_by_mode)
+    try:
+        assert train(train_args(synth, run)) == 2
+    finally:
+        (run / sub).chmod(0o755)
+    line = one_line(capsys)
+    assert line.startswith(f"config error: train.run_dir={run}: {run / sub} is not writable"), line
+    assert f"chmod u+w {run / sub}" in line and not (run / "metrics.jsonl").exists()
+
+
+def test_a_full_disk_outside_a_save_names_the_run_folder(tmp_path, capsys, monkeypatch):
+    """TensorBoard's writer or metrics.jsonl on a full disk: ENOSPC from anywhere in training is one line too."""
+    from toolkit.train import run as run_module
+
+    def full(cfg):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "run" / "tb" / "events.out"))
+
+    monkeypatch.setattr(run_module, "run_training", full)
+    assert cli.main(["train", "--config", "tiny", f"train.run_dir={tmp_path / 'run'}"]) == 2
+    line = one_line(capsys)
+    assert line.startswith(f"error: writing to {tmp_path / 'run'} failed: the filesystem of") and "is full" in line
+    assert "No space left on device" in line and "no complete checkpoint yet" in line, line
