@@ -11,28 +11,15 @@ import shutil
 from pathlib import Path
 
 import pytest
+from cli_runs import train_args, write_data
 
 from toolkit import __main__ as cli
-from toolkit.data.prepare.synthetic import write_synth
 from toolkit.train import checkpoint as ckpt
 
 
 @pytest.fixture(scope="module")
 def synth(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("synth")
-    write_synth(str(out), samples=48, val_samples=8, seed=0)
-    return out
-
-
-def train_args(synth: Path, run: Path, *extra: str, steps: int = 2) -> list[str]:
-    return [
-        "train", "--config", "tiny", "backend.device=cpu", "backend.precision=fp32",
-        f"model.tokenizer={synth / 'tokenizer'}", f"data.train_shards={synth / 'train'}",
-        f"data.val_shards={synth / 'val'}", "data.num_workers=0", "data.shuffle_buffer=8", "train.batch_size=2",
-        f"train.max_training_steps={steps}", "train.eval_interval=0", "train.export_best=false",
-        "train.checkpoint_interval=1", "train.keep_checkpoints=2", f"train.run_dir={run}", "train.log_interval=1",
-        *extra,
-    ]  # fmt: skip
+    return write_data(tmp_path_factory.mktemp("synth"))
 
 
 class Lines(logging.Handler):

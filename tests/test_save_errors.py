@@ -11,16 +11,16 @@ from __future__ import annotations
 import errno
 import os
 import shutil
-import signal
 import stat
 from collections import namedtuple
 from pathlib import Path
 
+import cli_runs
 import pytest
 import torch
+from cli_runs import train, write_data
 
 from toolkit import __main__ as cli
-from toolkit.data.prepare.synthetic import write_synth
 from toolkit.errors import OtherRankFailed
 from toolkit.train import checkpoint as ckpt
 from toolkit.train import preflight, write_errors
@@ -32,29 +32,12 @@ TORCH_FULL_DISK = "[enforce fail at inline_container.cc:672] . unexpected pos 89
 
 @pytest.fixture(scope="module")
 def synth(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("synth")
-    write_synth(str(out), samples=32, val_samples=4, seed=0)
-    return out
+    return write_data(tmp_path_factory.mktemp("synth"))
 
 
-def train_args(synth: Path, run: Path, *extra: str, steps: int = 2) -> list[str]:
+def train_args(synth: Path, run: Path, *extra: str) -> list[str]:
     """Two steps, a checkpoint after each: the writer fails at the second."""
-    return [
-        "train", "--config", "tiny", "backend.name=single", "backend.device=cpu", "backend.precision=fp32",
-        f"model.tokenizer={synth / 'tokenizer'}", f"data.train_shards={synth / 'train'}", "data.val_shards=",
-        "data.num_workers=0", "data.shuffle_buffer=8", "train.batch_size=2", f"train.max_training_steps={steps}",
-        "train.eval_interval=0", "train.export_best=false", "train.checkpoint_interval=1", "train.keep_checkpoints=2",
-        f"train.run_dir={run}", "train.log_interval=1", *extra,
-    ]  # fmt: skip
-
-
-def train(args: list[str]) -> int:
-    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}
-    try:
-        return cli.main(args)
-    finally:
-        for sig, handler in saved.items():
-            signal.signal(sig, handler)
+    return cli_runs.train_args(synth, run, "backend.name=single", "data.val_shards=", *extra)
 
 
 def one_line(capsys) -> str:
