@@ -435,3 +435,24 @@ def test_an_endless_stream_whose_every_image_fails_to_decode_stops(tok, tmp_path
     finite = build_loader(tiny_config(tok, str(folder)), rank=0, world=1, finite=True)
     assert all(b.stats.targets == 0 for b in finite)  # a finite pass ends on its own, every sample counted
     assert finite.counts() == {"read": 6, "skipped": {"bad_image": 6}}
+
+
+def test_a_state_is_refused_on_a_dataset_of_the_same_shape_and_legacy_states_still_resume(tok, tmp_path) -> None:
+    """shard-data names every dataset's shards alike: with as many shards of as many samples, two datasets had one
+    fingerprint and a resume continued on the wrong one. The manifest's shard bytes now tell them apart; a state
+    saved before (no bytes in its fingerprint) still resumes on its own data."""
+    shardgen.make_dataset(tmp_path / "a", shards=2, per_shard=8, prefix="a")
+    shardgen.make_dataset(tmp_path / "b", shards=2, per_shard=8, prefix="b", images=2)  # same names and counts
+    loader = build_loader(tiny_config(tok, str(tmp_path / "a")), rank=0, world=1)
+    first = take(loader, 1)
+    state = loader.state_dict()
+    other = build_loader(tiny_config(tok, str(tmp_path / "b")), rank=0, world=1)
+    with pytest.raises(ShardError, match="other shards"):
+        other.load_state_dict(state)
+    sets = loader.dataset.spec.sets
+    for st in stream_states(state):
+        assert st["data"] == loader_module.fingerprint(list(sets)) != loader_module.fingerprint(list(sets), legacy=True)
+        st["data"] = loader_module.fingerprint(list(sets), legacy=True)  # as saved before the bytes counted
+    again = build_loader(tiny_config(tok, str(tmp_path / "a")), rank=0, world=1)
+    again.load_state_dict(state)
+    assert batch_keys(take(again, 2)) == batch_keys(take(loader, 2)) and first

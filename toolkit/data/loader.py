@@ -54,6 +54,7 @@ from toolkit.data.shards import (
     read_refs,
     reader_slot,
     resolve_sets,
+    same_data,
     worker_layout,
 )
 from toolkit.data.tokenizer import VLMTokenizer, load_tokenizer
@@ -223,7 +224,7 @@ class _Stream:
                 f"but this is reader {self.slot.index} of {self.slot.count}; resume with the same world size and "
                 "data.num_workers"
             )
-        if state["data"] != fingerprint(list(self.spec.sets)):
+        if not same_data(state["data"], list(self.spec.sets)):
             raise ShardError(
                 "loader state refers to other shards or weights than data.*_shards now name; resume with the same "
                 "data, or set train.resume_data=false to start the new data's stream afresh (the model, optimizer "
@@ -350,9 +351,10 @@ class StreamLoader(StatefulDataLoader):
         """Continue from a saved state. One saved under another `data.num_workers` would fail deep inside torchdata
         (its layout differs between 0 workers and some); with virtual readers it reshards instead, since a rank's
         readers do not depend on its worker count; without, the error says which count to resume with."""
-        data = fingerprint(list(self.dataset.spec.sets))
-        if any(st["data"] != data for st in stream_states(state)):  # now, not at the first batch: a refused resume
-            raise ShardError(  # must fail before the run rewrites its config.yaml
+        sets = list(self.dataset.spec.sets)
+        # Checked now, not at the first batch: a refused resume must fail before the run rewrites its config.yaml
+        if not all(same_data(st["data"], sets) for st in stream_states(state)):
+            raise ShardError(
                 "the loader state to resume refers to other shards or weights than data.train_shards now names; "
                 "resume with the same data, or set train.resume_data=false to start the new data's stream afresh "
                 "(the model, optimizer and schedule continue)"

@@ -88,6 +88,7 @@ class ShardError(ConfigError):
 class Shard:
     path: str
     samples: int | None = None  # from the manifest when there is one; lets a silently short tar be noticed
+    bytes: int | None = None  # from the manifest too: with the name and count, tells one dataset from another
 
 
 @dataclass(frozen=True)
@@ -123,7 +124,10 @@ def _read_manifest(path: Path, name: str) -> list[Shard]:
     if manifest.get("complete") is not True:
         raise ShardError(f"{name}: {path} is from a shard-data run that did not finish; rerun it into the same folder")
     try:
-        return [Shard(str(path.parent / s["name"]), int(s["samples"])) for s in manifest.get("shards", [])]
+        return [
+            Shard(str(path.parent / s["name"]), int(s["samples"]), int(s["bytes"]) if "bytes" in s else None)
+            for s in manifest.get("shards", [])
+        ]
     except (KeyError, TypeError, ValueError) as exc:
         raise ShardError(f"{name}: {path} lists a shard without name/samples ({exc}); rerun shard-data") from exc
 
@@ -270,11 +274,23 @@ def resolve_sets(spec: str | list, *, name: str = "data.train_shards") -> list[S
     return sets
 
 
-def fingerprint(sets: list[ShardSet]) -> str:
+def fingerprint(sets: list[ShardSet], *, legacy: bool = False) -> str:
     """Identifies the shard lists a saved state refers to, so a state is never applied to other data. File names,
-    not paths: a run may resume on another machine with the same shards copied elsewhere."""
-    text = "\n".join(f"{s.weight}|" + "|".join(f"{Path(sh.path).name}:{sh.samples}" for sh in s.shards) for s in sets)
+    not paths: a run may resume on another machine with the same shards copied elsewhere. With a manifest, each
+    shard's bytes too: shard-data names every dataset's shards alike, and with a shard size in samples two
+    datasets of as many shards had one fingerprint. `legacy`: without the bytes, as states saved before them."""
+
+    def entry(sh: Shard) -> str:
+        size = "" if legacy or sh.bytes is None else f":{sh.bytes}"
+        return f"{Path(sh.path).name}:{sh.samples}{size}"
+
+    text = "\n".join(f"{s.weight}|" + "|".join(entry(sh) for sh in s.shards) for s in sets)
     return hashlib.sha1(text.encode()).hexdigest()[:16]
+
+
+def same_data(saved: str, sets: list[ShardSet]) -> bool:
+    """A saved state's fingerprint names these sets (either form: a run saved before the bytes counted resumes)."""
+    return saved in (fingerprint(sets), fingerprint(sets, legacy=True))
 
 
 # ---------------------------------------------------------------------------------------------- split, randomness
