@@ -174,7 +174,10 @@ def answer_accuracy(
 
 def nanovlm_folder(path: str | Path) -> Path:
     """A nanoVLM-format folder itself, or a run folder's best export (else its newest exported step)."""
+    from toolkit.export.run import refuse_hf_export
+
     path = Path(path)
+    refuse_hf_export(path, "this command")
     if (path / "config.json").exists():
         return path
     exports = path / "export"

@@ -19,6 +19,7 @@ def read_source(src: str | Path) -> tuple[str, ModelConfig, dict[str, torch.Tens
     own); anything else is a run folder, its checkpoints/ folder or one step_N checkpoint.
     """
     path = Path(src)
+    refuse_hf_export(path, "export")
     if (path / "config.json").is_file() and (path / "model.safetensors").is_file():
         from safetensors.torch import load_file
 
@@ -42,14 +43,64 @@ def export(src: str | Path, out: str | Path, *, fmt: str = "nanovlm", tokenizer:
         raise UserError(f"--format {fmt}: choose one of {', '.join(FORMATS)}")
     from toolkit.train.checkpoint import write_atomically
 
+    out = Path(out).resolve()  # `.` has no name to build OUT.tmp from
+    check_out(out)
     what, cfg, state, tok = read_source(src)
     tok = tokenizer or tok
     if fmt == "hf":
         from toolkit.export.hf import write_hf
 
-        write_atomically(Path(out), lambda tmp: write_hf(cfg, state, tmp, tokenizer_dir=tok))
+        write_atomically(out, lambda tmp: write_hf(cfg, state, tmp, tokenizer_dir=tok))
     else:
         from toolkit.model.hub import write_nanovlm
 
-        write_atomically(Path(out), lambda tmp: write_nanovlm(cfg, state, tmp, tokenizer_dir=tok))
+        write_atomically(out, lambda tmp: write_nanovlm(cfg, state, tmp, tokenizer_dir=tok))
     return what
+
+
+# What an earlier export holds: OUT may be replaced only when it is one (or absent, or empty).
+EXPORT_FILES = {"config.json", "model.safetensors", "model.safetensors.index.json", "generation_config.json"}
+EXPORT_DIRS = {"tokenizer"}
+
+
+def check_out(out: Path) -> None:
+    """OUT is replaced whole, so it must be absent, empty, or an earlier export: `export RUN RUN` deleted the run's
+    checkpoints and `export RUN notes/` the notes, each with exit 0."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise UserError(f"export OUT {out} is a file; give a folder that does not exist yet (or an earlier export)")
+    entries = list(out.iterdir())
+    looks_exported = (out / "config.json").is_file() and any(
+        (out / name).is_file() for name in ("model.safetensors", "model.safetensors.index.json")
+    )
+    foreign = [
+        e.name
+        for e in entries
+        if not (e.name in EXPORT_DIRS and e.is_dir())
+        and e.name not in EXPORT_FILES
+        and not (e.is_file() and e.name.startswith(("tokenizer", "special_tokens", "vocab", "merges", "chat_template",
+                                                    "processor", "preprocessor", "added_tokens")))
+    ]  # fmt: skip
+    if entries and (not looks_exported or foreign):
+        shown = ", ".join(sorted(foreign or [e.name for e in entries])[:5])
+        raise UserError(
+            f"export OUT {out} holds other files ({shown}) that an export would replace; give a new folder (an "
+            "earlier export there is replaced, nothing else is)"
+        )
+
+
+def refuse_hf_export(path: Path, command: str) -> None:
+    """A `--format hf` export has config.json and model.safetensors too, with transformers' names and config:
+    read as a nanoVLM folder it gave a default-shaped config beside weights it cannot hold."""
+    import json
+
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return
+    if isinstance(config, dict) and ("architectures" in config or "model_type" in config):
+        raise UserError(
+            f"{path} is a transformers export (`export --format hf`); {command} reads nanoVLM-format folders, runs "
+            "and checkpoints: give the run or checkpoint it was exported from (transformers loads this folder itself)"
+        )

@@ -1,0 +1,49 @@
+"""`export` replaces OUT whole: it must never take a folder that is not an earlier export."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from cli_runs import train, train_args, write_data
+
+from toolkit import __main__ as cli
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("export_out")
+    assert train(train_args(write_data(root / "synth"), root / "run", "backend.name=single")) == 0
+    return root / "run"
+
+
+def test_export_refuses_an_out_that_is_not_an_earlier_export(run, tmp_path, capsys) -> None:
+    """Measured before: each of these exited 0 and deleted what was there (the run's checkpoints, notes, a step)."""
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "todo.txt").write_text("keep me")
+    (tmp_path / "file.txt").write_text("keep me too")
+    for out in [notes, run, run / "checkpoints" / "step_2", tmp_path / "file.txt"]:
+        assert cli.main(["export", str(run), str(out)]) == 2, out
+        assert "Traceback" not in capsys.readouterr().err
+    assert (notes / "todo.txt").read_text() == "keep me" and (tmp_path / "file.txt").read_text() == "keep me too"
+    assert (run / "checkpoints" / "step_2" / "trainer.json").is_file() and (run / "metrics.jsonl").is_file()
+    for fmt in ("nanovlm", "hf"):  # an earlier export of either format is replaced, as before
+        out = tmp_path / fmt
+        for _ in range(2):
+            assert cli.main(["export", str(run), str(out), "--format", fmt]) == 0
+        assert (out / "config.json").is_file()
+
+
+def test_a_transformers_export_is_not_read_as_a_nanovlm_folder(run, tmp_path, capsys) -> None:
+    """It has config.json and model.safetensors too: export wrote a default-shaped config beside its weights."""
+    assert cli.main(["export", str(run), str(tmp_path / "hf"), "--format", "hf"]) == 0
+    capsys.readouterr()
+    assert cli.main(["export", str(tmp_path / "hf"), str(tmp_path / "again")]) == 2
+    assert "is a transformers export" in capsys.readouterr().err and not (tmp_path / "again").exists()
+    image = tmp_path / "red.png"
+    from PIL import Image
+
+    Image.new("RGB", (32, 32), (200, 0, 0)).save(image)
+    assert cli.main(["generate", "--checkpoint", str(tmp_path / "hf"), "--image", str(image), "--prompt", "hi"]) == 2
+    assert "is a transformers export" in capsys.readouterr().err
