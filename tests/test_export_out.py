@@ -47,3 +47,36 @@ def test_a_transformers_export_is_not_read_as_a_nanovlm_folder(run, tmp_path, ca
     Image.new("RGB", (32, 32), (200, 0, 0)).save(image)
     assert cli.main(["generate", "--checkpoint", str(tmp_path / "hf"), "--image", str(image), "--prompt", "hi"]) == 2
     assert "is a transformers export" in capsys.readouterr().err
+
+
+def test_an_export_from_another_folder_keeps_the_runs_relative_tokenizer(tmp_path, monkeypatch) -> None:
+    """model.tokenizer relative to where training ran: exported from elsewhere, the tokenizer was dropped silently
+    (and generate then asked for a setting it does not take)."""
+    monkeypatch.chdir(tmp_path)
+    write_data(tmp_path / "synth")
+    args = train_args(Path("synth"), Path("runs") / "rel", "backend.name=single", steps=1)
+    assert train(args) == 0
+    monkeypatch.chdir(tmp_path / "synth")  # anywhere else
+    assert cli.main(["export", str(tmp_path / "runs" / "rel"), str(tmp_path / "out")]) == 0
+    assert (tmp_path / "out" / "tokenizer").is_dir()
+
+
+def test_generate_takes_every_image_and_a_bounded_token_count(run, tmp_path, capsys, monkeypatch) -> None:
+    from PIL import Image
+
+    from toolkit import evaluate
+
+    out = tmp_path / "export"
+    assert cli.main(["export", str(run), str(out)]) == 0
+    paths = []
+    for i, colour in enumerate([(200, 0, 0), (0, 0, 200)]):
+        paths += ["--image", str(tmp_path / f"{i}.png")]
+        Image.new("RGB", (32, 32), colour).save(tmp_path / f"{i}.png")
+    seen = []
+    monkeypatch.setattr(evaluate, "answer", lambda model, tok, images, *a, **k: seen.append(len(images)) or "ok")
+    base = ["generate", "--checkpoint", str(out), *paths, "--prompt", "hi"]
+    assert cli.main(base) == 0 and seen == [2]  # a repeated --image was silently the last one only
+    capsys.readouterr()
+    for tokens in ("0", "100000"):  # 0 crashed inside generate; 100000 decoded for hours past the context
+        assert cli.main([*base, "--max-new-tokens", tokens]) == 2
+        assert "--max-new-tokens" in capsys.readouterr().err

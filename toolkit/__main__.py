@@ -105,9 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="cuda, cuda:N or cpu (auto: cuda when there is one)")
     p = sub.choices["generate"]
     p.add_argument("--checkpoint", required=True)
-    p.add_argument("--image", required=True)
+    p.add_argument("--image", required=True, action="append", help="an image file; repeat for several images")
     p.add_argument("--prompt", required=True)
-    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--max-new-tokens", type=int, default=32, help="at most the model's lm_max_length")
     p.add_argument("--sample", action="store_true", help="top-k/top-p sampling instead of greedy")
     p = sub.choices["export"]
     p.add_argument("run_or_checkpoint", help="a run folder, a checkpoint (step_N) or a nanoVLM-format folder")
@@ -245,6 +245,8 @@ def _read_image(path: str):
             return img.convert("RGB")
     except UnidentifiedImageError:
         raise UserError(f"--image {path} is not an image PIL can read; give a JPEG, PNG or WebP file") from None
+    except Image.DecompressionBombError as exc:  # PIL's guard against images too large to decode safely
+        raise UserError(f"--image {path} is too large to decode safely ({exc}); give a smaller image") from None
     except OSError as exc:  # missing, unreadable, or cut short ("image file is truncated")
         raise UserError(f"--image {path} cannot be read: {exc.strerror or exc}; give an image file") from None
 
@@ -252,10 +254,17 @@ def _read_image(path: str):
 def _generate(args: argparse.Namespace) -> int:
     from toolkit.evaluate import answer, load_for_inference, nanovlm_folder
 
-    nanovlm_folder(args.checkpoint)  # which checkpoint first (cheap), then the image, then the model loads
-    image = _read_image(args.image)
+    if args.max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens {args.max_new_tokens}: give at least 1")
+    nanovlm_folder(args.checkpoint)  # which checkpoint first (cheap), then the images, then the model loads
+    images = [_read_image(path) for path in args.image]  # every --image: a repeat was silently the last one only
     model, tok = load_for_inference(args.checkpoint)
-    text = answer(model, tok, [image], args.prompt, max_new_tokens=args.max_new_tokens, greedy=not args.sample)
+    if args.max_new_tokens > model.cfg.lm_max_length:  # a bound, not hours of decoding past the context
+        raise UserError(
+            f"--max-new-tokens {args.max_new_tokens} is more than the model's context (lm_max_length "
+            f"{model.cfg.lm_max_length}); give at most that"
+        )
+    text = answer(model, tok, images, args.prompt, max_new_tokens=args.max_new_tokens, greedy=not args.sample)
     print(text)
     return 0
 

@@ -487,5 +487,20 @@ def checkpoint_weights(src: str | Path) -> tuple[Path, Any, dict[str, torch.Tens
     apply_mapping(cfg, yaml.safe_load(config_file.read_text()), origin=str(config_file))
     cfg.validate()
     state = {k: v.float() if v.is_floating_point() else v for k, v in offline_state_dict(ckpt, cfg.model).items()}
-    tok = cfg.model.tokenizer_path if Path(cfg.model.tokenizer_path).is_dir() else None
-    return ckpt, cfg.model, state, tok
+    return ckpt, cfg.model, state, _run_tokenizer(cfg, run_root)
+
+
+def _run_tokenizer(cfg, run_root: Path) -> str | None:
+    """The run's tokenizer folder. A relative model.tokenizer was relative to where training ran, which is the run
+    folder minus its relative train.run_dir: an export from another folder dropped the tokenizer without a word."""
+    tok = Path(cfg.model.tokenizer_path)
+    if tok.is_dir():
+        return str(tok)
+    run_dir = Path(cfg.train.run_dir)
+    if tok.is_absolute() or run_dir.is_absolute():
+        return None
+    base = run_root.resolve()
+    for _ in run_dir.parts:
+        base = base.parent
+    found = base / tok
+    return str(found) if found.is_dir() else None
