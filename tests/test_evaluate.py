@@ -47,3 +47,14 @@ def test_held_out_samples_whose_members_are_apart_in_the_tar_are_counted(tmp_pat
         samples = list(iter_eval_samples(str(tmp_path)))
     assert [s["texts"][0]["assistant"] for s in samples] == ["it is c"]
     assert "skipped 4 held-out samples" in "\n".join(r.getMessage() for r in caplog.records)
+
+
+def test_questions_without_a_reference_word_are_left_out_not_counted_right() -> None:
+    """An empty reference answer matched an empty generated one: shards without answers scored 100%."""
+    import torch
+
+    from toolkit.evaluate import answer_accuracy
+
+    samples = [{"images": [], "texts": [{"user": "q", "assistant": " ... "}]} for _ in range(3)]
+    acc, shown = answer_accuracy(torch.nn.Module(), None, samples)  # nothing to answer: the model is never asked
+    assert (acc.unanswerable, dict(acc.total), shown) == (3, {}, [])

@@ -80,3 +80,19 @@ def test_generate_takes_every_image_and_a_bounded_token_count(run, tmp_path, cap
     for tokens in ("0", "100000"):  # 0 crashed inside generate; 100000 decoded for hours past the context
         assert cli.main([*base, "--max-new-tokens", tokens]) == 2
         assert "--max-new-tokens" in capsys.readouterr().err
+
+
+def test_eval_on_shards_with_nothing_to_score_and_on_a_missing_device_says_so(run, tmp_path, capsys) -> None:
+    """A pass that read no sample printed `validation loss: 0.0000` and exited 0; --device gpu was a torch error."""
+    import shardgen
+
+    out = tmp_path / "export"
+    assert cli.main(["export", str(run), str(out)]) == 0
+    images_only = tmp_path / "images_only"
+    images_only.mkdir()
+    shardgen.write_shard(images_only / "shard-000000.tar", [shardgen.Spec("k0", None, shardgen.good("k0").images)])
+    capsys.readouterr()
+    assert cli.main(["eval", "--checkpoint", str(out), "--shards", str(images_only)]) == 2
+    assert "no held-out sample with an answer" in capsys.readouterr().err
+    assert cli.main(["eval", "--checkpoint", str(out), "--shards", str(images_only), "--device", "gpu"]) == 2
+    assert "--device gpu" in capsys.readouterr().err

@@ -282,17 +282,24 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from toolkit.evaluate import answer_accuracy, heldout_loss, iter_eval_samples, load_for_inference
+    from toolkit.evaluate import answer_accuracy, heldout_totals, iter_eval_samples, load_for_inference
 
     if not args.shards and not args.lmms_tasks:
         raise UserError("eval needs --shards (held-out shards) or --lmms-tasks (lmms-eval benchmarks), or both")
     if args.shards:
         model, tok = load_for_inference(args.checkpoint, device=args.device)
-        loss = heldout_loss(model, tok, args.shards)
+        loss, targets = heldout_totals(model, tok, args.shards)
+        if not targets:  # a loss of 0.0 over nothing read as a perfect model
+            raise UserError(
+                f"--shards {args.shards}: no held-out sample with an answer to score could be read; check them with "
+                f"`python -m toolkit data-stats --config CFG data.train_shards={args.shards}`"
+            )
         acc, _ = answer_accuracy(model, tok, iter_eval_samples(args.shards), max_samples=args.max_samples)
-        print(f"validation loss: {loss:.4f}")
-        for kind, value in acc.table().items():
+        print(f"validation loss: {loss:.4f}  ({targets} answer tokens)")
+        for kind, value in (acc.table() if acc.total else {}).items():
             print(f"accuracy {kind:>14}: {value:6.1%}  ({acc.total.get(kind, sum(acc.total.values()))} questions)")
+        if acc.unanswerable or not acc.total:
+            print(f"accuracy: {acc.unanswerable} questions left out, their reference answer has no word to compare")
     if args.lmms_tasks:
         _eval_lmms(args)
     return 0

@@ -24,6 +24,7 @@ from toolkit.data.images import process_image, to_rgb
 from toolkit.data.shards import ShardScan, image_members, resolve_shards
 from toolkit.data.texts import Skip, parse_texts
 from toolkit.data.tokenizer import VLMTokenizer, load_tokenizer
+from toolkit.errors import UserError
 from toolkit.model import VisionLanguageModel
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,7 @@ def normalise(text: str) -> str:
 class Accuracy:
     correct: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     total: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    unanswerable: int = 0  # questions whose reference answer has no word to compare: left out of the figures
 
     def add(self, kind: str, ok: bool) -> None:
         self.correct[kind] += int(ok)
@@ -157,6 +159,9 @@ def answer_accuracy(
         if max_samples and i >= max_samples:
             break
         turn = sample["texts"][0]
+        if not normalise(turn["assistant"]):  # no word to compare: an empty answer would match an empty one
+            acc.unanswerable += 1
+            continue
         said = answer(model, tok, sample["images"], turn["user"])
         ok = normalise(said) == normalise(turn["assistant"])
         acc.add(sample.get("question_type", "all questions"), ok)
@@ -195,13 +200,18 @@ def load_for_inference(checkpoint: str | Path, device: str = "auto") -> tuple[Vi
     """A nanoVLM-format folder (an export, nanoVLM's own checkpoint) or a run folder -> eval model + tokenizer."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    if not device.startswith(("cuda", "cpu")) or (device.startswith("cuda") and not torch.cuda.is_available()):
+        raise UserError(f"--device {device}: give cpu, or cuda / cuda:N on a machine with a GPU (or auto)")
     model = VisionLanguageModel.from_pretrained(str(nanovlm_folder(checkpoint))).to(device).eval()
     return model, load_tokenizer(model.cfg)
 
 
 @torch.no_grad()
-def heldout_loss(model: VisionLanguageModel, tok: VLMTokenizer, shards: str, *, max_batches: int = 0) -> float:
-    """Token-mean loss of one model in this process over one pass of `shards` (the toolkit's own pipeline)."""
+def heldout_totals(
+    model: VisionLanguageModel, tok: VLMTokenizer, shards: str, *, max_batches: int = 0
+) -> tuple[float, int]:
+    """(token-mean loss, the target tokens it is over) of one model in this process over one pass of `shards` (the
+    toolkit's own pipeline): 0 targets means nothing was scored, not a perfect model."""
     from toolkit.data.loader import build_loader
 
     cfg = Config(model=model.cfg)
@@ -216,7 +226,7 @@ def heldout_loss(model: VisionLanguageModel, tok: VLMTokenizer, shards: str, *, 
         out = model(**batch.inputs.to(device).as_kwargs())
         total += float(out.loss_sum)
         n_targets += int(out.n_targets)
-    return total / max(n_targets, 1)
+    return total / max(n_targets, 1), n_targets
 
 
 def iter_eval_samples(shards: str) -> Iterable[dict]:
