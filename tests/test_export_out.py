@@ -96,3 +96,10 @@ def test_eval_on_shards_with_nothing_to_score_and_on_a_missing_device_says_so(ru
     assert "no held-out sample with an answer" in capsys.readouterr().err
     assert cli.main(["eval", "--checkpoint", str(out), "--shards", str(images_only), "--device", "gpu"]) == 2
     assert "--device gpu" in capsys.readouterr().err
+
+
+def test_generate_on_a_training_checkpoint_says_to_export_it(run, tmp_path, capsys) -> None:
+    (tmp_path / "x.png").write_bytes(b"")
+    step = run / "checkpoints" / "step_2"
+    assert cli.main(["generate", "--checkpoint", str(step), "--image", str(tmp_path / "x.png"), "--prompt", "hi"]) == 2
+    assert f"{step} holds a training checkpoint" in capsys.readouterr().err  # it said: no nanoVLM checkpoint

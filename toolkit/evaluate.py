@@ -182,6 +182,8 @@ def nanovlm_folder(path: str | Path) -> Path:
     from toolkit.export.run import refuse_hf_export
 
     path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"--checkpoint {path} does not exist; give an export, nanoVLM's checkpoint or a run")
     refuse_hf_export(path, "this command")
     if (path / "config.json").exists():
         return path
@@ -189,10 +191,11 @@ def nanovlm_folder(path: str | Path) -> Path:
     candidates = [exports / "best"] if (exports / "best" / "config.json").exists() else []
     candidates += sorted(exports.glob("step_*"), key=lambda p: int(p.name.split("_")[1]), reverse=True)
     if not candidates:
+        kind = "a training checkpoint" if (path / "trainer.json").is_file() else "no nanoVLM checkpoint (config.json)"
         raise FileNotFoundError(
-            f"{path} holds no nanoVLM checkpoint (config.json) and no exports; "
-            f"run `python -m toolkit export {path} OUT` first and pass OUT"
+            f"{path} holds {kind} and no exports; run `python -m toolkit export {path} OUT` first and pass OUT"
         )
+    log.info("--checkpoint %s: using its export %s", path, candidates[0])  # best, else the newest step
     return candidates[0]
 
 
