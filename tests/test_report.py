@@ -201,3 +201,14 @@ def test_bad_lines(tmp_path) -> None:
         read_series(path)
     with pytest.raises(FileNotFoundError, match="pass a run folder"):
         write_report(tmp_path / "nowhere")
+
+
+def test_report_out_a_folder_writes_inside_it_and_a_non_png_name_is_refused(tmp_path, capsys) -> None:
+    """`--out outdir/` wrote a file named outdir, and `--out rep.pdf` wrote PNG bytes under a .pdf name."""
+    from toolkit import __main__ as cli
+
+    run = _write_run(tmp_path / "run")
+    assert cli.main(["report", str(run), "--out", str(tmp_path / "plots") + "/"]) == 0
+    assert (tmp_path / "plots" / "report.png").read_bytes()[:4] == b"\x89PNG"
+    assert cli.main(["report", str(run), "--out", str(tmp_path / "rep.pdf")]) == 2
+    assert "is a PNG image" in capsys.readouterr().err and not (tmp_path / "rep.pdf").exists()

@@ -191,6 +191,8 @@ def _shard_data(args: argparse.Namespace) -> int:
 
 
 def _data_stats(args: argparse.Namespace) -> int:
+    if args.max_packs < 0:
+        raise UserError(f"--max-packs {args.max_packs}: give 0 (one full pass) or a positive number of packs")
     cfg = load_config(args.config, args.overrides)  # config errors before the pipeline is even imported
     from toolkit.data.loader import data_stats
 
@@ -328,7 +330,13 @@ def _eval_lmms(args: argparse.Namespace) -> None:
 def _report(args: argparse.Namespace) -> int:
     from toolkit.report import write_report
 
-    print(f"wrote {write_report(args.run, args.out)}")
+    out = Path(args.out) if args.out else None
+    if out is not None and (out.is_dir() or args.out.endswith(("/", os.sep))):
+        out.mkdir(parents=True, exist_ok=True)
+        out = out / "report.png"  # a folder: the report goes inside it, not over its name
+    elif out is not None and out.suffix.lower() != ".png":
+        raise UserError(f"--out {args.out}: the report is a PNG image; give a .png file or a folder")
+    print(f"wrote {write_report(args.run, out)}")
     return 0
 
 
