@@ -62,6 +62,11 @@ from toolkit.data.tokenizer import VLMTokenizer, load_tokenizer
 STATE_FORMAT = "nanovlm-scale-stream/1"
 TURNS_FORMAT = "nanovlm-scale-turns/1"
 MAX_SKIPS_IN_A_ROW = 10_000
+OTHER_DATA = (
+    "the loader state to resume refers to other shards or weights than data.*_shards now name; resume with the "
+    "same data, or set train.resume_data=false to start the new data's stream afresh (the model, optimizer and "
+    "schedule continue)"
+)
 
 
 @dataclass(frozen=True)
@@ -225,11 +230,7 @@ class _Stream:
                 "data.num_workers"
             )
         if not same_data(state["data"], list(self.spec.sets)):
-            raise ShardError(
-                "loader state refers to other shards or weights than data.*_shards now name; resume with the same "
-                "data, or set train.resume_data=false to start the new data's stream afresh (the model, optimizer "
-                "and schedule continue)"
-            )
+            raise ShardError(OTHER_DATA)
 
     def _redecode(self, raw: RawSample) -> Sample:
         try:
@@ -354,11 +355,7 @@ class StreamLoader(StatefulDataLoader):
         sets = list(self.dataset.spec.sets)
         # Checked now, not at the first batch: a refused resume must fail before the run rewrites its config.yaml
         if not all(same_data(st["data"], sets) for st in stream_states(state)):
-            raise ShardError(
-                "the loader state to resume refers to other shards or weights than data.train_shards now names; "
-                "resume with the same data, or set train.resume_data=false to start the new data's stream afresh "
-                "(the model, optimizer and schedule continue)"
-            )
+            raise ShardError(OTHER_DATA)
         saved = saved_workers(state)
         if saved is None or saved == self.num_workers:
             super().load_state_dict(state)

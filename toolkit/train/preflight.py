@@ -186,7 +186,7 @@ def check_resume(cfg: Config, checkpoint: Path | None, backend: Any) -> None:
     except CheckpointFileError as exc:
         raise damaged(exc, checkpoint, verb="resume") from exc
     saved_file = checkpoint.parent.parent / "config.yaml"
-    saved = _saved_config(saved_file)
+    saved = saved_config(saved_file)
     now = cfg.to_dict()
     model = [f"model.{f}: checkpoint {saved['model'][f]!r} vs now {now['model'][f]!r}" for f in ARCHITECTURE_FIELDS
              if f in saved.get("model", {}) and saved["model"][f] != now["model"][f]]  # fmt: skip
@@ -206,7 +206,7 @@ def check_resume(cfg: Config, checkpoint: Path | None, backend: Any) -> None:
         )
 
 
-def _saved_config(file: Path) -> dict[str, Any]:
+def saved_config(file: Path) -> dict[str, Any]:
     """The run's config.yaml as written ({} when there is none: a checkpoint copied without it is not refused)."""
     if not file.is_file():
         return {}

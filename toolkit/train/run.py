@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
 from torch.profiler import record_function
 
 from toolkit import dist
@@ -35,7 +34,7 @@ from toolkit.train.checkpoint import (
     start_checkpoint,
 )
 from toolkit.train.lmms_watch import LmmsWatch
-from toolkit.train.preflight import check_resume, check_run, derive_accumulation
+from toolkit.train.preflight import check_resume, check_run, derive_accumulation, saved_config
 from toolkit.train.profiling import StepProfiler
 from toolkit.train.trainer import Trainer, TrainerState
 from toolkit.train.validation import validation_loss
@@ -152,7 +151,7 @@ def check_init_and_resume(cfg: Config, run: RunDir, resume_from: Path | None) ->
             "run: drop one (keep init_from for a new stage in a new train.run_dir, or resume to continue)"
         )
     saved = run.root / "config.yaml"
-    started_from = yaml.safe_load(saved.read_text()).get("train", {}).get("init_from", "") if saved.exists() else ""
+    started_from = saved_config(saved).get("train", {}).get("init_from", "")  # {} when there is none
     if Path(started_from or "/nonexistent").resolve() != Path(init).resolve():
         raise ConfigError(
             f"train.init_from={init} would start a new stage, but {run.root} already holds checkpoints of a run "
