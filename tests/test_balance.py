@@ -144,19 +144,56 @@ def test_calibration_fit_recovers_the_times_it_was_given() -> None:
     assert refit["seconds_per_tile"] == 0.0 and refit["seconds_per_token"] > 0
 
 
-def test_bench_gpu_calibrate_writes_what_data_cost_calibration_reads(tmp_path) -> None:
-    """The whole path on the CPU (the figures mean nothing here): time, fit, write, and the trainer's and loader's
-    cost model is then the file's."""
+def test_bench_gpu_calibrate_writes_what_data_cost_calibration_reads(tmp_path, monkeypatch) -> None:
+    """The whole path on the CPU: the real backend runs every design point, the fit, the file, and the trainer's and
+    loader's cost model is then the file's. CPU timings of the tiny model are noise (a fit of them came out all
+    zero under load), so the timer runs the real step and reports times made from known coefficients."""
     from toolkit.bench import gpu
 
+    known = (3e-4, 2e-6, 5e-10)
+    real_timer = calibrate.backend_timer
+
+    def known_times(*args, **kwargs):
+        timed, backend = real_timer(*args, **kwargs)
+
+        def timer(batch) -> float:
+            timed(batch)
+            sum_sq = sum(n * n for n in batch.stats.sample_lengths)
+            return known[0] * batch.stats.tiles + known[1] * batch.stats.tokens + known[2] * sum_sq + 0.01
+
+        return timer, backend
+
+    monkeypatch.setattr(calibrate, "backend_timer", known_times)
     path = tmp_path / "calibration.json"
     result = gpu.run(device="cpu", preset="tiny", calibrate=path, steps=1, warmup=0)
     assert len(result["rows"]) == len(calibrate.design_points(load_config("tiny")))
     written = json.loads(path.read_text())
-    assert min(written[t] for t in calibrate.TERMS[:3]) >= 0 and written["device"] == "cpu"
+    assert [written[t] for t in calibrate.TERMS[:3]] == pytest.approx(known, rel=1e-6) and written["device"] == "cpu"
     cfg = load_config("tiny", [f"data.cost_calibration={path}"])
     cost = sample_cost(cfg.model, cfg.data.cost_calibration)
     assert (cost.per_tile, cost.per_token, cost.per_token_sq) == tuple(written[t] for t in calibrate.TERMS[:3])
+
+
+def test_bench_gpu_calibrate_writes_no_file_the_loader_would_refuse(tmp_path, monkeypatch) -> None:
+    """Times that shrink as tiles and tokens grow (noise did that on a loaded CPU) fit per tile = per token = 0. The
+    file was written, with a warning, and every training run given it then failed at its start; now the benchmark
+    refuses and writes none."""
+    from toolkit.bench import gpu
+    from toolkit.errors import UserError
+
+    def shrinking(batch) -> float:
+        return 0.05 - 1e-4 * batch.stats.tiles - 1e-6 * batch.stats.tokens
+
+    monkeypatch.setattr(calibrate, "backend_timer", lambda *a, **k: (shrinking, _Closes()))
+    path = tmp_path / "calibration.json"
+    with pytest.raises(UserError, match=r"was not written.*more --steps"):
+        gpu.run(device="cpu", preset="tiny", calibrate=path, steps=1, warmup=0)
+    assert not path.exists()
+
+
+class _Closes:
+    def close(self) -> None:
+        pass
 
 
 # -- limits, exactly once, determinism, bounds -------------------------------------------------------------------------

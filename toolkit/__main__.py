@@ -134,8 +134,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _say(line: str) -> None:
+    """One error line in one write: print's separate newline let two ranks' lines merge into one on torchrun's
+    shared stderr."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
 def _not_yet(name: str) -> int:
-    print(f"`{name}` is not implemented in this version of nanoVLM-scale yet.", file=sys.stderr)
+    _say(f"`{name}` is not implemented in this version of nanoVLM-scale yet.")
     return 2
 
 
@@ -219,7 +226,7 @@ def _train(args: argparse.Namespace) -> int:
     try:
         run_training(cfg)
     except TrainingDiverged as exc:
-        print(f"training stopped: {exc}", file=sys.stderr)
+        _say(f"training stopped: {exc}")
         return 1
     except (UserError, ConfigError):
         raise
@@ -396,22 +403,19 @@ def _explain(exc: BaseException) -> int | None:
     """One line and an exit status for an error a user can act on that is not a UserError (out of memory, a peer
     rank that stopped, a full disk outside a checkpoint save); None for anything else, a bug: its traceback shows."""
     if type(exc).__name__ == "OutOfMemoryError" or "out of memory" in str(exc).lower():
-        print(f"error: {OOM_HINT.format(device=_device_name())}", file=sys.stderr)
+        _say(f"error: {OOM_HINT.format(device=_device_name())}")
         return 3
     if isinstance(exc, OtherRankFailed):
-        print(f"error: {exc}", file=sys.stderr)
+        _say(f"error: {exc}")
         return 1
     lost = peer_loss(exc)
     if lost is not None:  # a crash as far as the launcher goes: exit 1, and torchrun may restart the group
-        print(f"error: {PEER_LOST.format(detail=lost)}", file=sys.stderr)
+        _say(f"error: {PEER_LOST.format(detail=lost)}")
         return 1
     if disk_full(exc):  # train and checkpoint saves say more (their run folder); this is any other command
         full = os_error(exc, DISK_FULL_ERRNOS)
         where = f" writing {full.filename}" if full is not None and full.filename else ""
-        print(
-            f"error: no space left on the device{where}: free space on that filesystem, or write to another one",
-            file=sys.stderr,
-        )
+        _say(f"error: no space left on the device{where}: free space on that filesystem, or write to another one")
         return 2
     return None
 
@@ -430,10 +434,10 @@ def main(argv: list[str] | None = None) -> int:
         return handler(args)
     except ConfigError as exc:
         label = "data error" if _is_shard_error(exc) else "config error"
-        print(f"{label}: {_own_message(exc)}", file=sys.stderr)
+        _say(f"{label}: {_own_message(exc)}")
         return 2
     except (UserError, FileNotFoundError, FileExistsError) as exc:
-        print(f"error: {_own_message(exc)}", file=sys.stderr)
+        _say(f"error: {_own_message(exc)}")
         return 2
     except BaseException as exc:  # DCP's CheckpointException derives from BaseException, not Exception
         if isinstance(exc, (KeyboardInterrupt, SystemExit, GeneratorExit)):

@@ -32,6 +32,7 @@ from toolkit.bench.gpu import make_batch, sync_device
 from toolkit.config import Config
 from toolkit.data.batch import Batch
 from toolkit.data.cost import SampleCost
+from toolkit.errors import UserError
 
 log = logging.getLogger(__name__)
 NOISY_R2 = 0.9  # below this the fit explains too little of the timings to balance by
@@ -158,6 +159,12 @@ def run(
             coef["r2"], coef["seconds_per_tile"], coef["seconds_per_token"], out_file,
         )  # fmt: skip
     calibration = {k: v for k, v in coef.items() if k != "fitted"}
+    fitted = SampleCost(*(calibration[t] for t in TERMS[:3]))
+    if fitted.unusable():  # data.cost_calibration would refuse it: say so now, not at the training run's start
+        raise UserError(
+            f"bench gpu --calibrate: the fit {fitted.unusable()} (r2 {coef['r2']:.3f}), so {out_file} was not "
+            "written; the timings are too noisy. Rerun on an idle device with more --steps"
+        )
     flops = SampleCost.from_model(cfg.model)
     calibration.update(
         device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",

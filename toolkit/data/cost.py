@@ -34,6 +34,17 @@ class SampleCost:
         """Cost of many samples at once, from their summed tokens, tiles and squared lengths (a step, a batch)."""
         return self.per_tile * tiles + self.per_token * tokens + self.per_token_sq * sum_sq_lengths
 
+    def unusable(self) -> str | None:
+        """Why these costs cannot balance anything, or None. A fit that noise ruined gives them: zero costs balance
+        nothing and negative ones chase the wrong rows. The calibration's writer and its reader both ask."""
+        terms = (self.per_tile, self.per_token, self.per_token_sq)
+        if all(math.isfinite(t) and t >= 0 for t in terms) and self.per_tile + self.per_token > 0:
+            return None
+        return (
+            f"holds unusable times (per tile {terms[0]}, per token {terms[1]}, per squared token {terms[2]}): they "
+            "must be finite and >= 0, and per tile and per token not both zero"
+        )
+
     @classmethod
     def from_model(cls, cfg: ModelConfig) -> SampleCost:
         """Forward + backward FLOPs: per tile, per token and per squared sample length."""
@@ -56,13 +67,11 @@ class SampleCost:
                 f"data.cost_calibration={path} is not a readable JSON object with seconds_per_tile and "
                 f"seconds_per_token ({exc}); fix the file or set data.cost_calibration='' to use the model's FLOPs"
             ) from exc
-        terms = (cost.per_tile, cost.per_token, cost.per_token_sq)
-        if not all(math.isfinite(t) and t >= 0 for t in terms) or cost.per_tile + cost.per_token == 0:
-            # A fit that noise ruined: zero costs balance nothing, negative ones chase the wrong rows
+        problem = cost.unusable()
+        if problem:
             raise ValueError(
-                f"data.cost_calibration={path} holds unusable times (per tile {terms[0]}, per token {terms[1]}, "
-                f"per squared token {terms[2]}): they must be finite and >= 0, and not all zero. Rerun `bench gpu "
-                "--calibrate` on an idle device with more --steps, or set data.cost_calibration='' to use FLOPs"
+                f"data.cost_calibration={path} {problem}. Rerun `bench gpu --calibrate` on an idle device with more "
+                "--steps, or set data.cost_calibration='' to use the model's FLOPs"
             )
         return cost
 
