@@ -250,3 +250,15 @@ def test_another_ranks_failed_save_and_a_full_disk_outside_a_save_are_one_line(m
         assert cli.main(["report", "x"]) == status
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: ") and says in err and "\n" not in err, err
+
+
+def test_shard_data_argument_mistakes_are_not_called_config_errors(tmp_path, capsys):
+    """No config is involved in `shard-data ... --part 3/2` or a missing OUT: they were labelled "config error"."""
+    src = tmp_path / "a.jsonl"
+    src.write_text('{"text": "hello", "answer": "x"}\n')
+    for args in (["--part", "3/2"], ["--shard-size", "10XB"], ["--workers", "0"]):
+        assert cli.main(["shard-data", str(src), str(tmp_path / "out"), *args]) == 2, args
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1, (args, err)
+    assert cli.main(["shard-data", str(src)]) == 2
+    assert capsys.readouterr().err.startswith("error: shard-data needs SRC and OUT")

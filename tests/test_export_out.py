@@ -103,3 +103,18 @@ def test_generate_on_a_training_checkpoint_says_to_export_it(run, tmp_path, caps
     step = run / "checkpoints" / "step_2"
     assert cli.main(["generate", "--checkpoint", str(step), "--image", str(tmp_path / "x.png"), "--prompt", "hi"]) == 2
     assert f"{step} holds a training checkpoint" in capsys.readouterr().err  # it said: no nanoVLM checkpoint
+
+
+def test_export_takes_only_a_tokenizer_folder_that_fits_the_model(run, tmp_path, capsys) -> None:
+    """--tokenizer was copied into OUT whatever it held (a notes folder, a file's path), with exit 0."""
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "todo.txt").write_text("not a tokenizer")
+    for given, said in [(notes, "holds no tokenizer"), (notes / "todo.txt", "is not a folder")]:
+        out = tmp_path / f"out_{given.name}"
+        assert cli.main(["export", str(run), str(out), "--tokenizer", str(given)]) == 2
+        err = capsys.readouterr().err
+        assert said in err and "Traceback" not in err and not out.exists()
+    synth_tokenizer = run.parent / "synth" / "tokenizer"  # the one the run trained with: taken
+    assert cli.main(["export", str(run), str(tmp_path / "good"), "--tokenizer", str(synth_tokenizer)]) == 0
+    assert (tmp_path / "good" / "tokenizer" / "tokenizer.json").is_file()

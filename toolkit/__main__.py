@@ -158,7 +158,7 @@ def _parse_part(text: str) -> tuple[int, int] | None:
         return None
     i, _, n = text.partition("/")
     if not (i.isdigit() and n.isdigit() and 0 <= int(i) < int(n)):
-        raise ConfigError(f"--part {text!r}: give i/N with 0 <= i < N, e.g. --part 0/4 on the first of 4 machines")
+        raise UserError(f"--part {text!r}: give i/N with 0 <= i < N, e.g. --part 0/4 on the first of 4 machines")
     return int(i), int(n)
 
 
@@ -169,7 +169,7 @@ def _shard_data(args: argparse.Namespace) -> int:
         print(json.dumps({k: v for k, v in merge_parts(args.merge).items() if k != "shards"}, indent=2))
         return 0
     if not (args.src and args.out):
-        raise ConfigError("shard-data needs SRC and OUT (or --merge OUT after --part runs)")
+        raise UserError("shard-data needs SRC and OUT (or --merge OUT after --part runs)")
     model_config = None
     if args.config:  # exact counts: the model's tiling and image tokens, with --tokenizer when given
         model_config = load_config(args.config, [f"model.tokenizer={args.tokenizer}"] if args.tokenizer else []).model

@@ -46,7 +46,7 @@ def export(src: str | Path, out: str | Path, *, fmt: str = "nanovlm", tokenizer:
     out = Path(out).resolve()  # `.` has no name to build OUT.tmp from
     check_out(out)
     what, cfg, state, tok = read_source(src)
-    tok = tokenizer or tok
+    tok = checked_tokenizer(cfg, tokenizer) if tokenizer else tok
     if fmt == "hf":
         from toolkit.export.hf import write_hf
 
@@ -56,6 +56,26 @@ def export(src: str | Path, out: str | Path, *, fmt: str = "nanovlm", tokenizer:
 
         write_atomically(out, lambda tmp: write_nanovlm(cfg, state, tmp, tokenizer_dir=tok))
     return what
+
+
+def checked_tokenizer(cfg: ModelConfig, path: str) -> str:
+    """--tokenizer is copied into OUT whole: any folder was taken (a home folder, a model folder) and an export
+    with no usable tokenizer, or the wrong one, came out with exit 0. It must load and fit the model's vocabulary."""
+    from toolkit.data.tokenizer import load_tokenizer
+
+    if not Path(path).is_dir():
+        raise UserError(f"--tokenizer {path} is not a folder; give the folder training read as model.tokenizer")
+    try:
+        load_tokenizer(cfg, path)
+    except UserError as exc:  # TokenizerError: the vocabulary does not fit the model
+        raise UserError(f"--tokenizer {path} does not fit this model: {exc}") from None
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(
+            f"--tokenizer {path} holds no tokenizer transformers can load ({first}); give the folder training read "
+            "as model.tokenizer (tokenizer.json and tokenizer_config.json)"
+        ) from None
+    return path
 
 
 # What an earlier export holds: OUT may be replaced only when it is one (or absent, or empty).

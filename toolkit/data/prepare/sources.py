@@ -26,15 +26,16 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from toolkit.config import ConfigError
 from toolkit.data.format import INVALID_JSON
+from toolkit.errors import UserError
 
 _ROW_OVERHEAD = 1024  # tar headers and JSON punctuation per row, for the byte estimate
 _READ_BATCH = 64  # rows read from Arrow at once: bounds memory when rows hold large images
 
 
-class ShardDataError(ConfigError):
-    """The source or OUT cannot be used as given; the message says what to do instead."""
+class ShardDataError(UserError):
+    """The source, OUT or an argument cannot be used as given; the message says what to do instead. Not a
+    ConfigError: the CLI labelled `--shard-size 10XB` a "config error" though no config was involved."""
 
 
 @dataclass
