@@ -8,9 +8,12 @@ import json
 import logging
 import os
 import tarfile
+import threading
 import time
 from pathlib import Path
+from typing import ClassVar
 
+import fsspec
 import numpy as np
 import pytest
 import shardgen
@@ -19,11 +22,12 @@ from PIL import Image
 from shardgen import Spec, good, tiny_config, write_shard
 
 from toolkit.data import format as fmt
-from toolkit.data import shards
+from toolkit.data import shards, streams
 from toolkit.data.images import process_image, to_rgb
 from toolkit.data.loader import data_stats
 from toolkit.data.prepare.shard_writer import ListSource, write_shards
-from toolkit.data.shards import DecodeSpec, PipeStream, RawSample, ShardScan, ShardStalled, decode_sample, load_tiles
+from toolkit.data.shards import DecodeSpec, RawSample, ShardScan, decode_sample, load_tiles
+from toolkit.data.streams import PipeStream, ShardStalled
 from toolkit.data.texts import Skip, parse_texts
 from toolkit.data.tokenizer import load_tokenizer
 
@@ -172,29 +176,100 @@ def test_a_16_bit_png_written_by_shard_data_trains_as_mid_grey(tok, tmp_path: Pa
 
 
 def test_a_stalled_pipe_is_logged_then_retried_and_counted_not_a_hang(tok, tmp_path: Path, monkeypatch, caplog):
-    monkeypatch.setattr(shards, "READ_TIMEOUT_S", 1.2)
-    monkeypatch.setattr(shards, "STALL_LOG_S", 0.5)
+    monkeypatch.setattr(streams, "READ_TIMEOUT_S", 1.2)
+    monkeypatch.setattr(streams, "STALL_LOG_S", 0.5)
     monkeypatch.setattr(shards, "RETRY_DELAY_S", 0.0)
     write_shard(tmp_path / "s.tar", [good(f"p{i}", seed=i) for i in range(4)])
     start = time.monotonic()
-    with caplog.at_level(logging.WARNING, logger="toolkit.data.shards"):
+    with caplog.at_level(logging.WARNING, logger="toolkit.data.streams"):
         result = stats(tok, f"pipe:sleep 60; cat {tmp_path / 's.tar'}")
     assert result["skipped"] == {fmt.UNREADABLE_SHARD: 1} and result["samples_read"] == 0
     assert time.monotonic() - start < 30  # 4 tries of 1.2 s, not the command's 60 s
     waits = [r.getMessage() for r in caplog.records if r.getMessage().startswith("waiting for pipe:sleep 60")]
-    assert len(waits) >= 4 and "no data for" in waits[0] and shards.READ_TIMEOUT_ENV in waits[0]
+    assert len(waits) >= 4 and "no data for" in waits[0] and streams.READ_TIMEOUT_ENV in waits[0]
     slow = stats(tok, f"pipe:sleep 0.3; cat {tmp_path / 's.tar'}")  # slow but alive: read whole
     assert (slow["samples_packed"], slow["skipped"]) == (4, {})
 
 
 def test_a_stalled_command_and_its_children_are_killed(monkeypatch) -> None:
-    monkeypatch.setattr(shards, "READ_TIMEOUT_S", 0.3)
+    monkeypatch.setattr(streams, "READ_TIMEOUT_S", 0.3)
     pipe = PipeStream("pipe:sleep 60; echo late")
     with pytest.raises(ShardStalled, match="gave no data for 0 s"):
         pipe.read(512)
     pipe.close()
     assert pipe.proc.returncode == -9  # the shell; its `sleep` was killed with it, not left holding the pipe
     assert wait_until_gone(pipe.proc.pid, seconds=5.0)
+
+
+class _StallsAfter(io.RawIOBase):
+    """A remote file that gives `head` and then no byte until closed (a connection open but silent)."""
+
+    def __init__(self, head: bytes) -> None:
+        self.head, self.released = head, threading.Event()
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buf) -> int:
+        if self.head:
+            n = min(len(buf), len(self.head))
+            buf[:n], self.head = self.head[:n], self.head[n:]
+            return n
+        self.released.wait(60)
+        return 0
+
+    def close(self) -> None:
+        self.released.set()
+        super().close()
+
+
+class StallingFS(fsspec.AbstractFileSystem):
+    protocol = "stalling"
+    head: ClassVar[bytes] = b""
+    opened: ClassVar[list[_StallsAfter]] = []
+
+    def _open(self, path, mode="rb", **kwargs):
+        self.opened.append(_StallsAfter(self.head))
+        return self.opened[-1]
+
+
+def test_a_stalled_url_is_logged_then_retried_and_counted_not_a_hang(tok, tmp_path: Path, monkeypatch, caplog):
+    """fsspec's own read() has no deadline of ours: a silent connection hung the loader for good."""
+    monkeypatch.setattr(streams, "READ_TIMEOUT_S", 1.0)
+    monkeypatch.setattr(streams, "STALL_LOG_S", 0.4)
+    monkeypatch.setattr(shards, "RETRY_DELAY_S", 0.0)
+    fsspec.register_implementation("stalling", StallingFS, clobber=True)
+    monkeypatch.setattr(StallingFS, "opened", [])
+    write_shard(tmp_path / "s.tar", [good(f"u{i}", seed=i) for i in range(4)])
+    whole = (tmp_path / "s.tar").read_bytes()
+    memory = fsspec.filesystem("memory")
+    memory.pipe("/bad-data/s.tar", whole)  # the same shard from a URL that answers: read whole, through the thread
+    assert (
+        stats(tok, "memory://bad-data/s.tar")["samples_packed"],
+        stats(tok, "memory://bad-data/s.tar")["skipped"],
+    ) == (4, {})
+    start = time.monotonic()
+    with caplog.at_level(logging.WARNING, logger="toolkit.data.streams"):
+        result = stats(tok, "stalling://bucket/s.tar")
+    assert result["skipped"] == {fmt.UNREADABLE_SHARD: 1} and result["samples_read"] == 0
+    assert time.monotonic() - start < 30 and len(StallingFS.opened) == 1 + shards.REMOTE_RETRIES
+    assert all(f.closed for f in StallingFS.opened)  # each stalled file closed: its thread's read returns
+    waits = [r.getMessage() for r in caplog.records if r.getMessage().startswith("waiting for stalling://")]
+    assert waits and streams.READ_TIMEOUT_ENV in waits[0]
+    missing = stats(tok, "memory://bad-data/none.tar")  # the thread's FileNotFoundError is the read's error
+    assert missing["skipped"] == {fmt.UNREADABLE_SHARD: 1}
+
+
+def test_a_url_that_stalls_mid_shard_keeps_the_samples_before(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(streams, "READ_TIMEOUT_S", 0.5)
+    fsspec.register_implementation("stalling", StallingFS, clobber=True)
+    write_shard(tmp_path / "s.tar", [good(f"m{i}", seed=i) for i in range(40)])
+    whole = (tmp_path / "s.tar").read_bytes()
+    monkeypatch.setattr(StallingFS, "head", whole[: len(whole) // 2])
+    scan = ShardScan("stalling://bucket/s.tar")
+    kept = [key for _, key, _ in scan]
+    assert kept == [f"m{i}" for i in range(len(kept))] and 0 < len(kept) < 40
+    assert scan.error[0] == fmt.UNREADABLE_SHARD and "no data for" in scan.error[1]
 
 
 def wait_until_gone(group: int, *, seconds: float) -> bool:

@@ -27,9 +27,6 @@ import logging
 import os
 import random
 import re
-import select
-import signal
-import subprocess
 import tarfile
 import time
 from collections.abc import Callable, Iterator
@@ -61,6 +58,7 @@ from toolkit.data.format import (
     split_member,
 )
 from toolkit.data.images import process_image, target_size, tile_count
+from toolkit.data.streams import PipeStream, ShardStalled, UrlStream
 from toolkit.data.texts import Skip, parse_texts
 from toolkit.data.tokenizer import VLMTokenizer
 
@@ -69,12 +67,6 @@ log = logging.getLogger(__name__)
 MAX_LOGGED = 100  # distinct bad samples logged per reader; later ones are only counted
 REMOTE_RETRIES = 3  # a failed remote shard is opened again this many times before it is counted
 RETRY_DELAY_S = 1.0  # then 2, 4 ...: back-off between tries
-# A pipe: shard that gives no byte for this long is a failed read (retried, then counted); 0 waits forever.
-READ_TIMEOUT_ENV = "NANOVLM_SHARD_READ_TIMEOUT_S"
-READ_TIMEOUT_S = float(os.environ.get(READ_TIMEOUT_ENV, "300"))
-STALL_LOG_S = 30.0  # while a pipe: shard gives nothing, say so this often
-PIPE_CLOSE_WAIT_S = 10.0  # a command still running when its shard is closed is killed after this
-PIPE_CHUNK = 1 << 20
 
 
 class ShardError(ConfigError):
@@ -138,7 +130,7 @@ def is_remote(path: str) -> bool:
 
 
 def open_shard(path: str) -> IO[bytes]:
-    """The shard's bytes: a local file, a pipe's output (read with a timeout), or an fsspec stream."""
+    """The shard's bytes: a local file, or a pipe's output or a URL's (fsspec) bytes, each read with a deadline."""
     if path.startswith("pipe:"):
         return PipeStream(path)  # type: ignore[return-value]  # read/close are all tarfile's stream mode uses
     if "://" in path:
@@ -146,82 +138,8 @@ def open_shard(path: str) -> IO[bytes]:
             import fsspec
         except ImportError as exc:
             raise ShardError(f"{path} is a URL: `pip install fsspec` and its backend (s3fs, gcsfs ...)") from exc
-        return fsspec.open(path, "rb").open()
+        return UrlStream(path, lambda url: fsspec.open(url, "rb").open())  # type: ignore[return-value]
     return open(path, "rb")
-
-
-class ShardStalled(OSError):
-    """A pipe: shard gave no data for READ_TIMEOUT_S: a failed read, retried and then counted as unreadable."""
-
-
-class PipeStream:
-    """The output of `pipe:CMD` (WebDataset's convention), read with a deadline.
-
-    webdataset's own pipe blocks in read() for as long as the command stays silent, so a stalled download hung
-    the run without a word. Here every read waits with select(): a warning names the shard every STALL_LOG_S
-    seconds, and after READ_TIMEOUT_S (env NANOVLM_SHARD_READ_TIMEOUT_S) the read fails like a dropped
-    connection. The command runs in its own process group so that a stalled shell and its children are killed
-    together (killing the shell alone leaves `sleep`, `aws` ... holding the pipe open)."""
-
-    def __init__(self, path: str) -> None:
-        self.path, self.stalled = path, False
-        self.proc = subprocess.Popen(path[len("pipe:") :], shell=True, stdout=subprocess.PIPE, start_new_session=True)
-        self.fd = self.proc.stdout.fileno()
-        self.buf, self.ended = bytearray(), False
-
-    def read(self, size: int = -1) -> bytes:
-        """`size` bytes (all the rest for -1); fewer only at the end of the output. Whatever the pipe holds is
-        taken at once, so tarfile's 10 KiB reads cost one select() per pipe-full, not one each."""
-        while not self.ended and (size < 0 or len(self.buf) < size):
-            self._wait()
-            chunk = os.read(self.fd, PIPE_CHUNK)
-            self.buf += chunk
-            self.ended = not chunk
-        size = len(self.buf) if size < 0 else min(size, len(self.buf))
-        out = bytes(self.buf[:size])
-        del self.buf[:size]
-        return out
-
-    def _wait(self) -> None:
-        start = time.monotonic()
-        while True:
-            waited = time.monotonic() - start
-            timeout = READ_TIMEOUT_S
-            if timeout and waited >= timeout:
-                self.stalled = True
-                raise ShardStalled(
-                    f"the command gave no data for {waited:.0f} s; check it, or set "
-                    f"{READ_TIMEOUT_ENV} (seconds, 0 = wait forever) if it is slow but alive"
-                )
-            step = STALL_LOG_S if not timeout else min(STALL_LOG_S, timeout - waited)
-            if select.select([self.fd], [], [], step)[0]:
-                return
-            if time.monotonic() - start >= STALL_LOG_S:
-                log.warning(
-                    "waiting for %s: no data for %.0f s (a failed read after %s)",
-                    self.path,
-                    time.monotonic() - start,
-                    f"{timeout:g} s, {READ_TIMEOUT_ENV}" if timeout else f"ever: {READ_TIMEOUT_ENV}=0",
-                )
-
-    def close(self) -> None:
-        """Close our end and reap the command; OSError if it failed (exit status other than 0 or SIGPIPE's)."""
-        if self.proc.stdout.closed:
-            return
-        self.proc.stdout.close()
-        if self.stalled:
-            self._kill()
-        try:
-            status = self.proc.wait(timeout=PIPE_CLOSE_WAIT_S)
-        except subprocess.TimeoutExpired:
-            self._kill()
-            status = self.proc.wait()
-        if status not in (0, 128 + signal.SIGPIPE, -signal.SIGPIPE) and not self.stalled:
-            raise OSError(f"{self.path}: the command exited with status {status}")
-
-    def _kill(self) -> None:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
 
 
 def resolve_shards(spec: str, *, name: str = "data.train_shards") -> list[Shard]:
@@ -354,7 +272,8 @@ class ShardScan:
     could not be read to the end. A tar ends early (`truncated_tar`) when it is cut inside a member, or when its
     last member is not followed by the two zero blocks that end a POSIX tar (tarfile's next() returns None for a
     missing or cut end as for a real one, so the end is checked here); the sample in progress at the cut is
-    dropped, as it may lack images. A pipe: shard that stalls for READ_TIMEOUT_S is `unreadable_shard`.
+    dropped, as it may lack images. A streamed shard that stalls past its deadline (toolkit/data/streams.py) is
+    `unreadable_shard`.
 
     A sample is the run of members with one key, so a tar written as `tar cf x.tar *.json *.png` holds each
     sample as two groups: a JSON without its images, then images without their JSON. `split` holds the keys met
