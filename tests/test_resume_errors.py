@@ -199,3 +199,36 @@ def test_best_validation_loss_mentions_an_export_only_when_there_is_one(runs):
     best = [line for line in lines if line.startswith("best validation loss")]
     assert len(best) == 2 and not any("exported" in line for line in best), best
     assert not (runs["single"] / "export").exists()
+
+
+DEEPSPEED_DAMAGE = {
+    "model/deepspeed/mp_rank_00_model_states.pt": ("cut", "cut short"),
+    "model/deepspeed/bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt": ("rm", "file is missing"),
+}
+
+
+@pytest.fixture(scope="module")
+def zero2_run(synth, tmp_path_factory) -> Path:
+    """A 2-step ZeRO-2 run (bf16: DeepSpeed's bf16_ optimizer shards) on one rank, in this process."""
+    run = tmp_path_factory.mktemp("zero2") / "run"
+    args = train_args(synth, run, "backend.name=deepspeed", "backend.ds_config=ds_configs/zero2.json")
+    assert cli.main([*args, "backend.precision=bf16"]) == 0
+    return run
+
+
+@pytest.mark.parametrize("member", list(DEEPSPEED_DAMAGE))
+def test_a_damaged_deepspeed_file_is_named_by_resume_and_export(member, zero2_run, synth, tmp_path, capsys):
+    """DeepSpeed's own load fails on these with torch's message or a bare AssertionError, naming no file."""
+    run = tmp_path / "run"
+    shutil.copytree(zero2_run, run)
+    file = run / "checkpoints" / "step_2" / member
+    assert file.is_file(), sorted(p.name for p in file.parent.iterdir())  # DeepSpeed's names are what we expect
+    damage(file, DEEPSPEED_DAMAGE[member][0])
+    says = DEEPSPEED_DAMAGE[member][1]
+    line = refused(["export", str(run), str(tmp_path / "out")], capsys)
+    assert str(file) in line and says in line and not (tmp_path / "out").exists(), line
+    before = snapshot(run)
+    args = train_args(synth, run, "backend.name=deepspeed", "backend.ds_config=ds_configs/zero2.json", steps=3)
+    line = refused([*args, "backend.precision=bf16"], capsys)
+    assert str(file) in line and f"train.resume={run / 'checkpoints' / 'step_1'}" in line, line
+    assert snapshot(run) == before

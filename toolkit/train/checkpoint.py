@@ -308,7 +308,8 @@ def start_checkpoint(
         else:
             backend.save(path / "model", client_state=client_state)
             write = PendingSave()  # written already
-    meta = {"backend": backend.name, "world_size": env.world_size, "trainer": dict(trainer_state)}
+    meta = {"backend": backend.name, "world_size": env.world_size, **backend.checkpoint_meta()}
+    meta["trainer"] = dict(trainer_state)
     return PendingCheckpoint(run, step, meta, keep, write)
 
 

@@ -267,6 +267,11 @@ class Backend(ABC):
 
     no_async_reason = "it has no background checkpoint writer."
 
+    def checkpoint_meta(self) -> dict[str, Any]:
+        """What trainer.json records beside backend and world size, for the offline checks of the backend's files
+        (`check_files`) where the files alone cannot say what should be there; nothing by default."""
+        return {}
+
     @abstractmethod
     def load(self, path: str | Path) -> dict:
         """Collective: restore what `save` wrote (after `setup`); returns the client_state saved with it."""

@@ -183,14 +183,18 @@ def check_checkpoint_files(path: Path) -> None:
     files = sorted(tag.glob("*.pt"))
     if not any(f.name.endswith("model_states.pt") for f in files):
         raise CheckpointFileError(tag / "mp_rank_00_model_states.pt", what, "no *model_states.pt file is there")
-    meta = path.parent / "trainer.json"
+    meta_file = path.parent / "trainer.json"
+    meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}  # read and checked by the caller
     shards = [(f, m) for f in files if (m := ZERO_SHARD_RE.search(f.name))]
-    if shards and meta.is_file():
-        world = json.loads(meta.read_text()).get("world_size", 0)  # read and checked by the caller already
-        prefix = shards[0][0].name[: shards[0][1].start()]  # bf16_ with bf16 optimizer shards
-        for rank in sorted(set(range(world)) - {int(m.group(1)) for _, m in shards}):
-            missing = tag / f"{prefix}zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"
-            raise CheckpointFileError(missing, what, f"the file is missing (trainer.json records {world} ranks)")
+    world = meta.get("world_size", 0)
+    templates = meta.get("rank_files")  # recorded since 2026-12-07; before, the ZeRO shards' names are inferred
+    if templates is None and shards:
+        templates = [shards[0][0].name[: shards[0][1].start()] + "zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"]
+    for template in templates or []:  # without them, a checkpoint that lost every shard looked like ZeRO-0's
+        for rank in range(world):
+            if not (tag / template.format(rank=rank)).is_file():
+                missing = tag / template.format(rank=rank)
+                raise CheckpointFileError(missing, what, f"the file is missing (trainer.json records {world} ranks)")
     for file in files:
         if not zipfile.is_zipfile(file):
             raise CheckpointFileError(file, what, "the file is cut short or not a torch checkpoint (no zip end record)")
@@ -323,6 +327,18 @@ class DeepSpeedBackend(Backend):
             self.engine.destroy()
             self.engine = None
             _release_zero3_globals(module)
+
+    def checkpoint_meta(self) -> dict[str, Any]:
+        """The names of the files every rank writes (DeepSpeed's naming, {rank} for the rank): with every ZeRO
+        shard lost, the files left looked like a checkpoint without them (ZeRO-0 in fp32), and DeepSpeed's own
+        error named no file."""
+        templates = []
+        if self.engine.save_zero_checkpoint:  # optimizer shards; bf16_ as in DeepSpeed's _get_zero_ckpt_prefix
+            prefix = "bf16_" if self.engine.bfloat16_enabled() else ""
+            templates.append(prefix + "zero_pp_rank_{rank}_mp_rank_00_optim_states.pt")
+        if self.engine.zero_optimization_stage() == 3:  # ZeRO-3 writes a model-states file per rank too
+            templates.append("zero_pp_rank_{rank}_mp_rank_00_model_states.pt")
+        return {"rank_files": templates}
 
     def save(self, path: str | Path, client_state: dict | None = None) -> None:
         state = {
