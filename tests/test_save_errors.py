@@ -166,3 +166,27 @@ def test_a_full_disk_outside_a_save_names_the_run_folder(tmp_path, capsys, monke
     line = one_line(capsys)
     assert line.startswith(f"error: writing to {tmp_path / 'run'} failed: the filesystem of") and "is full" in line
     assert "No space left on device" in line and "no complete checkpoint yet" in line, line
+
+
+def test_tensorboards_writer_thread_on_a_full_disk_prints_no_traceback_of_its_own(synth, tmp_path, capsys, monkeypatch):
+    """TensorBoard's writer thread let its ENOSPC escape to threading's hook (a 7-line traceback) before training
+    raised the same error again, in one line; only that line is left."""
+    import threading
+
+    from tensorboard.summary.writer import record_writer
+
+    escaped = []
+    monkeypatch.setattr(threading, "excepthook", escaped.append)  # what would have been printed
+    real_write, writes = record_writer.RecordWriter.write, []
+
+    def write(self, data):
+        writes.append(1)
+        if len(writes) > 3:  # the file header and a few scalars, then the disk is full
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(self, data)
+
+    monkeypatch.setattr(record_writer.RecordWriter, "write", write)
+    assert train(cli_runs.train_args(synth, tmp_path / "run", "backend.name=single", steps=4)) == 2
+    line = one_line(capsys)
+    assert line.startswith(f"error: writing to {tmp_path / 'run'} failed") and "No space left" in line, line
+    assert escaped == []

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -61,6 +62,24 @@ def _flatten(prefix: str, value: Any, out: dict[str, float]) -> None:
         out[prefix] = float(value)
 
 
+def _quiet_tensorboard_thread_errors() -> None:
+    """TensorBoard writes from a thread that stores its OSError (a full disk) for the next add_scalar, flush or
+    close to raise, where training says it in one line, and then lets it escape: threading's hook printed a
+    7-line traceback ahead of that line. This hook drops those, and only those (installed once per process)."""
+    previous = threading.excepthook
+    if getattr(previous, "quiets_tensorboard", False):
+        return
+
+    def hook(args: threading.ExceptHookArgs) -> None:
+        stored = getattr(args.thread, "exception", None)  # raised again in the training thread, which explains it
+        tensorboards = type(args.thread).__name__ == "_AsyncWriterThread" and stored is args.exc_value
+        if not (tensorboards and isinstance(args.exc_value, OSError)):
+            previous(args)
+
+    hook.quiets_tensorboard = True  # type: ignore[attr-defined]
+    threading.excepthook = hook
+
+
 class MetricsWriter:
     """Rank 0 writes; other ranks hold a no-op writer so call sites never ask which rank they are on."""
 
@@ -103,6 +122,7 @@ class MetricsWriter:
         self._jsonl = open(path, "a")  # noqa: SIM115 - kept open for the run
         from torch.utils.tensorboard import SummaryWriter
 
+        _quiet_tensorboard_thread_errors()
         self._tb = SummaryWriter(str(run_root / "tb"), purge_step=resume_step + 1 if resume_step else None)
         if sys.stdout.isatty():
             from tqdm import tqdm
