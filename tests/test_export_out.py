@@ -118,3 +118,30 @@ def test_export_takes_only_a_tokenizer_folder_that_fits_the_model(run, tmp_path,
     synth_tokenizer = run.parent / "synth" / "tokenizer"  # the one the run trained with: taken
     assert cli.main(["export", str(run), str(tmp_path / "good"), "--tokenizer", str(synth_tokenizer)]) == 0
     assert (tmp_path / "good" / "tokenizer" / "tokenizer.json").is_file()
+
+
+def test_an_export_of_a_read_only_tokenizer_can_be_replaced_and_others_can_read_it(run, tmp_path) -> None:
+    """The tokenizer copy kept a read-only source's modes (a shared /models folder, the nanoVLM fixture), so a
+    user other than root could not replace the export: training's export/best failed at its second update, on
+    every resume. safetensors wrote the weights 0600. A stale OUT.old (an interrupted swap) failed the swap."""
+    import os
+    import shutil
+    import stat
+
+    tokenizer = tmp_path / "shared_tokenizer"
+    shutil.copytree(run.parent / "synth" / "tokenizer", tokenizer)
+    for path in [*tokenizer.iterdir(), tokenizer]:
+        path.chmod(0o555 if path.is_dir() else 0o444)
+    out = tmp_path / "export"
+    out.with_name("export.old").mkdir()
+    (out.with_name("export.old") / "config.json").write_text("{}")
+    umask = os.umask(0o022)
+    try:
+        for _ in range(2):
+            assert cli.main(["export", str(run), str(out), "--tokenizer", str(tokenizer)]) == 0
+    finally:
+        os.umask(umask)
+    modes = {p.relative_to(out).as_posix(): stat.S_IMODE(p.stat().st_mode) for p in [out, *out.rglob("*")]}
+    assert modes["model.safetensors"] == modes["tokenizer/tokenizer.json"] == 0o644, modes
+    assert modes["tokenizer"] == modes["."] == 0o755, modes
+    assert not out.with_name("export.old").exists() and not out.with_name("export.tmp").exists()

@@ -19,10 +19,12 @@ resumes from the previous checkpoint, exactly as a run killed during a synchrono
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import re
 import shutil
+import sys
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +37,8 @@ from toolkit.config import ConfigError
 from toolkit.errors import OtherRankFailed, UserError
 from toolkit.train.safe_load import CheckpointFileError, WeightsMismatchError, load_plain, weights_mismatch
 from toolkit.train.write_errors import explain_write, resume_note
+
+log = logging.getLogger(__name__)
 
 STEP_RE = re.compile(r"^step_(\d+)$")
 RESUME_FORMS = (
@@ -423,15 +427,60 @@ def export_live(backend, model_cfg, out: Path, *, tokenizer_dir: str | None = No
 
 
 def write_atomically(out: Path, write) -> None:
+    """`write(tmp)` into OUT.tmp, then swap it in for OUT: a reader sees the old folder or the new one, whole.
+
+    What is written gets the modes the user's umask gives new files: a tokenizer copied from a read-only folder
+    (a shared /models, the nanoVLM fixture) came out read-only, so the next export could not remove it and
+    training's export/best failed for good; safetensors writes 0600, which colleagues could not read."""
     out = Path(out)
     tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    write(tmp)
     old = out.with_name(out.name + ".old")
+    remove_tree(tmp)
+    write(tmp)
+    _default_modes(tmp)
+    remove_tree(old)  # left by an earlier swap that could not finish
     if out.exists():
         os.replace(out, old)
     os.replace(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)
+    try:
+        remove_tree(old)
+    except UserError as exc:  # the new export is in place; only the old copy is left
+        log.warning("%s", exc)
+
+
+def remove_tree(path: Path) -> None:
+    """rmtree that also removes read-only entries (an earlier copy of a read-only folder); a UserError naming the
+    folder if it still cannot (ignore_errors left such a tree behind, and the swap then failed on it)."""
+    if not os.path.lexists(path):
+        return
+
+    def writable_then_retry(func, target, _exc) -> None:
+        os.chmod(os.path.dirname(target), 0o700)
+        if os.path.isdir(target) and not os.path.islink(target):
+            os.chmod(target, 0o700)
+        func(target)
+
+    handler = {"onexc" if sys.version_info >= (3, 12) else "onerror": writable_then_retry}
+    try:
+        shutil.rmtree(path, **handler) if os.path.isdir(path) else os.unlink(path)
+    except OSError as exc:
+        raise UserError(f"cannot remove {path} ({exc.strerror or exc}): remove it yourself and run again") from exc
+
+
+def _default_modes(root: Path) -> None:
+    """Every folder and file under `root` (and root) to the modes the umask gives new ones: rw for the owner
+    always, and what the umask lets the group and others have. A folder is opened up before it is listed."""
+    umask = os.umask(0)
+    os.umask(umask)
+    folders = [str(root)]
+    while folders:
+        folder = folders.pop()
+        os.chmod(folder, 0o777 & ~umask | 0o700)
+        for entry in os.scandir(folder):
+            if entry.is_dir(follow_symlinks=False):
+                folders.append(entry.path)
+            elif not entry.is_symlink():
+                os.chmod(entry.path, 0o666 & ~umask | 0o600)
 
 
 # ---------------------------------------------------------------- offline export (no process group)
