@@ -282,3 +282,20 @@ def wait_until_gone(group: int, *, seconds: float) -> bool:
             return True
         time.sleep(0.05)
     return False
+
+
+def test_nanovlm_markers_in_a_text_are_stripped_and_the_sample_trains(tok, tmp_path: Path) -> None:
+    """A text holding `<|image|>` (or a tile marker) was counted good by shard-data and dropped as bad_text at
+    load; nanoVLM strips the image token and trains the sample. Stripped, it encodes as the same text without."""
+    cfg = tiny_config(tok, str(tmp_path))
+    tokenizer = load_tokenizer(cfg.model)
+    image_token = tokenizer.extra["image_token"]
+    marked = json.dumps({"texts": [{"user": f"what is {image_token}this?", "assistant": "a <row_1_col_1>dog"}]})
+    plain = json.dumps({"texts": [{"user": "what is this?", "assistant": "a dog"}]})
+    write_shard(tmp_path / "shard-000000.tar", [good("g0"), Spec("marked", marked.encode()), good("g1")])
+    result = stats(tok, tmp_path)
+    assert result["skipped"] == {} and result["samples_packed"] == 3
+    spec = DecodeSpec.from_config(cfg)
+    ids = [decode_sample(RawSample((0, 0, i), k, "x", {"json": t.encode()}), tokenizer, spec).input_ids
+           for i, (k, t) in enumerate([("m", marked), ("p", plain)])]  # fmt: skip
+    assert ids[0] == ids[1]

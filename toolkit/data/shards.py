@@ -678,6 +678,7 @@ def decode_sample(raw: RawSample, tok: VLMTokenizer, spec: DecodeSpec) -> Sample
             "`python -m toolkit shard-data`",
         )
     texts = parse_texts(raw.files, caption_prompt=spec.caption_prompt, min_ratings=spec.min_ratings)
+    texts = without_markers(texts, tok)
     images = image_members(raw.files)
     if len(images) > spec.max_images:
         raise Skip(TOO_MANY_IMAGES, f"{len(images)} images > {spec.max_images}")
@@ -691,6 +692,19 @@ def decode_sample(raw: RawSample, tok: VLMTokenizer, spec: DecodeSpec) -> Sample
     if input_ids.count(tok.image_token_id) != tiles * spec.tokens_per_tile:
         raise Skip(BAD_TEXT, "the text itself contains image tokens")
     return Sample(raw.ref, raw.where, input_ids, labels, images, grids, tiles)
+
+
+def without_markers(texts: list[dict[str, str]], tok: VLMTokenizer) -> list[dict[str, str]]:
+    """The turns without nanoVLM's own markers (`<|image|>`, `<global_img>`, `<row_1_col_1>` ...), which only the
+    toolkit places. nanoVLM strips the image token from a text and trains the sample; a marker left in would be
+    tokenized as the special token, so an image token without an image. The sample was dropped as bad_text at
+    load, after shard-data had counted it as good."""
+    roles = ("user", "assistant")
+    markers = [m for m in tok.extra.values() if any(m in turn[role] for turn in texts for role in roles)]
+    if not markers:
+        return texts
+    pattern = re.compile("|".join(re.escape(m) for m in markers))
+    return [{**turn, **{role: pattern.sub("", turn[role]) for role in roles}} for turn in texts]
 
 
 @contextlib.contextmanager
