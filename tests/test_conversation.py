@@ -71,3 +71,19 @@ def test_a_template_that_does_not_split_at_turns_keeps_the_two_pass_path(synth_t
     messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "it is a shape"}]
     ids, _ = encode_messages(tok, messages)
     assert ids == tok.encode(tok.render(messages))  # the whole conversation, system prompt once
+
+
+def test_a_chat_template_gets_the_variables_transformers_gives_it(synth_tok) -> None:
+    """A template writing eos_token failed on an undefined name (a jinja traceback from load_tokenizer), and one
+    writing bos_token rendered it as nothing; transformers' apply_chat_template gives both, and the same text."""
+    template = (
+        "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'system' %}"
+        "{{ raise_exception('no system turns') }}{% endif %}"
+        "{{ message['role'] + ': ' + message['content'] + eos_token }}{% endfor %}"
+    )
+    tok = dataclasses.replace(synth_tok, chat_template=template)
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+    hf_text = synth_tok.hf.apply_chat_template(messages, chat_template=template, tokenize=False)
+    assert tok.render(messages) == hf_text and synth_tok.hf.eos_token in hf_text
+    with pytest.raises(Exception, match="no system turns"):
+        tok.render([{"role": "system", "content": "x"}])

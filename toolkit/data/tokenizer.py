@@ -30,6 +30,11 @@ class VLMTokenizer:
     def __post_init__(self) -> None:
         env = ImmutableSandboxedEnvironment(trim_blocks=False, lstrip_blocks=False)
         self._template = env.from_string(self.chat_template)
+        # What transformers' apply_chat_template gives a template besides the messages: a template that writes
+        # eos_token failed on an undefined name, and one that writes bos_token rendered it as nothing.
+        specials = getattr(self.hf, "special_tokens_map", {}) or {}
+        self._variables = {k: v for k, v in specials.items() if isinstance(v, str)}
+        self._variables["raise_exception"] = _template_error
         self.image_token_id = self.hf.convert_tokens_to_ids(self.extra["image_token"])
         self.eos_token_id = self.hf.eos_token_id
         self.pad_token_id = self.hf.eos_token_id  # nanoVLM pads with EOS
@@ -80,7 +85,12 @@ class VLMTokenizer:
         return self.hf.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
     def render(self, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
-        return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt)
+        return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt, **self._variables)
+
+
+def _template_error(message: str) -> None:
+    """`raise_exception(...)` in a chat template (as transformers offers): the template refuses a conversation."""
+    raise TokenizerError(f"the chat template refused the conversation: {message}")
 
 
 def _load_hf(path: str):

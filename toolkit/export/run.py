@@ -46,10 +46,12 @@ def export(src: str | Path, out: str | Path, *, fmt: str = "nanovlm", tokenizer:
     out = Path(out).resolve()  # `.` has no name to build OUT.tmp from
     check_out(out)
     what, cfg, state, tok = read_source(src)
+    if fmt == "hf":
+        from toolkit.export.hf import check_exportable, write_hf
+
+        check_exportable(cfg)  # what the format cannot hold first: no tokenizer would fix it
     tok = checked_tokenizer(cfg, tokenizer) if tokenizer else tok
     if fmt == "hf":
-        from toolkit.export.hf import write_hf
-
         write_atomically(out, lambda tmp: write_hf(cfg, state, tmp, tokenizer_dir=tok))
     else:
         from toolkit.model.hub import write_nanovlm
