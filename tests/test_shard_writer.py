@@ -394,3 +394,24 @@ def test_holdout_is_disjoint_deterministic_and_spread(cauldron, tmp_path):
     assert first["holdout"]["samples"] == 2 and first["samples"] == len(expected) - 2
     fraction = shard_data(str(src), str(tmp_path / "c"), shard_size="4", holdout="0.25")
     assert fraction["holdout"]["settings"]["holdout"]["rows"] == 3
+
+
+def test_llava_conversations_rows_are_read_as_texts(tmp_path):
+    """LLaVA's JSONL (`image` + `conversations` of human/gpt messages) was counted as no_texts, without a hint."""
+    images = tmp_path / "images"
+    images.mkdir()
+    noise_image(5).save(images / "a.png")
+    talk = [{"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "a shape"},
+            {"from": "human", "value": "Colour?"}, {"from": "gpt", "value": "grey"}]  # fmt: skip
+    rows = [
+        {"id": "1", "image": "a.png", "conversations": talk},
+        {"id": "2", "image": "a.png", "conversations": talk[:1]},  # a question without its answer
+        {"id": "3", "image": "a.png", "conversations": [{"from": "system", "value": "be brief"}, *talk]},
+    ]
+    src = tmp_path / "llava.jsonl"
+    src.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    manifest = shard_data(str(src), str(tmp_path / "out"), images=str(images), shard_size="1MB")
+    assert manifest["skipped"] == {"wrong_type": 2}
+    [(_, meta, imgs)] = read_shards(tmp_path / "out")
+    assert meta["texts"] == [{"user": "What is it?", "assistant": "a shape"}, {"user": "Colour?", "assistant": "grey"}]
+    assert len(imgs) == 1 and "conversations" not in meta and meta["id"] == "1"

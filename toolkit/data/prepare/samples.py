@@ -41,7 +41,30 @@ class Sample:
     sizes: list[tuple[int, int]]  # (width, height) per image
 
 
-def _check_texts(texts: Any) -> list[dict[str, str]]:
+LLAVA_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+
+
+def _llava_turns(conversations: Any) -> list[dict[str, str]]:
+    """LLaVA's `conversations` ([{from: human, value}, {from: gpt, value}, ...]) as nanoVLM's texts. Such rows
+    were counted as no_texts with no word of why. A system message or a turn out of order is refused, not
+    guessed at."""
+    if not isinstance(conversations, (list, tuple)):
+        raise SkipRow(WRONG_TYPE, f"conversations is a {type(conversations).__name__}, not a list")
+    roles, values = [], []
+    for message in conversations:
+        role = LLAVA_ROLES.get(message.get("from")) if isinstance(message, dict) else None
+        if role is None or not isinstance(message.get("value"), str):
+            raise SkipRow(WRONG_TYPE, f"conversations message {message!r:.80} is not {{from: human|gpt, value: str}}")
+        roles.append(role)
+        values.append(message["value"])
+    if len(roles) % 2 or roles != ["user", "assistant"] * (len(roles) // 2):
+        raise SkipRow(WRONG_TYPE, f"conversations go {'/'.join(roles)[:80]}; give human/gpt pairs, human first")
+    return [{"user": values[i], "assistant": values[i + 1]} for i in range(0, len(values), 2)]
+
+
+def _check_texts(texts: Any, conversations: Any = None) -> list[dict[str, str]]:
+    if texts is None and conversations is not None:
+        texts = _llava_turns(conversations)
     if texts is None or (isinstance(texts, (list, tuple)) and not texts):
         raise SkipRow(NO_TEXTS)
     if not isinstance(texts, (list, tuple)):
@@ -140,7 +163,7 @@ def encode_row(index: int, label: str, row: Any) -> Sample:
         raise SkipRow(row.reason, row.detail)
     if not isinstance(row, dict):
         raise SkipRow(WRONG_TYPE, f"row is a {type(row).__name__}, not an object")
-    texts = _check_texts(row.get("texts"))
+    texts = _check_texts(row.get("texts"), row.get("conversations"))
     items = _row_items(row)
     texts = _placeholders(texts, len(items))
     images, sizes = [], []
@@ -151,7 +174,9 @@ def encode_row(index: int, label: str, row: Any) -> Sample:
         sizes.append(size)
     source = row.get("source") if isinstance(row.get("source"), str) else label
     meta = {"texts": texts, "source": source}
-    meta.update({k: v for k, v in row.items() if k not in (*IMAGE_KEYS, "texts", "source") and _is_json(v)})
+    meta.update(
+        {k: v for k, v in row.items() if k not in (*IMAGE_KEYS, "texts", "conversations", "source") and _is_json(v)}
+    )
     try:
         encoded = _encode_json(meta)
     except ValueError as exc:  # e.g. a lone surrogate from a JSONL escape: not encodable as UTF-8
