@@ -36,6 +36,7 @@ import torch
 from toolkit.config import ConfigError
 from toolkit.errors import OtherRankFailed, UserError
 from toolkit.train.safe_load import CheckpointFileError, WeightsMismatchError, load_plain, weights_mismatch
+from toolkit.train.schedule import apply_recipe, recipe_of
 from toolkit.train.write_errors import explain_write, resume_note
 
 log = logging.getLogger(__name__)
@@ -390,7 +391,11 @@ def _restore(path: Path, *, backend, loader) -> dict:
     meta = read_trainer_meta(path)
     saved_world, world = meta["world_size"], backend.env.world_size
     check_resumable(path, meta, backend=backend)
+    recipe = recipe_of(backend.optimizer, backend.scheduler)
     backend.load(path / "model")
+    changed = apply_recipe(backend.optimizer, backend.scheduler, recipe)
+    if changed:  # the config is the run's: config.yaml says so, and the schedule is planned from it
+        dist.log0("resumed with this config's optimizer settings, not the checkpoint's: %s", "; ".join(changed))
     own = backend.env.rank if saved_world == world else 0
     rank_state = read_rank_state(path, own, saved_world)
     if saved_world == world and loader is not None and rank_state["loader"] is not None:

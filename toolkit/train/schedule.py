@@ -52,3 +52,47 @@ def schedule_from_config(cfg: TrainConfig) -> WarmupCosine:
 def build_scheduler(optimizer: torch.optim.Optimizer, schedule: WarmupCosine) -> LambdaLR:
     """One multiplier for every group: each group's LR is its own peak (its `lr` at build time) x schedule(step)."""
     return LambdaLR(optimizer, lr_lambda=schedule)
+
+
+SCHEDULE_NAMES = {
+    "max_steps": "train.max_training_steps",
+    "warmup_steps": "warmup steps",
+    "min_ratio": "train.min_lr_ratio",
+}
+
+
+def recipe_of(optimizer: torch.optim.Optimizer, scheduler: LambdaLR) -> dict:
+    """The run's recipe as setup() built it from the config: each group's peak LR and weight decay, and the
+    schedule's settings. Taken before a checkpoint loads, since the load puts the checkpoint's in their place."""
+    return {
+        "peaks": list(scheduler.base_lrs),
+        "weight_decay": [group["weight_decay"] for group in optimizer.param_groups],
+        "schedule": dict(vars(scheduler.lr_lambdas[0])),
+    }
+
+
+def apply_recipe(optimizer: torch.optim.Optimizer, scheduler: LambdaLR, recipe: dict) -> list[str]:
+    """After a checkpoint loaded: the config's recipe again, at the loaded step; what differed from the
+    checkpoint's, for the log.
+
+    LambdaLR's state holds the schedule object's fields (max_steps ...) and the peak LRs, and the optimizer's the
+    groups' weight decay: a resume with a longer train.max_training_steps or another train.lr_* kept the old
+    ones without a word, while config.yaml showed the new (an extended run trained on at the old curve's floor).
+    Unchanged settings give the very LRs the checkpoint had: the same product, base x schedule(step)."""
+    schedule, groups = scheduler.lr_lambdas[0], optimizer.param_groups
+    loaded = recipe_of(optimizer, scheduler)
+    changed = [
+        f"{SCHEDULE_NAMES.get(name, name)} {loaded['schedule'][name]:g} -> {value:g}"
+        for name, value in recipe["schedule"].items()
+        if loaded["schedule"].get(name) != value
+    ]
+    for key, label in (("peaks", "peak LR"), ("weight_decay", "weight decay")):
+        for group, before, after in zip(groups, loaded[key], recipe[key], strict=True):
+            if before != after:
+                changed.append(f"{group.get('name', 'group')} {label} {before:g} -> {after:g}")
+    vars(schedule).update(recipe["schedule"])
+    scheduler.base_lrs = list(recipe["peaks"])
+    for group, peak, decay in zip(groups, recipe["peaks"], recipe["weight_decay"], strict=True):
+        group.update(initial_lr=peak, weight_decay=decay, lr=peak * schedule(scheduler.last_epoch))
+    scheduler._last_lr = [group["lr"] for group in groups]  # what get_last_lr() reports until the next step
+    return changed
