@@ -25,8 +25,12 @@ def logged(run: Path) -> dict[int, dict]:
 
 @pytest.mark.parametrize(
     "backend",
-    [["backend.name=single"], ["backend.name=deepspeed", "backend.ds_config=ds_configs/zero2.json"]],
-    ids=["single", "zero2"],
+    [
+        ["backend.name=single"],
+        ["backend.name=fsdp"],
+        ["backend.name=deepspeed", "backend.ds_config=ds_configs/zero2.json"],
+    ],
+    ids=["single", "fsdp", "zero2"],
 )
 def test_a_resume_with_a_longer_run_and_new_peaks_trains_on_the_new_recipe(backend, synth, tmp_path, caplog) -> None:
     run = tmp_path / "run"
