@@ -345,7 +345,10 @@ class StreamLoader(StatefulDataLoader):
         finite = self.dataset.spec.finite
         if not finite and self._iterator is not None:
             self.load_state_dict(self.state_dict())
-        items = super().__iter__()
+        # torch's iterator draws its base seed from the global generator when it is made: a resumed run makes it
+        # after restoring the RNG, the uninterrupted run long before, so every later dropout mask differed.
+        with torch.random.fork_rng(devices=[]):
+            items = super().__iter__()
         return (item for item in items if not isinstance(item, EndOfPass)) if finite else items
 
     def load_state_dict(self, state: dict) -> None:

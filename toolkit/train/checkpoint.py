@@ -413,8 +413,18 @@ def _restore(path: Path, *, backend, loader) -> dict:
                 world,
                 level=30,
             )
-    set_rng_state(rank_state["rng"])
+    restore_rng(rank_state["rng"], rank=backend.env.rank, own=saved_world == world)
     return meta["trainer"]
+
+
+def restore_rng(state: dict[str, Any], *, rank: int, own: bool) -> None:
+    """This rank's saved generators; after a world-size change every rank read rank 0's, so the rank is folded in
+    (a seed drawn from that state, plus the rank): otherwise every rank drew the same dropout masks."""
+    set_rng_state(state)
+    if not own:
+        from toolkit import dist
+
+        dist.seed_everything(int(torch.randint(2**62, (1,)).item()) + rank)
 
 
 def export_live(backend, model_cfg, out: Path, *, tokenizer_dir: str | None = None) -> None:
