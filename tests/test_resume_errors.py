@@ -232,3 +232,14 @@ def test_a_damaged_deepspeed_file_is_named_by_resume_and_export(member, zero2_ru
     line = refused([*args, "backend.precision=bf16"], capsys)
     assert str(file) in line and f"train.resume={run / 'checkpoints' / 'step_1'}" in line, line
     assert snapshot(run) == before
+
+
+def test_a_resume_under_another_zero_partitioning_is_refused_in_one_line(zero2_run, synth, tmp_path, capsys):
+    """ZeRO-2 <-> ZeRO-3 died in DeepSpeed's check_ckpt_list with a bare AssertionError on every rank."""
+    run = tmp_path / "run"
+    shutil.copytree(zero2_run, run)
+    before = snapshot(run)
+    args = train_args(synth, run, "backend.name=deepspeed", "backend.ds_config=ds_configs/zero3.json", steps=3)
+    line = refused([*args, "backend.precision=bf16"], capsys)
+    assert "written under ZeRO-2" in line and "is ZeRO-3" in line and "train.init_from" in line, line
+    assert snapshot(run) == before

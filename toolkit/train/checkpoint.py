@@ -382,6 +382,9 @@ def check_resumable(path: Path, meta: dict, *, backend) -> None:
             f"{path} was written by {saved_world} ranks and this run has {world}; backend {backend.name} cannot "
             f"reshard its checkpoint: resume on {saved_world} ranks"
         )
+    check = getattr(backend, "check_resumable", None)  # what else of the backend's own must match (ZeRO's stage)
+    if check is not None:
+        check(path, meta)
 
 
 def _restore(path: Path, *, backend, loader) -> dict:

@@ -338,7 +338,21 @@ class DeepSpeedBackend(Backend):
             templates.append(prefix + "zero_pp_rank_{rank}_mp_rank_00_optim_states.pt")
         if self.engine.zero_optimization_stage() == 3:  # ZeRO-3 writes a model-states file per rank too
             templates.append("zero_pp_rank_{rank}_mp_rank_00_model_states.pt")
-        return {"rank_files": templates}
+        return {"rank_files": templates, "zero_stage": self.stage}
+
+    def check_resumable(self, path: Path, meta: dict[str, Any]) -> None:
+        """ZeRO-3 partitions the parameters and its checkpoints hold per-rank model states; DeepSpeed loads one
+        written under 3 into a stage 0-2 engine, or the reverse, with a bare AssertionError naming no file."""
+        saved = meta.get("zero_stage")
+        if saved is None:  # written before 2026-12-07: ZeRO-3 is the stage that writes per-rank model states
+            saved = 3 if any((path / "model" / CHECKPOINT_TAG).glob("zero_pp_rank_*_model_states.pt")) else None
+        if saved is not None and (saved == 3) != (self.stage == 3):
+            raise ConfigError(
+                f"{path} was written under ZeRO-{saved} and backend.ds_config={self.cfg.backend.ds_config} is "
+                f"ZeRO-{self.stage}; DeepSpeed cannot load one into the other: resume with a ZeRO-{saved} ds_config "
+                "(ds_configs/zero3.json, or zero1/zero2.json), or export this run and start a new train.run_dir "
+                "with train.init_from=<the export>"
+            )
 
     def save(self, path: str | Path, client_state: dict | None = None) -> None:
         state = {
