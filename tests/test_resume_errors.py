@@ -243,3 +243,14 @@ def test_a_resume_under_another_zero_partitioning_is_refused_in_one_line(zero2_r
     line = refused([*args, "backend.precision=bf16"], capsys)
     assert "written under ZeRO-2" in line and "is ZeRO-3" in line and "train.init_from" in line, line
     assert snapshot(run) == before
+
+
+def test_a_resume_under_another_data_seed_is_refused_unless_the_stream_starts_afresh(runs, synth, tmp_path, capsys):
+    """data.seed shuffles the order the saved stream position counts in; a changed one was taken silently."""
+    run = copy_run(runs, "single", tmp_path)
+    before = snapshot(run)
+    line = refused(train_args(synth, run, "data.seed=5", steps=3), capsys)
+    assert "data.seed=5" in line and "train.resume_data=false" in line, line
+    assert snapshot(run) == before
+    assert cli.main(train_args(synth, run, "data.seed=5", "train.resume_data=false", steps=3)) == 0
+    assert ckpt.RunDir(run).latest().name == "step_3"

@@ -196,6 +196,14 @@ def check_resume(cfg: Config, checkpoint: Path | None, backend: Any) -> None:
             f"from {saved_file}); resume with the same model.* values, or train the new architecture in a new "
             "train.run_dir (its weights cannot load these)"
         )
+    seed = saved.get("data", {}).get("seed")
+    if cfg.train.resume_data and seed is not None and seed != cfg.data.seed:
+        raise ConfigError(
+            f"resuming {checkpoint}: data.seed={cfg.data.seed}, but its data stream was saved under data.seed={seed} "
+            f"(from {saved_file}), whose shuffled order its position counts in: the new order would repeat some "
+            f"samples and skip others. Resume with data.seed={seed}, or add train.resume_data=false to start the "
+            "new order's stream from its first batch"
+        )
     frozen = [f"train.{f}: checkpoint {saved['train'][f]!r} vs now {now['train'][f]!r}" for f in GROUP_LR_FIELDS
               if f in saved.get("train", {}) and (saved["train"][f] == 0) != (now["train"][f] == 0)]  # fmt: skip
     if frozen:
