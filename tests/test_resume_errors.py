@@ -170,6 +170,8 @@ def test_a_bad_latest_pointer_and_bad_train_resume_values_list_what_to_give(runs
         line = refused(train_args(synth, fresh, f"train.resume={value}"), capsys)
         assert line.startswith(f"config error: train.resume={value}") and says in line, line
         assert "auto" in line and "none" in line and "checkpoints/step_N" in line, line
+    line = refused(train_args(synth, fresh, f"train.resume={runs['export']}"), capsys)  # weights only: init_from
+    assert f"train.init_from={runs['export']}" in line and "nanoVLM-format" in line, line
     assert not fresh.exists()
 
 

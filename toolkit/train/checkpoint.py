@@ -260,6 +260,12 @@ def resolve_resume(run: RunDir, resume: str) -> Path | None:
         raise ConfigError(f"train.resume={resume}: no such file or folder; give {RESUME_FORMS}")
     found = _locate(path)
     if found is None:
+        if (path / "config.json").is_file() and (path / "model.safetensors").is_file():  # nanoVLM's format
+            raise ConfigError(
+                f"train.resume={resume} is a nanoVLM-format model (an export, or nanoVLM's own checkpoint), which "
+                f"holds weights only: start from it with train.init_from={resume} (optimizer, schedule and data "
+                "start fresh)"
+            )
         what = "an incomplete checkpoint (no trainer.json: its save never finished)" if STEP_RE.match(path.name) \
             else "neither a run folder with checkpoints nor a checkpoint folder"  # fmt: skip
         raise ConfigError(f"train.resume={resume} is {what}; give {RESUME_FORMS}")
