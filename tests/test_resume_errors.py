@@ -256,3 +256,13 @@ def test_a_resume_under_another_data_seed_is_refused_unless_the_stream_starts_af
     assert snapshot(run) == before
     assert cli.main(train_args(synth, run, "data.seed=5", "train.resume_data=false", steps=3)) == 0
     assert ckpt.RunDir(run).latest().name == "step_3"
+
+
+def test_init_from_another_architecture_says_which_overrides_fit_and_they_do(runs, synth, tmp_path, capsys):
+    """The refusal listed the differing fields; it now ends in the overrides to add, and adding them trains."""
+    args = train_args(synth, tmp_path / "run", f"train.init_from={runs['export']}", "model.lm_hidden_dim=32",
+                      "model.vit_inter_dim=96", steps=1)  # fmt: skip
+    line = refused(args, capsys)
+    fix = line.split(": add ", 1)[1].split()
+    assert sorted(o.split("=")[0] for o in fix) == ["model.lm_hidden_dim", "model.vit_inter_dim"], line
+    assert cli.main([*args, *fix]) == 0

@@ -131,9 +131,11 @@ def _check_init_from(cfg: Config) -> None:
     differ = [f"{f}: run {getattr(cfg.model, f)!r} vs folder {getattr(saved, f)!r}" for f in ARCHITECTURE_FIELDS
               if getattr(cfg.model, f) != getattr(saved, f)]  # fmt: skip
     if differ:
+        fix = " ".join(f"model.{f}={json.dumps(getattr(saved, f))}" for f in ARCHITECTURE_FIELDS
+                       if getattr(cfg.model, f) != getattr(saved, f))  # fmt: skip
         raise ConfigError(
             f"train.init_from={folder} holds another architecture than model.* describes ({'; '.join(differ)}); "
-            f"set those model.* fields to the values in {path / 'config.json'}"
+            f"set those model.* fields to the values in {path / 'config.json'}: add {fix}"
         )
     backbones = [f"model.{f}" for f in ("vision_backbone", "language_backbone") if getattr(cfg.model, f)]
     if backbones:
