@@ -62,6 +62,7 @@ SCENARIOS: dict[str, dict[str, Any]] = {
     "zero3_ac_frozen": {"backend": "deepspeed", "ds": "zero3", "ac": "all", "frozen": True},
     "fsdp_ac_frozen": {"backend": "fsdp", "ac": "all", "frozen": True},
     "ddp_bf16": {"backend": "ddp", "bf16": True},
+    "zero0_bf16": {"backend": "deepspeed", "ds": "zero0", "bf16": True},
     "zero2_bf16": {"backend": "deepspeed", "ds": "zero2", "bf16": True},
     "zero3_bf16": {"backend": "deepspeed", "ds": "zero3", "bf16": True},
     "fsdp_bf16": {"backend": "fsdp", "bf16": True},

@@ -38,7 +38,7 @@ from toolkit.train.trainer import Trainer, TrainingDiverged
 REPO = Path(__file__).resolve().parent.parent
 FP32 = ["ddp", "zero0", "zero1", "zero2", "zero3", "zero3_offload", "fsdp", "fsdp_hybrid"]
 FROZEN = ["ddp_ac_frozen", "zero2_frozen", "zero3_ac_frozen", "fsdp_ac_frozen"]
-BF16 = ["ddp_bf16", "zero2_bf16", "zero3_bf16", "fsdp_bf16"]
+BF16 = ["ddp_bf16", "zero0_bf16", "zero2_bf16", "zero3_bf16", "fsdp_bf16"]
 RESUMED = [n for n, s in bw.SCENARIOS.items() if s.get("resume")]
 SKIP_STEP = bw.NAN_AT[0]
 BATCHES = bw.make_batches(bw.tiny_model_config())

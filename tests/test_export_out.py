@@ -145,3 +145,22 @@ def test_an_export_of_a_read_only_tokenizer_can_be_replaced_and_others_can_read_
     assert modes["model.safetensors"] == modes["tokenizer/tokenizer.json"] == 0o644, modes
     assert modes["tokenizer"] == modes["."] == 0o755, modes
     assert not out.with_name("export.old").exists() and not out.with_name("export.tmp").exists()
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_a_zero0_run_exports_offline_what_it_exported_live(precision, tmp_path) -> None:
+    """ZeRO-0 writes no ZeRO shards: offline export crashed in DeepSpeed's zero_to_fp32 (NoneType not iterable).
+    Under bf16 both exports are the fp32 masters (the live one was the bf16 working copy, rounded)."""
+    import torch
+    from safetensors.torch import load_file
+
+    run = tmp_path / "run"
+    args = train_args(write_data(tmp_path / "synth"), run, "backend.name=deepspeed",
+                      "backend.ds_config=ds_configs/zero0.json", "train.export_interval=2")  # fmt: skip
+    assert train([*args, f"backend.precision={precision}"]) == 0
+    assert cli.main(["export", str(run), str(tmp_path / "offline")]) == 0
+    live = load_file(str(run / "export" / "step_2" / "model.safetensors"))
+    offline = load_file(str(tmp_path / "offline" / "model.safetensors"))
+    assert live.keys() == offline.keys() and all(torch.equal(live[k], offline[k]) for k in live)
+    proj = live["MP.proj.weight"]
+    assert proj.dtype == torch.float32 and not torch.equal(proj.bfloat16().float(), proj)  # masters, not bf16

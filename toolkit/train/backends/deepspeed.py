@@ -47,7 +47,7 @@ from toolkit.train.backends.base import (
     prepare_blocks,
     tensor_state_numel,
 )
-from toolkit.train.optim import ParamGroup, build_optimizer, freeze_frozen_groups, group_lrs
+from toolkit.train.optim import GROUP_PREFIXES, ParamGroup, build_optimizer, freeze_frozen_groups, group_lrs
 from toolkit.train.safe_load import CheckpointFileError, read_failure
 from toolkit.train.schedule import WarmupCosine, build_scheduler
 
@@ -200,6 +200,29 @@ def check_checkpoint_files(path: Path) -> None:
             raise CheckpointFileError(file, what, "the file is cut short or not a torch checkpoint (no zip end record)")
 
 
+def _stage0_weights(path: Path, model: nn.Module) -> dict[str, torch.Tensor]:
+    """A ZeRO-0 checkpoint's weights: its model-states file's module, with the fp32 masters DeepSpeed's bf16
+    wrapper keeps (`fp32_groups`, in the optimizer groups' parameter order) in place of the bf16 working copy."""
+    saved = torch.load(path / CHECKPOINT_TAG / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    state = {k: v.float() if v.is_floating_point() else v for k, v in saved["module"].items()}
+    masters = (saved.get("optimizer") or {}).get("fp32_groups")
+    if not masters:  # fp32 training: the module is the master
+        return state
+    named = dict(model.named_parameters(remove_duplicate=False))
+    by_group = {
+        g: [n for n, _ in model.named_parameters() if n.startswith(prefix)] for prefix, g in GROUP_PREFIXES.items()
+    }
+    groups = [g["name"] for g in saved["toolkit_param_groups"]]
+    master_of = {}
+    for group, tensors in zip(groups, masters, strict=True):
+        for name, tensor in zip(by_group[group], tensors, strict=True):
+            if tuple(tensor.shape) != tuple(named[name].shape):
+                file = path / CHECKPOINT_TAG / "mp_rank_00_model_states.pt"
+                raise CheckpointFileError(file, "DeepSpeed's fp32 masters", f"{name}'s has shape {tuple(tensor.shape)}")
+            master_of[id(named[name])] = tensor.float()
+    return {k: master_of.get(id(named[k]), v) if k in named else v for k, v in state.items()}
+
+
 def saved_world_size(path: Path) -> int | None:
     """How many data-parallel ranks wrote this checkpoint's ZeRO shards (None: no ZeRO shards, i.e. stage 0)."""
     shards = (ZERO_SHARD_RE.search(f.name) for f in (path / CHECKPOINT_TAG).glob("*optim_states.pt"))
@@ -292,7 +315,12 @@ class DeepSpeedBackend(Backend):
         deepspeed.init_distributed(dist_backend="nccl" if self.device.type == "cuda" else "gloo")
         if self.stage == 3:
             _gather_per_block(deepspeed, model)
-        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=self.optimizer, config=self.ds_config)
+        # Stage 0 in bf16 wraps AdamW in DeepSpeed's FP16_UnfusedOptimizer, whose start steps it once on zero
+        # gradients "to initialize its states": AdamW's step count is then 1 before training (every later update
+        # 0.74x too small at step 1, by Adam's bias correction) and the weights took one weight-decay step.
+        first_step = _updates_disabled(self.optimizer) if self.stage == 0 and self.bf16 else contextlib.nullcontext()
+        with first_step:
+            self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=self.optimizer, config=self.ds_config)
         # ZeRO rewrites the param lists of the AdamW's groups in place; the group dicts (lr, name) stay ours.
         self.scheduler = build_scheduler(self.optimizer, schedule)
         self.engine.train()
@@ -458,6 +486,8 @@ class DeepSpeedBackend(Backend):
 
         logging.getLogger(__name__).warning(PICKLE_WARNING, path)
         check_checkpoint_files(Path(path))
+        if saved_world_size(Path(path)) is None:  # ZeRO-0: no shards for zero_to_fp32 (it failed on None)
+            return _stage0_weights(Path(path), model)
         return get_fp32_state_dict_from_zero_checkpoint(str(path), tag=CHECKPOINT_TAG)
 
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
@@ -466,8 +496,12 @@ class DeepSpeedBackend(Backend):
 
         module = self.engine.module
         full: dict[int, torch.Tensor] = {}
+        wrapper = self.engine.optimizer  # ZeRO-0 in bf16: DeepSpeed's unfused wrapper pairs each param with a master
+        masters = {id(p16): p32 for g16, g32 in zip(getattr(wrapper, "fp16_groups", None) or [],
+                                                    getattr(wrapper, "fp32_groups", None) or [], strict=False)
+                   for p16, p32 in zip(g16, g32, strict=True)}  # fmt: skip
         for p in module.parameters():  # collective under ZeRO-3: every rank walks the same parameters
-            value = safe_get_full_fp32_param(p) if p.requires_grad else None
+            value = safe_get_full_fp32_param(p) if p.requires_grad and id(p) not in masters else masters.get(id(p))
             if value is None:
                 value = self._gathered(p)
             full[id(p)] = value.detach().float().cpu()
