@@ -7,6 +7,7 @@ run here with its "eager" backend (tracing, no code generation), which is what d
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -75,3 +76,20 @@ def test_only_the_block_forwards_are_compiled(backend, compiled_frames, synth, t
     blocks = {ViTBlock.forward.__code__, DecoderBlock.forward.__code__}
     assert {(c.co_filename, c.co_name) for c in blocks} <= set(compiled_frames), names  # both towers compiled
     assert [f for f in compiled_frames if any(part in f[0] for part in BACKEND_CODE)] == []
+
+
+def test_compile_with_checkpointing_and_a_frozen_vision_tower_trains(synth, tmp_path):
+    """The usual projector-alignment stage: inductor failed at step 1 on the frozen tower's checkpointed blocks
+    ("does not support RNG ops in recompute regions"); a tower fed pixels whose weights are frozen keeps no
+    activations for a backward, so its blocks are no longer checkpointed. The loss is the uncheckpointed run's."""
+    from cli_runs import train, train_args
+
+    runs = {}
+    for ac in ("all", "none"):
+        run = tmp_path / ac
+        args = train_args(synth, run, "backend.name=single", "train.compile=true", "train.lr_vision_backbone=0",
+                          f"train.activation_checkpointing={ac}", steps=1)  # fmt: skip
+        assert train(args) == 0
+        runs[ac] = (run / "metrics.jsonl").read_text().splitlines()[0]
+    loss = {ac: json.loads(line)["loss"] for ac, line in runs.items()}
+    assert loss["all"] == pytest.approx(loss["none"], rel=1e-6)

@@ -110,6 +110,9 @@ def prepare_blocks(model: nn.Module, tc: TrainConfig, device: torch.device) -> N
         "language": model.language_blocks(),
         "all": model.blocks(),
     }[tc.activation_checkpointing]
+    if tc.lr_vision_backbone == 0:  # a frozen tower fed pixels keeps no activations for a backward: nothing to save
+        frozen = {id(block) for block in model.vision_blocks()}  # (and compile failed on its RNG-tagged recompute)
+        chosen = [block for block in chosen if id(block) not in frozen]
     for block in chosen:
         block.forward = types.MethodType(_checkpointed_forward, block)
     if tc.compile:
