@@ -45,6 +45,7 @@ def test_overrides_are_typed():
         (["train.batch_size=0"], r"train\.batch_size=0 must be >= 1: Packed rows per rank per micro-step"),
         (["model.mp_image_token_length=5"], r"model\.mp_image_token_length must be .* = 4"),
         (["train.lr_mp"], r"must look like section\.field=value"),
+        (["train.lr_mp=0", "train.lr_vision_backbone=0", "train.lr_language_backbone=0"], r"freezes every weight"),
     ],
 )
 def test_bad_config_names_the_field(overrides, pattern):
@@ -277,3 +278,18 @@ def test_every_alias_points_at_an_existing_key():
     keys = {f"{s}.{f}" for s in SECTIONS for f in section_fields(s)}
     assert {k for targets in ALIASES.values() for k in targets} <= keys
     assert not set(ALIASES) & {k.split(".")[1] for k in keys}  # a field name is found as itself, never aliased
+
+
+def test_an_accumulation_the_global_batch_replaces_is_said(caplog):
+    """train.global_batch_size sets the accumulation; an explicit other one was replaced without a word."""
+    import logging
+
+    from toolkit.train.preflight import derive_accumulation
+
+    cfg = load_config(
+        "tiny", ["train.gradient_accumulation_steps=3", "train.global_batch_size=4", "train.batch_size=2"]
+    )
+    with caplog.at_level(logging.WARNING):
+        derive_accumulation(cfg, 1)
+    assert cfg.train.gradient_accumulation_steps == 2
+    assert ["gradient_accumulation_steps=3 is replaced by 2" in r.getMessage() for r in caplog.records] == [True]

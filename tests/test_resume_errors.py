@@ -266,3 +266,12 @@ def test_init_from_another_architecture_says_which_overrides_fit_and_they_do(run
     fix = line.split(": add ", 1)[1].split()
     assert sorted(o.split("=")[0] for o in fix) == ["model.lm_hidden_dim", "model.vit_inter_dim"], line
     assert cli.main([*args, *fix]) == 0
+
+
+def test_a_kernel_this_device_cannot_train_with_is_refused_before_the_run_folder(synth, tmp_path, capsys):
+    """attention_kernel=flex on a CPU failed at the first backward, after the run folder was written, and
+    `train --check` passed it."""
+    run = tmp_path / "run"
+    args = train_args(synth, run, "train.attention_kernel=flex", steps=1)
+    assert "CUDA only" in refused(args, capsys) and not run.exists()
+    assert "CUDA only" in refused(["train", "--check", "--world", "2", *args[1:], "backend.name=ddp"], capsys)

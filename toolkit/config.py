@@ -427,6 +427,12 @@ class TrainConfig:
         _require(bool(self.run_dir.strip()), "train.run_dir", "is empty; name the run's folder, e.g. runs/NAME")
         self._check_resume()
         _require(
+            any((self.lr_mp, self.lr_vision_backbone, self.lr_language_backbone)),
+            "train.lr_mp",
+            "and train.lr_vision_backbone and train.lr_language_backbone are all 0, which freezes every weight; "
+            "give at least one module a learning rate",
+        )
+        _require(
             not self.lmms_interval or bool(self.lmms_tasks.strip()),
             "train.lmms_interval",
             "is set but train.lmms_tasks is empty; name the tasks (e.g. train.lmms_tasks=mmstar,mme) or set 0",

@@ -125,6 +125,8 @@ def check_kernel(kernel: str, device: torch.device, head_dim: int, dropout: floa
             )
         if head_dim % 8 or head_dim > 256:
             raise UserError(f"train.attention_kernel=varlen: flash needs heads a multiple of 8 up to 256; {head_dim}")
+    if kernel == "flex" and device.type != "cuda":  # torch: "FlexAttention does not support backward on CPU"
+        raise UserError("train.attention_kernel=flex trains on CUDA only (no backward on the CPU); use auto or dense")
     if kernel == "flex" and device.type == "cuda" and head_dim < FLEX_MIN_HEAD_DIM:
         raise UserError(
             f"train.attention_kernel=flex: FlexAttention needs heads of at least {FLEX_MIN_HEAD_DIM} on CUDA, "

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from toolkit import dist
 from toolkit.config import Config, ConfigError
 from toolkit.data.order import check_layout
 from toolkit.data.shards import resolve_sets
@@ -44,7 +46,14 @@ def derive_accumulation(cfg: Config, world: int) -> None:
             f"train.global_batch_size={global_batch} is not a multiple of train.batch_size x world size = "
             f"{t.batch_size} x {world}; choose a global batch, batch size and number of ranks that divide"
         )
-    t.gradient_accumulation_steps = global_batch // (t.batch_size * world)
+    derived = global_batch // (t.batch_size * world)
+    if t.global_batch_size and t.gradient_accumulation_steps not in (1, derived):  # 1: the default, not a choice
+        dist.log0(
+            "train.gradient_accumulation_steps=%d is replaced by %d: train.global_batch_size=%d on %d rank(s) of "
+            "train.batch_size=%d sets it (drop one of the two)",
+            t.gradient_accumulation_steps, derived, global_batch, world, t.batch_size, level=logging.WARNING,
+        )  # fmt: skip
+    t.gradient_accumulation_steps = derived
 
 
 def check_run(cfg: Config) -> VLMTokenizer:

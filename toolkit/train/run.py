@@ -23,6 +23,7 @@ from torch.profiler import record_function
 from toolkit import dist
 from toolkit.config import Config, ConfigError, save_config
 from toolkit.data.loader import sum_counts
+from toolkit.model.attention import check_kernel
 from toolkit.train.checkpoint import (
     PendingCheckpoint,
     RunDir,
@@ -226,6 +227,9 @@ def prepare_run(cfg: Config, env: dist.DistEnv, device: Any = None) -> Prepared:
 
     derive_accumulation(cfg, env.world_size)  # train.global_batch_size on this many ranks
     backend = build_backend(cfg, env=env, device=device)  # backend name, its settings files; no process group
+    if device is None or cfg.backend.device == "cpu":  # the run's own device (`--check` runs on any host)
+        m = cfg.model
+        check_kernel(cfg.train.attention_kernel, backend.device, m.lm_hidden_dim // m.lm_n_heads, m.lm_dropout)
     tokenizer = check_run(cfg)  # every path and setting the run reads late, before anything starts or is written
     run = RunDir(cfg.train.run_dir)
     resume_from = resolve_resume(run, cfg.train.resume)
