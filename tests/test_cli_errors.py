@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -262,3 +263,19 @@ def test_shard_data_argument_mistakes_are_not_called_config_errors(tmp_path, cap
         assert err.startswith("error: ") and err.count("\n") == 1, (args, err)
     assert cli.main(["shard-data", str(src)]) == 2
     assert capsys.readouterr().err.startswith("error: shard-data needs SRC and OUT")
+
+
+def test_shard_data_prints_its_summary_as_json_with_number_lists_on_one_line(tmp_path, capsys):
+    """The token-length histogram printed one number per line (26 lines); it is still the manifest's JSON."""
+    src = tmp_path / "a.jsonl"
+    src.write_text("".join(json.dumps({"texts": [{"user": f"q{i}", "assistant": "a"}]}) + "\n" for i in range(5)))
+    from cli_runs import write_data
+
+    tokenizer = write_data(tmp_path / "synth") / "tokenizer"  # with a tokenizer: the token-length histogram
+    assert cli.main(["shard-data", str(src), str(tmp_path / "out"), "--tokenizer", str(tokenizer)]) == 0
+    out = capsys.readouterr().out
+    summary = json.loads(out)
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert summary["samples"] == manifest["samples"] == 5
+    counts = summary["token_histogram"]["counts"]
+    assert sum(counts) == 5 and f"[{', '.join(map(json.dumps, counts))}]" in out

@@ -11,8 +11,10 @@ import importlib
 import json
 import logging
 import os
+import re
 import sys
 from pathlib import Path
+from typing import Any
 
 from toolkit.bench import BENCHES
 from toolkit.config import ConfigError, describe_fields, load_config
@@ -193,8 +195,15 @@ def _shard_data(args: argparse.Namespace) -> int:
     summary = {k: v for k, v in manifest.items() if k not in ("shards", "plan")}
     if held is not None:
         summary["holdout"] = {k: v for k, v in held.items() if k not in ("shards", "plan")}
-    print(json.dumps(summary, indent=2))
+    print(_readable_json(summary))
     return 0
+
+
+def _readable_json(value: Any) -> str:
+    """Indented JSON whose lists of numbers stay on one line (the token-length histogram was 26 lines of one
+    number each)."""
+    text = json.dumps(value, indent=2)
+    return re.sub(r"\[\s+([-+0-9.eE,\s]+?)\s+\]", lambda m: "[" + " ".join(m.group(1).split()) + "]", text)
 
 
 def _data_stats(args: argparse.Namespace) -> int:
