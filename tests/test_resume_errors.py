@@ -275,3 +275,23 @@ def test_a_kernel_this_device_cannot_train_with_is_refused_before_the_run_folder
     args = train_args(synth, run, "train.attention_kernel=flex", steps=1)
     assert "CUDA only" in refused(args, capsys) and not run.exists()
     assert "CUDA only" in refused(["train", "--check", "--world", "2", *args[1:], "backend.name=ddp"], capsys)
+
+
+def test_a_stage_started_from_a_folder_keeps_its_tower_names(runs, synth, tmp_path):
+    """vit_model_type and lm_model_type (descriptive) came from the run's preset, not from the folder whose
+    weights the run continues: an export of a stage started from nanoVLM's checkpoint named the preset's towers."""
+    import json
+
+    import yaml
+
+    start = tmp_path / "start"
+    shutil.copytree(runs["export"], start)
+    config = json.loads((start / "config.json").read_text())
+    config.update(vit_model_type="acme/vision-tower", lm_model_type="acme/decoder")
+    (start / "config.json").write_text(json.dumps(config))
+    run = tmp_path / "run"
+    assert cli.main(train_args(synth, run, f"train.init_from={start}", "train.export_interval=1", steps=1)) == 0
+    exported = json.loads((run / "export" / "step_1" / "config.json").read_text())
+    saved = yaml.safe_load((run / "config.yaml").read_text())["model"]
+    for names in (exported, saved):
+        assert (names["vit_model_type"], names["lm_model_type"]) == ("acme/vision-tower", "acme/decoder")

@@ -178,9 +178,20 @@ def _build(cfg: Config, backend, tokenizer):
         load_backbones(model)
     if cfg.train.init_from:  # before the backend shards the model: every rank loads the same full weights
         load_weights_from(model, cfg.train.init_from)
+        adopt_model_names(cfg, cfg.train.init_from)
     loader = build_loader(cfg, rank=env.rank, world=env.world_size, tokenizer=tokenizer, split="train")
     backend.setup(model, param_groups(model, cfg.train), schedule_from_config(cfg.train))
     return loader
+
+
+def adopt_model_names(cfg: Config, folder: str) -> None:
+    """The towers' names (vit_model_type, lm_model_type: descriptive, read by nothing here) from the init_from
+    folder whose weights the run continues, for its config.yaml and exports: they kept the run preset's names
+    ("tiny-vit" for a SigLIP tower from nanoVLM's checkpoint)."""
+    from toolkit.model.hub import read_nanovlm_config
+
+    started = read_nanovlm_config(folder)
+    cfg.model.vit_model_type, cfg.model.lm_model_type = started.vit_model_type, started.lm_model_type
 
 
 def check_same_config(cfg: Config) -> None:
