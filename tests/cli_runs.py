@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import signal
 from pathlib import Path
 
 from toolkit import __main__ as cli
 from toolkit.data.prepare.synthetic import write_synth
+
+
+def logged(run: Path) -> dict[int, dict]:
+    """A run's metrics.jsonl by step."""
+    return {r["step"]: r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
 
 
 def write_data(out: Path) -> Path:

@@ -4,12 +4,11 @@ checkpoint's. Measured before: a run extended from 4 to 8 steps trained steps 5-
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
 import pytest
-from cli_runs import train, train_args, write_data
+from cli_runs import logged, train, train_args, write_data
 
 from toolkit.train.schedule import WarmupCosine
 
@@ -17,10 +16,6 @@ from toolkit.train.schedule import WarmupCosine
 @pytest.fixture(scope="module")
 def synth(tmp_path_factory) -> Path:
     return write_data(tmp_path_factory.mktemp("synth"))
-
-
-def logged(run: Path) -> dict[int, dict]:
-    return {r["step"]: r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
 
 
 @pytest.mark.parametrize(

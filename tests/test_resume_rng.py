@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
-from cli_runs import train, train_args, write_data
+from cli_runs import logged, train, train_args, write_data
 
 from toolkit.train.checkpoint import restore_rng, rng_state
 
@@ -18,7 +17,7 @@ def synth(tmp_path_factory) -> Path:
 
 
 def losses(run: Path) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
+    return {step: record["loss"] for step, record in logged(run).items()}
 
 
 def test_a_resume_with_dropout_is_exact(synth, tmp_path) -> None:

@@ -700,11 +700,9 @@ def without_markers(texts: list[dict[str, str]], tok: VLMTokenizer) -> list[dict
     tokenized as the special token, so an image token without an image. The sample was dropped as bad_text at
     load, after shard-data had counted it as good."""
     roles = ("user", "assistant")
-    markers = [m for m in tok.extra.values() if any(m in turn[role] for turn in texts for role in roles)]
-    if not markers:
+    if not any(tok.markers.search(turn[role]) for turn in texts for role in roles):
         return texts
-    pattern = re.compile("|".join(re.escape(m) for m in markers))
-    return [{**turn, **{role: pattern.sub("", turn[role]) for role in roles}} for turn in texts]
+    return [{**turn, **{role: tok.markers.sub("", turn[role]) for role in roles}} for turn in texts]
 
 
 @contextlib.contextmanager

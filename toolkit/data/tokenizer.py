@@ -8,6 +8,7 @@ because a mismatch would splice image features over ordinary words without any e
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +36,8 @@ class VLMTokenizer:
         specials = getattr(self.hf, "special_tokens_map", {}) or {}
         self._variables = {k: v for k, v in specials.items() if isinstance(v, str)}
         self._variables["raise_exception"] = _template_error
+        # nanoVLM's markers (image, global image, tile tokens) as text, found in one search per text when decoding
+        self.markers = re.compile("|".join(re.escape(m) for m in self.extra.values()))
         self.image_token_id = self.hf.convert_tokens_to_ids(self.extra["image_token"])
         self.eos_token_id = self.hf.eos_token_id
         self.pad_token_id = self.hf.eos_token_id  # nanoVLM pads with EOS

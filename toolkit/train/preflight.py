@@ -137,13 +137,12 @@ def _check_init_from(cfg: Config) -> None:
 
     _check_safetensors("train.init_from", path / "model.safetensors")
     saved = read_nanovlm_config(path)
-    differ = [f"{f}: run {getattr(cfg.model, f)!r} vs folder {getattr(saved, f)!r}" for f in ARCHITECTURE_FIELDS
-              if getattr(cfg.model, f) != getattr(saved, f)]  # fmt: skip
-    if differ:
-        fix = " ".join(f"model.{f}={json.dumps(getattr(saved, f))}" for f in ARCHITECTURE_FIELDS
-                       if getattr(cfg.model, f) != getattr(saved, f))  # fmt: skip
+    fields = [f for f in ARCHITECTURE_FIELDS if getattr(cfg.model, f) != getattr(saved, f)]
+    if fields:
+        differ = "; ".join(f"{f}: run {getattr(cfg.model, f)!r} vs folder {getattr(saved, f)!r}" for f in fields)
+        fix = " ".join(f"model.{f}={json.dumps(getattr(saved, f))}" for f in fields)
         raise ConfigError(
-            f"train.init_from={folder} holds another architecture than model.* describes ({'; '.join(differ)}); "
+            f"train.init_from={folder} holds another architecture than model.* describes ({differ}); "
             f"set those model.* fields to the values in {path / 'config.json'}: add {fix}"
         )
     backbones = [f"model.{f}" for f in ("vision_backbone", "language_backbone") if getattr(cfg.model, f)]

@@ -57,7 +57,7 @@ def _llava_turns(conversations: Any) -> list[dict[str, str]]:
             raise SkipRow(WRONG_TYPE, f"conversations message {message!r:.80} is not {{from: human|gpt, value: str}}")
         roles.append(role)
         values.append(message["value"])
-    if len(roles) % 2 or roles != ["user", "assistant"] * (len(roles) // 2):
+    if roles != ["user", "assistant"] * (len(roles) // 2):  # an odd count fails it too: one role short
         raise SkipRow(WRONG_TYPE, f"conversations go {'/'.join(roles)[:80]}; give human/gpt pairs, human first")
     return [{"user": values[i], "assistant": values[i + 1]} for i in range(0, len(values), 2)]
 

@@ -191,9 +191,8 @@ def check_checkpoint_files(path: Path) -> None:
     if templates is None and shards:
         templates = [shards[0][0].name[: shards[0][1].start()] + "zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"]
     for template in templates or []:  # without them, a checkpoint that lost every shard looked like ZeRO-0's
-        for rank in range(world):
-            if not (tag / template.format(rank=rank)).is_file():
-                missing = tag / template.format(rank=rank)
+        for missing in (tag / template.format(rank=rank) for rank in range(world)):
+            if not missing.is_file():
                 raise CheckpointFileError(missing, what, f"the file is missing (trainer.json records {world} ranks)")
     for file in files:
         if not zipfile.is_zipfile(file):
@@ -364,7 +363,7 @@ class DeepSpeedBackend(Backend):
         if self.engine.save_zero_checkpoint:  # optimizer shards; bf16_ as in DeepSpeed's _get_zero_ckpt_prefix
             prefix = "bf16_" if self.engine.bfloat16_enabled() else ""
             templates.append(prefix + "zero_pp_rank_{rank}_mp_rank_00_optim_states.pt")
-        if self.engine.zero_optimization_stage() == 3:  # ZeRO-3 writes a model-states file per rank too
+        if self.stage == 3:  # ZeRO-3 writes a model-states file per rank too
             templates.append("zero_pp_rank_{rank}_mp_rank_00_model_states.pt")
         return {"rank_files": templates, "zero_stage": self.stage}
 
