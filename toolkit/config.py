@@ -349,7 +349,9 @@ class TrainConfig:
     )
     log_interval: int = opt(1, "Log a progress line every N steps.", valid=COUNT)
     activation_checkpointing: str = opt(
-        "none", "Recompute activations per block.", choices=("none", "vision", "language", "all")
+        "none",
+        "Recompute activations per block (a frozen vision tower's blocks keep none, so are left as they are).",
+        choices=("none", "vision", "language", "all"),
     )
     compile: bool = opt(False, "torch.compile each block.")
     chunked_loss: bool = opt(
@@ -360,7 +362,8 @@ class TrainConfig:
     attention_kernel: str = opt(
         "auto",
         "Decoder attention over packed rows: auto (on CUDA a flash varlen kernel, flash-attn's or torch's own, "
-        "else FlexAttention; a dense mask on CPU), or force varlen, flex or dense (to compare them with `bench gpu`).",
+        "else FlexAttention; a dense mask on CPU), or force varlen, flex or dense (to compare them with `bench gpu`; "
+        "varlen and flex train on CUDA only).",
         choices=("auto", "flex", "varlen", "dense"),
     )
     profile_steps: int = opt(
