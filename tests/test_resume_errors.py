@@ -258,14 +258,61 @@ def test_a_resume_under_another_data_seed_is_refused_unless_the_stream_starts_af
     assert ckpt.RunDir(run).latest().name == "step_3"
 
 
-def test_init_from_another_architecture_says_which_overrides_fit_and_they_do(runs, synth, tmp_path, capsys):
-    """The refusal listed the differing fields; it now ends in the overrides to add, and adding them trains."""
-    args = train_args(synth, tmp_path / "run", f"train.init_from={runs['export']}", "model.lm_hidden_dim=32",
-                      "model.vit_inter_dim=96", steps=1)  # fmt: skip
+def _architecture(model: dict) -> dict:
+    from toolkit.train.preflight import ARCHITECTURE_FIELDS
+
+    return {f: model[f] for f in (*ARCHITECTURE_FIELDS, "vit_model_type", "lm_model_type")}
+
+
+def test_init_from_sets_the_architecture_a_config_file_gave_and_logs_each_change(runs, synth, tmp_path, caplog):
+    """A preset's or config file's shape fields yield to the folder's config.json (they were refused, with the
+    overrides to paste); the run trains, its config.yaml holds the folder's architecture, the log names each change."""
+    import json
+
+    import yaml
+
+    preset = yaml.safe_load((Path(cli.__file__).parent / "configs" / "tiny.yaml").read_text())
+    preset["model"].update(lm_hidden_dim=32, vit_inter_dim=96, lm_model_type="preset-lm")
+    config = tmp_path / "other-shape.yaml"
+    config.write_text(yaml.safe_dump(preset))
+    args = train_args(synth, tmp_path / "run", f"train.init_from={runs['export']}", steps=1)
+    args[args.index("tiny")] = str(config)
+    with caplog.at_level(logging.INFO):
+        assert cli.main(args) == 0
+    folder = json.loads((runs["export"] / "config.json").read_text())
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["model"]
+    assert _architecture(saved) == _architecture(folder)
+    line = next(r.getMessage() for r in caplog.records if "sets the architecture" in r.getMessage())
+    changed = sorted(part.split("=")[0] for part in line.split(": ", 1)[1].split(", "))
+    assert changed == ["model.lm_hidden_dim", "model.lm_model_type", "model.vit_inter_dim"], line
+
+
+def test_init_from_refuses_a_command_line_shape_that_differs_and_names_it(runs, synth, tmp_path, capsys):
+    """A shape set on the command line is the user's word, not a default: refused, naming the override to drop;
+    the same value as the folder's is accepted."""
+    same = "model.vit_inter_dim=128"  # the folder's own value
+    args = train_args(synth, tmp_path / "run", f"train.init_from={runs['export']}", "model.lm_hidden_dim=32", same)
     line = refused(args, capsys)
-    fix = line.split(": add ", 1)[1].split()
-    assert sorted(o.split("=")[0] for o in fix) == ["model.lm_hidden_dim", "model.vit_inter_dim"], line
-    assert cli.main([*args, *fix]) == 0
+    assert line.endswith("drop model.lm_hidden_dim=32 from the command line"), line
+    assert not (tmp_path / "run").exists()
+    assert cli.main([a for a in args if a != "model.lm_hidden_dim=32"]) == 0
+
+
+def test_init_from_nanovlms_own_checkpoint_under_the_tiny_preset_needs_no_shape_overrides(synth, tmp_path):
+    """nanoVLM's tiny checkpoint differs from the tiny preset in four widths: it trains under the preset as it is,
+    with the checkpoint's architecture in config.yaml."""
+    import json
+
+    import yaml
+    from conftest import REFERENCE, REFERENCE_HINT
+
+    folder = REFERENCE / "checkpoint"
+    if not (folder / "model.safetensors").exists():
+        pytest.skip(f"nanoVLM reference fixture not found at {REFERENCE}: {REFERENCE_HINT}")
+    run = tmp_path / "run"
+    assert cli.main(train_args(synth, run, f"train.init_from={folder}", steps=1)) == 0
+    saved = yaml.safe_load((run / "config.yaml").read_text())["model"]
+    assert _architecture(saved) == _architecture(json.loads((folder / "config.json").read_text()))
 
 
 def test_a_kernel_this_device_cannot_train_with_is_refused_before_the_run_folder(synth, tmp_path, capsys):

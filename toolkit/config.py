@@ -395,7 +395,8 @@ class TrainConfig:
     init_from: str = opt(
         "",
         "A nanoVLM-format folder (an export, or nanoVLM's own checkpoint) whose weights start a new stage: all three "
-        "parts' weights come from it, optimizer, schedule, data position and step start fresh.",
+        "parts' weights come from it, and its config.json sets the model's architecture (a model.* shape field set "
+        "on the command line must agree with it); optimizer, schedule, data position and step start fresh.",
     )
 
     lmms_tasks: str = opt(
@@ -505,6 +506,9 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     backend: BackendConfig = field(default_factory=BackendConfig)
+    # "section.field" names the command line set (load_config's overrides): what the user asked for by name, as
+    # against a preset's or file's defaults. train.init_from's folder decides the architecture fields except these.
+    overridden: set[str] = field(default_factory=set, compare=False, repr=False)
 
     def validate(self) -> Config:
         for section in SECTIONS:
@@ -516,7 +520,7 @@ class Config:
         return self
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return {section: dataclasses.asdict(getattr(self, section)) for section in SECTIONS}
 
 
 SECTIONS = ("model", "data", "train", "backend")
@@ -698,6 +702,7 @@ def load_config(path: str | None = None, overrides: list[str] | None = None) -> 
     for text in overrides or []:
         section, name, value = parse_override(text)
         setattr(getattr(cfg, section), name, value)
+        cfg.overridden.add(f"{section}.{name}")
     return cfg.validate()
 
 

@@ -140,10 +140,14 @@ def _check_init_from(cfg: Config) -> None:
     fields = [f for f in ARCHITECTURE_FIELDS if getattr(cfg.model, f) != getattr(saved, f)]
     if fields:
         differ = "; ".join(f"{f}: run {getattr(cfg.model, f)!r} vs folder {getattr(saved, f)!r}" for f in fields)
-        fix = " ".join(f"model.{f}={json.dumps(getattr(saved, f))}" for f in fields)
+        if all(f"model.{f}" in cfg.overridden for f in fields):  # the run adopts the rest (adopt_init_architecture)
+            mine = " ".join(f"model.{f}={json.dumps(getattr(cfg.model, f))}" for f in fields)
+            fix = f"its weights decide these fields: drop {mine} from the command line"
+        else:  # a caller that checks a config it did not prepare
+            fix = " ".join(f"model.{f}={json.dumps(getattr(saved, f))}" for f in fields)
+            fix = f"set those model.* fields to the values in {path / 'config.json'}: add {fix}"
         raise ConfigError(
-            f"train.init_from={folder} holds another architecture than model.* describes ({differ}); "
-            f"set those model.* fields to the values in {path / 'config.json'}: add {fix}"
+            f"train.init_from={folder} holds another architecture than model.* describes ({differ}); {fix}"
         )
     backbones = [f"model.{f}" for f in ("vision_backbone", "language_backbone") if getattr(cfg.model, f)]
     if backbones:

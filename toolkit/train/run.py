@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import json
 import math
 import os
 import signal
@@ -35,7 +36,13 @@ from toolkit.train.checkpoint import (
     start_checkpoint,
 )
 from toolkit.train.lmms_watch import LmmsWatch
-from toolkit.train.preflight import check_resume, check_run, derive_accumulation, saved_config
+from toolkit.train.preflight import (
+    ARCHITECTURE_FIELDS,
+    check_resume,
+    check_run,
+    derive_accumulation,
+    saved_config,
+)
 from toolkit.train.profiling import StepProfiler
 from toolkit.train.trainer import Trainer, TrainerState
 from toolkit.train.validation import validation_loss
@@ -178,20 +185,33 @@ def _build(cfg: Config, backend, tokenizer):
         load_backbones(model)
     if cfg.train.init_from:  # before the backend shards the model: every rank loads the same full weights
         load_weights_from(model, cfg.train.init_from)
-        adopt_model_names(cfg, cfg.train.init_from)
     loader = build_loader(cfg, rank=env.rank, world=env.world_size, tokenizer=tokenizer, split="train")
     backend.setup(model, param_groups(model, cfg.train), schedule_from_config(cfg.train))
     return loader
 
 
-def adopt_model_names(cfg: Config, folder: str) -> None:
-    """The towers' names (vit_model_type, lm_model_type: descriptive, read by nothing here) from the init_from
-    folder whose weights the run continues, for its config.yaml and exports: they kept the run preset's names
-    ("tiny-vit" for a SigLIP tower from nanoVLM's checkpoint)."""
+def adopt_init_architecture(cfg: Config) -> None:
+    """train.init_from's folder decides the model's architecture (and its towers' names), as its weights do: every
+    ARCHITECTURE_FIELDS value and vit/lm_model_type the preset or config file gave is replaced by the folder's
+    config.json, and each change is logged. The run used to be refused with the overrides to paste (nanoVLM's
+    checkpoint under the tiny preset: 4 fields). A field set on the command line is the user's and is kept;
+    preflight refuses it if the folder differs. A folder that is not nanoVLM-format is left to preflight."""
+    folder = Path(cfg.train.init_from)
+    if not cfg.train.init_from or not all((folder / f).is_file() for f in ("config.json", "model.safetensors")):
+        return
     from toolkit.model.hub import read_nanovlm_config
 
-    started = read_nanovlm_config(folder)
-    cfg.model.vit_model_type, cfg.model.lm_model_type = started.vit_model_type, started.lm_model_type
+    saved = read_nanovlm_config(folder)
+    adopted = []
+    for name in (*ARCHITECTURE_FIELDS, "vit_model_type", "lm_model_type"):
+        mine, theirs = getattr(cfg.model, name), getattr(saved, name)
+        if mine != theirs and f"model.{name}" not in cfg.overridden:
+            setattr(cfg.model, name, theirs)
+            shown = f"({len(theirs)} tokens)" if isinstance(theirs, dict) else f"={json.dumps(theirs)}"
+            adopted.append(f"model.{name}{shown}")
+    if adopted:
+        dist.log0("train.init_from=%s sets the architecture from its config.json: %s", folder, ", ".join(adopted))
+    cfg.model.validate()
 
 
 def check_same_config(cfg: Config) -> None:
@@ -236,6 +256,7 @@ def prepare_run(cfg: Config, env: dist.DistEnv, device: Any = None) -> Prepared:
     """Every check a run makes before it starts ranks or writes a file, on `env`'s world size."""
     from toolkit.train.backends import build_backend
 
+    adopt_init_architecture(cfg)  # first: every check below reads the model's shapes
     derive_accumulation(cfg, env.world_size)  # train.global_batch_size on this many ranks
     backend = build_backend(cfg, env=env, device=device)  # backend name, its settings files; no process group
     if device is None or cfg.backend.device == "cpu":  # the run's own device (`--check` runs on any host)
