@@ -213,7 +213,8 @@ def test_subsets_are_concatenated_in_order_with_split_and_parquet(tmp_path, monk
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
     src = tmp_path / "src"
     img = noise_image(1)
-    datasets.Dataset.from_dict({"images": [[img]] * 2, "texts": [[turn(0)], [turn(1)]]}).save_to_disk(str(src / "a"))
+    a = datasets.Dataset.from_dict({"images": [[img]] * 2, "texts": [[turn(0)], [turn(1)]]}, split="test")
+    a.save_to_disk(str(src / "a"))  # a saved Dataset of the split asked for
     b = datasets.DatasetDict(
         {
             "train": datasets.Dataset.from_dict({"images": [[img]], "texts": [[turn(9)]]}),
@@ -234,6 +235,26 @@ def test_subsets_are_concatenated_in_order_with_split_and_parquet(tmp_path, monk
         shard_data(str(src), str(tmp_path / "missing"), subsets=["a", "nope"])
     with pytest.raises(ShardDataError, match="--subsets a,b,c"):
         shard_data(str(src), str(tmp_path / "none"))
+
+
+def test_a_source_of_one_split_refuses_another_split_name(tmp_path, monkeypatch):
+    """A single parquet, arrow or JSONL file, or a saved Dataset, has one split: `--split validation` wrote its
+    training rows as "validation" (a run then validated on its training data). Refused, writing nothing; a
+    saved Dataset cut from that split, and the default split, are read."""
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
+    rows = datasets.Dataset.from_dict({"images": [[noise_image(1)]], "texts": [[turn(0)]]})
+    rows.to_parquet(str(tmp_path / "one.parquet"))
+    rows.save_to_disk(str(tmp_path / "saved"))
+    (tmp_path / "one.jsonl").write_text(json.dumps({"texts": [turn(0)]}) + "\n")
+    arrow = next((tmp_path / "saved").glob("*.arrow"))
+    for src in (tmp_path / "one.parquet", arrow, tmp_path / "saved", tmp_path / "one.jsonl"):
+        with pytest.raises(ShardDataError, match="--split validation would label its rows"):
+            shard_data(str(src), str(tmp_path / "val"), split="validation")
+        assert not (tmp_path / "val").exists()
+    cut = datasets.Dataset.from_dict(rows.to_dict(), split=datasets.Split.VALIDATION)
+    cut.save_to_disk(str(tmp_path / "cut"))
+    assert shard_data(str(tmp_path / "cut"), str(tmp_path / "val"), split="validation")["samples"] == 1
+    assert shard_data(str(tmp_path / "saved"), str(tmp_path / "train"))["split"] == "train"
 
 
 def test_jsonl_with_image_folder_and_bad_lines(tmp_path):

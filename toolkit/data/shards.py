@@ -207,8 +207,9 @@ def fingerprint(sets: list[ShardSet], *, legacy: bool = False) -> str:
 
 
 def same_data(saved: str, sets: list[ShardSet]) -> bool:
-    """A saved state's fingerprint names these sets (either form: a run saved before the bytes counted resumes)."""
-    return saved in (fingerprint(sets), fingerprint(sets, legacy=True))
+    """A saved state's fingerprint names these sets (either form: a run saved before the bytes counted resumes;
+    the legacy form is hashed only when the current one differs)."""
+    return saved == fingerprint(sets) or saved == fingerprint(sets, legacy=True)
 
 
 # ---------------------------------------------------------------------------------------------- split, randomness

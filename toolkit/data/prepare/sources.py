@@ -301,6 +301,7 @@ def open_source(src: str, *, subsets: list[str], split: str, images: str | None)
     if path.suffix == ".jsonl" and path.is_file():
         if subsets:
             raise ShardDataError("--subsets does not apply to JSONL input; run shard-data once per JSONL file")
+        _one_split(src, split, "a JSONL file")
         folder = Path(images) if images else path.parent
         if not folder.is_dir():
             raise ShardDataError(f"--images {folder} is not a folder; point it at the JSONL's image folder")
@@ -323,6 +324,8 @@ def _open_local(path: Path, split: str) -> Any:
         siblings = sorted(p.name for p in path.parent.iterdir() if p.is_dir()) if path.parent.is_dir() else []
         raise ShardDataError(f"subset folder {path} does not exist; sub-folders of {path.parent}: {siblings}")
     if path.is_file():
+        if path.suffix in (".arrow", ".parquet"):
+            _one_split(path, split, f"a single .{path.suffix[1:]} file")
         if path.suffix == ".arrow":
             return datasets.Dataset.from_file(str(path))
         if path.suffix == ".parquet":
@@ -351,7 +354,20 @@ def _pick_split(data: Any, split: str, where: Any) -> Any:
         if split not in data:
             raise ShardDataError(f"{where} has splits {sorted(data)}, not {split!r}; choose one with --split")
         return data[split]
+    if data.split is None or str(data.split) != split:  # a saved Dataset knows the split it was cut from, if any
+        _one_split(where, split, f"a saved Dataset{f' of split {str(data.split)!r}' if data.split else ''}")
     return data
+
+
+def _one_split(where: Any, split: str, kind: str) -> None:
+    """A source of one split cannot choose one: `--split validation` wrote its (training) rows labelled
+    "validation", so a run validated on its own training data. The default ("train") reads it as it is."""
+    if split != "train":
+        raise ShardDataError(
+            f"{where} is {kind}, one split with no name to choose, so --split {split} would label its rows "
+            f"{split!r}; shard a held-out file by passing it as SRC without --split, or hold rows out of this one "
+            "with --holdout"
+        )
 
 
 def _open_hub(name: str, subset: str | None, split: str) -> Any:
