@@ -417,6 +417,21 @@ def test_holdout_is_disjoint_deterministic_and_spread(cauldron, tmp_path):
     assert fraction["holdout"]["settings"]["holdout"]["rows"] == 3
 
 
+def test_holdout_into_a_folder_of_a_plain_run_is_refused(cauldron, tmp_path):
+    """OUT held a plain run's manifest and shards beside the new train/ and val/, and data.train_shards=OUT read
+    that run, held-out rows and all. A holdout run continues with --resume (its OUT holds train/ and val/ only)."""
+    src, _, _ = cauldron
+    out = tmp_path / "out"
+    shard_data(str(src), str(out), shard_size="4")
+    before = shard_bytes(out)
+    with pytest.raises(ShardDataError, match="a shard-data run without --holdout"):
+        shard_data(str(src), str(out), shard_size="4", holdout="3")
+    assert shard_bytes(out) == before and not (out / "val").exists()
+    held = tmp_path / "held"
+    first = shard_data(str(src), str(held), shard_size="4", holdout="3")
+    assert shard_data(str(src), str(held), shard_size="4", holdout="3", resume=True) == first
+
+
 def test_llava_conversations_rows_are_read_as_texts(tmp_path):
     """LLaVA's JSONL (`image` + `conversations` of human/gpt messages) was counted as no_texts, without a hint."""
     images = tmp_path / "images"

@@ -357,6 +357,17 @@ def _final_manifest(settings: dict, stats: list[dict], histogram: dict | None, r
     return manifest
 
 
+def _check_holdout_out(out: Path) -> None:
+    """With --holdout, OUT holds OUT/train and OUT/val only. A plain run's shards beside them were accepted, and
+    `data.train_shards=OUT` then read that run, held-out rows included."""
+    others = sorted(p.name for p in out.iterdir() if p.name not in ("train", "val")) if out.is_dir() else []
+    if others:
+        what = "a shard-data run without --holdout" if MANIFEST in others else f"other files ({', '.join(others[:3])})"
+        raise ShardDataError(
+            f"{out} already holds {what}; --holdout writes {out}/train and {out}/val only: choose a new or empty OUT"
+        )
+
+
 def write_shards(
     source: Source,
     out: str | Path,
@@ -464,6 +475,7 @@ def shard_data(
     kw = {"shard_size": shard_size, "workers": workers, "token_spec": spec, "resume": resume, "part": part}
     if not holdout:
         return write_shards(source, out, settings={"split": split}, **kw)
+    _check_holdout_out(Path(out))
     count = holdout_count(holdout, source.num_rows)
     val = holdout_rows(source.num_rows, count)
     train = np.setdiff1d(np.arange(source.num_rows, dtype=np.int64), val)
