@@ -8,7 +8,11 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import signal
+import subprocess
+import sys
 import tarfile
+import time
 from pathlib import Path
 
 import datasets
@@ -451,3 +455,56 @@ def test_llava_conversations_rows_are_read_as_texts(tmp_path):
     [(_, meta, imgs)] = read_shards(tmp_path / "out")
     assert meta["texts"] == [{"user": "What is it?", "assistant": "a shape"}, {"user": "Colour?", "assistant": "grey"}]
     assert len(imgs) == 1 and "conversations" not in meta and meta["id"] == "1"
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # gone meanwhile
+            continue
+        if int(fields[1]) == pid:
+            kids.append(int(stat.parent.name))
+    return kids
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads worker processes from /proc (Linux)")
+def test_sigterm_stops_the_writers_in_one_line_and_resume_writes_the_same_shards(tmp_path):
+    """`kill PID` of `shard-data --workers 2` left the spawned writers running, orphaned, for minutes (a resume
+    started meanwhile raced them), and Ctrl-C printed a traceback per process. Now: exit 143 with one line, the
+    writers gone, no temp file left, and --resume finishes byte-identical to an uninterrupted run."""
+    script = [sys.executable, str(Path(__file__).parent / "shard_interrupt_worker.py")]
+    flags = ["--shard-size", "5", "--workers", "2"]
+    out = tmp_path / "out"
+    proc = subprocess.Popen([*script, str(out), "0.2", *flags], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while not (out / "shard-000000.tar").exists():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.05)
+    writers = _children(proc.pid)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, err.decode()
+    assert "Traceback" not in err.decode()
+    last = err.decode().strip().splitlines()[-1]
+    assert "shard-data stopped by SIGTERM" in last and "--resume" in last, last
+    while any(map(_alive, writers)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert len(writers) >= 2 and not any(map(_alive, writers))
+    assert not list(out.glob(".*.tmp"))
+    assert 0 < len(shard_bytes(out)) < 12
+    for folder, extra in ((out, ["--resume"]), (tmp_path / "fresh", [])):
+        done = subprocess.run([*script, str(folder), "0", *flags, *extra], capture_output=True, timeout=300)
+        assert done.returncode == 0, done.stderr.decode()[-2000:]
+    assert shard_bytes(out) == shard_bytes(tmp_path / "fresh") and len(shard_bytes(out)) == 12
+    assert json.loads((out / "manifest.json").read_text()) == json.loads(
+        (tmp_path / "fresh" / "manifest.json").read_text()
+    )

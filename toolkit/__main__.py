@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import re
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -175,22 +176,31 @@ def _shard_data(args: argparse.Namespace) -> int:
     model_config = None
     if args.config:  # exact counts: the model's tiling and image tokens, with --tokenizer when given
         model_config = load_config(args.config, [f"model.tokenizer={args.tokenizer}"] if args.tokenizer else []).model
-    from toolkit.data.prepare.shard_writer import shard_data
+    from toolkit.data.prepare.shard_writer import interruptible, shard_data
 
-    manifest = shard_data(
-        args.src,
-        args.out,
-        subsets=[s for s in args.subsets.split(",") if s],
-        shard_size=args.shard_size,
-        workers=args.workers,
-        tokenizer=args.tokenizer or None,
-        images=args.images or None,
-        split=args.split,
-        resume=args.resume,
-        model_config=model_config,
-        holdout=args.holdout or None,
-        part=_parse_part(args.part),
-    )
+    try:
+        with interruptible():
+            manifest = shard_data(
+                args.src,
+                args.out,
+                subsets=[s for s in args.subsets.split(",") if s],
+                shard_size=args.shard_size,
+                workers=args.workers,
+                tokenizer=args.tokenizer or None,
+                images=args.images or None,
+                split=args.split,
+                resume=args.resume,
+                model_config=model_config,
+                holdout=args.holdout or None,
+                part=_parse_part(args.part),
+            )
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (shard_writer.Interrupted)
+        signum = getattr(exc, "signum", signal.SIGINT)
+        _say(
+            f"shard-data stopped by {signal.Signals(signum).name}: the finished shards in {args.out} are kept; "
+            "run the same command with --resume to write the rest"
+        )
+        return 128 + signum
     held = manifest.pop("holdout", None)
     summary = {k: v for k, v in manifest.items() if k not in ("shards", "plan")}
     if held is not None:

@@ -29,10 +29,12 @@ import multiprocessing as mp
 import os
 import re
 import shutil
+import signal
 import tarfile
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -125,32 +127,44 @@ def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
+def _fill_shard(
+    tar: tarfile.TarFile, source: Source, job: ShardJob, counter: TokenCounter | None, progress: Callable[[int], None]
+) -> tuple[int, Counter, list[int]]:
+    """The job's rows into `tar`: (samples written, skip reasons counted, token lengths when counted)."""
+    skips: Counter = Counter()
+    lengths: list[int] = []
+    samples = 0
+    for index, label, row in source.rows(job.start, job.stop):
+        progress(1)
+        try:
+            sample = encode_row(index, label, row)
+        except SkipRow as skip:
+            skips[skip.reason] += 1
+            _log_skip(index, label, skip)
+            continue
+        _add_member(tar, json_member(sample.key), sample.json)
+        for i, (ext, data) in enumerate(sample.images):
+            _add_member(tar, image_member(sample.key, i, ext), data)
+        if counter is not None:
+            lengths.append(counter(sample))
+        samples += 1
+    return samples, skips, lengths
+
+
 def write_shard(
     source: Source, job: ShardJob, out: Path, *, counter: TokenCounter | None, progress: Callable[[int], None]
 ) -> dict:
     """Write one shard atomically and record its stats in .progress/ before it appears under its final name."""
     tmp = out / f".{job.name}.tmp"
-    skips: Counter = Counter()
-    lengths: list[int] = []
-    samples = 0
-    with open(tmp, "wb") as fh:
-        with tarfile.open(fileobj=fh, mode="w", format=tarfile.PAX_FORMAT) as tar:
-            for index, label, row in source.rows(job.start, job.stop):
-                progress(1)
-                try:
-                    sample = encode_row(index, label, row)
-                except SkipRow as skip:
-                    skips[skip.reason] += 1
-                    _log_skip(index, label, skip)
-                    continue
-                _add_member(tar, json_member(sample.key), sample.json)
-                for i, (ext, data) in enumerate(sample.images):
-                    _add_member(tar, image_member(sample.key, i, ext), data)
-                if counter is not None:
-                    lengths.append(counter(sample))
-                samples += 1
-        fh.flush()
-        os.fsync(fh.fileno())
+    try:
+        with open(tmp, "wb") as fh:
+            with tarfile.open(fileobj=fh, mode="w", format=tarfile.PAX_FORMAT) as tar:
+                samples, skips, lengths = _fill_shard(tar, source, job, counter, progress)
+            fh.flush()
+            os.fsync(fh.fileno())
+    except BaseException:  # a stopped or failed writer leaves no temp file (resume would rewrite it anyway)
+        tmp.unlink(missing_ok=True)
+        raise
     stats = {
         "name": job.name,
         "rows": [job.start, job.stop],
@@ -179,8 +193,38 @@ def _write_json_atomic(path: Path, value: Any) -> None:
 _WORKER: dict[str, Any] = {}
 
 
-def _init_worker(source: Source, spec: TokenSpec | None, rows_done: Any) -> None:
-    _WORKER.update(source=source, counter=TokenCounter(spec) if spec else None, rows_done=rows_done)
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM (a scheduler, `kill`) or SIGINT (Ctrl-C) stopped the run: finished shards stay, --resume goes on."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+class _Stopped(Exception):
+    """A writer gave up its shard: the parent asked it to stop, or died (its temp file is rewritten on resume)."""
+
+
+@contextmanager
+def interruptible() -> Iterator[None]:
+    """SIGTERM raises Interrupted in the main thread, as Ctrl-C raises KeyboardInterrupt, so the writers are told
+    to stop and the pool is shut down: `kill PID` left the spawned writers running, orphaned, for minutes."""
+
+    def stop(signum: int, _frame: Any) -> None:
+        raise Interrupted(signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _init_worker(source: Source, spec: TokenSpec | None, rows_done: Any, stop: Any, parent: int) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the parent decides, once
+    _WORKER.update(
+        source=source, counter=TokenCounter(spec) if spec else None, rows_done=rows_done, stop=stop, parent=parent
+    )
 
 
 def _worker_write(job: ShardJob, out: Path) -> dict:
@@ -191,6 +235,8 @@ def _worker_write(job: ShardJob, out: Path) -> dict:
         pending += n
         if pending >= 16:
             flush()
+        if _WORKER["stop"].is_set() or os.getppid() != _WORKER["parent"]:  # per row: a parent SIGKILLed too
+            raise _Stopped(job.name)
 
     def flush() -> None:
         nonlocal pending
@@ -217,10 +263,9 @@ def _run_jobs(source: Source, jobs: list[ShardJob], out: Path, counter: TokenCou
             return
         # spawn, not fork: the parent may hold tokenizer and Arrow threads, which a fork would copy mid-flight.
         ctx = mp.get_context("spawn")
-        rows_done = ctx.Value("q", 0)
-        pool = ProcessPoolExecutor(
-            min(workers, len(jobs)), mp_context=ctx, initializer=_init_worker, initargs=(source, spec, rows_done)
-        )
+        rows_done, stop = ctx.Value("q", 0), ctx.Event()
+        args = (source, spec, rows_done, stop, os.getpid())
+        pool = ProcessPoolExecutor(min(workers, len(jobs)), mp_context=ctx, initializer=_init_worker, initargs=args)
         try:
             pending = {pool.submit(_worker_write, job, out) for job in jobs}
             while pending:
@@ -228,6 +273,9 @@ def _run_jobs(source: Source, jobs: list[ShardJob], out: Path, counter: TokenCou
                 for future in done:
                     future.result()  # a writer's exception stops the run; finished shards stay resumable
                 bar.update(rows_done.value - bar.n)
+        except BaseException:
+            stop.set()  # the others give up their shards at the next row rather than finishing them
+            raise
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
 
