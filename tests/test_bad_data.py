@@ -172,6 +172,35 @@ def test_a_16_bit_png_written_by_shard_data_trains_as_mid_grey(tok, tmp_path: Pa
     assert pixels.shape[0] == 5 and torch.equal(pixels, torch.full_like(pixels, 128) / 255)
 
 
+def test_a_photo_stored_sideways_trains_upright_as_datasets_decodes_it(tok, tmp_path: Path) -> None:
+    """A JPEG stored 80 x 40 with EXIF orientation 6 (a phone held upright): Hugging Face datasets (what nanoVLM
+    trains from) turns it upright, 40 x 80. The toolkit kept the stored pixels, so it trained sideways, on another
+    tile grid. Its shard-data count, loader grid and tiles now equal nanoVLM's processing of datasets' image."""
+    import datasets
+
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 80, 3), dtype=np.uint8)).save(
+        buf, format="JPEG", quality=95, exif=exif
+    )
+    raw = buf.getvalue()
+    feature = datasets.Features({"image": datasets.Image()})
+    want_img = datasets.Dataset.from_dict({"image": [{"bytes": raw, "path": None}]}, features=feature)[0]["image"]
+    assert want_img.size == (40, 80)
+    row = {"images": [raw], "texts": meta("phone")["texts"]}
+    manifest = write_shards(ListSource("rows", [row]), tmp_path / "out", shard_size="1MB")
+    cfg = tiny_config(tok, str(tmp_path / "out"))
+    spec = DecodeSpec.from_config(cfg)
+    want, want_grid = process_image(want_img, tile=spec.tile, max_side=spec.max_side, resize_to_max=spec.resize_to_max)
+    assert want_grid == (2, 1)  # upright: two tiles high, one wide (stored sideways it is (1, 2))
+    path = str(tmp_path / "out" / fmt.shard_name(0))
+    (_, key, files), *_ = list(ShardScan(path))
+    sample = decode_sample(RawSample((0, 0, 0), key, path, files), load_tokenizer(cfg.model), spec)
+    assert sample.grids == [want_grid] and torch.equal(load_tiles(sample, spec), want)
+    assert manifest["samples"] == 1 and stats(tok, tmp_path / "out")["tiles_per_pack"] == 3  # 2 tiles + global
+
+
 # ---------------------------------------------------------------------------------------------- stalled pipes
 
 

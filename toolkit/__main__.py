@@ -268,9 +268,11 @@ def _read_image(path: str):
     wrong path costs no load; a file that is missing or not an image PIL reads is one line naming it."""
     from PIL import Image, UnidentifiedImageError
 
+    from toolkit.data.images import to_rgb
+
     try:
         with Image.open(path) as img:
-            return img.convert("RGB")
+            return to_rgb(img)  # upright, and a 16-bit image scaled, as training reads it
     except UnidentifiedImageError:
         raise UserError(f"--image {path} is not an image PIL can read; give a JPEG, PNG or WebP file") from None
     except Image.DecompressionBombError as exc:  # PIL's guard against images too large to decode safely

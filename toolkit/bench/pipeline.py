@@ -36,7 +36,7 @@ from toolkit.bench.packing import nanovlm_knapsack
 from toolkit.config import Config, load_config
 from toolkit.data.collate import Encoded, collate
 from toolkit.data.conversation import encode_sample
-from toolkit.data.images import process_image
+from toolkit.data.images import process_image, to_rgb
 from toolkit.data.packing import Packer
 from toolkit.data.shards import DecodeSpec, ShardScan, image_grid, image_members, resolve_shards
 from toolkit.data.texts import parse_texts
@@ -260,7 +260,7 @@ def _knapsack(samples: Iterable[Encoded], cfg: Config) -> Iterator[list[Encoded]
 
 def _decode(data: bytes) -> Image.Image:
     with Image.open(io.BytesIO(data)) as img:
-        return img.convert("RGB")
+        return to_rgb(img)
 
 
 def _drain(it: Iterable) -> int:

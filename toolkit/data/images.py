@@ -12,7 +12,7 @@ import math
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageOps
 
 
 def target_size(h: int, w: int, *, tile: int, max_side: int, resize_to_max: bool) -> tuple[int, int]:
@@ -69,11 +69,36 @@ def process_image(
 WIDE_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
 
 
+EXIF_ORIENTATION = 0x0112
+SIDEWAYS = (5, 6, 7, 8)  # orientations that turn the stored image a quarter turn: width and height swap
+
+
+def orientation(img: Image.Image) -> int:
+    """The EXIF orientation tag (1 = as stored, the default); a broken EXIF block counts as none."""
+    try:
+        return int(img.getexif().get(EXIF_ORIENTATION) or 1)
+    except Exception:  # PIL raises SyntaxError, struct.error, ValueError ... on a cut or odd EXIF block
+        return 1
+
+
+def upright(img: Image.Image) -> Image.Image:
+    """The image as a viewer shows it: a phone photo stored sideways with an EXIF orientation is turned upright,
+    as Hugging Face datasets' Image feature (what nanoVLM trains from) and transformers' load_image do."""
+    return ImageOps.exif_transpose(img) if orientation(img) != 1 else img
+
+
+def upright_size(img: Image.Image) -> tuple[int, int]:
+    """(width, height) after `upright`, from the header: the tile grid is planned before the full decode."""
+    w, h = img.size
+    return (h, w) if orientation(img) in SIDEWAYS else (w, h)
+
+
 def to_rgb(img: Image.Image) -> Image.Image:
-    """Any decoded image -> 8-bit RGB. Integer modes are read as 16-bit (0..65535, what PNG and TIFF store; the
-    32-bit mode I is how Pillow opens 16-bit files) and scaled by 255 / 65535 with rounding; float images (mode F,
-    e.g. a float TIFF) as 0..1. Values outside the range are clipped, NaN is black. Other modes convert as in
-    nanoVLM (P, L, CMYK ... ; alpha is dropped)."""
+    """Any decoded image -> 8-bit RGB, upright (its EXIF orientation applied). Integer modes are read as 16-bit
+    (0..65535, what PNG and TIFF store; the 32-bit mode I is how Pillow opens 16-bit files) and scaled by
+    255 / 65535 with rounding; float images (mode F, e.g. a float TIFF) as 0..1. Values outside the range are
+    clipped, NaN is black. Other modes convert as in nanoVLM (P, L, CMYK ... ; alpha is dropped)."""
+    img = upright(img)
     if img.mode not in WIDE_MODES:
         return img.convert("RGB")
     values = np.nan_to_num(np.asarray(img, dtype=np.float64), nan=0.0)

@@ -57,7 +57,7 @@ from toolkit.data.format import (
     place_images,
     split_member,
 )
-from toolkit.data.images import process_image, target_size, tile_count
+from toolkit.data.images import process_image, target_size, tile_count, upright_size
 from toolkit.data.streams import PipeStream, ShardStalled, UrlStream
 from toolkit.data.texts import Skip, parse_texts
 from toolkit.data.tokenizer import VLMTokenizer
@@ -662,7 +662,7 @@ def image_grid(data: bytes, spec: DecodeSpec) -> tuple[int, int]:
     """Tile grid from the image header alone; the full decode waits until the sample is collated."""
     try:
         with Image.open(io.BytesIO(data)) as img:
-            w, h = img.size
+            w, h = upright_size(img)
     except (OSError, ValueError, Image.DecompressionBombError) as exc:
         raise Skip(BAD_IMAGE, str(exc)) from exc
     th, tw = target_size(h, w, tile=spec.tile, max_side=spec.max_side, resize_to_max=spec.resize_to_max)

@@ -18,7 +18,7 @@ from typing import Any
 from PIL import Image
 
 from toolkit.data.format import MISSING_IMAGE, NO_TEXTS, PLACEHOLDER_MISMATCH, UNREADABLE_IMAGE, WRONG_TYPE
-from toolkit.data.images import to_rgb
+from toolkit.data.images import to_rgb, upright_size
 from toolkit.data.prepare.sources import IMAGE_KEYS, BadRow, _encode_json, _is_json
 
 _EXTENSIONS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "BMP": "bmp", "TIFF": "tiff"}
@@ -114,7 +114,7 @@ def _inspect_image(data: bytes) -> tuple[str, tuple[int, int]]:
         with Image.open(io.BytesIO(data)) as img:
             img.load()
             to_rgb(img)
-            return _EXTENSIONS.get(img.format or "", (img.format or "bin").lower()), img.size
+            return _EXTENSIONS.get(img.format or "", (img.format or "bin").lower()), upright_size(img)
     except Exception as exc:  # PIL raises OSError, ValueError, SyntaxError, DecompressionBombError ...
         raise SkipRow(UNREADABLE_IMAGE, f"{type(exc).__name__}: {exc}") from exc
 
