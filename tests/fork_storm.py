@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from toolkit.data.loader import worker_context
+from toolkit.data.workers import worker_context
 
 ENTER = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_void_p)(lambda _: None)  # a ctypes callback: PyGILState_Ensure
 LIBC = ctypes.CDLL(None)

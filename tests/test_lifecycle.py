@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -304,6 +305,55 @@ def test_sigterm_checkpoints_the_current_step_and_exits_zero(synth, tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     assert [m["step"] for m in train_steps(run)][-3:] == [last, last + 1, last + 2]
     _check_metrics(run)
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process under `pid` (loader workers, the fork server, multiprocessing's resource tracker)."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parents[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError):  # gone meanwhile
+            continue
+    found, todo = [], [pid]
+    while todo:
+        pid = todo.pop()
+        kids = [p for p, parent in parents.items() if parent == pid]
+        found += kids
+        todo += kids
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the loader's processes in /proc (Linux)")
+def test_a_job_wide_stop_signal_leaves_the_loaders_processes_to_the_rank(synth, tmp_path):
+    """SLURM's preemption signal reaches every process of the job. Loader workers, the fork server and the resource
+    tracker died of SIGTERM / SIGUSR1, so the rank's next batch failed ("DataLoader worker exited unexpectedly")
+    before its stop checkpoint. Here they get both signals while the run goes on; it trains on, and the rank's
+    own SIGTERM then stops it at a checkpoint of the step it reached, exit 0."""
+    run = tmp_path / "group"
+    args = [*common(synth, steps=400), "backend.name=single", "data.num_workers=2", "data.prefetch_factor=1",
+            "train.checkpoint_interval=0", f"train.run_dir={run}"]  # fmt: skip
+    proc = subprocess.Popen([sys.executable, "-m", "toolkit", "train", "--config", "tiny", *args], env=ENV, cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    deadline = time.time() + 240
+    while not (run / "metrics.jsonl").exists() or len(train_steps(run)) < 3:
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
+        time.sleep(0.2)
+    helpers = _descendants(proc.pid)
+    assert len(helpers) >= 3, helpers  # two workers and at least the resource tracker
+    for sig in (signal.SIGUSR1, signal.SIGTERM):
+        for pid in helpers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+    reached = len(train_steps(run))
+    while len(train_steps(run)) < reached + 4:  # it trains on: new batches come from the same workers
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
+        time.sleep(0.2)
+    assert all(Path(f"/proc/{pid}").exists() for pid in helpers)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0 and "Traceback" not in err, err[-3000:]
+    assert RunDir(run).latest().name == f"step_{train_steps(run)[-1]['step']}"
 
 
 def _check_metrics(run: Path) -> None:

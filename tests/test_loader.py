@@ -16,6 +16,7 @@ from PIL import Image
 from shardgen import Spec, batch_keys, tiny_config, write_shard
 
 from toolkit.data import loader as loader_module
+from toolkit.data import workers
 from toolkit.data.batch import Batch
 from toolkit.data.collate import IGNORE, Encoded, collate
 from toolkit.data.conversation import encode_sample
@@ -331,11 +332,11 @@ def test_every_worker_start_method_gives_fork_batches_and_state(tok, mixed, meth
 
 def test_auto_worker_start_is_forkserver_where_fork_can_deadlock(monkeypatch) -> None:
     for version, expected in (((3, 11, 7), "forkserver"), ((3, 12, 0), None), ((3, 13, 1), None)):
-        monkeypatch.setattr(loader_module.sys, "version_info", version)
-        context = loader_module.worker_context("auto")
+        monkeypatch.setattr(workers.sys, "version_info", version)
+        context = workers.worker_context("auto")
         assert (context.get_start_method() if context else None) == expected, version
-    assert loader_module.worker_context("fork") is None
-    assert loader_module.worker_context("spawn").get_start_method() == "spawn"
+    assert workers.worker_context("fork") is None
+    assert workers.worker_context("spawn").get_start_method() == "spawn"
 
 
 @pytest.mark.slow  # 1000 process starts: about 30 s on 2 cores

@@ -13,17 +13,10 @@ rows to keep the shape. Note that readers (and so ranks) can end a finite pass a
 
 from __future__ import annotations
 
-import functools
-import multiprocessing
-import multiprocessing.context
-import multiprocessing.forkserver
 import os
-import select
-import sys
-import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -58,6 +51,7 @@ from toolkit.data.shards import (
     worker_layout,
 )
 from toolkit.data.tokenizer import VLMTokenizer, load_tokenizer
+from toolkit.data.workers import exit_with, start_helpers, worker_context
 
 STATE_FORMAT = "nanovlm-scale-stream/1"
 TURNS_FORMAT = "nanovlm-scale-turns/1"
@@ -444,66 +438,6 @@ def stream_spec(cfg: Config, sets: list[ShardSet], tok: VLMTokenizer, *, finite:
     )
 
 
-def worker_context(method: str, preload: Sequence[str] = ()) -> multiprocessing.context.BaseContext | None:
-    """How loader workers start (data.worker_start); None is torch's default, fork.
-
-    A training process has threads (gloo's, the engines', TensorBoard's). On Python 3.11 and older, a fork made
-    while a C++ thread was entering Python inherits the interpreter's thread-list lock held, and the child blocks on
-    it before running a line (CPython gh-112275, fixed in 3.12): seen here as a ZeRO-3 rank stuck forever starting
-    its validation loader's worker while the other rank waited in a collective. A fork server is one process of
-    its own, started without those threads, that forks every worker. It imports this module and `preload` (the
-    tokenizer's module: unpickling the tokenizer would import transformers in every worker) once, when it starts,
-    so that a worker starts in tens of milliseconds. As with spawn, a worker imports the main module again unless
-    it was run with `-m` (`python -m toolkit train`, torchrun's `-m toolkit`): scripts need the `__main__` guard.
-    """
-    if method == "auto":
-        method = "fork" if sys.version_info >= (3, 12) else "forkserver"
-    if method == "fork":
-        return None
-    context = multiprocessing.get_context(method)
-    if method == "forkserver":
-        context.set_forkserver_preload([__name__, *preload])
-        multiprocessing.forkserver.ensure_running()  # its imports overlap the model's set-up, not the first batch
-    return context
-
-
-def exit_with(pid: int) -> Callable[[int], None]:
-    """A worker_init_fn that ends the worker when process `pid` (the rank that owns the loader) ends.
-
-    A fork-server worker is the server's child, and torch's workers only watch their parent: a rank killed with
-    SIGKILL (an elastic restart, a lost node's peer) would leave its workers, and with them the server, waiting
-    forever, holding memory and the rank's output pipes. The worker watches the rank through a pidfd instead (Linux
-    5.3+; elsewhere it polls the pid every second).
-    """
-    return functools.partial(_watch_owner, pid)
-
-
-def _watch_owner(pid: int, worker_id: int) -> None:
-    def watch() -> None:
-        try:
-            fd = os.pidfd_open(pid)
-        except ProcessLookupError:
-            os._exit(1)
-        except (AttributeError, OSError):  # no pidfd here: poll
-            while _alive(pid):
-                time.sleep(1.0)
-            os._exit(1)
-        select.select([fd], [], [])  # readable once the process has ended
-        os._exit(1)
-
-    threading.Thread(target=watch, name=f"owner-watch-{worker_id}", daemon=True).start()
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)  # signal 0: only asks whether the process exists
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # it exists, as another user's process
-        pass
-    return True
-
-
 def build_loader(
     cfg: Config,
     *,
@@ -535,6 +469,7 @@ def build_loader(
     workers = cfg.data.num_workers
     context = worker_context(cfg.data.worker_start, [type(tok.hf).__module__]) if workers > 0 else None
     if workers > 0:
+        start_helpers()
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # forked workers each tokenize on one thread
     with warnings.catch_warnings():  # torchdata 0.11 calls a torch API that torch 2.13 deprecates
         warnings.filterwarnings("ignore", message=".*set_vital.*")
@@ -543,7 +478,7 @@ def build_loader(
             batch_size=None,
             num_workers=workers,
             multiprocessing_context=context,
-            worker_init_fn=exit_with(os.getpid()) if context is not None else None,  # fork: torch's own watch
+            worker_init_fn=exit_with(os.getpid()) if workers > 0 else None,
             prefetch_factor=cfg.data.prefetch_factor if workers > 0 else None,
             pin_memory=torch.cuda.is_available(),
         )
