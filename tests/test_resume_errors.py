@@ -342,3 +342,19 @@ def test_a_stage_started_from_a_folder_keeps_its_tower_names(runs, synth, tmp_pa
     saved = yaml.safe_load((run / "config.yaml").read_text())["model"]
     for names in (exported, saved):
         assert (names["vit_model_type"], names["lm_model_type"]) == ("acme/vision-tower", "acme/decoder")
+
+
+def test_a_metrics_line_cut_short_does_not_block_the_resume(runs, synth, tmp_path, caplog):
+    """A full disk or a node's crash can cut metrics.jsonl's last line; every resume then failed with a
+    JSONDecodeError on rank 0 (and a torchrun restart repeated it). The line is dropped with a warning, the run
+    resumes, and each step is logged once."""
+    import json
+
+    run = copy_run(runs, "single", tmp_path)
+    with open(run / "metrics.jsonl", "a") as fh:
+        fh.write('{"step": 3, "lo')
+    with caplog.at_level(logging.WARNING):
+        assert cli.main(train_args(synth, run, steps=3)) == 0
+    assert any("dropped 1 line(s)" in r.getMessage() for r in caplog.records)
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines if "loss" in m] == [1, 2, 3]

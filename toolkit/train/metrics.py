@@ -80,6 +80,24 @@ def _quiet_tensorboard_thread_errors() -> None:
     threading.excepthook = hook
 
 
+def _lines_up_to(path: Path, step: int) -> list[str]:
+    """metrics.jsonl's lines of steps up to `step`. A line that is not a step's JSON (the last one, cut by a full
+    disk or a node's crash mid-write) is dropped with a warning: it failed every resume with a JSONDecodeError."""
+    kept, bad = [], 0
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+            logged = int(record["step"])
+        except (ValueError, TypeError, KeyError):  # JSONDecodeError is a ValueError
+            bad += line.strip() != ""
+            continue
+        if logged <= step:
+            kept.append(line)
+    if bad:
+        log.warning("%s: dropped %d line(s) that are not a step's JSON (a write cut short)", path, bad)
+    return kept
+
+
 class MetricsWriter:
     """Rank 0 writes; other ranks hold a no-op writer so call sites never ask which rank they are on."""
 
@@ -115,10 +133,10 @@ class MetricsWriter:
         if use_wandb:  # before the files below are opened: a start that W&B refuses leaves none open
             self._wandb = WandbSink(run_root, project=wandb_project, mode=wandb_mode, config=run_config)
         path = run_root / "metrics.jsonl"
-        kept = []
-        if resume_step and path.exists():
-            kept = [ln for ln in path.read_text().splitlines() if json.loads(ln)["step"] <= resume_step]
-        path.write_text("".join(ln + "\n" for ln in kept))
+        kept = _lines_up_to(path, resume_step) if resume_step and path.exists() else []
+        tmp = path.with_name(f".{path.name}.tmp")  # replaced whole: a crash here leaves the old file, not half
+        tmp.write_text("".join(ln + "\n" for ln in kept))
+        tmp.replace(path)
         self._jsonl = open(path, "a")  # noqa: SIM115 - kept open for the run
         from torch.utils.tensorboard import SummaryWriter
 
