@@ -356,6 +356,39 @@ def test_a_job_wide_stop_signal_leaves_the_loaders_processes_to_the_rank(synth, 
     assert RunDir(run).latest().name == f"step_{train_steps(run)[-1]['step']}"
 
 
+@pytest.mark.multiproc
+def test_a_second_run_on_a_run_folder_in_use_is_refused_on_every_rank(synth, tmp_path):
+    """Two runs on one train.run_dir both trained (every step twice in metrics.jsonl, one deleting the other's
+    checkpoint folder). A second run, on one rank or on two, is refused in one line naming the first; once the
+    first has ended (here: SIGKILL, no clean-up) the folder is free again."""
+    run = tmp_path / "busy"
+    args = [*common(synth, steps=400), "backend.name=single", "data.num_workers=0", "train.checkpoint_interval=0",
+            f"train.run_dir={run}"]  # fmt: skip
+    first = subprocess.Popen([sys.executable, "-m", "toolkit", "train", "--config", "tiny", *args], env=ENV,
+                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        deadline = time.time() + 240
+        while not (run / "metrics.jsonl").exists() or len(train_steps(run)) < 2:
+            assert first.poll() is None and time.time() < deadline, first.communicate()[1][-3000:]
+            time.sleep(0.2)
+        second = python("-m", "toolkit", "train", "--config", "tiny", *args)
+        assert second.returncode == 2, second.stderr[-3000:]
+        line = second.stderr.strip().splitlines()[-1]
+        assert "is in use by another run" in line and f"pid {first.pid}" in line, line
+        two = subprocess.run(torchrun(2, "-m", "toolkit", "train", "--config", "tiny", *args[:-2],
+                                      "backend.name=ddp", f"train.run_dir={run}"),
+                             env=ENV, cwd=REPO, capture_output=True, text=True, timeout=300)  # fmt: skip
+        assert two.returncode != 0 and two.stderr.count("is in use by another run") == 2, two.stderr[-3000:]
+        assert first.poll() is None
+    finally:
+        first.kill()
+        first.communicate()
+    steps = [m["step"] for m in train_steps(run)]
+    assert steps == sorted(set(steps))  # no step logged twice
+    assert python("-m", "toolkit", "train", "--config", "tiny", *args[:-1], f"train.run_dir={run}",
+                  "train.max_training_steps=1").returncode == 0  # fmt: skip
+
+
 def _check_metrics(run: Path) -> None:
     """metrics.jsonl and the TensorBoard event file carry the same scalars (read back with tensorboard)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

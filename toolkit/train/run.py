@@ -44,6 +44,7 @@ from toolkit.train.preflight import (
     saved_config,
 )
 from toolkit.train.profiling import StepProfiler
+from toolkit.train.run_lock import RunLock
 from toolkit.train.trainer import Trainer, TrainerState
 from toolkit.train.validation import validation_loss
 
@@ -169,7 +170,7 @@ def check_init_and_resume(cfg: Config, run: RunDir, resume_from: Path | None) ->
     dist.log0("%s started from %s and has checkpoints: continuing it from %s", run.root, init, resume_from)
 
 
-def _build(cfg: Config, backend, tokenizer):
+def _build(cfg: Config, backend, tokenizer, lock: RunLock | None = None):
     from toolkit.data.loader import build_loader
     from toolkit.model import VisionLanguageModel
     from toolkit.model.hub import load_backbones, load_weights_from
@@ -179,6 +180,8 @@ def _build(cfg: Config, backend, tokenizer):
     env = backend.env
     backend.start_process_group()
     check_same_config(cfg)
+    if lock is not None:
+        lock.claim()  # after the configs agree: every rank names the same folder
     dist.seed_everything(cfg.train.seed)  # identical initial weights on every rank
     model = VisionLanguageModel(cfg.model)
     if cfg.model.vision_backbone or cfg.model.language_backbone:
@@ -295,11 +298,12 @@ def run_training(cfg: Config) -> list[dict[str, Any]]:
     prepared = prepare_run(cfg, dist.dist_env())
     backend, tokenizer, run, resume_from = prepared.backend, prepared.tokenizer, prepared.run, prepared.resume_from
     del prepared
-    loader = None
+    loader, lock = None, RunLock(run.root)
     try:
-        loader = _build(cfg, backend, tokenizer)
+        loader = _build(cfg, backend, tokenizer, lock)
         history = _train(cfg, run, resume_from, backend=backend, loader=loader, tokenizer=tokenizer)
     finally:
+        lock.release()
         backend.close()
         # The model, optimizer and loader go (with their reference cycles) while the interpreter is whole, and
         # with them the collectives' last work objects, before destroy_process_group, not in the teardown.
