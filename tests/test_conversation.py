@@ -87,3 +87,27 @@ def test_a_chat_template_gets_the_variables_transformers_gives_it(synth_tok) -> 
     assert tok.render(messages) == hf_text and synth_tok.hf.eos_token in hf_text
     with pytest.raises(Exception, match="no system turns"):
         tok.render([{"role": "system", "content": "x"}])
+
+
+def test_nanovlms_markers_in_a_prompt_are_removed_as_in_training(synth_tok) -> None:
+    """`generate --prompt "<|image|> what is it?"` and eval questions holding nanoVLM's markers failed in the
+    model's forward (one image token more than the tiles give); training strips them. The prompt ids, from both
+    prompt builders, are those of the question without them, and the forward takes them."""
+    import torch
+    from PIL import Image
+
+    from toolkit.data.conversation import encode_prompt
+    from toolkit.evaluate import prompt_inputs
+    from toolkit.model import VisionLanguageModel
+
+    marked = f"what is {synth_tok.token('image_token')} this {synth_tok.token('r1c1')}?"
+    plain = "what is  this ?"
+    for grids in ([], [(1, 2)]):
+        assert encode_prompt(synth_tok, marked, grids, 4) == encode_prompt(synth_tok, plain, grids, 4)
+    base = synth_tok.image_token_id - list(tiny_model_config().vlm_extra_tokens).index("image_token")
+    model = VisionLanguageModel(tiny_model_config(lm_base_vocab_size=base, lm_vocab_size=base + 66)).eval()
+    image = Image.new("RGB", (40, 30), "grey")
+    ids, pixels = prompt_inputs(model, synth_tok, [image], marked)
+    assert ids == prompt_inputs(model, synth_tok, [image], plain)[0]
+    with torch.no_grad():
+        model(torch.tensor([ids]), pixel_values=pixels)  # its image-token count check passes

@@ -101,6 +101,7 @@ def prompt_inputs(
     pixels, grids = tiles_for(model, images)
     n = model.cfg.mp_image_token_length
     images_text = image_string(tok, grids, n) if image_tags else "".join(image_string(tok, [g], n) for g in grids)
+    question = tok.markers.sub("", question)  # nanoVLM's markers are the toolkit's to place, as in training
     text = tok.render([{"role": "user", "content": images_text + question}], add_generation_prompt=True)
     ids = tok.encode(text + answer_prefix)
     return ids, pixels.to(next(model.parameters()).device) if pixels is not None else None

@@ -64,6 +64,9 @@ def encode_sample(
 
 
 def encode_prompt(tok: VLMTokenizer, question: str, grids: list[tuple[int, int]], tokens_per_tile: int) -> list[int]:
-    """A user question (with its images) rendered up to the assistant's turn, for generation."""
+    """A user question (with its images) rendered up to the assistant's turn, for generation. nanoVLM's markers in
+    the question (`<|image|>` ...) are removed, as training removes them: left in, each was an image token without
+    an image, and the model's forward failed on the count."""
+    question = tok.markers.sub("", question)
     messages = [{"role": "user", "content": image_string(tok, grids, tokens_per_tile) + question}]
     return tok.encode(tok.render(messages, add_generation_prompt=True))
