@@ -164,3 +164,22 @@ def test_a_zero0_run_exports_offline_what_it_exported_live(precision, tmp_path) 
     assert live.keys() == offline.keys() and all(torch.equal(live[k], offline[k]) for k in live)
     proj = live["MP.proj.weight"]
     assert proj.dtype == torch.float32 and not torch.equal(proj.bfloat16().float(), proj)  # masters, not bf16
+
+
+def test_a_run_folder_as_checkpoint_finds_the_readmes_export_final(run, tmp_path) -> None:
+    """README exports to RUN/export/final and then generates from it; `--checkpoint RUN` said the run had "no
+    exports" (only best and step_N were looked for). Best comes first, else the newest export of any name."""
+    import os
+    import shutil
+
+    from toolkit.evaluate import nanovlm_folder
+
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("export"))
+    assert cli.main(["export", str(copy), str(copy / "export" / "final")]) == 0
+    assert nanovlm_folder(copy) == copy / "export" / "final"
+    assert cli.main(["export", str(copy), str(copy / "export" / "step_2")]) == 0
+    os.utime(copy / "export" / "final" / "config.json", (2e9, 2e9))  # written later than step_2
+    assert nanovlm_folder(copy) == copy / "export" / "final"
+    shutil.copytree(copy / "export" / "step_2", copy / "export" / "best")
+    assert nanovlm_folder(copy) == copy / "export" / "best"

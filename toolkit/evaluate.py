@@ -179,7 +179,7 @@ def answer_accuracy(
 
 
 def nanovlm_folder(path: str | Path) -> Path:
-    """A nanoVLM-format folder itself, or a run folder's best export (else its newest exported step)."""
+    """A nanoVLM-format folder itself, or a run folder's best export (else its newest export)."""
     from toolkit.export.run import refuse_hf_export
 
     path = Path(path)
@@ -189,14 +189,17 @@ def nanovlm_folder(path: str | Path) -> Path:
     if (path / "config.json").exists():
         return path
     exports = path / "export"
-    candidates = [exports / "best"] if (exports / "best" / "config.json").exists() else []
-    candidates += sorted(exports.glob("step_*"), key=lambda p: int(p.name.split("_")[1]), reverse=True)
+    # Every export under RUN/export (best, step_N, the README's `export RUN RUN/export/final` ...): best first,
+    # then the newest written. Only best and step_N were looked for: RUN/export/final was "no exports".
+    made = [p for p in exports.glob("*") if (p / "config.json").is_file() and p.name != "best"]
+    candidates = [exports / "best"] if (exports / "best" / "config.json").is_file() else []
+    candidates += sorted(made, key=lambda p: (p / "config.json").stat().st_mtime, reverse=True)
     if not candidates:
         kind = "a training checkpoint" if (path / "trainer.json").is_file() else "no nanoVLM checkpoint (config.json)"
         raise FileNotFoundError(
             f"{path} holds {kind} and no exports; run `python -m toolkit export {path} OUT` first and pass OUT"
         )
-    log.info("--checkpoint %s: using its export %s", path, candidates[0])  # best, else the newest step
+    log.info("--checkpoint %s: using its export %s", path, candidates[0])  # best, else the newest
     return candidates[0]
 
 
