@@ -7,6 +7,7 @@ One 2-step run per backend (single, and fsdp on one rank) is trained in this pro
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 from pathlib import Path
 
@@ -70,8 +71,10 @@ def refused(args: list[str], capsys, *, code: int = 2) -> str:
 
 
 def snapshot(run: Path) -> dict[str, bytes]:
-    """Every file of a run folder that a refused resume must leave as it was."""
-    return {str(p.relative_to(run)): p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
+    """Every file of a run folder that a refused resume must leave as it was (but .lock, which names the last
+    process that claimed the folder)."""
+    files = (p for p in sorted(run.rglob("*")) if p.is_file() and p.name != ".lock")
+    return {str(p.relative_to(run)): p.read_bytes() for p in files}
 
 
 def test_resume_with_another_model_backend_or_frozen_group_is_refused_before_anything_is_written(
@@ -358,3 +361,33 @@ def test_a_metrics_line_cut_short_does_not_block_the_resume(runs, synth, tmp_pat
     assert any("dropped 1 line(s)" in r.getMessage() for r in caplog.records)
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in lines if "loss" in m] == [1, 2, 3]
+
+
+@pytest.mark.multiproc
+def test_a_single_gpu_run_continues_under_ddp_and_back(runs, synth, tmp_path):
+    """`single` and `ddp` write the same files, yet a single-GPU run moved to torchrun was refused ("written by
+    backend single") and pointed at init_from, which drops the optimizer, schedule and data position. Continued
+    under DDP on one rank it trains the very steps `single` trains (bit for bit); on two ranks it trains, and its
+    checkpoint continues under `single` again."""
+    import json
+    import subprocess
+
+    from conftest import CPU_ENV, REPO, torchrun
+
+    def ddp(run: Path, nproc: int, steps: int) -> None:
+        args = train_args(synth, run, "backend.name=ddp", steps=steps)
+        done = subprocess.run(torchrun(nproc, "-m", "toolkit", *args), env={**os.environ, **CPU_ENV}, cwd=REPO,
+                              capture_output=True, text=True, timeout=300)  # fmt: skip
+        assert done.returncode == 0, done.stderr[-3000:]
+
+    def losses(run: Path) -> dict[int, float]:
+        lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        return {m["step"]: m["loss"] for m in lines if "loss" in m}
+
+    alone, one, two = (copy_run(runs, "single", tmp_path / name) for name in ("alone", "one", "two"))
+    assert cli.main(train_args(synth, alone, steps=4)) == 0
+    ddp(one, 1, 4)
+    assert losses(one) == losses(alone) and len(losses(alone)) == 4
+    ddp(two, 2, 3)
+    assert ckpt.RunDir(two).latest().name == "step_3"
+    assert cli.main(train_args(synth, two, steps=4)) == 0 and sorted(losses(two)) == [1, 2, 3, 4]

@@ -376,8 +376,12 @@ def restore_checkpoint(path: Path, *, backend, loader) -> dict:
 
 def check_resumable(path: Path, meta: dict, *, backend) -> None:
     """The checkpoint's backend and world size against this run's (preflight calls it before anything starts)."""
+    from toolkit.train.backends import BACKENDS, backend_class
+
     saved_world, world = meta["world_size"], backend.env.world_size
-    if meta["backend"] != backend.name:
+    fmt = backend.checkpoint_format
+    same_files = fmt != "" and meta["backend"] in BACKENDS and backend_class(meta["backend"]).checkpoint_format == fmt
+    if meta["backend"] != backend.name and not same_files:  # single <-> ddp: the same files
         raise ConfigError(
             f"backend.name={backend.name}, but the checkpoint to resume ({path}) was written by backend "
             f"{meta['backend']}; resume with backend.name={meta['backend']}, or start a new train.run_dir with "

@@ -180,6 +180,8 @@ class Backend(ABC):
 
     name = ""
     capabilities = Capabilities(distributed=True, reshardable=False)
+    # Backends that write the same checkpoint files resume each other's (`single` <-> `ddp`); "" = its own only.
+    checkpoint_format = ""
 
     def __init__(self, cfg: Config, *, env: DistEnv, device: torch.device) -> None:
         self.cfg = cfg

@@ -40,8 +40,9 @@ class SingleBackend(TorchOptimizerBackend):
     """One process, one device; also the reference every other backend is tested against."""
 
     name = "single"
-    # One full copy: a checkpoint loads onto any world size.
+    # One full copy: a checkpoint loads onto any world size, and under ddp (which inherits the format).
     capabilities = Capabilities(distributed=False, reshardable=True, async_save=True)
+    checkpoint_format = "full-replica"
     _writer = None  # the background checkpoint thread, started by the first save_async
     _staging: tuple[list, list[int]] | None = None  # the last save_async's host buffers, refilled by the next one
 
