@@ -69,7 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--world", type=int, default=1, help="ranks the checked run will have (with --check)")
     p = sub.choices["shard-data"]
     p.add_argument(
-        "src", nargs="?", help="datasets folder (save_to_disk), parquet/arrow files, cached hub name, or JSONL"
+        "src",
+        nargs="?",
+        help="datasets folder (save_to_disk), parquet/arrow files, cached hub name, JSONL, or a .json list of rows",
     )
     p.add_argument("out", nargs="?", help="output folder for the shards and manifest.json")
     p.add_argument(
@@ -84,7 +86,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--config", default="", help="preset or YAML whose model shapes make the histogram count image tokens exactly"
     )
-    p.add_argument("--images", default="", help="image folder for JSONL input")
+    p.add_argument(
+        "--images",
+        default="",
+        help="folder that relative image paths in the rows start from (default: the folder of SRC's file, or SRC)",
+    )
     p.add_argument("--split", default="train", help="dataset split to read")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run into the same OUT")
     p = sub.choices["synth"]

@@ -4,6 +4,8 @@ One job: the sample format. encode_row either returns a Sample (the `KEY.json` b
 encoded bytes and size) or raises SkipRow with one of format.WRITE_SKIPS, so the writer can count bad rows by reason and
 keep going. Every image is decoded here once, so a corrupt image is found while converting, not while training.
 It reads nothing from disk beyond image paths named in the row; where rows come from is sources.py's job.
+A row's turns come from nanoVLM's `texts`, LLaVA's `conversations` or the chat format's `messages`, whatever
+the source type. nothing_written turns a run that wrote no sample into an error saying why, for the writer.
 """
 
 from __future__ import annotations
@@ -19,7 +21,15 @@ from PIL import Image
 
 from toolkit.data.format import MISSING_IMAGE, NO_TEXTS, PLACEHOLDER_MISMATCH, UNREADABLE_IMAGE, WRONG_TYPE
 from toolkit.data.images import to_rgb, upright_size
-from toolkit.data.prepare.sources import IMAGE_KEYS, BadRow, _encode_json, _is_json
+from toolkit.data.prepare.sources import (
+    IMAGE_KEYS,
+    TURN_KEYS,
+    BadRow,
+    ShardDataError,
+    Source,
+    _encode_json,
+    _is_json,
+)
 
 _EXTENSIONS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "BMP": "bmp", "TIFF": "tiff"}
 
@@ -42,6 +52,7 @@ class Sample:
 
 
 LLAVA_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+CHAT_ROLES = ("user", "assistant")
 
 
 def _llava_turns(conversations: Any) -> list[dict[str, str]]:
@@ -57,16 +68,86 @@ def _llava_turns(conversations: Any) -> list[dict[str, str]]:
             raise SkipRow(WRONG_TYPE, f"conversations message {message!r:.80} is not {{from: human|gpt, value: str}}")
         roles.append(role)
         values.append(message["value"])
-    if roles != ["user", "assistant"] * (len(roles) // 2):  # an odd count fails it too: one role short
-        raise SkipRow(WRONG_TYPE, f"conversations go {'/'.join(roles)[:80]}; give human/gpt pairs, human first")
+    return _paired("conversations", roles, values, "human/gpt")
+
+
+def _chat_turns(messages: Any) -> list[dict[str, str]]:
+    """The chat format of OpenAI and transformers' chat templates (`messages`: [{role: user, content}, {role:
+    assistant, content}, ...]) as nanoVLM's texts; such rows were counted as no_texts with no word of why. As
+    for LLaVA's conversations, a system message or a turn out of order is refused, not guessed at."""
+    if not isinstance(messages, (list, tuple)):
+        raise SkipRow(WRONG_TYPE, f"messages is a {type(messages).__name__}, not a list")
+    roles, values = [], []
+    for message in messages:
+        role = message.get("role") if isinstance(message, dict) else None
+        if role not in CHAT_ROLES:
+            raise SkipRow(
+                WRONG_TYPE, f"messages entry {message!r:.80} is not {{role: user|assistant, content}} (no system role)"
+            )
+        roles.append(role)
+        values.append(_chat_content(message.get("content")))
+    return _paired("messages", roles, values, "user/assistant")
+
+
+def _chat_content(content: Any) -> str:
+    """A message's content as one string: a string as it is, or a list of parts as transformers' chat templates
+    take them ([{type: image}, {type: text, text}]), the texts joined as those templates join them (nothing
+    between) and each image part as LLaVA's `<image>\\n`, so _placeholders checks and strips it as it does
+    LLaVA's. Another part type (image_url, video ...) is refused: its image is not among the row's images."""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, (list, tuple)):
+        raise SkipRow(WRONG_TYPE, f"message content is a {type(content).__name__}, not a string or a list of parts")
+    pieces = []
+    for part in content:
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "image":
+            pieces.append(PLACEHOLDER + "\n")
+        elif kind == "text" and isinstance(part.get("text"), str):
+            pieces.append(part["text"])
+        else:
+            raise SkipRow(
+                WRONG_TYPE,
+                f"message part {part!r:.80} is not {{type: text, text: str}} or {{type: image}} (the row's images "
+                "go under 'images')",
+            )
+    return "".join(pieces)
+
+
+def _paired(key: str, roles: list[str], values: list[str], names: str) -> list[dict[str, str]]:
+    """Alternating user/assistant messages as turns; an odd count fails too (a question without its answer)."""
+    if roles != ["user", "assistant"] * (len(roles) // 2):
+        raise SkipRow(WRONG_TYPE, f"{key} go {'/'.join(roles)[:80]}; give {names} pairs, {names.split('/')[0]} first")
     return [{"user": values[i], "assistant": values[i + 1]} for i in range(0, len(values), 2)]
 
 
-def _check_texts(texts: Any, conversations: Any = None) -> list[dict[str, str]]:
-    if texts is None and conversations is not None:
-        texts = _llava_turns(conversations)
-    if texts is None or (isinstance(texts, (list, tuple)) and not texts):
-        raise SkipRow(NO_TEXTS)
+def _row_turns(row: dict) -> list[dict[str, str]]:
+    """The row's turns from the first of TURN_KEYS it holds (not None): nanoVLM's texts, LLaVA's conversations or
+    the chat format's messages."""
+    key = next((k for k in TURN_KEYS if row.get(k) is not None), None)
+    if key is None:
+        raise SkipRow(NO_TEXTS, _no_turns(row))
+    readers = {"texts": lambda texts: texts, "conversations": _llava_turns, "messages": _chat_turns}
+    texts = readers[key](row[key])
+    if isinstance(texts, (list, tuple)) and not texts:
+        raise SkipRow(NO_TEXTS, f"its '{key}' is empty")
+    return _check_texts(texts)
+
+
+def _no_turns(row: dict) -> str:
+    """What a row without turns has, and what shard-data reads: a source in another format (a `question` and
+    `answer` column, say) was skipped row by row as no_texts with no word of which keys were looked for."""
+    keys = [f"{k} (null)" if v is None else k for k, v in row.items()]
+    shown = ", ".join(keys[:20]) + (f" ... ({len(keys)} keys)" if len(keys) > 20 else "")
+    return (
+        f"the row has no turns; its keys: {shown or 'none'}. shard-data reads turns from 'texts' ([{{user, "
+        "assistant}]), 'conversations' (LLaVA: [{from: human|gpt, value}]) or 'messages' (chat: [{role: "
+        "user|assistant, content}]), and images from 'images' (a list) or 'image' (one): rename the row's keys "
+        "to these"
+    )
+
+
+def _check_texts(texts: Any) -> list[dict[str, str]]:
     if not isinstance(texts, (list, tuple)):
         raise SkipRow(WRONG_TYPE, f"texts is a {type(texts).__name__}, not a list of {{user, assistant}}")
     turns = []
@@ -163,7 +244,7 @@ def encode_row(index: int, label: str, row: Any) -> Sample:
         raise SkipRow(row.reason, row.detail)
     if not isinstance(row, dict):
         raise SkipRow(WRONG_TYPE, f"row is a {type(row).__name__}, not an object")
-    texts = _check_texts(row.get("texts"), row.get("conversations"))
+    texts = _row_turns(row)
     items = _row_items(row)
     texts = _placeholders(texts, len(items))
     images, sizes = [], []
@@ -174,11 +255,31 @@ def encode_row(index: int, label: str, row: Any) -> Sample:
         sizes.append(size)
     source = row.get("source") if isinstance(row.get("source"), str) else label
     meta = {"texts": texts, "source": source}
-    meta.update(
-        {k: v for k, v in row.items() if k not in (*IMAGE_KEYS, "texts", "conversations", "source") and _is_json(v)}
-    )
+    meta.update({k: v for k, v in row.items() if k not in (*IMAGE_KEYS, *TURN_KEYS, "source") and _is_json(v)})
     try:
         encoded = _encode_json(meta)
     except ValueError as exc:  # e.g. a lone surrogate from a JSONL escape: not encodable as UTF-8
         raise SkipRow(WRONG_TYPE, f"text is not valid Unicode ({exc})") from exc
     return Sample(key=f"{index:010d}", meta=meta, json=encoded, images=images, sizes=sizes)
+
+
+def nothing_written(manifest: dict, source: Source | None = None) -> ShardDataError | None:
+    """The error for a run in which no row became a sample, or None when some did (or there were no rows).
+
+    Such a run finished with exit 0 and a complete manifest of `"samples": 0`, the reason only a count (e.g.
+    no_texts: 5) and its detail a few log lines up. shard_writer decides whether to raise it; this says why: the
+    counts, and with `source`, the first row's own skip message (encoded again: only that row is read)."""
+    rows, skipped = manifest.get("rows") or 0, manifest.get("skipped") or {}
+    if manifest.get("samples") or not rows:
+        return None
+    counts = ", ".join(f"{skipped[reason]} {reason}" for reason in sorted(skipped))
+    first = ""
+    for index, label, row in source.rows(0, 1) if source is not None else ():
+        try:
+            encode_row(index, label, row)
+        except SkipRow as skip:
+            first = f"; row {index}, for one: {skip}"
+    return ShardDataError(
+        f"none of the {rows} rows of {manifest.get('source')} became a sample (skipped: {counts}){first}. Fix the "
+        "rows (or --images, when images are missing) and write into a new OUT"
+    )

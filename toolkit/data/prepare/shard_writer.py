@@ -44,7 +44,7 @@ from tqdm import tqdm
 
 from toolkit.config import ModelConfig
 from toolkit.data.format import FORMAT, MANIFEST, image_member, json_member, shard_name
-from toolkit.data.prepare.samples import SkipRow, encode_row
+from toolkit.data.prepare.samples import SkipRow, encode_row, nothing_written
 from toolkit.data.prepare.sources import ListSource as ListSource  # re-exported: callers build rows from here
 from toolkit.data.prepare.sources import ShardDataError, Source, open_source
 from toolkit.data.prepare.splits import Subset, holdout_count, holdout_rows
@@ -463,11 +463,15 @@ def write_shards(
         log.info("%s: part %d/%d wrote its %d shards; run `shard-data --merge %s` when every part is done",
                  out, part[0], part[1], written, out)  # fmt: skip
         return {**_read_manifest(out), "part": f"{part[0]}/{part[1]}", "part_shards": written}
-    return _finish(out, settings, jobs, histogram)
+    return _finish(out, settings, jobs, histogram, source)
 
 
-def _finish(out: Path, settings: dict, jobs: list[ShardJob], histogram: dict | None) -> dict:
-    """Every shard is in place: the final manifest replaces the incomplete one, the progress records go."""
+def _finish(
+    out: Path, settings: dict, jobs: list[ShardJob], histogram: dict | None, source: Source | None = None
+) -> dict:
+    """Every shard is in place: the final manifest replaces the incomplete one, the progress records go. A run
+    that wrote no sample at all stays incomplete and fails (nothing can train on it): it exited 0 with a complete
+    manifest of 0 samples, and training failed later with 'no samples in a whole epoch'."""
     stats = [_finished(out, job) for job in jobs]
     missing = [job.name for job, st in zip(jobs, stats, strict=True) if st is None]
     if missing:
@@ -476,6 +480,9 @@ def _finish(out: Path, settings: dict, jobs: list[ShardJob], histogram: dict | N
             "rerun with --resume (with --part i/N: run the parts that write them, shard index mod N = i)"
         )
     manifest = _final_manifest(settings, stats, histogram, settings["rows"])
+    error = nothing_written(manifest, source)
+    if error is not None:
+        raise error
     _write_json_atomic(out / MANIFEST, manifest)
     shutil.rmtree(out / PROGRESS_DIR, ignore_errors=True)
     return manifest

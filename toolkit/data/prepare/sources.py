@@ -2,8 +2,9 @@
 
 One job: reading the input. A Source knows how many rows there are, yields them in order for any index range (so a
 shard is a pure function of its row range), estimates each row's encoded bytes for byte-sized shards, and gives a
-fingerprint so a resume can tell whether the input changed. open_source turns SRC (a folder, a file, JSONL or a
-cached hub name) into one. Turning a row into a sample is samples.py's job; this module only hands rows out, and
+fingerprint so a resume can tell whether the input changed. open_source turns SRC (a folder, a file, JSONL, a
+JSON list of rows or a cached hub name) into one, with relative image paths resolved against the source's folder
+or --images. Turning a row into a sample is samples.py's job; this module only hands rows out, and
 marks a row it cannot even parse as a BadRow instead of failing.
 
 ShardDataError, the user-facing error of shard-data, lives here because opening a source is the first thing that
@@ -14,6 +15,7 @@ from here: keeping both in this lower module keeps imports one-way.
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
 import os
@@ -67,31 +69,30 @@ class Source:
 
 
 class ArrowSource(Source):
-    """One or more `datasets.Dataset`s (subsets), concatenated in the given order as nanoVLM does."""
+    """One or more `datasets.Dataset`s (subsets), concatenated in the given order as nanoVLM does.
 
-    def __init__(self, name: str, parts: list[tuple[str, Any]]) -> None:
-        missing = [(label, sorted({"images", "texts"} - set(ds.column_names))) for label, ds in parts]
-        missing = [(label, cols) for label, cols in missing if cols]
-        if missing:
-            label, cols = missing[0]
-            columns = dict(parts)[label].column_names
-            raise ShardDataError(
-                f"{label or name} has no column {', '.join(cols)} (columns: {', '.join(columns)}); "
-                "shard-data reads the nanoVLM / the_cauldron / FineVision schema: images (list), texts (list of "
-                "{user, assistant})"
-            )
+    `images` holds, per part, the folder its relative image paths are read from (a string column of paths, or an
+    Image feature stored as a path only); they were read from the current directory, so every such row of a
+    parquet file beside its image folder was counted missing_image. None leaves the paths as they are."""
+
+    def __init__(self, name: str, parts: list[tuple[str, Any]], images: list[Path | None] | None = None) -> None:
+        for label, ds in parts:
+            _check_columns(label or name, ds.column_names)
         self.name = name
         self.subsets = [label for label, _ in parts if label]
         self.parts = [(label, ds.with_format("arrow")) for label, ds in parts]
+        self.bases = list(images) if images is not None else [None] * len(parts)
         self.num_rows = sum(len(ds) for _, ds in self.parts)
 
     def rows(self, start: int, stop: int) -> Iterator[tuple[int, str, Any]]:
         offset = 0
-        for label, ds in self.parts:
+        for (label, ds), base in zip(self.parts, self.bases, strict=True):
             lo, hi = max(start - offset, 0), min(stop - offset, len(ds))
             for a in range(lo, hi, _READ_BATCH):
                 batch = ds[a : min(a + _READ_BATCH, hi)].to_pylist()
                 for i, row in enumerate(batch):
+                    if base is not None:
+                        resolve_images(row, base)
                     yield offset + a + i, label or self.name, row
             offset += len(ds)
 
@@ -112,6 +113,19 @@ class ArrowSource(Source):
             files = [os.path.getsize(f["filename"]) for f in ds.cache_files if os.path.exists(f["filename"])]
             parts.append([label, len(ds), getattr(ds, "_fingerprint", ""), files])
         return _digest(parts)
+
+
+def _check_columns(label: str, columns: list[str]) -> None:
+    """A dataset needs a column of images and one of turns, under any of the names encode_row reads; without an
+    image column every row would be written text-only, so a column under another name is refused, not ignored."""
+    missing = [" or ".join(keys) for keys in (IMAGE_KEYS, TURN_KEYS) if not set(keys) & set(columns)]
+    if missing:
+        raise ShardDataError(
+            f"{label} has no column {' and no '.join(missing)} (columns: {', '.join(columns)}); shard-data reads "
+            "images from `images` (a list) or `image` (one), and turns from `texts` ([{user, assistant}]: nanoVLM, "
+            "the_cauldron, FineVision), `conversations` (LLaVA: [{from: human|gpt, value}]) or `messages` (chat: "
+            "[{role: user|assistant, content}]); rename the columns to these (datasets' rename_column)"
+        )
 
 
 def payload_bytes(arr: Any) -> np.ndarray:
@@ -147,22 +161,32 @@ class JsonlSource(Source):
         self.offsets: list[tuple[int, int]] = []
         self._sizes: list[float] = []
         digest = hashlib.sha256()
-        with open(path, "rb") as fh:
+        self._scan(digest)
+        self.num_rows = len(self.offsets)
+        self._fingerprint = digest.hexdigest()
+
+    def _scan(self, digest: Any) -> None:
+        """Record every row's (byte offset, length) and size estimate, so rows() can seek to any row range."""
+        with open(self.path, "rb") as fh:
             pos = 0
             for line in fh:
                 digest.update(line)
                 if line.strip():
-                    self.offsets.append((pos, len(line)))
-                    self._sizes.append(len(line) + self._image_bytes(line) + _ROW_OVERHEAD)
+                    try:
+                        row = json.loads(line)
+                    except ValueError:
+                        row = None  # rows() yields it as a BadRow; the estimate does not matter
+                    self._add(pos, len(line), row)
                 pos += len(line)
-        self.num_rows = len(self.offsets)
-        self._fingerprint = digest.hexdigest()
 
-    def _image_bytes(self, line: bytes) -> int:
+    def _add(self, pos: int, length: int, row: Any) -> None:
+        self.offsets.append((pos, length))
+        self._sizes.append(length + self._image_bytes(row) + _ROW_OVERHEAD)
+
+    def _image_bytes(self, row: Any) -> int:
         try:
-            paths = row_images(json.loads(line))
-            return sum(os.path.getsize(self.images / p) for p in paths if isinstance(p, str))
-        except (ValueError, AttributeError, TypeError, OSError):
+            return sum(os.path.getsize(self.images / p) for p in row_images(row) if isinstance(p, str))
+        except (AttributeError, TypeError, OSError):
             return 0  # the row will be skipped when written; the estimate does not matter
 
     def rows(self, start: int, stop: int) -> Iterator[tuple[int, str, Any]]:
@@ -176,23 +200,106 @@ class JsonlSource(Source):
                     yield index, self.name, BadRow(INVALID_JSON, str(exc))
                     continue
                 if isinstance(row, dict):
-                    self._resolve(row)
+                    resolve_images(row, self.images)
                 yield index, self.name, row
-
-    def _resolve(self, row: dict) -> None:
-        """Image paths relative to the image folder, under `images` or LLaVA's singular `image` (a path or list)."""
-        for key in IMAGE_KEYS:
-            value = row.get(key)
-            if isinstance(value, str):
-                row[key] = str(self.images / value)
-            elif isinstance(value, list):
-                row[key] = [str(self.images / p) if isinstance(p, str) else p for p in value]
 
     def row_sizes(self) -> np.ndarray:
         return np.asarray(self._sizes, dtype=np.float64)
 
     def fingerprint(self) -> str:
         return self._fingerprint
+
+
+class JsonArraySource(JsonlSource):
+    """A .json file whose top level is a list of row objects (LLaVA's llava_v1_5_mix665k.json), read as JSONL is.
+
+    It was refused ("expected a .parquet, .arrow or .jsonl"), and converting it to JSONL first was the user's job.
+    A JSON document has no lines to seek to, so the whole file is parsed once here to find where each row starts
+    and ends (the text is held in memory meanwhile); rows() then reads one row's bytes at a time, as for JSONL, so
+    the source stays cheap to hand to writer processes. An invalid document fails as a whole: unlike a JSONL line,
+    one bad row leaves no way to find where the next one starts."""
+
+    def _scan(self, digest: Any) -> None:
+        data = self.path.read_bytes()
+        digest.update(data)
+        start = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
+        try:
+            text = data[start:].decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ShardDataError(f"{self.path} is not UTF-8 text ({exc}); save it as UTF-8 JSON") from None
+        del data
+        try:
+            objects = self._elements(text, start)
+        except json.JSONDecodeError as exc:
+            raise ShardDataError(
+                f"{self.path} is not valid JSON ({exc}); fix it, or give the rows as JSONL (one object per line), "
+                "where a bad line is skipped and counted rather than failing the file"
+            ) from None
+        if self.offsets and not objects:
+            raise ShardDataError(
+                f"{self.path} is a JSON list of no objects; shard-data reads a list of row objects, each with "
+                "images and turns ({'image': ..., 'conversations': [...]}, or 'images' + 'texts' or 'messages')"
+            )
+
+    def _elements(self, text: str, base: int) -> int:
+        """Record each element of the top-level list; returns how many are objects. `base` + the bytes of the
+        elements seen so far turn a character position into a byte offset (only elements hold non-ASCII)."""
+        decoder, shift, objects = json.JSONDecoder(), base, 0
+        i = _skip_space(text, 0)
+        if text[i : i + 1] != "[":
+            decoder.raw_decode(text, i)  # not JSON at all: raises with its position
+            raise ShardDataError(
+                f"{self.path} holds one JSON {_JSON_KINDS.get(text[i], 'value')}, not a list of rows; shard-data reads "
+                "a .json file whose top level is a list of row objects (LLaVA's format), or JSONL (one object per "
+                "line). A save_to_disk folder's own .json files are read by passing the folder as SRC"
+            )
+        i = _skip_space(text, i + 1)
+        while text[i : i + 1] != "]":
+            row, end = decoder.raw_decode(text, i)
+            length = len(text[i:end].encode("utf-8"))
+            self._add(i + shift, length, row)
+            objects += isinstance(row, dict)
+            shift += length - (end - i)
+            i = _skip_space(text, end)
+            if text[i : i + 1] == ",":
+                i = _skip_space(text, i + 1)
+                if text[i : i + 1] == "]":
+                    raise json.JSONDecodeError("Trailing comma before ']'", text, i)
+            elif text[i : i + 1] != "]":
+                raise json.JSONDecodeError("Expecting ',' delimiter", text, i)
+        if _skip_space(text, i + 1) != len(text):
+            raise json.JSONDecodeError("Extra data after the list", text, _skip_space(text, i + 1))
+        return objects
+
+
+_JSON_KINDS = {"{": "object", '"': "string"}
+
+
+def _skip_space(text: str, i: int) -> int:
+    """The first position at or after `i` that is not JSON whitespace."""
+    while i < len(text) and text[i] in " \t\n\r":
+        i += 1
+    return i
+
+
+def resolve_images(row: dict, folder: Path) -> None:
+    """Image paths in the row made relative to `folder` (an absolute path stays as it is): under `images` or
+    LLaVA's singular `image`, as a path string, a list of them, or datasets' {bytes: None, path} of an Image
+    stored as a path only. Paths were read from the current directory, wherever SRC was."""
+    for key in IMAGE_KEYS:
+        value = row.get(key)
+        if isinstance(value, list):
+            row[key] = [_resolved(item, folder) for item in value]
+        elif value is not None:
+            row[key] = _resolved(value, folder)
+
+
+def _resolved(item: Any, folder: Path) -> Any:
+    if isinstance(item, str) and item:
+        return str(folder / item)
+    if isinstance(item, dict) and item.get("bytes") is None and isinstance(item.get("path"), str) and item["path"]:
+        return {**item, "path": str(folder / item["path"])}
+    return item
 
 
 class ListSource(Source):
@@ -251,6 +358,7 @@ def _json_part(row: dict) -> dict:
 
 
 IMAGE_KEYS = ("images", "image")  # a row's image list, or LLaVA's (and many hub datasets') one image
+TURN_KEYS = ("texts", "conversations", "messages")  # nanoVLM's turns, LLaVA's, chat templates' (read in order)
 
 
 def row_images(row: dict) -> list:
@@ -296,25 +404,46 @@ def _offline() -> Iterator[None]:
 
 
 def open_source(src: str, *, subsets: list[str], split: str, images: str | None) -> Source:
-    """SRC (folder, file, JSONL or cached hub name) and its subsets -> a Source of concatenated rows."""
+    """SRC (folder, file, JSONL, a JSON list of rows or cached hub name) and its subsets -> a Source of
+    concatenated rows. Relative image paths in the rows are read from `images` when given, else from the folder
+    of SRC's file, SRC itself (a folder) or each subset's folder; a hub dataset's are left as they are."""
     path = Path(src)
-    if path.suffix == ".jsonl" and path.is_file():
+    folder = _image_folder(images)
+    suffix = path.suffix.lower()  # `DATA.JSONL` was not JSONL, and fell through to a confusing refusal
+    if suffix in (".jsonl", ".json") and path.is_file():
+        kind = "a JSONL file" if suffix == ".jsonl" else "a JSON file"
         if subsets:
-            raise ShardDataError("--subsets does not apply to JSONL input; run shard-data once per JSONL file")
-        _one_split(src, split, "a JSONL file")
-        folder = Path(images) if images else path.parent
-        if not folder.is_dir():
-            raise ShardDataError(f"--images {folder} is not a folder; point it at the JSONL's image folder")
-        return JsonlSource(path.resolve(), folder.resolve())
-    if images:
-        raise ShardDataError(f"--images applies to JSONL input (a .jsonl file) only; {src} is not one")
+            raise ShardDataError(f"--subsets does not apply to {kind}; run shard-data once per file")
+        _one_split(src, split, kind)
+        reader = JsonlSource if suffix == ".jsonl" else JsonArraySource
+        return reader(path.resolve(), folder or path.parent.resolve())
     with _offline():
         if path.exists():
             if subsets and not path.is_dir():
                 raise ShardDataError(f"--subsets needs SRC to be a folder of sub-folders; {src} is a file")
             parts = [(s, _open_local(path / s, split)) for s in subsets or [""]]
-            return ArrowSource(str(path.resolve()), parts)
-        return ArrowSource(src, [(s, _open_hub(src, s or None, split)) for s in (subsets or [""])])
+            bases = [folder or _own_folder(path / s) for s in subsets or [""]]
+            return ArrowSource(str(path.resolve()), parts, bases)
+        parts = [(s, _open_hub(src, s or None, split)) for s in (subsets or [""])]
+        return ArrowSource(src, parts, [folder] * len(parts))
+
+
+def _image_folder(images: str | None) -> Path | None:
+    """--images, checked: the folder relative image paths start from, for any source (it was JSONL's only, and a
+    parquet file's relative paths were read from the current directory)."""
+    if not images:
+        return None
+    folder = Path(images)
+    if not folder.is_dir():
+        raise ShardDataError(
+            f"--images {folder} is not a folder; point it at the folder the rows' relative image paths start from"
+        )
+    return folder.resolve()
+
+
+def _own_folder(path: Path) -> Path:
+    """Where a local source's relative image paths start by default: a file's folder, or the folder itself."""
+    return (path.parent if path.is_file() else path).resolve()
 
 
 def _open_local(path: Path, split: str) -> Any:
@@ -324,13 +453,17 @@ def _open_local(path: Path, split: str) -> Any:
         siblings = sorted(p.name for p in path.parent.iterdir() if p.is_dir()) if path.parent.is_dir() else []
         raise ShardDataError(f"subset folder {path} does not exist; sub-folders of {path.parent}: {siblings}")
     if path.is_file():
-        if path.suffix in (".arrow", ".parquet"):
-            _one_split(path, split, f"a single .{path.suffix[1:]} file")
-        if path.suffix == ".arrow":
+        suffix = path.suffix.lower()
+        if suffix in (".arrow", ".parquet"):
+            _one_split(path, split, f"a single {suffix} file")
+        if suffix == ".arrow":
             return datasets.Dataset.from_file(str(path))
-        if path.suffix == ".parquet":
+        if suffix == ".parquet":
             return datasets.load_dataset("parquet", data_files=str(path), split="train")
-        raise ShardDataError(f"{path}: expected a .parquet, .arrow or .jsonl file or a folder")
+        raise ShardDataError(
+            f"{path}: expected a .parquet or .arrow file or a folder here; a .jsonl file, or a .json file holding a "
+            "list of rows, is read when given as SRC itself (without --subsets)"
+        )
     if (path / "dataset_dict.json").exists() or (path / "state.json").exists():
         return _pick_split(datasets.load_from_disk(str(path)), split, path)
     for kind in ("parquet", "arrow"):
