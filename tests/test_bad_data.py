@@ -89,10 +89,11 @@ def test_image_formats_users_ship_are_placed_and_unplaceable_ones_are_counted(to
             Spec("two", meta("two"), [("jpg", png), ("png", png)]),  # which one is the caption's image?
             Spec("twice", meta("twice"), [("img0.jpg", png), ("img0.png", png)]),
             Spec("extra", meta("extra"), [("img0.png", png), ("mask.png", png)]),
+            Spec("caption", None, [("0.jpg", png), ("txt", b"a red square")]),  # was no_texts ("the JSON has no")
         ],
     )
-    result = stats(tok, tmp_path)
-    assert result["skipped"] == {fmt.UNPLACED_IMAGE: 4}
+    result = stats(tok, tmp_path, caption_prompt="Describe the image.")
+    assert result["skipped"] == {fmt.UNPLACED_IMAGE: 5}
     assert (result["samples_packed"], result["images"]) == (4, 4)  # every placed sample keeps its image
     assert fmt.place_images(["json", "0.jpg", "1.jpg"]) == ([], ["0.jpg", "1.jpg"])
     assert fmt.place_images(["json", "img1.png", "img0.jpg", "img0.png"]) == (["img0.jpg", "img1.png"], ["img0.png"])

@@ -678,9 +678,9 @@ def decode_sample(raw: RawSample, tok: VLMTokenizer, spec: DecodeSpec) -> Sample
             "them), so neither part is trained on; write each sample's members together: `tar --sort=name` or "
             "`python -m toolkit shard-data`",
         )
+    images = image_members(raw.files)  # first: images it cannot place are the reason, whatever the text holds
     texts = parse_texts(raw.files, caption_prompt=spec.caption_prompt, min_ratings=spec.min_ratings)
     texts = without_markers(texts, tok)
-    images = image_members(raw.files)
     if len(images) > spec.max_images:
         raise Skip(TOO_MANY_IMAGES, f"{len(images)} images > {spec.max_images}")
     grids = [image_grid(data, spec) for data in images]
