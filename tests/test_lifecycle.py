@@ -307,6 +307,30 @@ def test_sigterm_checkpoints_the_current_step_and_exits_zero(synth, tmp_path):
     _check_metrics(run)
 
 
+def test_a_stop_asked_for_during_a_checkpoint_stops_at_that_checkpoint(synth, tmp_path, monkeypatch):
+    """A preemption signal that arrived while step 2 was being saved cost one more step and a second full
+    checkpoint (of step 3) before the run stopped: minutes on a large model, where torchrun's SIGKILL follows its
+    SIGTERM after 30 s. The ranks now agree on a stop right after a checkpoint."""
+    from toolkit import __main__ as cli
+    from toolkit.train import run as run_mod
+
+    saved, real = [], run_mod.save_checkpoint
+
+    def save_then_signal(run, step, **kw):
+        real(run, step, **kw)
+        saved.append(step)
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)  # as if it came during the write: the handler runs now
+
+    monkeypatch.setattr(run_mod, "save_checkpoint", save_then_signal)
+    run = tmp_path / "stop"
+    args = [*common(synth, steps=6), "backend.name=single", "data.num_workers=0", "train.checkpoint_interval=2",
+            f"train.run_dir={run}"]  # fmt: skip
+    assert cli.main(["train", "--config", "tiny", *args]) == 0
+    assert saved == [2] and RunDir(run).latest().name == "step_2"
+    assert [m["step"] for m in train_steps(run)] == [1, 2]
+
+
 def _descendants(pid: int) -> list[int]:
     """Every process under `pid` (loader workers, the fork server, multiprocessing's resource tracker)."""
     parents = {}

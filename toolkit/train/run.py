@@ -66,8 +66,7 @@ class Lifecycle:
     def __call__(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
         t, step = self.cfg.train, trainer.state.step
         self.finish_pending(wait=False)  # commits a background checkpoint once every rank has written it
-        if self.stop_file and Path(self.stop_file).exists():
-            trainer.request_stop()
+        self.watch_stop_file(trainer)
         if step % t.log_interval == 0 or step == t.max_training_steps:
             metrics["samples"] = self.data_counts()
         if (t.eval_interval and step % t.eval_interval == 0) or step == t.max_training_steps:
@@ -76,12 +75,18 @@ class Lifecycle:
         if t.checkpoint_interval and step % t.checkpoint_interval == 0:
             with record_function("toolkit.checkpoint"):
                 self.checkpoint(trainer, background=t.async_checkpoint)
+            self.watch_stop_file(trainer)
+            trainer.agree_on_stop()  # a stop asked for during the save stops here, at the step just saved
         if t.export_interval and step % t.export_interval == 0:
             self.export(f"step_{step}")
         if self.lmms.due(step):  # export on every rank, then rank 0 starts the scoring and goes on
             self.export(f"lmms_step_{step}")
             self.lmms.launch(step, self.run.exports / f"lmms_step_{step}")
         self.lmms.poll()  # rank 0 logs scores that arrived, at their export's step
+
+    def watch_stop_file(self, trainer: Trainer) -> None:
+        if self.stop_file and Path(self.stop_file).exists():
+            trainer.request_stop()
 
     def data_counts(self) -> dict[str, Any]:
         """Samples read and skipped by reason, summed over ranks (collective)."""

@@ -187,6 +187,15 @@ class Trainer:
         """
         self._stop_requested = True
 
+    def agree_on_stop(self) -> bool:
+        """Whether any rank asked to stop since this step's own agreement, agreed now by all (a collective: every
+        rank calls it at the same step). Called after a checkpoint, which can take minutes: a preemption signal that
+        arrived meanwhile cost one more step and a second checkpoint of it, and torchrun gives its workers 30 s
+        between SIGTERM and SIGKILL. True: the step just saved is the last."""
+        flag = torch.tensor([float(self._stop_requested)], device=self.backend.device)
+        self._stopping = self._stopping or bool(dist.all_reduce_sum(flag).item() > 0)
+        return self._stopping
+
     def fit(self, batches: Iterable[Batch], *, max_steps: int | None = None) -> list[dict[str, Any]]:
         """Train until max_steps (default train.max_training_steps), the data ends, or a stop is requested.
 
