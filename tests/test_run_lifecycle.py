@@ -42,6 +42,26 @@ def test_latest_is_last_complete_and_pruning_keeps_k(tmp_path):
     assert json.loads((run.latest() / "trainer.json").read_text()) == {"step": 50}
 
 
+def test_a_resumed_branch_keeps_its_own_newest_and_a_failed_saves_leftover_goes_first(tmp_path):
+    """Resumed from step_20 while step_30 existed, the new branch's saves counted step_30 as one of the kept: its
+    step_24 was deleted and step_30 stayed. And a save that failed (a full disk) left its half-written step behind
+    until the next commit, so the next save after a restart had no room either."""
+    run = ckpt.RunDir(tmp_path)
+    for step in (10, 20, 30):
+        _save(run, step, keep=3)
+    (run.checkpoints / "latest").write_text("step_20")  # resume from step_20: the branch goes on from there
+    for step in (22, 24, 26):
+        _save(run, step, keep=2)
+    assert sorted(p.name for p in run.checkpoints.glob("step_*")) == ["step_24", "step_26", "step_30"]
+    ckpt.prepare_step_dir(run.step_dir(28))  # a save that failed: no trainer.json
+    (run.step_dir(28) / "model.pt").write_bytes(b"half")
+    ckpt.prepare_step_dir(run.step_dir(27))  # the restart's next save: the leftover goes before it writes
+    assert not run.step_dir(28).exists() and run.step_dir(27).is_dir()
+    _save(run, 30, keep=2)  # the branch reaches the old one's step: that checkpoint is replaced
+    assert json.loads((run.latest() / "trainer.json").read_text()) == {"step": 30}
+    assert sorted(p.name for p in run.checkpoints.glob("step_*")) == ["step_26", "step_30"]  # 27 never committed
+
+
 def test_resume_none_and_explicit_paths(tmp_path):
     run = ckpt.RunDir(tmp_path)
     _save(run, 5)

@@ -162,8 +162,14 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def prepare_step_dir(path: Path) -> None:
-    """Rank 0, before anyone writes: a leftover from a save that was killed is removed."""
-    if path.exists():
+    """Rank 0, before anyone writes: leftovers of saves that were killed or failed (step folders without
+    trainer.json) are removed first, this step's and every other. A save that failed on a full disk left its
+    half-written step behind, and the next save after a restart failed again for want of that room."""
+    run = RunDir(path.parent.parent)
+    for _, leftover in _step_dirs(run):
+        if not (leftover / "trainer.json").exists() and leftover != _latest_quiet(run):
+            shutil.rmtree(leftover, ignore_errors=True)
+    if path.exists():  # a complete checkpoint of a branch the run left (it resumed from an earlier step)
         shutil.rmtree(path)
     path.mkdir(parents=True)
 
@@ -224,19 +230,34 @@ def commit(run: RunDir, step: int, trainer_state: dict, keep: int) -> None:
 
 
 def prune(run: RunDir, keep: int) -> None:
-    """Keep the newest `keep` complete checkpoints; never the one `latest` names; drop incomplete leftovers."""
+    """Keep the newest `keep` complete checkpoints up to the one `latest` names (never that one); drop incomplete
+    leftovers. A complete checkpoint after `latest` is of a branch the run left when it resumed from an earlier step:
+    it is kept, and does not count. Counting it kept that branch's step_30 and deleted the new branch's step_24."""
     latest = run.latest()
-    steps = []
-    for p in run.checkpoints.iterdir():
-        m = STEP_RE.match(p.name)
-        if m and p.is_dir():
-            steps.append((int(m.group(1)), p))
-    steps.sort()
-    complete = [p for _, p in steps if (p / "trainer.json").exists()]
+    top = int(STEP_RE.match(latest.name).group(1)) if latest is not None else None
+    steps = _step_dirs(run)
+    complete = [p for n, p in steps if (p / "trainer.json").exists() and (top is None or n <= top)]
     doomed = set(complete[:-keep]) | {p for _, p in steps if not (p / "trainer.json").exists()}
     for p in doomed:
         if latest is None or p != latest:
             shutil.rmtree(p, ignore_errors=True)
+
+
+def _step_dirs(run: RunDir) -> list[tuple[int, Path]]:
+    """The run's step_N folders, complete or not, by step."""
+    steps = []
+    for p in run.checkpoints.iterdir() if run.checkpoints.is_dir() else ():
+        m = STEP_RE.match(p.name)
+        if m and p.is_dir():
+            steps.append((int(m.group(1)), p))
+    return sorted(steps)
+
+
+def _latest_quiet(run: RunDir) -> Path | None:
+    try:
+        return run.latest()
+    except (OSError, UserError):  # a damaged `latest`: resume names it; a save does not need it
+        return None
 
 
 def _locate(path: Path) -> Path | None:

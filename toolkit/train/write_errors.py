@@ -73,11 +73,13 @@ def write_failure(exc: BaseException, run: RunDir, step: int | None, *, keep: in
             return None
     free_text = "" if free is None else f"{_size(free)} free, "
     need_text = f"a checkpoint of this run takes {_size(size)}" if size else "no complete checkpoint gives its size yet"
-    kept = f" (now {keep}: each kept checkpoint takes that much)" if keep is not None else ""
+    if keep == 1:  # nothing to lower: a save needs room for the one kept and the one being written
+        lower = ""
+    else:
+        lower = "lower train.keep_checkpoints" + (f" (now {keep}: each kept one takes that much), " if keep else ", ")
     return UserError(
         f"{what} failed: the filesystem of {folder} is full ({free_text}{need_text}; the write said: {_said(exc)}); "
-        f"free space there, lower train.keep_checkpoints{kept}, or set another train.run_dir on a larger "
-        f"filesystem; {resume_note(run)}"
+        f"free space there, {lower}or set another train.run_dir on a larger filesystem; {resume_note(run)}"
     )
 
 
