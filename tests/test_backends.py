@@ -533,6 +533,9 @@ def test_rank_layout_from_launcher_environment(monkeypatch) -> None:
     cfg = bw.make_config("single")
     with pytest.raises(ConfigError, match=r"backend.name=single runs one process but the launcher started 16"):
         build_backend(cfg)
+    monkeypatch.delenv("WORLD_SIZE")  # RANK set by hand, WORLD_SIZE forgotten: was a ValueError in the loader
+    with pytest.raises(UserError, match=r"RANK=3 is not below WORLD_SIZE=\(unset: 1\)"):
+        dist.dist_env()
 
 
 def test_stop_request_ends_after_the_step_without_drawing_more_data() -> None:

@@ -178,6 +178,29 @@ def test_a_peer_that_stopped_is_one_line_with_the_exit_status_of_a_crash(text, m
     assert "own log says why" in err and "latest" in err and "127.0.0.1" in err, err
 
 
+TIMEOUT_TEXTS = [
+    "[../third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:129] Timed out waiting 15000ms for send operation to "
+    "complete",
+    "Timed out after 1801 seconds waiting for clients. 1/2 clients joined.",  # the rendezvous: a rank never started
+]
+
+
+@pytest.mark.parametrize("text", TIMEOUT_TEXTS)
+def test_a_collective_that_timed_out_is_one_line_with_the_exit_status_of_a_crash(text, monkeypatch, capsys):
+    """A rank paused (SIGSTOP) or never started: the others stopped after backend.collective_timeout_s with a
+    70-line traceback of gloo's or the store's. Now one line that says what waiting past the timeout means."""
+    from torch.distributed import DistStoreError
+
+    def boom(args):
+        raise (DistStoreError if "clients" in text else RuntimeError)(text)
+
+    monkeypatch.setitem(cli.HANDLERS, "report", boom)
+    assert cli.main(["report", "x"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: a collective waited past backend.collective_timeout_s") and "\n" not in err, err
+    assert "Timed out" in err and ".cc:" not in err, err
+
+
 def test_a_real_gloo_peer_loss_ends_the_survivor_in_one_line(tmp_path):
     """Two gloo ranks; rank 1 exits, rank 0's next all-reduce fails inside `main` as a training step's would."""
     script = tmp_path / "ranks.py"

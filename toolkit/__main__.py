@@ -23,8 +23,10 @@ from toolkit.errors import (
     DISK_FULL_ERRNOS,
     OOM_HINT,
     PEER_LOST,
+    TIMED_OUT,
     OtherRankFailed,
     UserError,
+    collective_timeout,
     disk_full,
     os_error,
     peer_loss,
@@ -438,6 +440,10 @@ def _explain(exc: BaseException) -> int | None:
     lost = peer_loss(exc)
     if lost is not None:  # a crash as far as the launcher goes: exit 1, and torchrun may restart the group
         _say(f"error: {PEER_LOST.format(detail=lost)}")
+        return 1
+    waited = collective_timeout(exc)
+    if waited is not None:  # as a crash: exit 1, and torchrun may restart the group
+        _say(f"error: {TIMED_OUT.format(detail=waited)}")
         return 1
     if disk_full(exc):  # train and checkpoint saves say more (their run folder); this is any other command
         full = os_error(exc, DISK_FULL_ERRNOS)

@@ -64,12 +64,18 @@ def dist_env() -> DistEnv:
             local_world_size=max(1, local_world),
         )
     world = _env_int("WORLD_SIZE", default=1)
-    return DistEnv(
+    env = DistEnv(
         rank=_env_int("RANK", default=0),
         local_rank=_env_int("LOCAL_RANK", default=0),
         world_size=world,
         local_world_size=_env_int("LOCAL_WORLD_SIZE", default=world),
     )
+    if not 0 <= env.rank < env.world_size:  # a hand-set RANK without WORLD_SIZE: a ValueError deep in a loader
+        raise UserError(
+            f"RANK={os.environ.get('RANK')} is not below WORLD_SIZE={os.environ.get('WORLD_SIZE', '(unset: 1)')}; "
+            "launch with torchrun, deepspeed or srun, which set both, or set WORLD_SIZE to the number of ranks"
+        )
+    return env
 
 
 def resolve_device(name: str, env: DistEnv | None = None) -> torch.device:

@@ -26,6 +26,17 @@ PEER_LOST = (
     "({detail}); that rank's own log says why. A restarted run resumes from its latest checkpoint (`latest`)"
 )
 
+TIMED_OUT = (
+    "a collective waited past backend.collective_timeout_s for another rank ({detail}): a rank is stuck (a hung "
+    "filesystem, a paused or deadlocked process) or never started; the other ranks' logs say which. A restarted "
+    "run resumes from its latest checkpoint (`latest`)"
+)
+# gloo's "Timed out waiting 15000ms for send", the store's "Timed out after 1801 seconds waiting for clients",
+# NCCL's watchdog "... ran for 1800000 milliseconds before timing out"
+COLLECTIVE_TIMEOUT = re.compile(
+    r"Timed out waiting \d+ ?ms|Timed out after \d+ seconds|before timing out|Socket Timeout", re.IGNORECASE
+)
+
 DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 DENIED_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.EROFS})
 DISK_FULL_TEXT = ("No space left on device", "Disk quota exceeded")
@@ -77,6 +88,16 @@ def peer_loss(exc: BaseException) -> str | None:
             match = PEER_LOSS.search(text)
             if match:
                 return _one_line(text, match)
+    return None
+
+
+def collective_timeout(exc: BaseException) -> str | None:
+    """The line that says a collective or the rendezvous timed out waiting for a rank, or None."""
+    for e in causes(exc):
+        if isinstance(e, RuntimeError):  # DistBackendError, DistStoreError and gloo's RuntimeError all are
+            match = COLLECTIVE_TIMEOUT.search(str(e))
+            if match:
+                return _one_line(str(e), match)
     return None
 
 
