@@ -391,3 +391,18 @@ def test_a_single_gpu_run_continues_under_ddp_and_back(runs, synth, tmp_path):
     ddp(two, 2, 3)
     assert ckpt.RunDir(two).latest().name == "step_3"
     assert cli.main(train_args(synth, two, steps=4)) == 0 and sorted(losses(two)) == [1, 2, 3, 4]
+
+
+def test_a_resume_that_changes_the_global_batch_says_so(runs, synth, tmp_path, caplog):
+    """Resumed on fewer ranks (here: fewer micro-steps) without train.global_batch_size, the rows per optimizer
+    step changed under the same learning rates without a word. A warning names both and the setting that keeps it;
+    the same batch resumes without one."""
+    run = copy_run(runs, "single", tmp_path)
+    with caplog.at_level(logging.WARNING):
+        assert cli.main(train_args(synth, run, "train.gradient_accumulation_steps=2", steps=3)) == 0
+    said = [r.getMessage() for r in caplog.records if "rows per optimizer step" in r.getMessage()]
+    assert len(said) == 1 and "with 4 rows" in said[0] and "train.global_batch_size=2" in said[0], said
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        assert cli.main(train_args(synth, run, "train.gradient_accumulation_steps=2", steps=4)) == 0
+    assert not [r for r in caplog.records if "rows per optimizer step" in r.getMessage()]

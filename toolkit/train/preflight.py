@@ -226,6 +226,25 @@ def check_resume(cfg: Config, checkpoint: Path | None, backend: Any) -> None:
             f"from {saved_file}) changes the optimizer's state; resume with the same groups frozen, or start a new "
             f"train.run_dir with train.init_from=<an export of it> (`python -m toolkit export {checkpoint} OUT`)"
         )
+    _warn_global_batch(cfg, saved.get("train", {}), int(meta["world_size"]), backend.env.world_size)
+
+
+def _warn_global_batch(cfg: Config, saved: dict[str, Any], saved_world: int, world: int) -> None:
+    """A resume on fewer ranks without train.global_batch_size halved the rows per optimizer step without a word,
+    under the same learning rates: allowed (a choice), but said, with the setting that keeps the old one."""
+    try:
+        before = int(saved["batch_size"]) * int(saved["gradient_accumulation_steps"]) * saved_world
+    except (KeyError, TypeError, ValueError):  # a config.yaml without them: nothing to compare
+        return
+    t = cfg.train
+    now = t.batch_size * t.gradient_accumulation_steps * world
+    if now != before:
+        dist.log0(
+            "resuming with %d rows per optimizer step (train.batch_size %d x %d micro-steps x %d ranks); the "
+            "checkpoint trained with %d (%d x %d x %d) at the same learning rates: set train.global_batch_size=%d "
+            "to keep it", now, t.batch_size, t.gradient_accumulation_steps, world, before, saved["batch_size"],
+            saved["gradient_accumulation_steps"], saved_world, before, level=logging.WARNING,
+        )  # fmt: skip
 
 
 def saved_config(file: Path) -> dict[str, Any]:
