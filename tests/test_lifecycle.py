@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -307,7 +308,7 @@ def test_sigterm_checkpoints_the_current_step_and_exits_zero(synth, tmp_path):
     _check_metrics(run)
 
 
-def test_a_stop_asked_for_during_a_checkpoint_stops_at_that_checkpoint(synth, tmp_path, monkeypatch):
+def test_a_stop_asked_for_during_a_checkpoint_stops_at_that_checkpoint(synth, tmp_path, monkeypatch, caplog):
     """A preemption signal that arrived while step 2 was being saved cost one more step and a second full
     checkpoint (of step 3) before the run stopped: minutes on a large model, where torchrun's SIGKILL follows its
     SIGTERM after 30 s. The ranks now agree on a stop right after a checkpoint."""
@@ -326,9 +327,25 @@ def test_a_stop_asked_for_during_a_checkpoint_stops_at_that_checkpoint(synth, tm
     run = tmp_path / "stop"
     args = [*common(synth, steps=6), "backend.name=single", "data.num_workers=0", "train.checkpoint_interval=2",
             f"train.run_dir={run}"]  # fmt: skip
-    assert cli.main(["train", "--config", "tiny", *args]) == 0
+    with caplog.at_level(logging.INFO):
+        assert cli.main(["train", "--config", "tiny", *args]) == 0
     assert saved == [2] and RunDir(run).latest().name == "step_2"
     assert [m["step"] for m in train_steps(run)] == [1, 2]
+    assert "stopping after step 2: SIGTERM received" in caplog.text
+
+
+def test_a_stop_file_left_by_an_earlier_job_is_named(synth, tmp_path, monkeypatch, caplog):
+    """A stale NANOVLM_STOP_FILE stopped every run after one step, saying only "a stop was requested"."""
+    from toolkit import __main__ as cli
+
+    stale = tmp_path / "job.stop"
+    stale.touch()
+    monkeypatch.setenv("NANOVLM_STOP_FILE", str(stale))
+    args = [*common(synth, steps=6), "backend.name=single", "data.num_workers=0", f"train.run_dir={tmp_path / 'r'}"]
+    with caplog.at_level(logging.INFO):
+        assert cli.main(["train", "--config", "tiny", *args]) == 0
+    assert f"NANOVLM_STOP_FILE={stale} exists before the first step" in caplog.text
+    assert f"stopping after step 2: the stop file {stale} (NANOVLM_STOP_FILE) exists" in caplog.text  # seen after 1
 
 
 def _descendants(pid: int) -> list[int]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import json
+import logging
 import math
 import os
 import signal
@@ -60,6 +61,9 @@ class Lifecycle:
         self.saved_step = -1
         self.pending: PendingCheckpoint | None = None  # an async checkpoint not yet committed
         self.stop_file = os.environ.get(STOP_FILE_ENV)
+        if self.stop_file and Path(self.stop_file).exists():  # a launcher's leftover stops every run after a step
+            dist.log0("%s=%s exists before the first step, so the run stops after it: remove the file if an earlier "
+                      "job left it", STOP_FILE_ENV, self.stop_file, level=logging.WARNING)  # fmt: skip
         self.lmms = LmmsWatch(cfg.train, run.root, writer=writer, device=backend.device, rank=backend.env.rank,
                               start_step=start_step)  # fmt: skip
 
@@ -86,7 +90,7 @@ class Lifecycle:
 
     def watch_stop_file(self, trainer: Trainer) -> None:
         if self.stop_file and Path(self.stop_file).exists():
-            trainer.request_stop()
+            trainer.request_stop(f"the stop file {self.stop_file} ({STOP_FILE_ENV}) exists")
 
     def data_counts(self) -> dict[str, Any]:
         """Samples read and skipped by reason, summed over ranks (collective)."""
@@ -375,7 +379,11 @@ def _stop_on_signals(trainer: Trainer) -> Iterator[None]:
     model, alive into the interpreter's own teardown (the likely cause of one FSDP rank's abort at exit,
     "terminate called without an active exception"), and every later run in the process kept its predecessor.
     """
-    previous = {sig: signal.signal(sig, lambda *_: trainer.request_stop()) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+
+    def stop(signum: int, _frame: Any) -> None:
+        trainer.request_stop(f"{signal.Signals(signum).name} received")
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGUSR1)}
     try:
         yield
     finally:

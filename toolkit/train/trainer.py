@@ -170,6 +170,7 @@ class Trainer:
         self.cost = sample_cost(cfg.model, cfg.data.cost_calibration)  # the packer's model, for rank_cost_imbalance
         self.history: list[dict[str, Any]] = []
         self._stop_requested = False  # this rank saw a signal
+        self._stop_reason = ""  # what asked this rank to stop, for the log
         self._last_skip = ""  # why the last skipped step was skipped, for the error that stops a run
         self._stopping = False  # some rank did: agreed by all after the last step
 
@@ -179,12 +180,13 @@ class Trainer:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.state = TrainerState(**state)
 
-    def request_stop(self) -> None:
-        """Ask every rank to stop (safe from a signal handler, on any one rank).
+    def request_stop(self, reason: str = "a stop was requested") -> None:
+        """Ask every rank to stop (safe from a signal handler, on any one rank); `reason` is logged.
 
         Ranks agree at the end of a step: a request made during a step's forward/backward stops after that step,
         one made later (e.g. from a callback) after the next. Either way no rank draws batches it will not train.
         """
+        self._stop_reason = self._stop_reason or reason
         self._stop_requested = True
 
     def agree_on_stop(self) -> bool:
@@ -206,7 +208,8 @@ class Trainer:
         stream = iter(batches)
         while self.state.step < end:
             if self._stopping:  # checked before fetching: no batch is drawn from the loader and then dropped
-                dist.log0("stopping after step %d: a stop was requested", self.state.step)
+                why = self._stop_reason or "another rank was asked to stop"
+                dist.log0("stopping after step %d: %s", self.state.step, why)
                 break
             started = time.perf_counter()
             micro = self._take(stream)
