@@ -109,6 +109,9 @@ def test_train_check_runs_the_checks_for_the_given_world_and_starts_nothing(synt
     assert not (tmp_path / "run").exists()
     assert cli.main([*base, "--world", "3"]) == 2  # 4 rows cannot split over 3 ranks: the run would fail there
     assert "not a multiple of train.batch_size x world size" in capsys.readouterr().err
+    run = [a for a in base if a != "--check"]
+    assert cli.main([*run, "--world", "2"]) == 2  # a run's ranks are the launcher's: it trained one, silently
+    assert "--world 2 applies to `train --check` only" in capsys.readouterr().err and not (tmp_path / "run").exists()
 
 
 def test_a_typo_under_torchrun_fails_once_before_any_rank_starts(synth_data, tmp_path):

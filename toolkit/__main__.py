@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--check", action="store_true", help="only check the config, paths and resume for --world ranks; start none"
     )
-    p.add_argument("--world", type=int, default=1, help="ranks the checked run will have (with --check)")
+    p.add_argument("--world", type=int, default=None, help="ranks the checked run will have (with --check; default 1)")
     p = sub.choices["shard-data"]
     p.add_argument(
         "src",
@@ -244,7 +244,13 @@ def _train(args: argparse.Namespace) -> int:
     from toolkit.train.run import check_training, run_training
     from toolkit.train.trainer import TrainingDiverged
 
+    if args.world is not None and not args.check:  # a run's ranks are the launcher's to start: was ignored silently
+        raise UserError(
+            f"--world {args.world} applies to `train --check` only; start {args.world} ranks with a launcher "
+            f"(`NPROC_PER_NODE={args.world} launch/torchrun.sh ...` or torchrun --nproc_per_node {args.world})"
+        )
     if args.check:
+        args.world = 1 if args.world is None else args.world
         if args.world < 1:
             raise UserError(f"--world {args.world}: give the number of ranks the run will have (at least 1)")
         print(check_training(cfg, args.world))
