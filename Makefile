@@ -62,7 +62,7 @@ demo: $(STAMP)
 
 shard-data: $(STAMP)
 	@test -n "$(SRC)" -a -n "$(OUT)" || { echo "usage: make shard-data SRC=<dataset> OUT=<folder> [ARGS=...]"; exit 2; }
-	$(BIN)/python -m toolkit shard-data $(SRC) $(OUT) $(ARGS)
+	$(BIN)/python -m toolkit shard-data "$(SRC)" "$(OUT)" $(ARGS)
 
 train: $(STAMP)
 	$(BIN)/python -m toolkit train --config $(CONFIG) $(ARGS)

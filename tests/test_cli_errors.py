@@ -32,6 +32,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
         (["generate", "--checkpoint", "/nowhere", "--image", "x.png", "--prompt", "hi"], "/nowhere does not exist"),
         (["report", "/nowhere"], "pass a run folder"),
         (["data-stats", "--config", "tiny", "--max-packs", "-1"], "give 0 (one full pass)"),  # was a partial pass
+        (["eval", "--checkpoint", "/nowhere", "--shards", "/nowhere/val"], "--shards='/nowhere/val' does not"),
     ],
 )
 def test_errors_end_in_one_line_of_advice(args, says, tmp_path):

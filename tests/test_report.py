@@ -212,3 +212,5 @@ def test_report_out_a_folder_writes_inside_it_and_a_non_png_name_is_refused(tmp_
     assert (tmp_path / "plots" / "report.png").read_bytes()[:4] == b"\x89PNG"
     assert cli.main(["report", str(run), "--out", str(tmp_path / "rep.pdf")]) == 2
     assert "is a PNG image" in capsys.readouterr().err and not (tmp_path / "rep.pdf").exists()
+    assert cli.main(["report", str(run), "--out", str(tmp_path / "new" / "dir" / "r.png")]) == 0  # was Errno 2
+    assert (tmp_path / "new" / "dir" / "r.png").read_bytes()[:4] == b"\x89PNG"

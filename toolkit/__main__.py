@@ -107,7 +107,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.choices["eval"]
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--shards", default=None, help="held-out shards: validation loss and answer accuracy")
-    p.add_argument("--max-samples", type=int, default=0)
+    p.add_argument(
+        "--max-samples",
+        type=int,
+        default=0,
+        help="answer accuracy over at most N questions (0: all); the loss reads all",
+    )
     p.add_argument("--lmms-tasks", default=None, help="comma-separated lmms-eval tasks (needs lmms-eval installed)")
     p.add_argument("--lmms-limit", type=int, default=None, help="at most this many documents per lmms-eval task")
     p.add_argument("--lmms-include", default=None, help="a folder of your own lmms-eval task YAMLs")
@@ -331,6 +336,9 @@ def _eval(args: argparse.Namespace) -> int:
     if not args.shards and not args.lmms_tasks:
         raise UserError("eval needs --shards (held-out shards) or --lmms-tasks (lmms-eval benchmarks), or both")
     if args.shards:
+        from toolkit.data.shards import resolve_sets
+
+        resolve_sets(args.shards, name="--shards")  # before the model loads; named as the user gave it
         model, tok = load_for_inference(args.checkpoint, device=args.device)
         loss, targets = heldout_totals(model, tok, args.shards)
         if not targets:  # a loss of 0.0 over nothing read as a perfect model
@@ -378,6 +386,8 @@ def _report(args: argparse.Namespace) -> int:
         out = out / "report.png"  # a folder: the report goes inside it, not over its name
     elif out is not None and out.suffix.lower() != ".png":
         raise UserError(f"--out {args.out}: the report is a PNG image; give a .png file or a folder")
+    elif out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)  # a new folder for it: was a raw "[Errno 2]"
     print(f"wrote {write_report(args.run, out)}")
     return 0
 

@@ -114,7 +114,10 @@ def _read_manifest(path: Path, name: str) -> list[Shard]:
     if manifest.get("format") != FORMAT:
         raise ShardError(f"{name}: {path} has format {manifest.get('format')!r}, expected {FORMAT!r}")
     if manifest.get("complete") is not True:
-        raise ShardError(f"{name}: {path} is from a shard-data run that did not finish; rerun it into the same folder")
+        raise ShardError(
+            f"{name}: {path} is from a shard-data run that did not finish (stopped, or it wrote no sample): run the "
+            "same shard-data command again with --resume (after --part runs: shard-data --merge), or see its last error"
+        )
     try:
         return [
             Shard(str(path.parent / s["name"]), int(s["samples"]), int(s["bytes"]) if "bytes" in s else None)
