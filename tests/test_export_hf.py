@@ -102,7 +102,7 @@ def test_autoprocessor_loads_with_nanovlms_tokens_and_template(fixture_export, r
     assert len(AutoTokenizer.from_pretrained(str(fixture_export))) == cfg["lm_vocab_size"]
 
 
-def test_hf_inputs_build_nanovlms_prompt_ids_and_tiles(fixture_export, reference_dir):
+def test_hf_inputs_build_nanovlms_prompt_ids_and_tiles(fixture_export, reference_dir, tmp_path):
     """nanoVLM's own ids for the fixture's conversation, up to the assistant's answer, and its tiles."""
     raw = json.loads((reference_dir / "reference.json").read_text())
     ref = load_file(str(reference_dir / "reference.safetensors"))
@@ -112,6 +112,10 @@ def test_hf_inputs_build_nanovlms_prompt_ids_and_tiles(fixture_export, reference
     assert answer_ids > 0 and ids == raw["input_ids"][: len(ids)]
     assert torch.equal(inputs["pixel_values"][0], ref["pixel_values"])
     assert inputs["attention_mask"].tolist() == [[1] * len(ids)]
+    png = tmp_path / "image.png"  # a path as the image gives the same inputs (was an AttributeError)
+    _fixture_image().save(png)
+    by_path = hf_inputs(str(png), raw["user"], _processor(fixture_export))
+    assert all(torch.equal(by_path[k], inputs[k]) for k in inputs)
 
 
 def test_a_black_tile_is_kept_and_changes_nothing(fixture_export, reference_dir):

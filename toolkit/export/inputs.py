@@ -10,13 +10,14 @@ the toolkit's own `generate` does.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
 from PIL import Image
 
 from toolkit.data.conversation import encode_prompt
-from toolkit.data.images import process_image
+from toolkit.data.images import process_image, to_rgb
 from toolkit.data.tokenizer import VLMTokenizer
 from toolkit.errors import UserError
 from toolkit.export.hf import LAYOUT_KEY
@@ -43,13 +44,17 @@ def visible_tiles(tiles: torch.Tensor) -> torch.Tensor:
     return tiles
 
 
-def hf_inputs(image: Image.Image | list[Image.Image] | None, prompt: str, processor: Any) -> dict[str, torch.Tensor]:
+ImageLike = Image.Image | str | Path
+
+
+def hf_inputs(image: ImageLike | list[ImageLike] | None, prompt: str, processor: Any) -> dict[str, torch.Tensor]:
     """One user turn (its images first, as nanoVLM prompts) -> input_ids, attention_mask (1, S) and, with images,
-    pixel_values (1, tiles, 3, tile, tile) for the exported model's forward or generate."""
+    pixel_values (1, tiles, 3, tile, tile) for the exported model's forward or generate. An image is a PIL image
+    or a file's path (a path failed with "'str' object has no attribute 'mode'")."""
     lay = _layout(processor)
-    images = [] if image is None else [image] if isinstance(image, Image.Image) else list(image)
+    images = [] if image is None else [image] if isinstance(image, (Image.Image, str, Path)) else list(image)
     tiles, grids = [], []
-    for img in images:
+    for img in map(_opened, images):
         t, grid = process_image(
             img, tile=lay["tile"], max_side=lay["max_side"], resize_to_max=lay["resize_to_max_side_len"]
         )
@@ -62,3 +67,12 @@ def hf_inputs(image: Image.Image | list[Image.Image] | None, prompt: str, proces
     if tiles:
         out["pixel_values"] = visible_tiles(torch.cat(tiles))[None]
     return out
+
+
+def _opened(image: Any) -> Image.Image:
+    if isinstance(image, (str, Path)):
+        with Image.open(image) as img:
+            return to_rgb(img)  # decoded now, while the file is open; upright as training reads it
+    if not isinstance(image, Image.Image):
+        raise TypeError(f"hf_inputs takes PIL images or image file paths, not {type(image).__name__}")
+    return image
