@@ -225,3 +225,32 @@ def test_llava_columns_are_read_from_parquet_and_save_to_disk(tmp_path):
         ShardDataError, match=r"no column texts or conversations or messages .*columns: image, question"
     ):
         shard_data(str(tmp_path / "qa.parquet"), str(tmp_path / "out-qa"))
+
+
+def test_python_rows_take_any_pil_image_as_it_is_now_and_numpy_pixels(tmp_path):
+    """write_shards(ListSource(...)): a CMYK image stopped the whole run (PNG cannot hold CMYK), an image changed
+    in place after opening (thumbnail) was written as its original file, and a numpy array was wrong_type. An
+    image opened and left alone still keeps its file's bytes."""
+    import io
+
+    from toolkit.data.prepare.shard_writer import ListSource, write_shards
+
+    rng = np.random.default_rng(0)
+    photo = tmp_path / "photo.jpg"
+    Image.fromarray(rng.integers(0, 256, (40, 200, 3), dtype=np.uint8)).save(photo, quality=90)
+    shrunk = Image.open(photo)
+    shrunk.thumbnail((100, 100))
+    pixels = rng.integers(0, 256, (12, 16, 3), dtype=np.uint8)
+    images = [Image.new("CMYK", (16, 12), (0, 255, 0, 0)), shrunk, Image.open(photo), pixels]
+    turn = [{"user": "what is it?", "assistant": "a test"}]
+    manifest = write_shards(ListSource("rows", [{"images": [im], "texts": turn} for im in images]), tmp_path / "out",
+                            shard_size="1MB")  # fmt: skip
+    assert (manifest["samples"], manifest["skipped"]) == (4, {})
+    written = [imgs[0][1] for _, _, imgs in read_shards(tmp_path / "out")]
+    decoded = [Image.open(io.BytesIO(data)) for data in written]
+    assert decoded[0].mode == "RGB" and decoded[0].getpixel((0, 0)) == Image.new(
+        "CMYK", (1, 1), (0, 255, 0, 0)
+    ).convert("RGB").getpixel((0, 0))
+    assert decoded[1].size == (100, 20)  # the thumbnail, not the 200 x 40 file
+    assert written[2] == photo.read_bytes()
+    assert np.array_equal(np.asarray(decoded[3]), pixels)

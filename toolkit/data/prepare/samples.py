@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from PIL import Image
 
 from toolkit.data.format import MISSING_IMAGE, NO_TEXTS, PLACEHOLDER_MISMATCH, UNREADABLE_IMAGE, WRONG_TYPE
@@ -167,13 +168,13 @@ def _read_path(path: str) -> bytes:
 
 def _image_bytes(item: Any) -> bytes:
     """An image in any of the forms datasets, JSONL or Python hand us -> its encoded bytes."""
+    if isinstance(item, np.ndarray):  # (H, W) or (H, W, 3|4) pixels, as numpy and many loaders hand them over
+        try:
+            item = Image.fromarray(item)
+        except (TypeError, ValueError) as exc:
+            raise SkipRow(WRONG_TYPE, f"an array of shape {item.shape} and {item.dtype} is not an image") from exc
     if isinstance(item, Image.Image):
-        filename = getattr(item, "filename", "")
-        if filename and os.path.isfile(filename):
-            return _read_path(filename)
-        buf = io.BytesIO()
-        item.save(buf, format="PNG")  # lossless: nothing is lost that the caller gave us
-        return buf.getvalue()
+        return _pil_bytes(item)
     if isinstance(item, (bytes, bytearray, memoryview)):
         return bytes(item)
     if isinstance(item, str) and item:
@@ -185,6 +186,29 @@ def _image_bytes(item: Any) -> bytes:
         if data is None and isinstance(path, str) and path:
             return _read_path(path)
     raise SkipRow(WRONG_TYPE, f"image entry of type {type(item).__name__} has neither bytes nor a path")
+
+
+PNG_MODES = ("1", "L", "LA", "I", "I;16", "P", "RGB", "RGBA")
+
+
+def _pil_bytes(item: Image.Image) -> bytes:
+    """A PIL image's bytes: its file's when it holds these very pixels (no re-encoding of a JPEG), else lossless
+    PNG of its pixels. The file was taken whenever the image had one, so an image changed in place after opening
+    (thumbnail, paste) was written as the original; a mode PNG cannot hold (CMYK ...) stopped the whole run."""
+    filename = getattr(item, "filename", "")
+    if filename and os.path.isfile(filename) and _same_pixels(item, filename):
+        return _read_path(filename)
+    buf = io.BytesIO()
+    (item if item.mode in PNG_MODES else to_rgb(item)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _same_pixels(item: Image.Image, filename: str) -> bool:
+    try:
+        with Image.open(filename) as disk:
+            return disk.size == item.size and disk.mode == item.mode and disk.tobytes() == item.tobytes()
+    except Exception:  # an unreadable file: the in-memory pixels are what there is
+        return False
 
 
 def _inspect_image(data: bytes) -> tuple[str, tuple[int, int]]:
