@@ -4,6 +4,9 @@
 #   launch/deepspeed.sh HOSTFILE [train overrides...]
 #   launch/deepspeed.sh launch/hostfile.example --config nanovlm-450m backend.ds_config=ds_configs/zero3.json
 #
+# HOSTFILE (lines of `HOST slots=N`) and relative paths in the overrides are read from this checkout's root. The
+# script adds backend.name=deepspeed, and refuses a backend.name=... of another backend.
+#
 # Reads:
 #   MASTER_ADDR   address of the first host as the others see it (default: first host of the hostfile)
 #   MASTER_PORT   rendezvous port (default 29500)
@@ -12,23 +15,155 @@
 #   NCCL_*        forwarded to every host by DeepSpeed (e.g. NCCL_SOCKET_IFNAME=ib0, NCCL_DEBUG=WARN)
 #   GLOO_SOCKET_IFNAME  network interface of CPU (gloo) runs, when the hostname resolves to loopback: set it in
 #                 DS_ENV_FILE so every host gets it (e.g. GLOO_SOCKET_IFNAME=eth0)
-#   DS_ENV_FILE   file of KEY=VALUE lines DeepSpeed exports to every host (default ~/.deepspeed_env or ./.deepspeed_env)
+#   DS_ENV_FILE   file of KEY=VALUE lines DeepSpeed exports to every host (default ~/.deepspeed_env or ./.deepspeed_env);
+#                 with several hosts the script passes DeepSpeed a copy of it with NANOVLM_STOP_FILE added
+#   NANOVLM_STOP_FILE  file the ranks watch: once it exists they finish the step, checkpoint and exit 0 (default: a
+#                 fresh name under runs/ of this checkout, removed when the script ends). One you set is used as it
+#                 is (created by the signals below, removed at the end only if this script made it)
 # Needs passwordless ssh and pdsh from this node to every host, and the same checkout path on each.
+#
+# Stopping: SIGTERM, SIGUSR1 or SIGHUP to this script (its pid) create $NANOVLM_STOP_FILE; every rank finishes its
+# step, writes a checkpoint and exits 0, and so does this script. One rank seeing the file is enough (the stop
+# reaches the others with the step's all-reduce), so with several hosts the file must be visible to a rank: launch
+# from one of the hosts, or keep the checkout (or NANOVLM_STOP_FILE) on a filesystem the hosts share. SIGINT
+# (Ctrl-C) goes on to DeepSpeed at once: on one host its launcher sends SIGTERM to the ranks (they stop after the
+# step, or are killed 30 s later), on several hosts the runner kills them over pdsh; the exit status is then 1.
+# The script waits for the ranks and exits with DeepSpeed's status.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-HOSTFILE=${1:?usage: launch/deepspeed.sh HOSTFILE [--config CFG] [section.field=value ...]}
+USAGE="usage: launch/deepspeed.sh HOSTFILE [--config CFG] [section.field=value ...]"
+if [ $# = 0 ]; then
+  echo "$USAGE" >&2
+  exit 2
+fi
+HOSTFILE=$1
 shift
+if [ ! -f "$HOSTFILE" ] || [ ! -r "$HOSTFILE" ]; then
+  echo "launch/deepspeed.sh: HOSTFILE '$HOSTFILE' is not a readable file (the first argument is a DeepSpeed hostfile" \
+    "of 'HOST slots=N' lines, relative to $PWD); $USAGE" >&2
+  exit 2
+fi
+HOSTS=$(awk '!/^[[:space:]]*#/ && NF {print $1}' "$HOSTFILE")
+if [ -z "$HOSTS" ]; then
+  echo "launch/deepspeed.sh: HOSTFILE $HOSTFILE lists no host (expected lines of 'HOST slots=N'); $USAGE" >&2
+  exit 2
+fi
+for arg in "$@"; do
+  case "$arg" in
+    backend.name=*)
+      value=${arg#backend.name=}
+      value=${value//[\"\' ]/}
+      if [ "$value" != deepspeed ]; then
+        echo "launch/deepspeed.sh: $arg conflicts with this launcher, which trains with backend.name=deepspeed:" \
+          "drop it, or launch a $value run with launch/torchrun.sh" >&2
+        exit 2
+      fi
+      ;;
+  esac
+done
 PYTHON=${PYTHON:-$PWD/.venv/bin/python}
-FIRST_HOST=$(grep -v '^\s*#' "$HOSTFILE" | awk 'NF {print $1; exit}')
+FIRST_HOST=${HOSTS%%$'\n'*}
 # Reach every host first: DeepSpeed's own check tries only the first one and pdsh's error is easy to miss.
-for host in $(grep -v '^\s*#' "$HOSTFILE" | awk 'NF {print $1}'); do
+for host in $HOSTS; do
   case "$host" in localhost | 127.0.0.1 | "$(hostname)") continue ;; esac  # one local node: no ssh involved
   ssh -o BatchMode=yes -o ConnectTimeout=5 ${SSH_PORT:+-p "$SSH_PORT"} "$host" true 2>/dev/null || {
     echo "host $host in $HOSTFILE is unreachable by passwordless ssh: run ssh-copy-id $host (or fix the hostfile)" >&2
     exit 1
   }
 done
+
+# The stop file: ours (a fresh folder, so nothing left from an earlier run can stop this one) or the user's.
+STOP_DIR=""
+if [ -z "${NANOVLM_STOP_FILE:-}" ]; then
+  mkdir -p runs
+  STOP_DIR=$(mktemp -d "$PWD/runs/.deepspeed-stop.XXXXXX")
+  NANOVLM_STOP_FILE=$STOP_DIR/stop
+elif [ -e "$NANOVLM_STOP_FILE" ]; then
+  echo "launch/deepspeed.sh: warning: NANOVLM_STOP_FILE=$NANOVLM_STOP_FILE exists already, so the run stops after" \
+    "its first step; delete it if an earlier run left it" >&2
+fi
+export NANOVLM_STOP_FILE
+made_stop_file=""
+# shellcheck disable=SC2317  # run by the traps
+cleanup() {
+  if [ -n "$STOP_DIR" ]; then rm -rf "$STOP_DIR"; fi
+  if [ -n "$made_stop_file" ]; then rm -f "$NANOVLM_STOP_FILE"; fi
+}
+trap cleanup EXIT
+MULTI_HOST=""
+if [ "$(wc -l <<<"$HOSTS")" -gt 1 ]; then
+  # Several hosts: DeepSpeed starts every rank over pdsh/ssh with only the variables it exports, which are those of
+  # its env file(s) (and NCCL_*, PYTHON* ...): pass it a copy of them with NANOVLM_STOP_FILE added.
+  MULTI_HOST=1
+  if [ -z "$STOP_DIR" ]; then STOP_DIR=$(mktemp -d "${TMPDIR:-/tmp}/nanovlm-dsenv.XXXXXX"); fi
+  env_name=${DS_ENV_FILE:-.deepspeed_env}
+  for dir in "$HOME" .; do  # where DeepSpeed looks for it
+    case "$env_name" in /*) file=$env_name ;; *) file=$dir/$env_name ;; esac
+    if [ -f "$file" ]; then awk 'NF' "$file" >>"$STOP_DIR/deepspeed_env"; fi
+  done
+  echo "NANOVLM_STOP_FILE=$NANOVLM_STOP_FILE" >>"$STOP_DIR/deepspeed_env"
+  export DS_ENV_FILE=$STOP_DIR/deepspeed_env
+fi
+
+RUNNER_PID=""
+stop_signal=""  # the last signal this script received
+interrupted=""  # set by every trap: the `wait` below returned because of a signal, not because DeepSpeed ended
+# shellcheck disable=SC2317  # run by the traps
+forward() {  # $1: a signal for the ranks. One host: to DeepSpeed's per-host launcher, which passes it on as
+  # SIGTERM to every rank's process tree; several hosts: to the runner, which stops pdsh and kills the ranks.
+  if [ -z "$RUNNER_PID" ]; then return; fi
+  if [ -n "$MULTI_HOST" ]; then
+    kill "-$1" "$RUNNER_PID" 2>/dev/null || true
+  else
+    pkill "-$1" -P "$RUNNER_PID" 2>/dev/null || true
+  fi
+}
+# shellcheck disable=SC2317  # run by the traps
+request_stop() {  # TERM, USR1, HUP: every rank finishes its step, checkpoints and exits 0
+  stop_signal=$1 interrupted=1
+  if [ ! -e "$NANOVLM_STOP_FILE" ]; then
+    if mkdir -p "$(dirname "$NANOVLM_STOP_FILE")" 2>/dev/null && touch "$NANOVLM_STOP_FILE" 2>/dev/null; then
+      made_stop_file=1
+    elif [ -n "$RUNNER_PID" ]; then
+      echo "launch/deepspeed.sh: cannot create $NANOVLM_STOP_FILE; passing SIGTERM on to DeepSpeed instead" >&2
+      forward TERM
+      return
+    fi
+  fi
+  echo "launch/deepspeed.sh: SIG$1: every rank stops after its current step, with a checkpoint" >&2
+}
+# shellcheck disable=SC2317  # run by the traps
+interrupt() {  # INT: DeepSpeed's own handling, at once (no stop file)
+  stop_signal=INT interrupted=1
+  forward INT
+}
+trap 'request_stop TERM' TERM
+trap 'request_stop USR1' USR1
+trap 'request_stop HUP' HUP
+trap interrupt INT
+
 # Every host was checked above, so DeepSpeed's own (first host only, ssh even for localhost) is skipped.
 ARGS=(--no_ssh_check --hostfile "$HOSTFILE" --master_addr "${MASTER_ADDR:-$FIRST_HOST}" --master_port "${MASTER_PORT:-29500}")
 [ -n "${SSH_PORT:-}" ] && ARGS+=(--ssh_port "$SSH_PORT")
-exec "$PYTHON" -m deepspeed.launcher.runner "${ARGS[@]}" --module toolkit train "$@" backend.name=deepspeed
+if [ -n "$stop_signal" ]; then  # asked to stop before anything started: nothing to checkpoint
+  echo "launch/deepspeed.sh: SIG$stop_signal before DeepSpeed started; nothing was launched" >&2
+  if [ "$stop_signal" = INT ]; then exit 130; fi
+  exit 0
+fi
+# In the background, so that the traps above run while DeepSpeed does. The runner ignores SIGINT where it has no
+# handler of its own (one host): that host's launcher, which has one, stops the ranks, and the runner reports it.
+(
+  trap '' INT
+  exec "$PYTHON" -m deepspeed.launcher.runner "${ARGS[@]}" --module toolkit train "$@" backend.name=deepspeed
+) &
+RUNNER_PID=$!
+if [ "$stop_signal" = INT ]; then interrupt; fi  # arrived while the runner was being started
+# `wait` returns early when a trapped signal arrives: wait again until the runner itself has ended (a second `wait`
+# on a process that has ended returns its status).
+while :; do
+  interrupted=""
+  status=0
+  wait "$RUNNER_PID" || status=$?
+  if [ -z "$interrupted" ]; then break; fi
+done
+exit "$status"
