@@ -70,6 +70,10 @@ def test_missing_shards_fail_at_start_and_say_what_to_do(tok, tmp_path: Path) ->
     (tmp_path / "d" / "manifest.json").write_text(json.dumps({**manifest, "complete": False}))
     with pytest.raises(ShardError, match="did not finish"):
         build_loader(tiny_config(tok, str(tmp_path / "d")), rank=0, world=1)
+    empty = {**manifest, "shards": [{**sh, "samples": 0} for sh in manifest["shards"]], "skipped": {"no_texts": 6}}
+    (tmp_path / "d" / "manifest.json").write_text(json.dumps(empty))  # as shard-data wrote them before it refused
+    with pytest.raises(ShardError, match=r"holds no sample .*no_texts"):  # was: a run folder, then a later failure
+        resolve_sets(str(tmp_path / "d"), name="data.train_shards")
 
 
 def row_segments(batch: dict) -> list[list[int]]:

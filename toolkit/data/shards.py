@@ -119,12 +119,19 @@ def _read_manifest(path: Path, name: str) -> list[Shard]:
             "same shard-data command again with --resume (after --part runs: shard-data --merge), or see its last error"
         )
     try:
-        return [
+        shards = [
             Shard(str(path.parent / s["name"]), int(s["samples"]), int(s["bytes"]) if "bytes" in s else None)
             for s in manifest.get("shards", [])
         ]
     except (KeyError, TypeError, ValueError) as exc:
         raise ShardError(f"{name}: {path} lists a shard without name/samples ({exc}); rerun shard-data") from exc
+    if not any(sh.samples for sh in shards):  # shard-data wrote such runs before it refused them
+        skipped = manifest.get("skipped") or {}
+        raise ShardError(
+            f"{name}: {path} holds no sample (of {manifest.get('rows', '?')} rows, skipped: {skipped or 'none'}); "
+            "shard the data again (shard-data now says why each row was skipped)"
+        )
+    return shards
 
 
 def is_remote(path: str) -> bool:
