@@ -7,13 +7,13 @@ Shards are read back with Python's tarfile only, as in test_shard_writer.py.
 from __future__ import annotations
 
 import json
-import tarfile
 from pathlib import Path
 
 import datasets
 import numpy as np
 import pytest
 from PIL import Image
+from test_shard_writer import read_shards
 
 from toolkit.data.prepare.shard_writer import ShardDataError, shard_data
 
@@ -26,23 +26,6 @@ def noise_png(path: Path, seed: int) -> bytes:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(arr, "RGB").save(path)
     return path.read_bytes()
-
-
-def read_shards(out: Path) -> list[tuple[str, dict, list[tuple[str, bytes]]]]:
-    """(key, json, [(member extension, bytes), ...]) per sample, in shard and tar order."""
-    manifest = json.loads((out / "manifest.json").read_text())
-    samples: dict[str, tuple[dict, list]] = {}
-    for shard in manifest["shards"]:
-        with tarfile.open(out / shard["name"]) as tar:
-            for member in tar.getmembers():
-                key, ext = member.name.split(".", 1)
-                data = tar.extractfile(member).read()
-                meta, images = samples.setdefault(key, ({}, []))
-                if ext == "json":
-                    meta.update(json.loads(data))
-                else:
-                    images.append((ext, data))
-    return [(key, meta, images) for key, (meta, images) in samples.items()]
 
 
 def write_jsonl(path: Path, rows: list) -> Path:
