@@ -72,24 +72,10 @@ for host in $HOSTS; do
   }
 done
 
-# The stop file: ours (a fresh folder, so nothing left from an earlier run can stop this one) or the user's.
-STOP_DIR=""
-if [ -z "${NANOVLM_STOP_FILE:-}" ]; then
-  mkdir -p runs
-  STOP_DIR=$(mktemp -d "$PWD/runs/.deepspeed-stop.XXXXXX")
-  NANOVLM_STOP_FILE=$STOP_DIR/stop
-elif [ -e "$NANOVLM_STOP_FILE" ]; then
-  echo "launch/deepspeed.sh: warning: NANOVLM_STOP_FILE=$NANOVLM_STOP_FILE exists already, so the run stops after" \
-    "its first step; delete it if an earlier run left it" >&2
-fi
-export NANOVLM_STOP_FILE
-made_stop_file=""
-# shellcheck disable=SC2317  # run by the traps
-cleanup() {
-  if [ -n "$STOP_DIR" ]; then rm -rf "$STOP_DIR"; fi
-  if [ -n "$made_stop_file" ]; then rm -f "$NANOVLM_STOP_FILE"; fi
-}
-trap cleanup EXIT
+LAUNCHER=launch/deepspeed.sh
+# shellcheck source=launch/stop_signals.sh
+. launch/stop_signals.sh
+stop_file_init "$PWD/runs/.deepspeed-stop.XXXXXX"
 MULTI_HOST=""
 if [ "$(wc -l <<<"$HOSTS")" -gt 1 ]; then
   # Several hosts: DeepSpeed starts every rank over pdsh/ssh with only the variables it exports, which are those of
@@ -105,65 +91,25 @@ if [ "$(wc -l <<<"$HOSTS")" -gt 1 ]; then
   export DS_ENV_FILE=$STOP_DIR/deepspeed_env
 fi
 
-RUNNER_PID=""
-stop_signal=""  # the last signal this script received
-interrupted=""  # set by every trap: the `wait` below returned because of a signal, not because DeepSpeed ended
 # shellcheck disable=SC2317  # run by the traps
-forward() {  # $1: a signal for the ranks. One host: to DeepSpeed's per-host launcher, which passes it on as
+pass_on() {  # $1: a signal for the ranks. One host: to DeepSpeed's per-host launcher, which passes it on as
   # SIGTERM to every rank's process tree; several hosts: to the runner, which stops pdsh and kills the ranks.
-  if [ -z "$RUNNER_PID" ]; then return; fi
   if [ -n "$MULTI_HOST" ]; then
-    kill "-$1" "$RUNNER_PID" 2>/dev/null || true
+    kill "-$1" "$LAUNCHED_PID" 2>/dev/null || true
   else
-    pkill "-$1" -P "$RUNNER_PID" 2>/dev/null || true
+    pkill "-$1" -P "$LAUNCHED_PID" 2>/dev/null || true
   fi
 }
-# shellcheck disable=SC2317  # run by the traps
-request_stop() {  # TERM, USR1, HUP: every rank finishes its step, checkpoints and exits 0
-  stop_signal=$1 interrupted=1
-  if [ ! -e "$NANOVLM_STOP_FILE" ]; then
-    if mkdir -p "$(dirname "$NANOVLM_STOP_FILE")" 2>/dev/null && touch "$NANOVLM_STOP_FILE" 2>/dev/null; then
-      made_stop_file=1
-    elif [ -n "$RUNNER_PID" ]; then
-      echo "launch/deepspeed.sh: cannot create $NANOVLM_STOP_FILE; passing SIGTERM on to DeepSpeed instead" >&2
-      forward TERM
-      return
-    fi
-  fi
-  echo "launch/deepspeed.sh: SIG$1: every rank stops after its current step, with a checkpoint" >&2
-}
-# shellcheck disable=SC2317  # run by the traps
-interrupt() {  # INT: DeepSpeed's own handling, at once (no stop file)
-  stop_signal=INT interrupted=1
-  forward INT
-}
-trap 'request_stop TERM' TERM
-trap 'request_stop USR1' USR1
-trap 'request_stop HUP' HUP
-trap interrupt INT
+trap_stop_signals
 
 # Every host was checked above, so DeepSpeed's own (first host only, ssh even for localhost) is skipped.
 ARGS=(--no_ssh_check --hostfile "$HOSTFILE" --master_addr "${MASTER_ADDR:-$FIRST_HOST}" --master_port "${MASTER_PORT:-29500}")
 [ -n "${SSH_PORT:-}" ] && ARGS+=(--ssh_port "$SSH_PORT")
-if [ -n "$stop_signal" ]; then  # asked to stop before anything started: nothing to checkpoint
-  echo "launch/deepspeed.sh: SIG$stop_signal before DeepSpeed started; nothing was launched" >&2
-  if [ "$stop_signal" = INT ]; then exit 130; fi
-  exit 0
-fi
+exit_if_stopped
 # In the background, so that the traps above run while DeepSpeed does. The runner ignores SIGINT where it has no
 # handler of its own (one host): that host's launcher, which has one, stops the ranks, and the runner reports it.
 (
   trap '' INT
   exec "$PYTHON" -m deepspeed.launcher.runner "${ARGS[@]}" --module toolkit train "$@" backend.name=deepspeed
 ) &
-RUNNER_PID=$!
-if [ "$stop_signal" = INT ]; then interrupt; fi  # arrived while the runner was being started
-# `wait` returns early when a trapped signal arrives: wait again until the runner itself has ended (a second `wait`
-# on a process that has ended returns its status).
-while :; do
-  interrupted=""
-  status=0
-  wait "$RUNNER_PID" || status=$?
-  if [ -z "$interrupted" ]; then break; fi
-done
-exit "$status"
+wait_for $!

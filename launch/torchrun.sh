@@ -41,58 +41,18 @@ if [ -z "${NPROC_PER_NODE:-}" ]; then
   NPROC_PER_NODE=$("$PYTHON" -c 'import torch; print(max(torch.cuda.device_count(), 1))')
 fi
 
-# The stop file: ours (a fresh folder, so nothing left from an earlier run can stop this one) or the user's.
-STOP_DIR=""
-if [ -z "${NANOVLM_STOP_FILE:-}" ]; then
-  STOP_DIR=$(mktemp -d "${TMPDIR:-/tmp}/nanovlm-stop.XXXXXX")
-  NANOVLM_STOP_FILE=$STOP_DIR/stop
-elif [ -e "$NANOVLM_STOP_FILE" ]; then
-  echo "launch/torchrun.sh: warning: NANOVLM_STOP_FILE=$NANOVLM_STOP_FILE exists already, so the run stops after" \
-    "its first step; delete it if an earlier run left it" >&2
-fi
-export NANOVLM_STOP_FILE
-made_stop_file=""
-TORCHRUN_PID=""
-stop_signal=""  # the last signal this script received
-interrupted=""  # set by every trap: the `wait` below returned because of a signal, not because torchrun ended
+LAUNCHER=launch/torchrun.sh
+# shellcheck source=launch/stop_signals.sh
+. launch/stop_signals.sh
 # shellcheck disable=SC2317  # run by the traps
-cleanup() {
-  if [ -n "$STOP_DIR" ]; then rm -rf "$STOP_DIR"; fi
-  if [ -n "$made_stop_file" ]; then rm -f "$NANOVLM_STOP_FILE"; fi
-}
-trap cleanup EXIT
-# shellcheck disable=SC2317  # run by the traps
-request_stop() {  # TERM, USR1, HUP: every rank finishes its step, checkpoints and exits 0
-  stop_signal=$1 interrupted=1
-  if [ ! -e "$NANOVLM_STOP_FILE" ]; then
-    if mkdir -p "$(dirname "$NANOVLM_STOP_FILE")" 2>/dev/null && touch "$NANOVLM_STOP_FILE" 2>/dev/null; then
-      made_stop_file=1
-    elif [ -n "$TORCHRUN_PID" ]; then  # cannot write it: torchrun's own handling (TERM to the ranks, exit 1)
-      echo "launch/torchrun.sh: cannot create $NANOVLM_STOP_FILE; sending SIGTERM to torchrun instead" >&2
-      kill -TERM "$TORCHRUN_PID" 2>/dev/null || true
-      return
-    fi
-  fi
-  echo "launch/torchrun.sh: SIG$1: every rank stops after its current step, with a checkpoint" >&2
-}
-# shellcheck disable=SC2317  # run by the traps
-interrupt() {  # INT: on to torchrun, which stops the ranks at once (SIGINT to them), no checkpoint
-  stop_signal=INT interrupted=1
-  if [ -n "$TORCHRUN_PID" ]; then kill -INT "$TORCHRUN_PID" 2>/dev/null || true; fi
-}
-trap 'request_stop TERM' TERM
-trap 'request_stop USR1' USR1
-trap 'request_stop HUP' HUP
-trap interrupt INT
+pass_on() { kill "-$1" "$LAUNCHED_PID" 2>/dev/null || true; }  # torchrun sends it on to the ranks
+stop_file_init "${TMPDIR:-/tmp}/nanovlm-stop.XXXXXX"
+trap_stop_signals
 
 if [ "${PREFLIGHT:-1}" != 0 ]; then
   "$PYTHON" -m toolkit train --check --world $(( NNODES * NPROC_PER_NODE )) "$@" || exit $?
 fi
-if [ -n "$stop_signal" ]; then  # asked to stop before anything started: nothing to checkpoint
-  echo "launch/torchrun.sh: SIG$stop_signal before torchrun started; nothing was launched" >&2
-  if [ "$stop_signal" = INT ]; then exit 130; fi
-  exit 0
-fi
+exit_if_stopped
 # In the background, so that the traps above run while torchrun does; with SIGINT back to its default, which a
 # background command would otherwise ignore.
 (
@@ -103,14 +63,4 @@ fi
     --rdzv_id "${RDZV_ID:-nanovlm-${USER:-user}}" --max_restarts "${MAX_RESTARTS:-3}" \
     -m toolkit train "$@"
 ) &
-TORCHRUN_PID=$!
-if [ "$stop_signal" = INT ]; then interrupt; fi  # arrived while torchrun was being started
-# `wait` returns early when a trapped signal arrives: wait again until torchrun itself has ended (a second `wait`
-# on a process that has ended returns its status).
-while :; do
-  interrupted=""
-  status=0
-  wait "$TORCHRUN_PID" || status=$?
-  if [ -z "$interrupted" ]; then break; fi
-done
-exit "$status"
+wait_for $!
