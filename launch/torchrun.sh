@@ -8,8 +8,9 @@
 #   NPROC_PER_NODE  processes per node (default: number of visible GPUs, else 1)
 #   MASTER_ADDR     host of the c10d rendezvous, reachable from every node: the first node, the same on every node
 #                   (default localhost, for one node only: with NNODES > 1 an unset MASTER_ADDR is refused)
-#   MASTER_PORT     rendezvous port (default 29500)
-#   RDZV_ID         job id shared by all nodes (default: nanovlm-$USER)
+#   MASTER_PORT     rendezvous port (default 29500 on several nodes; on one node a free port, so that two jobs on
+#                   one node do not meet)
+#   RDZV_ID         job id shared by all nodes (default: nanovlm-$USER; on one node without MASTER_PORT, one per run)
 #   MAX_RESTARTS    times torchrun restarts the whole group after a rank dies (default 3); each restart resumes
 #                   from the run's latest checkpoint (train.resume=auto). torchrun cannot tell a lost node from
 #                   a failure that recurs (a full disk): that one is retried too, then reported by every try
@@ -53,14 +54,19 @@ if [ "${PREFLIGHT:-1}" != 0 ]; then
   "$PYTHON" -m toolkit train --check --world $(( NNODES * NPROC_PER_NODE )) "$@" || exit $?
 fi
 exit_if_stopped
+ENDPOINT=${MASTER_ADDR:-localhost}:${MASTER_PORT:-29500}
+RDZV=${RDZV_ID:-nanovlm-${USER:-user}}
+if [ "$NNODES" = 1 ] && [ -z "${MASTER_PORT:-}" ]; then  # one node: a free port and a job id of its own, so two
+  ENDPOINT=${MASTER_ADDR:-localhost}:0                     # jobs on one node do not meet at port 29500
+  RDZV=${RDZV_ID:-nanovlm-$$-$(date +%s)}
+fi
 # In the background, so that the traps above run while torchrun does; with SIGINT back to its default, which a
 # background command would otherwise ignore.
 (
   trap - INT QUIT
   exec "$PYTHON" -m torch.distributed.run \
     --nnodes "$NNODES" --nproc_per_node "$NPROC_PER_NODE" \
-    --rdzv_backend c10d --rdzv_endpoint "${MASTER_ADDR:-localhost}:${MASTER_PORT:-29500}" \
-    --rdzv_id "${RDZV_ID:-nanovlm-${USER:-user}}" --max_restarts "${MAX_RESTARTS:-3}" \
+    --rdzv_backend c10d --rdzv_endpoint "$ENDPOINT" --rdzv_id "$RDZV" --max_restarts "${MAX_RESTARTS:-3}" \
     -m toolkit train "$@"
 ) &
 wait_for $!

@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -129,7 +130,15 @@ def test_torchrun_signal_stops_every_rank_at_a_checkpoint(sig, synth, tmp_path, 
         return
     stopped = steps[-1]  # the same command, to a nearer end: resumes from that checkpoint and finishes
     cmd = ["bash", "launch/torchrun.sh", *run_args(synth, run, stopped + 2, "backend.name=ddp")]
-    done = subprocess.run(cmd, cwd=REPO, env=torchrun_env(mark), capture_output=True, text=True, timeout=120)
+    # ... on one node with no port given, while another job holds port 29500 (the default both met at: the second
+    # waited on the first's rendezvous, then died): it takes a free port of its own
+    env = {k: v for k, v in torchrun_env(mark).items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RDZV_ID")}
+    with contextlib.ExitStack() as held:
+        other = held.enter_context(socket.socket())
+        with contextlib.suppress(OSError):  # 29500 in use already: as good
+            other.bind(("127.0.0.1", 29500))
+            other.listen()
+        done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-4000:]
     assert steps_logged(run) == list(range(1, stopped + 3)) and latest(run) == f"step_{stopped + 2}"
 
