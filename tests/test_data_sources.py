@@ -341,3 +341,18 @@ def test_a_resume_after_changing_the_data_is_refused_unless_its_stream_starts_af
     fresh_b = _train_in_process(tmp_path / "a.yaml", f"train.run_dir={tmp_path / 'b_run'}", on_b)
     assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5]  # stop_at_step=9 ends with the schedule at 5
     assert [r["batch_digest"] for r in resumed[2:]] == [r["batch_digest"] for r in fresh_b[:3]]  # b from its start
+
+
+def test_answer_accuracy_reads_caption_pairs_as_the_loss_does(tmp_path):
+    """eval's loss scored img2dataset caption shards, while its answer accuracy skipped every sample (no_texts) and
+    then printed "0 questions left out". Each pair is one turn asking the caption prompt, with its caption."""
+    from toolkit.evaluate import iter_eval_samples
+
+    keys = write_caption_shards(tmp_path / "caps", shards=1, per_shard=3)
+    samples = list(iter_eval_samples(str(tmp_path / "caps")))
+    assert [s["texts"] for s in samples] == [
+        [{"user": "Describe the image.", "assistant": c}] for c in ("picture 0000", "caption 0001", "picture 0002")
+    ]
+    assert len(keys) == 3 and all(len(s["images"]) == 1 for s in samples)
+    asked = list(iter_eval_samples(str(tmp_path / "caps"), caption_prompt="Caption:"))
+    assert asked[0]["texts"][0]["user"] == "Caption:"

@@ -350,8 +350,10 @@ def _eval(args: argparse.Namespace) -> int:
         print(f"validation loss: {loss:.4f}  ({targets} answer tokens)")
         for kind, value in (acc.table() if acc.total else {}).items():
             print(f"accuracy {kind:>14}: {value:6.1%}  ({acc.total.get(kind, sum(acc.total.values()))} questions)")
-        if acc.unanswerable or not acc.total:
+        if acc.unanswerable:
             print(f"accuracy: {acc.unanswerable} questions left out, their reference answer has no word to compare")
+        elif not acc.total:
+            print("accuracy: no question was scored (the held-out samples hold none; see the warnings above)")
     if args.lmms_tasks:
         _eval_lmms(args)
     return 0

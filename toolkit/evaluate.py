@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from toolkit.config import Config
+from toolkit.config import Config, DataConfig
 from toolkit.data.conversation import image_string
 from toolkit.data.format import SPLIT_SAMPLE
 from toolkit.data.images import process_image, to_rgb
@@ -236,9 +236,11 @@ def heldout_totals(
     return total / max(n_targets, 1), n_targets
 
 
-def iter_eval_samples(shards: str) -> Iterable[dict]:
+def iter_eval_samples(shards: str, *, caption_prompt: str | None = None) -> Iterable[dict]:
     """Raw held-out samples (PIL images, texts, question_type, description) in shard order. A sample that cannot
-    be read is skipped and, at the end of the pass, counted in a warning that names the first."""
+    be read is skipped and, at the end of the pass, counted in a warning that names the first. An image-caption
+    pair (img2dataset's layout) is one turn asking `caption_prompt` (data.caption_prompt's default), as the loss
+    reads it: such shards were all skipped here while the loss scored them."""
     import io
     import json
 
@@ -249,7 +251,7 @@ def iter_eval_samples(shards: str) -> Iterable[dict]:
             try:
                 if key in scan.split:
                     raise Skip(SPLIT_SAMPLE, "its members are not together in the tar")
-                texts = parse_texts(files)
+                texts = parse_texts(files, caption_prompt=caption_prompt or DataConfig().caption_prompt)
                 images = [to_rgb(Image.open(io.BytesIO(b))) for b in image_members(files)]
                 meta = json.loads(files["json"]) if "json" in files else {}  # a caption pair may have only .txt
             except (Skip, OSError, ValueError) as exc:

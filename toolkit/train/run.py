@@ -146,7 +146,7 @@ class Lifecycle:
         if state is not None:
             model = VisionLanguageModel(self.cfg.model).to(self.backend.device)
             model.load_state_dict(state)
-            samples = iter_eval_samples(self.cfg.data.val_shards)
+            samples = iter_eval_samples(self.cfg.data.val_shards, caption_prompt=self.cfg.data.caption_prompt)
             acc, _ = answer_accuracy(model, self.tokenizer, samples, max_samples=self.cfg.train.eval_accuracy_samples)
             table = acc.table()
             dist.log0("answer accuracy: %s", ", ".join(f"{k} {v:.1%}" for k, v in table.items()))
