@@ -155,3 +155,16 @@ def test_flop_formulas_match_counted_matmuls(monkeypatch):
     counted = _counted_flops(lambda: model(input_ids=ids).logits.sum().backward())
     # The counter charges SDPA for the full S x S square; our formula charges causal halves, so pass 2 S^2.
     assert counted == pytest.approx(language_flops(cfg, seq, 2 * seq * seq), rel=0.02)
+
+
+def test_a_world_size_change_under_zero0_names_zero0_not_deepspeed(tmp_path):
+    """The refusal said "backend deepspeed cannot reshard", though ZeRO-1 to 3 do."""
+    from tests.backend_worker import make_config
+    from toolkit.dist import DistEnv
+    from toolkit.train.backends import build_backend
+
+    env = DistEnv(rank=0, local_rank=0, world_size=1, local_world_size=1)
+    backend = build_backend(make_config("deepspeed", ds_config="ds_configs/zero0.json"), env=env,
+                            device=torch.device("cpu"))  # fmt: skip
+    with pytest.raises(ConfigError, match="deepspeed with ZeRO-0 cannot reshard its checkpoint: resume on 2 ranks"):
+        ckpt.check_resumable(tmp_path, {"backend": "deepspeed", "world_size": 2}, backend=backend)

@@ -409,9 +409,12 @@ def check_resumable(path: Path, meta: dict, *, backend) -> None:
             "train.init_from=<an export of this run> to switch backends"
         )
     if saved_world != world and not backend.capabilities.reshardable:
+        stage = getattr(backend, "stage", None)
+        which = f"{backend.name} with ZeRO-{stage}" if stage is not None else f"backend {backend.name}"
+        which += " and NVMe offload" if stage in (1, 2, 3) else ""  # ZeRO-1-3 reshard unless offloaded to NVMe
         raise ConfigError(
-            f"{path} was written by {saved_world} ranks and this run has {world}; backend {backend.name} cannot "
-            f"reshard its checkpoint: resume on {saved_world} ranks"
+            f"{path} was written by {saved_world} ranks and this run has {world}; {which} cannot reshard its "
+            f"checkpoint: resume on {saved_world} ranks"
         )
     check = getattr(backend, "check_resumable", None)  # what else of the backend's own must match (ZeRO's stage)
     if check is not None:
