@@ -12,6 +12,8 @@
 #   MASTER_PORT   rendezvous port (default 29500)
 #   SSH_PORT      ssh port on the hosts (default: ssh's own default)
 #   PYTHON        interpreter on every host (default: .venv/bin/python of this checkout)
+#   PREFLIGHT     1 (default): check the config, paths and resume once (`train --check`, for the hostfile's slots)
+#                 before any host starts, so a typo exits 2 here instead of on every rank; 0 skips it
 #   NCCL_*        forwarded to every host by DeepSpeed (e.g. NCCL_SOCKET_IFNAME=ib0, NCCL_DEBUG=WARN)
 #   GLOO_SOCKET_IFNAME  network interface of CPU (gloo) runs, when the hostname resolves to loopback: set it in
 #                 DS_ENV_FILE so every host gets it (e.g. GLOO_SOCKET_IFNAME=eth0)
@@ -62,6 +64,12 @@ for arg in "$@"; do
   esac
 done
 PYTHON=${PYTHON:-$PWD/.venv/bin/python}
+# Ranks: the hostfile's slots (a host without slots= gets all its GPUs, unknown here: then no count to check).
+WORLD=$(awk '!/^[[:space:]]*#/ && NF { n = 0; for (i = 2; i <= NF; i++) if ($i ~ /^slots=[0-9]+$/) n = substr($i, 7)
+             if (!n) { unknown = 1; exit } total += n } END { if (!unknown && total) print total }' "$HOSTFILE")
+if [ "${PREFLIGHT:-1}" != 0 ] && [ -n "$WORLD" ]; then  # a typo fails here once, not on every rank of every host
+  "$PYTHON" -m toolkit train --check --world "$WORLD" "$@" backend.name=deepspeed || exit $?
+fi
 FIRST_HOST=${HOSTS%%$'\n'*}
 # Reach every host first: DeepSpeed's own check tries only the first one and pdsh's error is easy to miss.
 for host in $HOSTS; do

@@ -197,7 +197,7 @@ def stubs(tmp_path) -> dict:
     # A long node list: a reader that stops at the first line (`head -n 1`) would end it with SIGPIPE.
     stub(bin_dir / "scontrol", "#!/usr/bin/env bash\necho node-a; for i in $(seq 20000); do echo node-$i; done\n")
     return {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "PYTHON": str(stub(tmp_path / "python")),
-            "STUB_RECORD": str(tmp_path / "record"), "NPROC_PER_NODE": "2"}  # fmt: skip
+            "STUB_RECORD": str(tmp_path / "record"), "NPROC_PER_NODE": "2", "PREFLIGHT": "0"}  # fmt: skip
 
 
 def recorded(tmp_path: Path) -> list[str]:
@@ -233,6 +233,20 @@ def test_deepspeed_argument_errors_start_nothing(args, says, tmp_path, stubs):
     assert done.returncode == 2 and says in done.stderr, done.stderr
     assert len(done.stderr.strip().splitlines()) == 1, done.stderr
     assert recorded(tmp_path) == []  # no ssh, no DeepSpeed runner
+
+
+def test_a_deepspeed_config_typo_fails_once_before_any_rank_starts(synth, tmp_path):
+    """deepspeed.sh had no `train --check`: a typo printed its error once per rank of every host, after DeepSpeed
+    had started them. Checked once for the hostfile's slots now: exit 2, one line, no rank started."""
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("localhost slots=2\n")
+    args = [*run_args(synth, tmp_path / "run", 2), "train.max_step=5"]
+    done = subprocess.run(["bash", "launch/deepspeed.sh", str(hostfile), *args], cwd=REPO,
+                          env={**os.environ, **CPU_ENV, "PYTHON": sys.executable}, capture_output=True, text=True,
+                          timeout=120)  # fmt: skip
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert done.stderr.count("config error") == 1 and "train.max_training_steps" in done.stderr, done.stderr[-3000:]
+    assert "deepspeed.launcher" not in done.stderr and not (tmp_path / "run").exists()
 
 
 def test_deepspeed_passes_its_backend_and_the_users_own(tmp_path, stubs):
