@@ -64,12 +64,6 @@ for arg in "$@"; do
   esac
 done
 PYTHON=${PYTHON:-$PWD/.venv/bin/python}
-# Ranks: the hostfile's slots (a host without slots= gets all its GPUs, unknown here: then no count to check).
-WORLD=$(awk '!/^[[:space:]]*#/ && NF { n = 0; for (i = 2; i <= NF; i++) if ($i ~ /^slots=[0-9]+$/) n = substr($i, 7)
-             if (!n) { unknown = 1; exit } total += n } END { if (!unknown && total) print total }' "$HOSTFILE")
-if [ "${PREFLIGHT:-1}" != 0 ] && [ -n "$WORLD" ]; then  # a typo fails here once, not on every rank of every host
-  "$PYTHON" -m toolkit train --check --world "$WORLD" "$@" backend.name=deepspeed || exit $?
-fi
 FIRST_HOST=${HOSTS%%$'\n'*}
 # Reach every host first: DeepSpeed's own check tries only the first one and pdsh's error is easy to miss.
 for host in $HOSTS; do
@@ -79,6 +73,13 @@ for host in $HOSTS; do
     exit 1
   }
 done
+
+# Ranks: the hostfile's slots (a host without slots= gets all its GPUs, unknown here: then no count to check).
+WORLD=$(awk '!/^[[:space:]]*#/ && NF { n = 0; for (i = 2; i <= NF; i++) if ($i ~ /^slots=[0-9]+$/) n = substr($i, 7)
+             if (!n) { unknown = 1; exit } total += n } END { if (!unknown && total) print total }' "$HOSTFILE")
+if [ "${PREFLIGHT:-1}" != 0 ] && [ -n "$WORLD" ]; then  # a typo fails here once, not on every rank of every host
+  "$PYTHON" -m toolkit train --check --world "$WORLD" "$@" backend.name=deepspeed || exit $?
+fi
 
 LAUNCHER=launch/deepspeed.sh
 # shellcheck source=launch/stop_signals.sh

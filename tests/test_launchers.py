@@ -350,7 +350,7 @@ def slurm_env(tmp_path: Path, stubs: dict, **extra: str) -> dict:
 def test_slurm_starts_one_rank_per_allocated_gpu(given, ranks, tmp_path, stubs):
     # The preflight runs the submit folder's .venv/bin/python: a recorder here.
     stub(tmp_path / ".venv" / "bin" / "python")
-    env = slurm_env(tmp_path, stubs, **given)
+    env = slurm_env(tmp_path, stubs, PREFLIGHT="1", **given)
     cmd = ["bash", str(REPO / "launch" / "train.slurm"), "--config", "tiny"]
     done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=30)
     assert done.returncode == 0, done.stderr
