@@ -166,8 +166,8 @@ def prepare_step_dir(path: Path) -> None:
     trainer.json) are removed first, this step's and every other. A save that failed on a full disk left its
     half-written step behind, and the next save after a restart failed again for want of that room."""
     run = RunDir(path.parent.parent)
-    for _, leftover in _step_dirs(run):
-        if not (leftover / "trainer.json").exists() and leftover != _latest_quiet(run):
+    for _, leftover in _step_dirs(run):  # never `latest`: it names a complete step only
+        if not (leftover / "trainer.json").exists():
             shutil.rmtree(leftover, ignore_errors=True)
     if path.exists():  # a complete checkpoint of a branch the run left (it resumed from an earlier step)
         shutil.rmtree(path)
@@ -251,13 +251,6 @@ def _step_dirs(run: RunDir) -> list[tuple[int, Path]]:
         if m and p.is_dir():
             steps.append((int(m.group(1)), p))
     return sorted(steps)
-
-
-def _latest_quiet(run: RunDir) -> Path | None:
-    try:
-        return run.latest()
-    except (OSError, UserError):  # a damaged `latest`: resume names it; a save does not need it
-        return None
 
 
 def _locate(path: Path) -> Path | None:
