@@ -202,7 +202,7 @@ class Interrupted(KeyboardInterrupt):
 
 
 class _Stopped(Exception):
-    """A writer gave up its shard: the parent asked it to stop, or died (its temp file is rewritten on resume)."""
+    """A writer gave up its shard: the parent asked it to stop, or died (write_shard removes its temp file)."""
 
 
 @contextmanager
