@@ -122,6 +122,19 @@ def shard_bytes(out: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(out.glob("shard-*.tar"))}
 
 
+def test_shards_whose_rows_were_all_skipped_are_left_out(cauldron, tmp_path):
+    """One row a shard: the 4 bad rows' shards held no sample. They were listed and kept, so a loader reader
+    given only such shards failed with 'no samples in a whole epoch'."""
+    src, _, expected = cauldron
+    out = tmp_path / "out"
+    manifest = shard_data(str(src), str(out), shard_size="1")
+    names = [f"shard-{i:06d}.tar" for i in sorted(expected)]
+    assert [s["name"] for s in manifest["shards"]] == names and all(s["samples"] == 1 for s in manifest["shards"])
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", *names]
+    assert manifest["samples"] == len(expected) and manifest["skipped"] == EXPECTED_SKIPS
+    assert shard_data(str(src), str(out), shard_size="1", resume=True) == manifest  # complete: left as it is
+
+
 def test_round_trip_keeps_texts_pixels_and_jpeg_bytes_and_counts_skips(cauldron, tmp_path):
     src, columns, expected = cauldron
     out = tmp_path / "out"
@@ -399,7 +412,7 @@ def test_parts_then_merge_equal_one_run_byte_for_byte(cauldron, tmp_path):
     shard_data(str(src), str(tmp_path / "parts"), shard_size="2", part=(1, 2))
     shard_data(str(src), str(tmp_path / "parts"), shard_size="2", part=(1, 2), resume=True)  # a rerun writes nothing
     merged = merge_parts(tmp_path / "parts")
-    assert merged == one and len(one["shards"]) == 6
+    assert merged == one and len(one["shards"]) == 4  # rows 4-7 (shards 2 and 3) are all skipped
     assert shard_bytes(tmp_path / "parts") == shard_bytes(tmp_path / "one")
     assert (tmp_path / "parts" / "manifest.json").read_bytes() == (tmp_path / "one" / "manifest.json").read_bytes()
     assert not list((tmp_path / "parts").glob(".*"))

@@ -18,6 +18,8 @@ Design choices, and what they buy:
   `.progress/`, and only then is it renamed into place; `manifest.json` says `"complete": false` (with the plan
   and no shard list) until the last shard is in. `--resume` checks that the source and settings match the plan
   and writes only the missing shards; a rerun without it refuses, so two runs never mix silently.
+- A shard whose rows were all skipped is left out of the manifest and removed at the end: shard names can have
+  gaps, and a reader is never handed a shard with nothing in it.
 """
 
 from __future__ import annotations
@@ -397,7 +399,7 @@ def _final_manifest(settings: dict, stats: list[dict], histogram: dict | None, r
         "rows": rows,
         "samples": sum(s["samples"] for s in stats),
         "skipped": {k: skipped[k] for k in sorted(skipped)},
-        "shards": [{"name": s["name"], "samples": s["samples"], "bytes": s["bytes"]} for s in stats],
+        "shards": [{"name": s["name"], "samples": s["samples"], "bytes": s["bytes"]} for s in stats if s["samples"]],
     }
     if histogram is not None:
         lengths = [n for s in stats for n in s["token_lengths"]]
@@ -484,8 +486,21 @@ def _finish(
     if error is not None:
         raise error
     _write_json_atomic(out / MANIFEST, manifest)
+    _drop_empty_shards(out, stats)
     shutil.rmtree(out / PROGRESS_DIR, ignore_errors=True)
     return manifest
+
+
+def _drop_empty_shards(out: Path, stats: list[dict]) -> None:
+    """Remove the tars of shards whose rows were all skipped (the manifest already leaves them out). They were
+    listed and kept: a loader reader whose shards were all empty failed with "no samples in a whole epoch", and
+    one reading the folder without the manifest globbed empty tars. Runs after the manifest is written, so a
+    stop in between leaves a complete manifest and a stray empty tar that nothing reads."""
+    empty = [s["name"] for s in stats if s["samples"] == 0]
+    for name in empty:
+        (out / name).unlink(missing_ok=True)
+    if empty:
+        log.info("%s: %d shards whose rows were all skipped were left out (%s ...)", out, len(empty), empty[0])
 
 
 def merge_parts(out: str | Path) -> dict:
