@@ -237,3 +237,20 @@ def test_python_rows_take_any_pil_image_as_it_is_now_and_numpy_pixels(tmp_path):
     assert decoded[1].size == (100, 20)  # the thumbnail, not the 200 x 40 file
     assert written[2] == photo.read_bytes()
     assert np.array_equal(np.asarray(decoded[3]), pixels)
+
+
+def test_a_row_with_two_kinds_of_turns_is_refused_and_an_empty_one_beside_them_is_not(tmp_path):
+    """`texts` was taken and `conversations` dropped without a word; an empty or null column of the other kind (a
+    concatenated dataset's) still reads."""
+    noise_png(tmp_path / "a.png", 1)
+    llava = [{"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "a square"}]
+    rows = [
+        {"id": "both", "images": ["a.png"], "texts": QA, "conversations": llava},
+        {"id": "chat too", "images": ["a.png"], "texts": QA, "messages": chat("What is it?")},
+        {"id": "empty texts", "images": ["a.png"], "texts": [], "conversations": llava},
+        {"id": "null messages", "images": ["a.png"], "texts": QA, "messages": None},
+    ]
+    manifest = shard_data(str(write_jsonl(tmp_path / "mixed.jsonl", rows)), str(tmp_path / "out"))
+    assert (manifest["samples"], manifest["skipped"]) == (2, {"wrong_type": 2})
+    samples = read_shards(tmp_path / "out")
+    assert [(m["id"], m["texts"]) for _, m, _ in samples] == [("empty texts", QA), ("null messages", QA)]

@@ -123,9 +123,15 @@ def _paired(key: str, roles: list[str], values: list[str], names: str) -> list[d
 
 
 def _row_turns(row: dict) -> list[dict[str, str]]:
-    """The row's turns from the first of TURN_KEYS it holds (not None): nanoVLM's texts, LLaVA's conversations or
-    the chat format's messages."""
-    key = next((k for k in TURN_KEYS if row.get(k) is not None), None)
+    """The row's turns from the one of TURN_KEYS it fills: nanoVLM's texts, LLaVA's conversations or the chat
+    format's messages. A row filling two is refused, as one with both `images` and `image` is: the first was taken
+    and the other's turns dropped without a word. A None or empty one beside them (a column of another part of a
+    concatenated dataset) does not count."""
+    given = [k for k in TURN_KEYS if row.get(k) is not None]
+    filled = [k for k in given if not (isinstance(row[k], (list, tuple)) and not row[k])]
+    if len(filled) > 1:
+        raise SkipRow(WRONG_TYPE, f"the row has both {' and '.join(map(repr, filled))}; give its turns in one of them")
+    key = (filled or given or [None])[0]
     if key is None:
         raise SkipRow(NO_TEXTS, _no_turns(row))
     readers = {"texts": lambda texts: texts, "conversations": _llava_turns, "messages": _chat_turns}
