@@ -139,6 +139,13 @@ def test_upper_case_suffixes_are_read(tmp_path):
         assert (manifest["samples"], manifest["skipped"]) == (1, {}), name
         [(_, meta, imgs)] = read_shards(tmp_path / f"out-{name}")
         assert meta["texts"] == QA and imgs == [("img0.png", png)]
+    for folder in ("top", "hub/data"):  # a folder of such files was refused as holding no .parquet files
+        (tmp_path / folder).mkdir(parents=True)
+        table.to_parquet(str(tmp_path / folder / "train-00000.PARQUET"))
+        src = tmp_path / folder.split("/")[0]
+        noise_png(src / "a.png", 3)
+        manifest = shard_data(str(src), str(tmp_path / f"out-{src.name}"))
+        assert (manifest["samples"], manifest["skipped"]) == (1, {}), folder
 
 
 LLAVA_TALK = [{"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "a square"}]

@@ -468,7 +468,7 @@ def _open_local(path: Path, split: str) -> Any:
         return _pick_split(datasets.load_from_disk(str(path)), split, path)
     for kind in ("parquet", "arrow"):
         # Files beside each other or under data/ (the Hub's layout) are one dataset; deeper ones are subsets.
-        if any(path.glob(f"*.{kind}")) or any(path.glob(f"data/**/*.{kind}")):
+        if _holds(path, kind):
             try:
                 return datasets.load_dataset(kind, data_dir=str(path), split=split)
             except ValueError as exc:
@@ -478,6 +478,13 @@ def _open_local(path: Path, split: str) -> Any:
         f"{path} is not a datasets folder (no state.json or dataset_dict.json) and holds no .parquet/.arrow files"
         + (f"; to read its sub-folders pass --subsets {','.join(subs)}" if subs else "")
     )
+
+
+def _holds(folder: Path, kind: str) -> bool:
+    """Whether `folder` holds .kind files beside each other or under data/, the suffix in any case: a folder of
+    `*.PARQUET` files (which datasets reads) was refused as holding none."""
+    files = [*folder.iterdir(), *(folder / "data").rglob("*")] if (folder / "data").is_dir() else folder.iterdir()
+    return any(f.suffix.lower() == f".{kind}" and f.is_file() for f in files)
 
 
 def _pick_split(data: Any, split: str, where: Any) -> Any:
