@@ -72,14 +72,28 @@ def test_generate_takes_every_image_and_a_bounded_token_count(run, tmp_path, cap
     for i, colour in enumerate([(200, 0, 0), (0, 0, 200)]):
         paths += ["--image", str(tmp_path / f"{i}.png")]
         Image.new("RGB", (32, 32), colour).save(tmp_path / f"{i}.png")
-    seen = []
-    monkeypatch.setattr(evaluate, "answer", lambda model, tok, images, *a, **k: seen.append(len(images)) or "ok")
+    seen, prompts, asked = [], [], []
+    real_inputs = evaluate.prompt_inputs
+
+    def inputs(model, tok, images, question):
+        seen.append(len(images))
+        prompts.append(real_inputs(model, tok, images, question)[0])
+        return prompts[-1], None
+
+    monkeypatch.setattr(evaluate, "prompt_inputs", inputs)
+    monkeypatch.setattr(evaluate, "answer_from", lambda *a, max_new_tokens, **k: asked.append(max_new_tokens) or "ok")
     base = ["generate", "--checkpoint", str(out), *paths, "--prompt", "hi"]
     assert cli.main(base) == 0 and seen == [2]  # a repeated --image was silently the last one only
     capsys.readouterr()
     for tokens in ("0", "100000"):  # 0 crashed inside generate; 100000 decoded for hours past the context
         assert cli.main([*base, "--max-new-tokens", tokens]) == 2
         assert "--max-new-tokens" in capsys.readouterr().err
+    # The prompt and its answer within the context: a longer prompt was decoded past every trained length.
+    context = evaluate.load_for_inference(out)[0].cfg.lm_max_length
+    assert cli.main([*base, "--max-new-tokens", str(context)]) == 0
+    assert asked[-1] == context - len(prompts[-1]) < context  # capped, with a warning
+    assert cli.main([*base[:-1], "hi " * context]) == 2
+    assert f"the prompt is {len(prompts[-1])} tokens (2 images' tokens included)" in capsys.readouterr().err
 
 
 def test_eval_on_shards_with_nothing_to_score_and_on_a_missing_device_says_so(run, tmp_path, capsys) -> None:

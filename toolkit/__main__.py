@@ -32,6 +32,8 @@ from toolkit.errors import (
     peer_loss,
 )
 
+log = logging.getLogger("toolkit")
+
 COMMANDS = {
     "train": "Train a model: --config CFG [section.field=value ...]",
     "shard-data": "Convert a Hugging Face dataset or JSONL + images into WebDataset tar shards",
@@ -301,7 +303,7 @@ def _read_image(path: str):
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from toolkit.evaluate import answer, load_for_inference, nanovlm_folder
+    from toolkit.evaluate import answer_from, load_for_inference, nanovlm_folder, prompt_inputs
 
     if args.max_new_tokens < 1:
         raise UserError(f"--max-new-tokens {args.max_new_tokens}: give at least 1")
@@ -313,9 +315,24 @@ def _generate(args: argparse.Namespace) -> int:
             f"--max-new-tokens {args.max_new_tokens} is more than the model's context (lm_max_length "
             f"{model.cfg.lm_max_length}); give at most that"
         )
-    text = answer(model, tok, images, args.prompt, max_new_tokens=args.max_new_tokens, greedy=not args.sample)
-    print(text)
+    ids, pixels = prompt_inputs(model, tok, images, args.prompt)
+    new_tokens = _context_left(len(ids), args.max_new_tokens, model.cfg.lm_max_length, len(images))
+    print(answer_from(model, tok, ids, pixels, max_new_tokens=new_tokens, greedy=not args.sample))
     return 0
+
+
+def _context_left(prompt: int, max_new: int, context: int, images: int) -> int:
+    """How many tokens `generate` may add: a prompt (image tokens included) longer than the model's context was
+    decoded anyway, past every length it was trained at, and a long answer ran past the context the same way."""
+    if prompt >= context:
+        raise UserError(
+            f"the prompt is {prompt} tokens ({images} images' tokens included), and the model's context "
+            f"(lm_max_length) is {context}; give a shorter prompt or fewer or smaller images"
+        )
+    if prompt + max_new > context:
+        log.warning("the answer stops at the model's context: %d new tokens at most (%d asked), after the prompt's "
+                    "%d of lm_max_length %d", context - prompt, max_new, prompt, context)  # fmt: skip
+    return min(max_new, context - prompt)
 
 
 def _export(args: argparse.Namespace) -> int:

@@ -77,6 +77,20 @@ def answer(
 ) -> str:
     """One question about one sample's images -> the decoded answer."""
     ids, pixels = prompt_inputs(model, tok, images, question)
+    return answer_from(model, tok, ids, pixels, max_new_tokens=max_new_tokens, greedy=greedy)
+
+
+@torch.no_grad()
+def answer_from(
+    model: VisionLanguageModel,
+    tok: VLMTokenizer,
+    ids: list[int],
+    pixels: torch.Tensor | None,
+    *,
+    max_new_tokens: int,
+    greedy: bool = True,
+) -> str:
+    """prompt_inputs' (ids, tiles) -> the decoded answer: for a caller that checks the prompt's length first."""
     ids_t = torch.tensor([ids], device=next(model.parameters()).device)
     out = model.generate(ids_t, pixels, max_new_tokens=max_new_tokens, greedy=greedy, eos_token_id=tok.eos_token_id)
     return tok.decode(out[0].tolist(), skip_special_tokens=True).strip()
