@@ -420,6 +420,22 @@ def test_another_worker_count_is_refused_clearly_or_resharded(tok, mixed, tmp_pa
     assert first  # the saved position is after real batches
 
 
+def test_a_mixture_set_whose_every_sample_is_skipped_stops_the_stream(tok, tmp_path: Path, monkeypatch) -> None:
+    """Its draws were all skipped and the other set's samples took its share, with per-sample warnings only: the
+    whole stream's streak never reached its bound, each good sample resetting it."""
+    monkeypatch.setattr(loader_module, "MAX_SKIPS_IN_A_ROW", 20)
+    shardgen.make_dataset(tmp_path / "good", shards=2, per_shard=30)
+    (tmp_path / "bad").mkdir()
+    write_shard(tmp_path / "bad" / "shard-000000.tar", [Spec(f"nt{i}", {"source": "x"}) for i in range(8)])
+    sets = [{"pattern": str(tmp_path / "good"), "weight": 3.0}, {"pattern": str(tmp_path / "bad"), "weight": 1.0}]
+    loader = build_loader(tiny_config(tok, sets), rank=0, world=1)
+    with pytest.raises(ShardError, match=r"the last 20 samples of .*bad' \(weight 1, 25% of the mixture\) were all"):
+        take(loader, 200)
+    finite = build_loader(tiny_config(tok, sets), rank=0, world=1, finite=True)
+    assert sum(b.stats.samples for b in finite) == 60  # a finite pass (validation, data-stats) reads it all
+    assert finite.counts()["skipped"] == {"no_texts": 8}
+
+
 def test_an_endless_stream_whose_every_image_fails_to_decode_stops(tok, tmp_path: Path, monkeypatch) -> None:
     """Samples whose image headers read but whose pixels do not are dropped at collate, where the skip streak of
     the header stage never saw them: such a stream yielded empty batches forever (a run trained on nothing)."""

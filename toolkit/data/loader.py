@@ -112,6 +112,7 @@ class _Stream:
             cost=(lambda s: spec.cost(tokens=len(s.input_ids), tiles=s.tiles)) if spec.cost else None,
         )
         self.ready: list[list[Sample]] = []  # rows built but not yet handed out in a batch
+        self.set_streaks = [0] * len(spec.sets)  # header skips in a row per set (not saved, as in_a_row is not)
         self.ended = False
         # Samples in a row whose pixels failed at collate: their headers read fine, so _next_sample's own count
         # never sees them (not saved: a resumed stream counts afresh, as it does for header skips)
@@ -139,11 +140,14 @@ class _Stream:
         in_a_row = 0
         while (raw := self.shuffle.next()) is not None:
             try:
-                return decode_sample(raw, self.tok, self.spec.decode)
+                sample = decode_sample(raw, self.tok, self.spec.decode)
+                self.set_streaks[raw.ref[0]] = 0
+                return sample
             except Skip as exc:
                 self.counter.skip(exc.reason, raw.where, exc.detail)
             in_a_row += 1
             self._check_streak(in_a_row)
+            self._check_set_streak(raw.ref[0])
         return None
 
     def _check_streak(self, in_a_row: int) -> None:
@@ -152,6 +156,21 @@ class _Stream:
             raise ShardError(
                 f"the last {in_a_row} samples were all skipped ({self.counter.skipped}); check "
                 "data.max_sample_length, data.max_images_per_example and the shards (`toolkit data-stats`)"
+            )
+
+    def _check_set_streak(self, index: int) -> None:
+        """A mixture set none of whose samples can be used (all too long, say) kept its weight in the draw while
+        every draw of it was skipped: its share went to the other sets, with a per-sample warning only. The
+        streak of the whole stream never stopped it, the other sets' samples breaking it each time."""
+        self.set_streaks[index] += 1
+        if self.set_streaks[index] >= MAX_SKIPS_IN_A_ROW and len(self.spec.sets) > 1 and not self.spec.finite:
+            shard_set = self.spec.sets[index]
+            share = shard_set.weight / sum(s.weight for s in self.spec.sets)
+            raise ShardError(
+                f"the last {self.set_streaks[index]} samples of {shard_set.pattern!r} (weight {shard_set.weight:g}, "
+                f"{share:.0%} of the mixture) were all skipped ({self.counter.skipped}); its share would go to the "
+                "other sets. Check data.max_sample_length, data.max_images_per_example and that set's shards "
+                "(`toolkit data-stats`), or drop it from the mixture"
             )
 
     def _collate(self, rows: list[list[Sample]]) -> Batch:
