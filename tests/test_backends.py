@@ -470,6 +470,7 @@ def test_a_step_without_targets_skips_its_update_and_too_many_stop_the_run() -> 
     before = backend.full_state_dict()
     metrics = trainer.train_step([empty])
     assert metrics["skipped"] and metrics["n_targets"] == 0
+    assert math.isnan(metrics["loss"]) and math.isnan(metrics["grad_norm"])  # logged as 0.0: a dip to zero
     assert tensor_rel(backend.full_state_dict(), before) == 0.0  # an unskipped step moves them (momentum)
     assert trainer.state.skipped_total == 1
     trainer.train_step([empty])

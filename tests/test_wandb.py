@@ -204,6 +204,23 @@ def test_a_step_logged_late_keeps_its_own_step(tmp_path):
     assert steps == [0, 1]
 
 
+def test_a_start_from_step_0_drops_an_earlier_attempts_tensorboard_steps(tmp_path):
+    """A restart before the first checkpoint (or train.resume=none into the folder) rewrote metrics.jsonl but left
+    the dead attempt's events: TensorBoard showed steps 1-6 twice. A skipped step's `skipped` is a 0/1 scalar."""
+    first = MetricsWriter(tmp_path, rank=0, total_steps=12)
+    for step in range(1, 7):
+        first.log(step, {"loss": float(step), "skipped": False})
+    first.close()
+    again = MetricsWriter(tmp_path, rank=0, total_steps=12)
+    for step in range(1, 4):
+        again.log(step, {"loss": 10.0 + step, "skipped": step == 2})
+    again.close()
+    scalars = tensorboard_scalars(tmp_path / "tb")
+    assert {step: v for (key, step), v in scalars.items() if key == "loss"} == {1: 11.0, 2: 12.0, 3: 13.0}
+    assert {step: v for (key, step), v in scalars.items() if key == "skipped"} == {1: 0.0, 2: 1.0, 3: 0.0}
+    assert [json.loads(line)["loss"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [11, 12, 13]
+
+
 def test_missing_wandb_is_refused_before_step_1(synth, tmp_path, capsys, monkeypatch, _keep_signal_handlers):
     fits = []
     monkeypatch.setattr(Trainer, "fit", lambda self, *a, **k: fits.append(1) or [])

@@ -58,7 +58,7 @@ def _flatten(prefix: str, value: Any, out: dict[str, float]) -> None:
     if isinstance(value, dict):
         for k, v in value.items():
             _flatten(f"{prefix}/{k}" if prefix else str(k), v, out)
-    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+    elif isinstance(value, (int, float)):  # a bool too: `skipped` as 0/1, so TensorBoard shows which steps were
         out[prefix] = float(value)
 
 
@@ -141,7 +141,9 @@ class MetricsWriter:
         from torch.utils.tensorboard import SummaryWriter
 
         _quiet_tensorboard_thread_errors()
-        self._tb = SummaryWriter(str(run_root / "tb"), purge_step=resume_step + 1 if resume_step else None)
+        # From step 1 on a fresh start too: a restart before the first checkpoint (or train.resume=none into the
+        # same folder) left the earlier attempt's events, and TensorBoard showed those steps twice.
+        self._tb = SummaryWriter(str(run_root / "tb"), purge_step=resume_step + 1)
         if sys.stdout.isatty():
             from tqdm import tqdm
 

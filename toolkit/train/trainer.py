@@ -267,9 +267,11 @@ class Trainer:
             result = self.backend.step(skip=empty or not math.isfinite(loss), grad_norm=grad_norm)
         self._count(result.skipped, "no target tokens on any rank" if empty else "loss or gradient not finite")
         elapsed = time.perf_counter() - started
+        if empty:  # no loss to speak of: 0.0 (the sum over no token) plotted as a dip to zero, its norm too
+            loss = float("nan")
         metrics = {
             "loss": loss,
-            "grad_norm": result.grad_norm,
+            "grad_norm": float("nan") if empty else result.grad_norm,
             "lr": result.lrs,
             "tokens_per_s": float(counts[TOKENS]) / max(elapsed, 1e-9),
             "n_targets": int(counts[TARGETS]),
