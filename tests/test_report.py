@@ -127,6 +127,18 @@ def test_lr_panel_has_one_distinct_line_per_group(fig) -> None:
     assert ax.get_yscale() == "log"  # mp's LR is 100x the backbones'
 
 
+def test_lr_panel_stays_log_with_a_frozen_group(tmp_path) -> None:
+    """A frozen vision tower (LR 0, a projector-alignment stage) turned the axis linear, the language curve lying
+    on the frozen line at 0 under the projector's 100x larger one."""
+    run = tmp_path / "run"
+    run.mkdir()
+    records = [{"step": s, "loss": 1.0, "lr": {**_lr(s), "vision": 0.0}} for s in range(1, STEPS + 1)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    ax = _panel(build_figure(read_series(run / "metrics.jsonl")), "lr")
+    assert ax.get_yscale() == "log"
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["mp", "vision (0: frozen)", "language"]
+
+
 def test_step_panels_skip_nan_inf_and_none(fig) -> None:
     (grad,) = _lines(_panel(fig, "grad_norm")).values()
     assert grad == ([s for s in range(1, STEPS + 1) if s != INF_GRAD_STEP],

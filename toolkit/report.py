@@ -214,8 +214,8 @@ def _lr_panel(ax: Axes, s: Series) -> None:
         label = group if peaks[i] > 0 else f"{group} (0: frozen)"
         ax.plot(*_xy(points), color=f"C{i}", linestyle=linestyle, marker=marker, markevery=(offset, every),
                 markersize=7 - 1.5 * (i % 3), linewidth=1.6, label=label)  # fmt: skip
-    live = [p for p in peaks if p > 0]
-    if live and max(live) / min(live) > 20 and len(live) == len(peaks):
+    live = [p for p in peaks if p > 0]  # a frozen group's zeros lie on the bottom edge of a log axis (clipped)
+    if len(live) > 1 and max(live) / min(live) > 20:  # one frozen group flattened the others on a linear axis
         _log_axis(ax)
         ax.set_ylim(bottom=min(live) / 1e3)  # a schedule decaying to ~0 would stretch the axis over decades
     ax.set_ylabel("learning rate")
