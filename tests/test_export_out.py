@@ -197,3 +197,33 @@ def test_a_run_folder_as_checkpoint_finds_the_readmes_export_final(run, tmp_path
     assert nanovlm_folder(copy) == copy / "export" / "final"
     shutil.copytree(copy / "export" / "step_2", copy / "export" / "best")
     assert nanovlm_folder(copy) == copy / "export" / "best"
+
+
+def test_a_resume_to_an_earlier_step_sets_aside_the_left_branchs_best_export(tmp_path, caplog) -> None:
+    """export/best kept step 3's model after a resume from step 1, and the run then logged 'best validation loss
+    ... at step 1, exported to export/best' over it. Each best export records its step; a resume to an earlier
+    step moves it out of export/ (kept), and the end-of-run line says where the best step's model is."""
+    import json
+    import logging
+    import shutil
+
+    from toolkit.train import best_export
+    from toolkit.train.checkpoint import RunDir
+
+    run = tmp_path / "run"
+    args = train_args(write_data(tmp_path / "synth"), run, "train.eval_interval=1", "train.export_best=true",
+                      "train.keep_checkpoints=5", steps=3)  # fmt: skip
+    assert train(args) == 0
+    vals = {m["step"]: m["val_loss"] for m in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
+    best_step = min(vals, key=vals.get)
+    assert best_step > 1  # the tiny run's validation loss falls
+    assert best_export.read_note(run / "export" / "best") == {"step": best_step, "val_loss": vals[best_step]}
+    with caplog.at_level(logging.WARNING):
+        assert train([*args, f"train.resume={run}/checkpoints/step_1", "train.stop_at_step=1"]) == 0
+    aside = run / best_export.LEFT / f"best_step_{best_step}"
+    assert not (run / "export" / "best").exists() and best_export.read_note(aside)["step"] == best_step
+    assert f"export/best held step {best_step}'s model" in caplog.text and str(aside) in caplog.text
+    line = best_export.where_best_is(RunDir(run), 1)
+    assert "its export was replaced" in line and str(run / "checkpoints" / "step_1") in line
+    shutil.copytree(aside, run / "export" / "best")
+    assert best_export.where_best_is(RunDir(run), best_step) == f", exported to {run / 'export' / 'best'}"

@@ -457,17 +457,25 @@ def restore_rng(state: dict[str, Any], *, rank: int, own: bool) -> None:
         dist.seed_everything(int(torch.randint(2**62, (1,)).item()) + rank)
 
 
-def export_live(backend, model_cfg, out: Path, *, tokenizer_dir: str | None = None) -> None:
+def export_live(
+    backend, model_cfg, out: Path, *, tokenizer_dir: str | None = None, notes: dict[str, dict] | None = None
+) -> None:
     """Collective: gather the full fp32 weights on rank 0 (parameter by parameter, never the optimizer state)
-    and write nanoVLM's format atomically (a temp folder renamed into place)."""
+    and write nanoVLM's format atomically (a temp folder renamed into place). `notes`: JSON files written
+    into the folder with the weights (file name -> value)."""
     from toolkit import dist
     from toolkit.model.hub import write_nanovlm
+
+    def write(tmp: Path) -> None:
+        write_nanovlm(model_cfg, state, tmp, tokenizer_dir=tokenizer_dir)
+        for name, value in (notes or {}).items():
+            (tmp / name).write_text(json.dumps(value))
 
     state = backend.full_state_dict()
     if backend.env.is_main:
         out = Path(out)
         with explain_write(RunDir(out.parent.parent), None, folder=out.parent, what=f"exporting to {out}"):
-            write_atomically(out, lambda tmp: write_nanovlm(model_cfg, state, tmp, tokenizer_dir=tokenizer_dir))
+            write_atomically(out, write)
     dist.barrier()
 
 

@@ -26,6 +26,7 @@ from toolkit import dist
 from toolkit.config import Config, ConfigError, save_config
 from toolkit.data.loader import sum_counts
 from toolkit.model.attention import check_kernel
+from toolkit.train import best_export
 from toolkit.train.checkpoint import (
     PendingCheckpoint,
     RunDir,
@@ -131,7 +132,7 @@ class Lifecycle:
             state.best_val_loss, state.best_step = loss, state.step
         dist.log0("step %d: validation loss %.4f%s", state.step, loss, " (best so far)" if best else "")
         if best and self.cfg.train.export_best:
-            self.export("best")
+            self.export("best", notes={best_export.NOTE: best_export.note(state.step, loss)})
         out: dict[str, Any] = {"val_loss": loss, "val_samples": result.samples}
         if self.cfg.train.eval_accuracy_samples:
             out["val_accuracy"] = self.accuracy()
@@ -152,9 +153,9 @@ class Lifecycle:
             dist.log0("answer accuracy: %s", ", ".join(f"{k} {v:.1%}" for k, v in table.items()))
         return dist.all_gather_object(table)[0]
 
-    def export(self, name: str) -> None:
+    def export(self, name: str, notes: dict[str, dict] | None = None) -> None:
         tok_dir = self.cfg.model.tokenizer_path if Path(self.cfg.model.tokenizer_path).is_dir() else None
-        export_live(self.backend, self.cfg.model, self.run.exports / name, tokenizer_dir=tok_dir)
+        export_live(self.backend, self.cfg.model, self.run.exports / name, tokenizer_dir=tok_dir, notes=notes)
 
 
 def check_init_and_resume(cfg: Config, run: RunDir, resume_from: Path | None) -> None:
@@ -338,6 +339,7 @@ def _train(cfg: Config, run: RunDir, resume_from: Path | None, *, backend, loade
     if env.is_main:  # only once the checkpoint loaded: a refused resume leaves the run's config.yaml as it was
         run.root.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run.root / "config.yaml")
+        best_export.set_aside_after_resume(run, trainer.state.step, trainer.state.best_val_loss)
     writer = MetricsWriter(
         run.root,
         rank=env.rank,
@@ -397,5 +399,5 @@ def _finish(cfg: Config, trainer: Trainer, life: Lifecycle) -> None:
     life.checkpoint(trainer)
     life.lmms.finish(wait=done)  # a stop request does not wait: the scores are logged after the resume
     if done and not math.isinf(trainer.state.best_val_loss):
-        where = f", exported to {life.run.exports / 'best'}" if cfg.train.export_best else ""
+        where = best_export.where_best_is(life.run, trainer.state.best_step) if cfg.train.export_best else ""
         dist.log0("best validation loss %.4f at step %d%s", trainer.state.best_val_loss, trainer.state.best_step, where)
