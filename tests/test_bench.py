@@ -19,6 +19,7 @@ from toolkit import bench
 from toolkit.bench import gpu, overhead, pipeline
 from toolkit.bench.packing import measure, nanovlm_knapsack, ours, vlm_length_mix
 from toolkit.data.collate import Encoded
+from toolkit.errors import UserError
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -213,6 +214,24 @@ def test_overrides_may_follow_the_world_sizes(monkeypatch):
         overhead.main(["--backend", "fsdp", "--world", "0"])
 
 
+def test_backend_overhead_takes_its_block_sizes_and_the_plain_comparison_refuses_them(monkeypatch, capsys):
+    """--blocks/--block were dropped between the CLI and run_backend (18 steps whatever was asked), and without
+    --backend --world/--blocks/--block were ignored without a word."""
+    seen = {}
+    monkeypatch.setattr(overhead, "run_backend", lambda backend, **kw: seen.update(kw, backend=backend) or {})
+    overhead.run(backend="ddp", blocks=1, block=2, worlds=(1,))
+    assert (seen["blocks"], seen["block"], seen["worlds"]) == (1, 2, (1,))
+    seen.clear()
+    overhead.run(backend="ddp")
+    assert "blocks" not in seen and "block" not in seen  # run_backend's own defaults
+    for extra in (["--world", "1"], ["--blocks", "2"], ["--block", "2"]):
+        with pytest.raises(SystemExit):
+            overhead.main(extra)
+        assert f"{extra[0]}: only with --backend" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        overhead.main(["--backend", "ddp", "--blocks", "0"])
+
+
 @pytest.fixture(scope="module")
 def fsdp_two_ranks() -> dict:
     """One short `bench overhead --backend fsdp --world 2 --profile` launch, shared by the tests below."""
@@ -275,6 +294,21 @@ def test_gpu_bench_skips_cleanly_without_cuda(monkeypatch, tmp_path, capsys):
     assert result["rows"] == [{"variant": "-", "status": "skipped: needs CUDA (no GPU visible to torch)"}]
     assert "skipped: needs CUDA" in capsys.readouterr().out
     assert json.loads((tmp_path / "gpu.json").read_text())["headline"] == {"skipped": "needs CUDA"}
+    measured = {"name": "gpu", "rows": [{"variant": "single"}], "headline": {"single_tokens_per_s": 1.0}}
+    (tmp_path / "gpu.json").write_text(json.dumps(measured))
+    bench.run("gpu", out_dir=tmp_path)  # a login node's `make bench` replaced the GPU's results
+    assert json.loads((tmp_path / "gpu.json").read_text()) == measured and "kept" in capsys.readouterr().out
+    with pytest.raises(UserError, match=r"--calibrate needs CUDA.*cost.json not written"):
+        bench.run("gpu", out_dir=tmp_path, calibrate=tmp_path / "cost.json")  # exited 0 without the file
+
+
+def test_bench_gpu_refuses_bad_options_in_one_line(capsys):
+    for bad in (["--steps", "0"], ["--warmup", "-1"], ["--variants", "bogus"], ["--profile", "x+y"],
+                ["--device", "tpu:x"]):  # fmt: skip
+        with pytest.raises(SystemExit):
+            gpu.main(bad)
+        err = capsys.readouterr().err
+        assert "error:" in err and "Traceback" not in err, bad
 
 
 def test_bench_gpu_warns_when_a_variant_leaves_memory_behind(monkeypatch, caplog):

@@ -61,7 +61,10 @@ def run(name: str, *, out_dir: str | Path = "runs/bench", as_json: bool = False,
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{label or name}.json"
-    path.write_text(json.dumps(result, indent=1))
+    skipped = "skipped" in result.get("headline", {})
+    kept = skipped and path.exists()  # `bench gpu` on a login node (`make bench`) replaced the GPU's results
+    if not kept:
+        path.write_text(json.dumps(result, indent=1))
     if as_json:
         print(json.dumps(result))
     else:
@@ -69,5 +72,5 @@ def run(name: str, *, out_dir: str | Path = "runs/bench", as_json: bool = False,
         print(format_table(result["rows"]))
         for k, v in result.get("headline", {}).items():
             print(f"{k}: {_fmt(v)}")
-        print(f"written to {path}")
+        print(f"{path} kept: a skipped run does not replace a measured one" if kept else f"written to {path}")
     return result

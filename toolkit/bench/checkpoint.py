@@ -105,7 +105,9 @@ def run(
     rows, headline = [], {}
     for name in backends:
         cfg = bench_config(preset, name, list(overrides))
-        root = Path(tempfile.mkdtemp(prefix="bench-checkpoint-", dir=out_dir or "runs"))
+        parent = Path(out_dir or "runs")  # on disk, not /tmp (often RAM); a fresh clone has no runs/ yet
+        parent.mkdir(parents=True, exist_ok=True)
+        root = Path(tempfile.mkdtemp(prefix="bench-checkpoint-", dir=parent))
         backend = None
         try:
             backend, trainer = set_up(cfg, seed)

@@ -38,6 +38,7 @@ import torch
 from toolkit.bench.largest_batch import LOSSES, search_rows
 from toolkit.config import Config, load_config
 from toolkit.data.batch import Batch, BatchStats, ModelInputs
+from toolkit.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -303,6 +304,8 @@ def run(
     if steps < 1 or warmup < 0 or n_batches < 1:
         raise ValueError(f"need steps >= 1, warmup >= 0 and n_batches >= 1, got {steps}, {warmup}, {n_batches}")
     if device is None and not torch.cuda.is_available():
+        if calibrate:  # exit 0 without the file: the run that reads it was refused later, far from the cause
+            raise UserError(f"bench gpu --calibrate needs CUDA (no GPU visible to torch); {calibrate} not written")
         row = {"variant": "-", "status": "skipped: needs CUDA (no GPU visible to torch)"}
         return {"name": "gpu", "rows": [row], "headline": {"skipped": "needs CUDA"}, "config": {"preset": preset}}
     from toolkit import dist
@@ -479,13 +482,27 @@ def _headline(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return head
 
 
+def _at_least(low: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+
+    return parse
+
+
 def main(argv: list[str] | None = None) -> int:
     """`python -m toolkit.bench.gpu [--steps N] [--budget-s S] ...`: the knobs `bench gpu` keeps at their defaults."""
     from toolkit.bench import run as run_bench
 
-    p = argparse.ArgumentParser(prog="python -m toolkit.bench.gpu", description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=10, help="timed steps per variant")
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps per variant (compilation happens here)")
+    p = argparse.ArgumentParser(prog="python -m toolkit bench gpu", description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
+    p.add_argument("--steps", type=_at_least(1), default=10, help="timed steps per variant")
+    p.add_argument("--warmup", type=_at_least(0), default=3, help="untimed steps per variant (compilation happens here)")
     p.add_argument("--budget-s", type=float, default=300.0, help="start no new variant after this many seconds")
     p.add_argument("--batch-size", type=int, default=None, help="packs per step (default: the preset's)")
     p.add_argument("--preset", default="nanovlm-450m")
@@ -514,9 +531,14 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     kw = {"steps": a.steps, "warmup": a.warmup, "budget_s": a.budget_s, "batch_size": a.batch_size}
     kw["peak_flops"] = a.peak_flops
-    kw["variants"] = parse_variants(a.variants) if a.variants else None
-    kw["profile"] = parse_variants(a.profile)
-    kw["largest_batch"], kw["largest_limit"] = parse_variants(a.largest_batch), a.largest_limit
+    try:  # one line each, not a traceback
+        kw["variants"] = parse_variants(a.variants) if a.variants else None
+        kw["profile"] = parse_variants(a.profile)
+        kw["largest_batch"], kw["largest_limit"] = parse_variants(a.largest_batch), a.largest_limit
+        if a.device is not None:
+            torch.device(a.device)
+    except (ValueError, RuntimeError) as exc:
+        p.error(str(exc))
     if a.calibrate:
         kw = {"warmup": a.warmup, "steps": a.steps, "batch_size": a.batch_size, "calibrate": a.calibrate}
     run_bench(

@@ -24,8 +24,8 @@ Storages are counted once however many views point into them, at their full size
 padding). Everything else this rank allocated since before the model was built (a census of live tensors through
 the garbage collector) is reported as `other`: communication buckets, model buffers, the batch. It is not part
 of the comparison, since the formula has no term for it. With the shipped configs it is mostly DeepSpeed's
-gradient bucket, allocated at its full reduce_bucket_size however small the model: 95 MiB under zero3.json, and
-954 MiB under zero1.json (5e8 bf16 elements) while gradients accumulate, more than nanovlm-450m's bf16 weights.
+gradient bucket, allocated at its full reduce_bucket_size (5e7 elements in the shipped configs) however small the
+model: about 95 MB under zero1.json and 190 MB under zero3.json, whose bucket reduces in fp32 (measured on CPU).
 
 Ranks are launched by torchrun (2 processes, gloo); one launch runs every backend in turn.
 """

@@ -187,18 +187,21 @@ def interleave(
 
 
 def run(
-    blocks: int = 12,
-    block: int = 8,
+    blocks: int | None = None,
+    block: int | None = None,
     warmup: int = 4,
     n_batches: int = 8,
     seed: int = 0,
     backend: str | None = None,
     **kw: Any,
 ) -> dict:
-    """Median step time of the toolkit against the plain loop over blocks x block steps each; with `backend`,
-    that backend against `single` on 2 ranks instead (run_backend, whose defaults apply)."""
+    """Median step time of the toolkit against the plain loop over blocks x block steps each (12 x 8); with
+    `backend`, that backend against `single` on 2 ranks instead (run_backend, whose defaults apply to what is
+    not given: `blocks` and `block` were dropped on the way, so --blocks/--block changed nothing)."""
     if backend is not None:
-        return run_backend(backend, seed=seed, **kw)
+        sizes = {k: v for k, v in (("blocks", blocks), ("block", block)) if v is not None}
+        return run_backend(backend, seed=seed, **sizes, **kw)
+    blocks, block = blocks or 12, block or 8
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -294,6 +297,13 @@ def narrow_config(backend: str, overrides: list[str] | tuple[str, ...] = ()) -> 
         device="cpu",
         overrides=[*settings, *BACKEND_SETTINGS[backend]],
     )
+
+
+def positive(text: str) -> int:
+    """--blocks, --block: 0 ran no timed step and failed later on an empty median."""
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
+    return int(text)
 
 
 def world_sizes(text: str) -> tuple[int, ...]:
@@ -640,11 +650,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--world",
         type=world_sizes,
-        default=(1, WORLD),
+        default=None,
         help=f"--backend: world sizes to run, comma-separated (default: 1,{WORLD})",
     )
-    p.add_argument("--blocks", type=int, default=6, help="--backend: alternating blocks of steps per loop")
-    p.add_argument("--block", type=int, default=3, help="--backend: steps per block")
+    p.add_argument("--blocks", type=positive, default=None, help="--backend: alternating blocks of steps per loop (6)")
+    p.add_argument("--block", type=positive, default=None, help="--backend: steps per block (3)")
     p.add_argument("--profile", action="store_true", help="--backend: add rank 0's cProfile of 3 backend steps")
     p.add_argument("--json", action="store_true")
     p.add_argument(
@@ -652,18 +662,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     a = p.parse_args(argv)
     if a.backend is None:
-        if a.overrides or a.profile:
-            p.error("overrides and --profile go with --backend")
+        given = [name for name, v in (("overrides", a.overrides), ("--profile", a.profile), ("--world", a.world),
+                                      ("--blocks", a.blocks), ("--block", a.block)) if v]  # fmt: skip
+        if given:  # they were ignored: the plain-loop comparison has fixed sizes
+            p.error(f"{', '.join(given)}: only with --backend (the plain-loop comparison has fixed sizes)")
         run_bench("overhead", as_json=a.json)
         return 0
     label = output_label(backend_label(narrow_config(a.backend, a.overrides)), a.overrides)
-    kw = {
-        "backend": a.backend,
-        "overrides": a.overrides,
-        "worlds": a.world,
-        "blocks": a.blocks,
-        "block": a.block,
-    }
+    kw = {"backend": a.backend, "overrides": a.overrides, "worlds": a.world or (1, WORLD), "blocks": a.blocks,
+          "block": a.block}  # fmt: skip
     run_bench("overhead", label=label, as_json=a.json, **kw, profile_steps=3 if a.profile else 0)
     return 0
 
