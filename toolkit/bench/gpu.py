@@ -502,7 +502,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m toolkit bench gpu", description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
     p.add_argument("--steps", type=_at_least(1), default=10, help="timed steps per variant")
-    p.add_argument("--warmup", type=_at_least(0), default=3, help="untimed steps per variant (compilation happens here)")
+    p.add_argument("--warmup", type=_at_least(0), default=3, help="untimed steps per variant (compiling)")
     p.add_argument("--budget-s", type=float, default=300.0, help="start no new variant after this many seconds")
     p.add_argument("--batch-size", type=int, default=None, help="packs per step (default: the preset's)")
     p.add_argument("--preset", default="nanovlm-450m")
