@@ -306,3 +306,17 @@ def test_shard_data_prints_its_summary_as_json_with_number_lists_on_one_line(tmp
     assert summary["samples"] == manifest["samples"] == 5
     counts = summary["token_histogram"]["counts"]
     assert sum(counts) == 5 and f"[{', '.join(map(json.dumps, counts))}]" in out
+
+
+def test_data_stats_fails_when_nothing_can_be_packed(tmp_path, capsys):
+    """It exited 0 with `packs: 0`, and the training run it vouched for stopped after 10,000 skipped samples."""
+    from cli_runs import write_data
+
+    synth = write_data(tmp_path / "synth")
+    base = ["data-stats", "--config", "tiny", f"model.tokenizer={synth / 'tokenizer'}",
+            f"data.train_shards={synth / 'train'}", "data.num_workers=0"]  # fmt: skip
+    assert cli.main(base) == 0
+    capsys.readouterr()
+    assert cli.main([*base, "data.max_sample_length=10"]) == 2
+    out, err = capsys.readouterr()
+    assert "packs: 0" in out and "none of the 48 samples read could be packed" in err and "too_long" in err

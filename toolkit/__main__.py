@@ -105,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.choices["data-stats"]
     _config_args(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.add_argument("--max-packs", type=int, default=0, help="stop after this many packs (0 = one full pass)")
+    p.add_argument("--max-packs", type=int, default=0, help="stop at the first batch (train.batch_size packs) that reaches this many packs (0 = one full pass)")
     p = sub.choices["eval"]
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--shards", default=None, help="held-out shards: validation loss and answer accuracy")
@@ -243,6 +243,12 @@ def _data_stats(args: argparse.Namespace) -> int:
     else:
         for k, v in stats.items():
             print(f"{k:>24}: {v}")
+    if stats["samples_read"] and not stats["samples_packed"]:  # exit 0 with `packs: 0`; training then failed
+        raise UserError(
+            f"none of the {stats['samples_read']} samples read could be packed (skipped: {stats['skipped']}), so "
+            "training on this config would stop with 'all skipped'; check data.max_sample_length, "
+            "data.max_images_per_example and data.max_tiles_per_knapsack against the shards"
+        )
     return 0
 
 
