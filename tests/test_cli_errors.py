@@ -320,3 +320,23 @@ def test_data_stats_fails_when_nothing_can_be_packed(tmp_path, capsys):
     assert cli.main([*base, "data.max_sample_length=10"]) == 2
     out, err = capsys.readouterr()
     assert "packs: 0" in out and "none of the 48 samples read could be packed" in err and "too_long" in err
+
+
+def test_train_check_applies_the_attention_kernel_rules_it_can_know(tmp_path, capsys, monkeypatch):
+    """`--check` skipped them on every host, so a forced kernel that the run then refused passed it. The run's
+    device is known for backend.device=cpu (or on a GPU host); on a host without the run's GPU, the model's rules."""
+    from cli_runs import write_data
+
+    from toolkit.model import attention
+
+    synth = write_data(tmp_path / "synth")
+    base = ["train", "--check", "--config", "tiny", f"model.tokenizer={synth / 'tokenizer'}",
+            f"data.train_shards={synth / 'train'}", f"data.val_shards={synth / 'val'}",
+            f"train.run_dir={tmp_path / 'run'}", "train.attention_kernel=flex"]  # fmt: skip
+    assert cli.main([*base, "backend.device=cpu"]) == 2
+    assert "flex trains on CUDA only" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert cli.main(base) == 0  # device auto: the run may be on a GPU node
+        monkeypatch.setattr(attention, "FLEX_MIN_HEAD_DIM", 32)  # the tiny model's heads (16) are then too small
+        assert cli.main(base) == 2
+        assert "needs heads of at least 32" in capsys.readouterr().err

@@ -105,7 +105,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.choices["data-stats"]
     _config_args(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.add_argument("--max-packs", type=int, default=0, help="stop at the first batch (train.batch_size packs) that reaches this many packs (0 = one full pass)")
+    p.add_argument(
+        "--max-packs",
+        type=int,
+        default=0,
+        help="stop at the first batch (of train.batch_size packs) that reaches this many (0 = one full pass)",
+    )
     p = sub.choices["eval"]
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--shards", default=None, help="held-out shards: validation loss and answer accuracy")

@@ -113,8 +113,19 @@ def varlen_available(dropout: float = 0.0) -> bool:
     return flash_attn_varlen_func is not None or (torch_varlen_attn is not None and dropout == 0.0)
 
 
-def check_kernel(kernel: str, device: torch.device, head_dim: int, dropout: float = 0.0) -> None:
-    """Refuse, before training starts, a forced kernel that this machine or model cannot run."""
+def check_kernel(kernel: str, device: torch.device | None, head_dim: int, dropout: float = 0.0) -> None:
+    """Refuse, before training starts, a forced kernel that this machine or model cannot run. `device=None`: the
+    run's device is not known here (`train --check` on a host without the run's GPU): the model's rules only,
+    which hold on CUDA, where both kernels run (the device's and this torch's rules wait for the run itself)."""
+    if kernel == "varlen" and (head_dim % 8 or head_dim > 256):
+        raise UserError(f"train.attention_kernel=varlen: flash needs heads a multiple of 8 up to 256; {head_dim}")
+    if kernel == "flex" and head_dim < FLEX_MIN_HEAD_DIM:
+        raise UserError(
+            f"train.attention_kernel=flex: FlexAttention needs heads of at least {FLEX_MIN_HEAD_DIM} on CUDA, "
+            f"this model's are {head_dim}; use auto or dense"
+        )
+    if device is None:
+        return
     if kernel == "varlen":
         if device.type != "cuda":
             raise UserError("train.attention_kernel=varlen runs on CUDA only; use auto or dense on this machine")
@@ -123,15 +134,8 @@ def check_kernel(kernel: str, device: torch.device, head_dim: int, dropout: floa
                 "train.attention_kernel=varlen needs torch >= 2.10 with model.lm_dropout=0, or flash-attn "
                 "(`pip install flash-attn`); or use auto"
             )
-        if head_dim % 8 or head_dim > 256:
-            raise UserError(f"train.attention_kernel=varlen: flash needs heads a multiple of 8 up to 256; {head_dim}")
     if kernel == "flex" and device.type != "cuda":  # torch: "FlexAttention does not support backward on CPU"
         raise UserError("train.attention_kernel=flex trains on CUDA only (no backward on the CPU); use auto or dense")
-    if kernel == "flex" and device.type == "cuda" and head_dim < FLEX_MIN_HEAD_DIM:
-        raise UserError(
-            f"train.attention_kernel=flex: FlexAttention needs heads of at least {FLEX_MIN_HEAD_DIM} on CUDA, "
-            f"this model's are {head_dim}; use auto or dense"
-        )
 
 
 def choose_kernel(

@@ -272,9 +272,9 @@ def prepare_run(cfg: Config, env: dist.DistEnv, device: Any = None) -> Prepared:
     adopt_init_architecture(cfg)  # first: every check below reads the model's shapes
     derive_accumulation(cfg, env.world_size)  # train.global_batch_size on this many ranks
     backend = build_backend(cfg, env=env, device=device)  # backend name, its settings files; no process group
-    if device is None or cfg.backend.device == "cpu":  # the run's own device (`--check` runs on any host)
-        m = cfg.model
-        check_kernel(cfg.train.attention_kernel, backend.device, m.lm_hidden_dim // m.lm_n_heads, m.lm_dropout)
+    m = cfg.model
+    check_kernel(cfg.train.attention_kernel, _run_device(cfg, backend, checking=device is not None),
+                 m.lm_hidden_dim // m.lm_n_heads, m.lm_dropout)  # fmt: skip
     tokenizer = check_run(cfg)  # every path and setting the run reads late, before anything starts or is written
     run = RunDir(cfg.train.run_dir)
     resume_from = resolve_resume(run, cfg.train.resume)
@@ -285,6 +285,17 @@ def prepare_run(cfg: Config, env: dist.DistEnv, device: Any = None) -> Prepared:
             f"{run.root} already holds checkpoints; continue it with train.resume=auto or start a new train.run_dir"
         )
     return Prepared(backend, tokenizer, run, resume_from)
+
+
+def _run_device(cfg: Config, backend, *, checking: bool) -> Any:
+    """The device the run will train on, or None when `train --check` cannot know it: a CUDA run checked on a
+    host without a GPU (a login node). A GPU node's check (the launchers' preflight) checks CUDA's rules: they
+    were skipped on every host, so a forced kernel the run refuses passed `--check`."""
+    import torch
+
+    if not checking or cfg.backend.device == "cpu":
+        return backend.device
+    return torch.device("cuda") if torch.cuda.is_available() else None
 
 
 def check_training(cfg: Config, world: int) -> str:
