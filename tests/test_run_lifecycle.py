@@ -157,6 +157,35 @@ def test_flop_formulas_match_counted_matmuls(monkeypatch):
     assert counted == pytest.approx(language_flops(cfg, seq, 2 * seq * seq), rel=0.02)
 
 
+@pytest.mark.parametrize("frozen", [(), ("vision",), ("vision", "mp"), ("mp",), ("language",), ("mp", "language")])
+def test_a_steps_flops_with_frozen_parts_and_the_chunked_head_match_counted_matmuls(monkeypatch, frozen):
+    """A frozen part computes no weight gradient, and no input gradient without a trained part upstream; MFU
+    counted the full backward, so freezing the vision tower (less work) raised it. The chunked loss runs the head
+    on the target tokens only."""
+    from toolkit.train.metrics import step_flops
+    from toolkit.train.optim import GROUP_PREFIXES
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", _matmul_attention)
+    cfg = tiny_model_config()
+    model = VisionLanguageModel(cfg).eval()
+    for name, param in model.named_parameters():
+        param.requires_grad_(next(g for pre, g in GROUP_PREFIXES.items() if name.startswith(pre)) not in frozen)
+    seq, n = 64, cfg.mp_image_token_length
+    ids = torch.randint(0, 300, (1, seq))
+    ids[0, 4 : 4 + n] = model.image_token_id
+    tile = torch.rand(1, 3, cfg.vit_img_size, cfg.vit_img_size)
+    counted = _counted_flops(lambda: model(input_ids=ids, pixel_values=tile).logits.sum().backward())
+    expected = step_flops(cfg, n_tokens=seq, sum_sq_lengths=2 * seq * seq, n_tiles=1, frozen=frozenset(frozen))
+    assert counted == pytest.approx(expected, rel=0.02)
+    labels = torch.full_like(ids, -100)
+    labels[0, 40:50] = ids[0, 41:51]  # 10 target tokens: the chunked loss's head sees these rows only
+    counted = _counted_flops(lambda: model(input_ids=ids, pixel_values=tile, labels=labels).loss.backward())
+    expected = step_flops(cfg, n_tokens=seq, sum_sq_lengths=2 * seq * seq, n_tiles=1, head_tokens=10,
+                          frozen=frozenset(frozen))  # fmt: skip
+    recomputed = 2 * cfg.lm_hidden_dim * cfg.lm_vocab_size * 10  # the chunks' head forward, again in the backward
+    assert counted == pytest.approx(expected + recomputed, rel=0.02)  # MFU leaves recomputation out
+
+
 def test_a_world_size_change_under_zero0_names_zero0_not_deepspeed(tmp_path):
     """The refusal said "backend deepspeed cannot reshard", though ZeRO-1 to 3 do."""
     from tests.backend_worker import make_config

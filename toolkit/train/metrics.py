@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from toolkit.config import ModelConfig
-from toolkit.data.cost import SampleCost, vit_tile_flops
+from toolkit.data.cost import SampleCost, trained_step_flops, vit_tile_flops
 from toolkit.train.wandb_log import WandbSink, import_wandb, wandb_enabled
 
 log = logging.getLogger(__name__)
@@ -48,10 +48,20 @@ def language_flops(cfg: ModelConfig, n_tokens: int, sum_sq_lengths: float) -> fl
     return SampleCost.from_model(cfg).total(tokens=n_tokens, sum_sq_lengths=sum_sq_lengths, tiles=0)
 
 
-def step_flops(cfg: ModelConfig, *, n_tokens: int, sum_sq_lengths: float, n_tiles: int) -> float:
-    """The step's model FLOPs: the sample cost model of toolkit/data/cost.py summed over the step's samples, so
-    MFU and balanced packing count the same work."""
-    return SampleCost.from_model(cfg).total(tokens=n_tokens, sum_sq_lengths=sum_sq_lengths, tiles=n_tiles)
+def step_flops(
+    cfg: ModelConfig,
+    *,
+    n_tokens: int,
+    sum_sq_lengths: float,
+    n_tiles: int,
+    head_tokens: int | None = None,
+    frozen: frozenset[str] = frozenset(),
+) -> float:
+    """The step's model FLOPs: with every part trained and the head on every token, the sample cost model of
+    toolkit/data/cost.py summed over the step's samples (what balanced packing counts); `frozen` parts and the
+    chunked loss's `head_tokens` (its targets) take out the work the step does not do."""
+    return trained_step_flops(cfg, tokens=n_tokens, sum_sq_lengths=sum_sq_lengths, tiles=n_tiles,
+                              head_tokens=head_tokens, frozen=frozen)  # fmt: skip
 
 
 def _flatten(prefix: str, value: Any, out: dict[str, float]) -> None:

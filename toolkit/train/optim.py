@@ -33,7 +33,7 @@ class ParamGroup:
 
 def param_groups(model: nn.Module, cfg: TrainConfig) -> list[ParamGroup]:
     """mp / vision / language groups with lr_mp / lr_vision_backbone / lr_language_backbone as peaks."""
-    peaks = {"mp": cfg.lr_mp, "vision": cfg.lr_vision_backbone, "language": cfg.lr_language_backbone}
+    peaks = group_peaks(cfg)
     names: dict[str, list[str]] = {g: [] for g in peaks}
     for name, _ in model.named_parameters():  # tied weights appear once, under their first name
         group = next((g for prefix, g in GROUP_PREFIXES.items() if name.startswith(prefix)), None)
@@ -43,6 +43,15 @@ def param_groups(model: nn.Module, cfg: TrainConfig) -> list[ParamGroup]:
             )
         names[group].append(name)
     return [ParamGroup(g, peaks[g], names[g]) for g in peaks if names[g]]
+
+
+def group_peaks(cfg: TrainConfig) -> dict[str, float]:
+    return {"mp": cfg.lr_mp, "vision": cfg.lr_vision_backbone, "language": cfg.lr_language_backbone}
+
+
+def frozen_parts(cfg: TrainConfig) -> frozenset[str]:
+    """The groups at LR 0, which get no gradient: MFU leaves their backward out."""
+    return frozenset(name for name, lr in group_peaks(cfg).items() if lr == 0)
 
 
 def freeze_frozen_groups(model: nn.Module, groups: list[ParamGroup]) -> None:

@@ -39,6 +39,7 @@ from toolkit.config import Config
 from toolkit.data.batch import Batch
 from toolkit.data.cost import SampleCost, sample_cost
 from toolkit.train.backends.base import Backend
+from toolkit.train.optim import frozen_parts
 
 log = logging.getLogger(__name__)
 
@@ -343,6 +344,8 @@ class Trainer:
             n_tokens=int(counts[TOKENS]),
             sum_sq_lengths=float(counts[SUM_SQ]),
             n_tiles=int(counts[TILES]),
+            head_tokens=int(counts[TARGETS]) if self.cfg.train.chunked_loss else None,  # the head's only rows
+            frozen=frozen_parts(self.cfg.train),
         )
         return {"mfu": flops / (elapsed * self.peak_flops * dist.get_world_size())}
 
