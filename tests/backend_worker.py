@@ -228,6 +228,7 @@ def _run_scenario(name: str, spec: dict, batches: list[list[Batch]], out: Path) 
         # Issue 14: each rank's own forward + backward seconds, gathered here (test side) to check the trainer's
         # imbalance figures, which every rank must report alike.
         "fwd_bwd_by_rank": [_sum_over_ranks(h["fwd_bwd_s"]) for h in trainer.history],
+        "forward_by_rank": [_sum_over_ranks(h["forward_s"]) for h in trainer.history],
         "time_imbalance_by_rank": [_sum_over_ranks(h["rank_time_imbalance"]) for h in trainer.history],
         "cost_imbalance_by_rank": [_sum_over_ranks(h["rank_cost_imbalance"]) for h in trainer.history],
         "optimizer_state_numel": _sum_over_ranks(backend.optimizer_state_numel()),
@@ -324,6 +325,29 @@ def gradient_exchanges(batches: list[list[Batch]]) -> dict[str, list[int]]:
     return out
 
 
+SLOW_S = 0.2  # seconds rank 1 sleeps in its first decoder block's forward, once per micro-batch
+
+
+def slow_rank(batches: list[list[Batch]], out_dir: Path) -> dict[str, list[float]]:
+    """rank_time_imbalance and each rank's forward_s when rank 1 is slower (a sleep in a block's forward, twice a
+    step), per backend: the forward + backward seconds it was taken from read 1.00 under DDP and FSDP2, the fast
+    rank waiting out the slow one in the backward's gradient exchange (and under FSDP2/ZeRO-3 at each gather)."""
+    rank, out = dist.get_rank(), {}
+    for name, backend, ds in (("ddp", "ddp", ""), ("zero2", "deepspeed", "zero2"), ("zero3", "deepspeed", "zero3"),
+                              ("fsdp", "fsdp", "")):  # fmt: skip
+        cfg = make_config(backend, ds_config=ds_config_for_test(ds, out_dir) if ds else "")
+        trainer = Trainer(new_backend(cfg), cfg)
+        if rank == 1:
+            block = trainer.backend.module.language_blocks()[0]
+            forward = block.forward
+            block.forward = lambda *a, _f=forward, **k: time.sleep(SLOW_S) or _f(*a, **k)
+        for step in range(2):  # the first step's lazy set-up (FSDP2's, DeepSpeed's) is not the rank's work
+            metrics = trainer.train_step(rank_stream(batches, rank, MICRO_PER_RANK, range(step, step + 1)))
+        out[name] = [metrics["rank_time_imbalance"], *_sum_over_ranks(metrics["forward_s"])]
+        trainer.backend.close()
+    return out
+
+
 def local_shard_update(batches: list[list[Batch]], steps: int = 3) -> dict[str, Any]:
     """FSDP2's AdamW update on the local shards (the backend's) against torch's own on the DTensors: `steps` steps
     from the same start; the largest difference of any parameter or AdamW moment shard, and how many compared."""
@@ -360,8 +384,10 @@ def main() -> None:
         dist.log0("%s done in %.1fs", name, results[name]["seconds"])
     exchanges = gradient_exchanges(batches)
     local_update = local_shard_update(batches)
+    slow = slow_rank(batches, out)
     dist.barrier()
     if dist.get_rank() == 0:
+        (out / "slow_rank.json").write_text(json.dumps(slow))
         (out / "exchanges.json").write_text(json.dumps(exchanges))
         (out / "local_update.json").write_text(json.dumps(local_update))
         (out / "results.json").write_text(json.dumps(results, indent=1))

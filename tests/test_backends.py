@@ -247,12 +247,13 @@ def test_zero3_gathers_each_block_as_one_unit(launched) -> None:
 @pytest.mark.parametrize("name", ["ddp", "zero2", "zero3", "fsdp"])
 def test_rank_imbalance_metrics_are_computed_from_both_ranks(name: str, launched) -> None:
     """Issue 14: rank_cost_imbalance is max/mean over ranks of the step's FLOPs (step_flops of each rank's own
-    micro-batches, computed here by hand) and rank_time_imbalance max/mean of each rank's measured forward +
-    backward seconds; both ranks report the same figures, so they came through the all-reduce, not one rank."""
+    micro-batches, computed here by hand) and rank_time_imbalance max/mean of each rank's measured forward
+    seconds less its waits for other ranks; both ranks report the same figures, so they came through the
+    all-reduce, not one rank."""
     result = launched[0][name]
     model = bw.tiny_model_config()
     for step, (times, time_imb, cost_imb) in enumerate(
-        zip(result["fwd_bwd_by_rank"], result["time_imbalance_by_rank"], result["cost_imbalance_by_rank"], strict=True)
+        zip(result["forward_by_rank"], result["time_imbalance_by_rank"], result["cost_imbalance_by_rank"], strict=True)
     ):
         flops = []
         for rank in range(bw.WORLD):
@@ -266,7 +267,22 @@ def test_rank_imbalance_metrics_are_computed_from_both_ranks(name: str, launched
     assert max(max(c) for c in result["cost_imbalance_by_rank"]) > 1.01  # the batches differ: not trivially 1
     # Two ranks' clocks can agree to the nanosecond on one step (a ZeRO-3 step starts and ends on a collective):
     # that the figures came from both ranks shows over the run, not in every step.
-    assert any(times[0] != times[1] for times in result["fwd_bwd_by_rank"])
+    assert any(times[0] != times[1] for times in result["forward_by_rank"])
+    for forward, both in zip(result["forward_by_rank"], result["fwd_bwd_by_rank"], strict=True):
+        assert all(f < b for f, b in zip(forward, both, strict=True))  # the forward is part of the step's time
+
+
+@pytest.mark.multiproc
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("name", ["ddp", "zero2", "zero3", "fsdp"])
+def test_rank_time_imbalance_sees_a_slow_rank(name: str, launched) -> None:
+    """Rank 1 sleeps SLOW_S in a block, twice a step: its forward is that much longer, rank 0's is not (its waits
+    at FSDP2's and ZeRO-3's gathers left out), and the imbalance shows it. From forward + backward seconds it
+    read 1.00 under DDP and FSDP2: the fast rank waited for the slow one inside the backward."""
+    imbalance, fast, slow = json.loads((launched[1] / "slow_rank.json").read_text())[name]
+    assert slow - fast > 1.5 * bw.SLOW_S  # 2 micro-batches a step
+    assert fast < slow / 2  # rank 0 did not count its waits for rank 1
+    assert imbalance == pytest.approx(slow / ((fast + slow) / 2), rel=1e-9) and imbalance > 1.3
 
 
 @pytest.mark.multiproc

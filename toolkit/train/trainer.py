@@ -7,7 +7,8 @@ for throughput, a "my data ran out" flag, so that no rank starts a step another 
 rank for that rank's estimated compute (the packer's cost model), so `rank_cost_imbalance` (max / mean over ranks)
 costs no extra collective. A stop request (a signal seen by one rank) travels with the loss all-reduce at the end
 of the step, so every rank stops after the same step and before drawing the next batches from its loader; that
-all-reduce also carries each rank's measured forward + backward seconds, for `rank_time_imbalance`.
+all-reduce also carries each rank's measured forward seconds, less its waits for other ranks (ForwardClock), for
+`rank_time_imbalance`.
 
 The counts are read back only where a rank must know them before its forward: when this rank's stream may run
 out (a plain iterable), since a rank that stopped while the others entered the forward's collectives would hang
@@ -39,6 +40,7 @@ from toolkit.config import Config
 from toolkit.data.batch import Batch
 from toolkit.data.cost import SampleCost, sample_cost
 from toolkit.train.backends.base import Backend
+from toolkit.train.forward_clock import ForwardClock
 from toolkit.train.optim import frozen_parts
 
 log = logging.getLogger(__name__)
@@ -174,6 +176,7 @@ class Trainer:
         self._stop_reason = ""  # what asked this rank to stop, for the log
         self._last_skip = ""  # why the last skipped step was skipped, for the error that stops a run
         self._stopping = False  # some rank did: agreed by all after the last step
+        self._clock: ForwardClock | None = None  # made at the first step, on the set-up backend's module
 
     def state_dict(self) -> dict[str, Any]:
         return asdict(self.state)
@@ -260,9 +263,9 @@ class Trainer:
         self, micro: Sequence[Batch], step_counts: StepCounts, *, started: float, data_wait: float
     ) -> dict[str, Any]:
         with record_function("toolkit.forward_backward"):  # named spans in a train.profile_steps trace
-            loss_sum, fwd_bwd = self._forward_backward(micro, step_counts.loss_scale())
+            loss_sum, fwd_bwd, forward = self._forward_backward(micro, step_counts.loss_scale())
         with record_function("toolkit.norm_and_loss_read"):
-            loss, grad_norm, counts, rank_times = self._read_step(loss_sum, fwd_bwd, step_counts)
+            loss, grad_norm, counts, rank_times = self._read_step(loss_sum, forward, step_counts)
         empty = int(counts[TARGETS]) == 0
         with record_function("toolkit.optimizer_step"):
             result = self.backend.step(skip=empty or not math.isfinite(loss), grad_norm=grad_norm)
@@ -286,7 +289,8 @@ class Trainer:
             "fill_rate": float(counts[TOKENS]) / max(float(counts[SLOTS]), 1.0),
             "images_per_pack": float(counts[IMAGES]) / max(float(counts[ROWS]), 1.0),
             "peak_memory_gb": peak_memory_gb(self.backend.device),
-            "fwd_bwd_s": fwd_bwd,  # this rank's (rank 0's in metrics.jsonl)
+            "fwd_bwd_s": fwd_bwd,  # this rank's (rank 0's in metrics.jsonl), waits for other ranks included
+            "forward_s": forward,  # this rank's forward without its waits: what rank_time_imbalance compares
             "rank_time_imbalance": imbalance(rank_times),
             "rank_cost_imbalance": imbalance(counts[N_COUNTS:]),
             **self._mfu(counts, elapsed),
@@ -301,16 +305,16 @@ class Trainer:
         return metrics
 
     def _read_step(
-        self, loss_sum: torch.Tensor, fwd_bwd: float, step_counts: StepCounts
+        self, loss_sum: torch.Tensor, forward: float, step_counts: StepCounts
     ) -> tuple[float, float | None, torch.Tensor, torch.Tensor]:
-        """The step's one read: (loss, gradient norm, counts, each rank's forward + backward seconds).
+        """The step's one read: (loss, gradient norm, counts, each rank's forward seconds less its waits).
 
         The stop flag and each rank's compute time ride on the loss all-reduce (no extra collective); the norm, and
         the counts if still on the device, come back in the same transfer."""
         norm = self.backend.grad_norm()  # collective, on the device
         mine = torch.stack([loss_sum, loss_sum.new_tensor(float(self._stop_requested))])
         rank, world = _slot()
-        times = per_rank(fwd_bwd, rank=rank, world=world).to(mine.device)
+        times = per_rank(forward, rank=rank, world=world).to(mine.device)
         reduced = dist.all_reduce_sum(torch.cat([mine, times]))
         unread = [step_counts.values] if step_counts.on_device else []
         norms = [norm.reshape(1).to(reduced.dtype)] if norm is not None else []
@@ -321,17 +325,23 @@ class Trainer:
         self._stopping = bool(reduced[1] > 0)
         return loss, (float(host[-1]) if norm is not None else None), counts, reduced[2 : 2 + world]
 
-    def _forward_backward(self, micro: Sequence[Batch], loss_scale: float | torch.Tensor) -> tuple[torch.Tensor, float]:
-        """The step's summed loss and this rank's forward + backward seconds (waiting for the device on CUDA,
-        where the loss all-reduce that follows would wait for it anyway)."""
+    def _forward_backward(
+        self, micro: Sequence[Batch], loss_scale: float | torch.Tensor
+    ) -> tuple[torch.Tensor, float, float]:
+        """The step's summed loss, this rank's forward + backward seconds (waiting for the device on CUDA, where
+        the loss all-reduce that follows would wait for it anyway) and its forward seconds less its waits for the
+        other ranks (the ForwardClock's, which rank_time_imbalance compares)."""
         device = self.backend.device
+        if self._clock is None:  # the backend's module and hooks exist once it is set up
+            self._clock = ForwardClock(self.backend.module, self.backend.gathering_modules(), device)
         started = time.perf_counter()
+        self._clock.start()
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         for mb in micro:
             loss_sum += self.backend.forward_backward(mb, loss_scale).double()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        return loss_sum, time.perf_counter() - started
+        return loss_sum, time.perf_counter() - started, self._clock.seconds()
 
     def _mfu(self, counts: torch.Tensor, elapsed: float) -> dict[str, float]:
         """Model FLOPs utilisation when the device's peak is known (CUDA); nothing otherwise."""

@@ -210,6 +210,12 @@ class Backend(ABC):
     def module(self) -> nn.Module:
         """The model itself (unwrapped; sharded under FSDP2/ZeRO-3), for names, eval and inspection."""
 
+    def gathering_modules(self) -> list[nn.Module]:
+        """Modules whose pre-forward hooks (the backend's) wait for other ranks' parameters: FSDP2's units and
+        ZeRO-3's hooked modules; none where the forward exchanges nothing. The forward clock leaves those waits
+        out of a rank's time (toolkit/train/forward_clock.py)."""
+        return []
+
     # -- the interface --
     def start_process_group(self) -> None:
         """Start the process group this backend trains in, once per process; nothing when it needs none."""

@@ -300,6 +300,14 @@ class DeepSpeedBackend(Backend):
     def module(self) -> nn.Module:
         return self.engine.module
 
+    def gathering_modules(self) -> list[nn.Module]:
+        """ZeRO-3 hooks every module but those inside a leaf block (_gather_per_block); ZeRO-0-2 gather nothing."""
+        if self.stage != 3:
+            return []
+        model = self.engine.module
+        inside = {id(m) for block in model.blocks() for m in block.modules() if m is not block}
+        return [m for m in model.modules() if id(m) not in inside]
+
     @property
     def grad_average_factor(self) -> float:
         return float(dist.get_world_size())

@@ -39,7 +39,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from toolkit import dist
 from toolkit.config import ConfigError
@@ -220,6 +220,9 @@ class FSDPBackend(TorchOptimizerBackend):
     @property
     def grad_average_factor(self) -> float:
         return float(dist.get_world_size())
+
+    def gathering_modules(self) -> list[nn.Module]:
+        return [m for m in self.model.modules() if isinstance(m, FSDPModule)]  # each module of a group is one
 
     def _mesh(self) -> DeviceMesh:
         world = dist.get_world_size()
