@@ -482,10 +482,12 @@ def test_a_step_without_targets_skips_its_update_and_too_many_stop_the_run() -> 
     good = BATCHES[0][0]
     labels = torch.full_like(good.inputs.labels, -100)
     empty = Batch(replace(good.inputs, labels=labels), replace(good.stats, targets=0))
-    trainer.train_step([good])
+    first = trainer.train_step([good])
     before = backend.full_state_dict()
     metrics = trainer.train_step([empty])
     assert metrics["skipped"] and metrics["n_targets"] == 0
+    assert (first["skipped_steps"], metrics["skipped_steps"]) == (0, 1)  # run totals, logged (were only saved)
+    assert metrics["tokens_seen"] == first["tokens"] + metrics["tokens"] == 2 * good.stats.tokens
     assert math.isnan(metrics["loss"]) and math.isnan(metrics["grad_norm"])  # logged as 0.0: a dip to zero
     assert tensor_rel(backend.full_state_dict(), before) == 0.0  # an unskipped step moves them (momentum)
     assert trainer.state.skipped_total == 1

@@ -25,10 +25,23 @@ from toolkit.train.wandb_log import WandbSink, import_wandb, wandb_enabled
 log = logging.getLogger(__name__)
 
 # Dense bf16 peak per device, FLOP/s (no sparsity). Unknown devices report no MFU rather than a wrong one.
-PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12, "L40S": 362e12}
+# Dense bf16 FLOP/s by a part of torch's device name, the more specific first: "H100" alone also matched the
+# PCIe card, whose peak is 756 TFLOP/s, and put its MFU about 24% low.
+PEAK_BF16 = {
+    "H100 PCIe": 756e12,
+    "H100 NVL": 835e12,
+    "H800 PCIe": 756e12,
+    "H200": 989e12,
+    "H100": 989e12,
+    "H800": 989e12,
+    "A100": 312e12,
+    "A800": 312e12,
+    "L40S": 362e12,
+}
 
 
 def device_peak_flops(device: torch.device) -> float | None:
+    """The device's dense bf16 peak, or None (no MFU): not CUDA, or a card not in PEAK_BF16."""
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
@@ -36,6 +49,17 @@ def device_peak_flops(device: torch.device) -> float | None:
         if key in name:
             return peak
     return None
+
+
+def mfu_peak(device: torch.device, precision: str) -> tuple[float | None, str]:
+    """The peak a training run's MFU is taken against, or None and why not on a GPU (for the log): a card missing
+    from the table logged no `mfu` without a word, and an fp32 run's was measured against the bf16 peak."""
+    peak = device_peak_flops(device)
+    if device.type == "cuda" and peak is None:
+        return None, f"the bf16 peak of {torch.cuda.get_device_name(device)} is not in toolkit/train/metrics.py"
+    if peak is not None and precision != "bf16":
+        return None, f"MFU is taken against the bf16 peak, and backend.precision={precision}"
+    return peak, ""
 
 
 def vision_flops_per_tile(cfg: ModelConfig) -> float:

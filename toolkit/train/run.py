@@ -335,10 +335,13 @@ def run_training(cfg: Config) -> list[dict[str, Any]]:
 
 
 def _train(cfg: Config, run: RunDir, resume_from: Path | None, *, backend, loader, tokenizer) -> list[dict[str, Any]]:
-    from toolkit.train.metrics import MetricsWriter, device_peak_flops
+    from toolkit.train.metrics import MetricsWriter, mfu_peak
 
     env = backend.env
-    trainer = Trainer(backend, cfg, peak_flops=device_peak_flops(backend.device))
+    peak, no_mfu = mfu_peak(backend.device, cfg.backend.precision)
+    if no_mfu:
+        dist.log0("no mfu logged: %s", no_mfu)
+    trainer = Trainer(backend, cfg, peak_flops=peak)
     if resume_from is not None:
         data = loader if cfg.train.resume_data else None  # None: the loader keeps its fresh start
         trainer.load_state_dict(restore_checkpoint(resume_from, backend=backend, loader=data))

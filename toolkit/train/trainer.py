@@ -271,6 +271,7 @@ class Trainer:
             result = self.backend.step(skip=empty or not math.isfinite(loss), grad_norm=grad_norm)
         self._count(result.skipped, "no target tokens on any rank" if empty else "loss or gradient not finite")
         elapsed = time.perf_counter() - started
+        self.state.tokens_seen += int(counts[TOKENS])
         if empty:  # no loss to speak of: 0.0 (the sum over no token) plotted as a dip to zero, its norm too
             loss = float("nan")
         metrics = {
@@ -294,8 +295,9 @@ class Trainer:
             "rank_time_imbalance": imbalance(rank_times),
             "rank_cost_imbalance": imbalance(counts[N_COUNTS:]),
             **self._mfu(counts, elapsed),
+            "tokens_seen": self.state.tokens_seen,  # over the run, resumes included: loss against tokens
+            "skipped_steps": self.state.skipped_total,  # over the run
         }
-        self.state.tokens_seen += int(counts[TOKENS])
         for callback in self.callbacks:  # after the update, before logging: they may add metrics (val_loss, ...)
             callback(self, metrics)
         self.history.append({"step": self.state.step, **metrics})
