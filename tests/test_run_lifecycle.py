@@ -200,8 +200,8 @@ def test_a_world_size_change_under_zero0_names_zero0_not_deepspeed(tmp_path):
 
 
 def test_mfu_peak_tells_the_h100_cards_apart_and_says_why_there_is_none(monkeypatch):
-    """"H100" matched the PCIe card (756 TFLOP/s, not 989): its MFU read about 24% low. A card not in the table,
-    or an fp32 run (measured against the bf16 peak), logged no mfu without a word."""
+    """The name "H100" matched the PCIe card (756 TFLOP/s, not 989): its MFU read about 24% low. A card not in
+    the table, or an fp32 run (measured against the bf16 peak), logged no mfu without a word."""
     from toolkit.train.metrics import mfu_peak
 
     cuda = torch.device("cuda")
