@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import sys
 import threading
 import time
@@ -132,6 +133,26 @@ def _lines_up_to(path: Path, step: int) -> list[str]:
     return kept
 
 
+class _Window:
+    """The steps since the last console line: finite losses and the tokens trained, from `since`."""
+
+    def __init__(self, since: float) -> None:
+        self.since, self.losses, self.tokens, self.steps = since, [], 0, 0
+
+    def add(self, m: dict[str, Any]) -> None:
+        self.steps += 1
+        self.tokens += int(m.get("tokens", 0))
+        if math.isfinite(m.get("loss", float("nan"))):  # a skipped step's NaN is not averaged in
+            self.losses.append(float(m["loss"]))
+
+    def means(self, now: float, *, fallback: dict[str, Any]) -> tuple[float, float]:
+        """(mean loss, tokens/s); the first step after a (re)start has no span of its own: its own figures."""
+        loss = sum(self.losses) / len(self.losses) if self.losses else float("nan")
+        if self.steps <= 1 or now <= self.since:
+            return (loss if self.losses else fallback.get("loss", float("nan"))), fallback.get("tokens_per_s", 0.0)
+        return loss, self.tokens / (now - self.since)
+
+
 class MetricsWriter:
     """Rank 0 writes; other ranks hold a no-op writer so call sites never ask which rank they are on."""
 
@@ -202,17 +223,26 @@ class MetricsWriter:
             self._progress(step, metrics)
 
     def _progress(self, step: int, m: dict[str, Any]) -> None:
+        """The console line: the mean loss and the token rate over the steps since the last line (one step's
+        figures, printed every log_interval steps, swung by 7x between neighbours on a busy machine)."""
+        now = time.monotonic()
         if self.first_step is None:
-            self.first_step, self.started = step, time.monotonic()
+            self.first_step, self.started = step, now
+            self._window = _Window(now)
+        self._window.add(m)
         done = step - self.first_step
-        rate = done / max(time.monotonic() - self.started, 1e-9)
+        rate = done / max(now - self.started, 1e-9)
         eta = f"{(self.total - step) / rate / 60:.1f} min" if rate > 0 else "unknown yet"  # one step: no rate
-        text = f"loss {m.get('loss', float('nan')):.4f} tok/s {m.get('tokens_per_s', 0):,.0f} eta {eta}"
+        loss, tokens_per_s = self._window.means(now, fallback=m)
+        text = f"loss {loss:.4f} tok/s {tokens_per_s:,.0f} eta {eta}"
+        line_due = step % self.log_interval == 0 or step == self.total
         if self._bar is not None:
             self._bar.n = step
             self._bar.set_postfix_str(text, refresh=True)
-        elif step % self.log_interval == 0 or step == self.total:
+        elif line_due:
             log.info("step %d/%d %s", step, self.total, text)
+        if line_due or done == 0:  # the first step's time is before the window's start
+            self._window = _Window(now)
 
     def flush(self) -> None:
         if self.active:
