@@ -117,16 +117,7 @@ def check_kernel(kernel: str, device: torch.device | None, head_dim: int, dropou
     """Refuse, before training starts, a forced kernel that this machine or model cannot run. `device=None`: the
     run's device is not known here (`train --check` on a host without the run's GPU): the model's rules only,
     which hold on CUDA, where both kernels run (the device's and this torch's rules wait for the run itself)."""
-    if kernel == "varlen" and (head_dim % 8 or head_dim > 256):
-        raise UserError(f"train.attention_kernel=varlen: flash needs heads a multiple of 8 up to 256; {head_dim}")
-    if kernel == "flex" and head_dim < FLEX_MIN_HEAD_DIM:
-        raise UserError(
-            f"train.attention_kernel=flex: FlexAttention needs heads of at least {FLEX_MIN_HEAD_DIM} on CUDA, "
-            f"this model's are {head_dim}; use auto or dense"
-        )
-    if device is None:
-        return
-    if kernel == "varlen":
+    if device is not None and kernel == "varlen":
         if device.type != "cuda":
             raise UserError("train.attention_kernel=varlen runs on CUDA only; use auto or dense on this machine")
         if not varlen_available(dropout):
@@ -134,8 +125,15 @@ def check_kernel(kernel: str, device: torch.device | None, head_dim: int, dropou
                 "train.attention_kernel=varlen needs torch >= 2.10 with model.lm_dropout=0, or flash-attn "
                 "(`pip install flash-attn`); or use auto"
             )
-    if kernel == "flex" and device.type != "cuda":  # torch: "FlexAttention does not support backward on CPU"
+    if device is not None and kernel == "flex" and device.type != "cuda":  # torch: no FlexAttention backward on CPU
         raise UserError("train.attention_kernel=flex trains on CUDA only (no backward on the CPU); use auto or dense")
+    if kernel == "varlen" and (head_dim % 8 or head_dim > 256):
+        raise UserError(f"train.attention_kernel=varlen: flash needs heads a multiple of 8 up to 256; {head_dim}")
+    if kernel == "flex" and head_dim < FLEX_MIN_HEAD_DIM:
+        raise UserError(
+            f"train.attention_kernel=flex: FlexAttention needs heads of at least {FLEX_MIN_HEAD_DIM} on CUDA, "
+            f"this model's are {head_dim}; use auto or dense"
+        )
 
 
 def choose_kernel(
