@@ -361,6 +361,9 @@ def test_cli_bench_gpu_takes_its_own_options_and_other_benches_refuse_them(monke
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["config"] == {"preset": "tiny"}
     assert main(["bench", "packing", "--budget-s", "60"]) == 2
     assert "only gpu, pipeline and overhead" in capsys.readouterr().err
+    assert main(["bench", "packing", "-h"]) == 0  # was refused as an option
+    out = capsys.readouterr().out
+    assert "bench packing" in out and "pack_stream" in out and "takes no options" in out
 
 
 def test_gpu_synthetic_packs_follow_the_batch_contract():

@@ -148,8 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "options",
         nargs=argparse.REMAINDER,
-        help="gpu: --budget-s S, --variants ..., --profile ... (bench gpu -h); pipeline: --photos, --samples N; "
-        "overhead: --backend NAME",
+        help="gpu, pipeline and overhead take options of their own (`bench NAME -h` lists them), e.g. gpu: "
+        "--variants ..., --calibrate FILE; pipeline: --photos, --samples N; overhead: --backend NAME, --world 1,2",
     )
     p = sub.choices["report"]
     p.add_argument("run", help="a run folder (train.run_dir) with metrics.jsonl")
@@ -430,6 +430,11 @@ def _bench(args: argparse.Namespace) -> int:
     if args.name in ("gpu", "pipeline", "overhead"):  # flags of their own: time budget, variants, data, --backend
         module = importlib.import_module(f"toolkit.bench.{args.name}")
         return module.main([*options, *(["--json"] if as_json else [])])
+    if options in (["-h"], ["--help"]):  # was refused as an option
+        doc = (importlib.import_module(f"toolkit.bench.{args.name.replace('-', '_')}").__doc__ or "").strip()
+        print(f"usage: python -m toolkit bench {args.name} [--json]\n\n{doc.splitlines()[0] if doc else ''}\n\n"
+              f"It takes no options; results go to runs/bench/{args.name}.json under the current folder.")  # fmt: skip
+        return 0
     if options:
         raise UserError(f"bench {args.name} takes no options ({' '.join(options)}); only gpu, pipeline and overhead do")
     run(args.name, as_json=as_json)
