@@ -340,3 +340,16 @@ def test_train_check_applies_the_attention_kernel_rules_it_can_know(tmp_path, ca
         monkeypatch.setattr(attention, "FLEX_MIN_HEAD_DIM", 32)  # the tiny model's heads (16) are then too small
         assert cli.main(base) == 2
         assert "needs heads of at least 32" in capsys.readouterr().err
+
+
+def test_overrides_may_follow_an_option():
+    """`data-stats a.b=1 --max-packs 3 c.d=2` was refused ("unrecognized arguments: c.d=2"); an unknown option
+    still is."""
+    parse = lambda *argv: cli._parse(cli.build_parser(), list(argv))  # noqa: E731
+    args = parse("data-stats", "--config", "tiny", "data.seed=1", "--max-packs", "3", "data.shuffle_buffer=4")
+    assert (args.overrides, args.max_packs) == (["data.seed=1", "data.shuffle_buffer=4"], 3)
+    args = parse("train", "--check", "data.seed=1", "--world", "2", "backend.name=ddp")
+    assert (args.overrides, args.world, args.check) == (["data.seed=1", "backend.name=ddp"], 2, True)
+    for bad in (["train", "data.seed=1", "--bogus"], ["data-stats", "--max-packs", "3", "--bogus", "a.b=1"]):
+        with pytest.raises(SystemExit):
+            parse(*bad)

@@ -504,10 +504,23 @@ def _explain(exc: BaseException) -> int | None:
     return None
 
 
+def _parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """parse_args, taking overrides after an option too: `train --check a.b=1 --world 2 c.d=2` was refused
+    ("unrecognized arguments: c.d=2"), argparse ending the overrides' list at the first option."""
+    args, rest = parser.parse_known_args(argv)
+    late = [a for a in rest if not a.startswith("-") and "=" in a]
+    if late and isinstance(getattr(args, "overrides", None), list) and args.command != "bench":
+        args.overrides.extend(late)
+        rest = [a for a in rest if a not in late]
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = _parse(parser, argv)
     if args.command is None:
         parser.print_help()
         return 0
