@@ -320,6 +320,18 @@ def test_data_stats_fails_when_nothing_can_be_packed(tmp_path, capsys):
     assert cli.main([*base, "data.max_sample_length=10"]) == 2
     out, err = capsys.readouterr()
     assert "packs: 0" in out and "none of the 48 samples read could be packed" in err and "too_long" in err
+    # A mixture with a set that gives nothing: the pooled counts hid it, and a training stream stops on it.
+    import shardgen
+
+    (tmp_path / "bad").mkdir()
+    shardgen.write_shard(tmp_path / "bad" / "shard-000000.tar", [shardgen.Spec(f"n{i}", {"source": "x"}) for i in
+                                                                 range(4)])  # fmt: skip
+    mix = f"data.train_shards=[{{pattern: {synth / 'train'}, weight: 3}}, {{pattern: {tmp_path / 'bad'}, weight: 1}}]"
+    assert cli.main([*base, mix]) == 2
+    out, err = capsys.readouterr()
+    assert f"set: {synth / 'train'} (weight 3): 48 of 48 samples packed" in out
+    assert f"set: {tmp_path / 'bad'} (weight 1): 0 of ? samples packed" in out
+    assert f"no sample of {tmp_path / 'bad'} could be packed" in err
 
 
 def test_train_check_applies_the_attention_kernel_rules_it_can_know(tmp_path, capsys, monkeypatch):

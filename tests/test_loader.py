@@ -434,6 +434,11 @@ def test_a_mixture_set_whose_every_sample_is_skipped_stops_the_stream(tok, tmp_p
     finite = build_loader(tiny_config(tok, sets), rank=0, world=1, finite=True)
     assert sum(b.stats.samples for b in finite) == 60  # a finite pass (validation, data-stats) reads it all
     assert finite.counts()["skipped"] == {"no_texts": 8}
+    # data-stats pooled the sets' counts, so the set that gave nothing did not show; it now has a row each.
+    assert data_stats(tiny_config(tok, sets))["sets"] == [
+        {"pattern": str(tmp_path / "good"), "weight": 3.0, "samples": 60, "packed": 60},
+        {"pattern": str(tmp_path / "bad"), "weight": 1.0, "samples": None, "packed": 0},  # no manifest: unknown
+    ]
 
 
 def test_an_endless_stream_whose_every_image_fails_to_decode_stops(tok, tmp_path: Path, monkeypatch) -> None:

@@ -247,13 +247,22 @@ def _data_stats(args: argparse.Namespace) -> int:
         print(json.dumps(stats))
     else:
         for k, v in stats.items():
-            print(f"{k:>24}: {v}")
+            if k != "sets":
+                print(f"{k:>24}: {v}")
+        for s in stats.get("sets", []):  # a mixture: one line per set
+            listed = "?" if s["samples"] is None else s["samples"]
+            print(f"{'set':>24}: {s['pattern']} (weight {s['weight']:g}): {s['packed']} of {listed} samples packed")
+    advice = ("check data.max_sample_length, data.max_images_per_example and data.max_tiles_per_knapsack against "
+              "the shards")  # fmt: skip
     if stats["samples_read"] and not stats["samples_packed"]:  # exit 0 with `packs: 0`; training then failed
         raise UserError(
             f"none of the {stats['samples_read']} samples read could be packed (skipped: {stats['skipped']}), so "
-            "training on this config would stop with 'all skipped'; check data.max_sample_length, "
-            "data.max_images_per_example and data.max_tiles_per_knapsack against the shards"
+            f"training on this config would stop with 'all skipped'; {advice}"
         )
+    empty = [s["pattern"] for s in stats.get("sets", []) if not s["packed"]]
+    if empty and not args.max_packs:  # a whole pass: the set gave nothing, and a training stream stops on it
+        raise UserError(f"no sample of {', '.join(empty)} could be packed, so training on this mixture would stop "
+                        f"on it; {advice}, or drop it from data.train_shards")  # fmt: skip
     return 0
 
 

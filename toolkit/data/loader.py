@@ -507,16 +507,21 @@ def data_stats(cfg: Config, max_packs: int = 0) -> dict:
     """One pass of the training data through the whole pipeline (no model): counts, skips, fill and speed."""
     loader = build_loader(cfg, rank=0, world=1, finite=True)
     totals = dict.fromkeys(("rows", "samples", "images", "tiles", "tokens", "targets"), 0)
+    sets = loader.dataset.spec.sets
+    owner = {shard.path: i for i, shard_set in enumerate(sets) for shard in shard_set.shards}
+    packed = [0] * len(sets)
     start = time.perf_counter()
     for batch in loader:
         for k in totals:
             totals[k] += getattr(batch.stats, k)
+        for key in (key for row in batch.stats.keys for key in row):
+            packed[owner[key.rsplit(":", 1)[0]]] += 1
         if max_packs and totals["rows"] >= max_packs:
             break
     seconds = time.perf_counter() - start
     counts = loader.counts()
     packs = max(totals["rows"], 1)
-    return {
+    stats = {
         "samples_read": counts["read"],
         "samples_packed": totals["samples"],
         "skipped": counts["skipped"],
@@ -529,3 +534,13 @@ def data_stats(cfg: Config, max_packs: int = 0) -> dict:
         "seconds": round(seconds, 2),
         "samples_per_s": round(totals["samples"] / max(seconds, 1e-9), 1),
     }
+    if len(sets) > 1:  # each set read once here whatever its weight: what each gave the packs (the counts were
+        # pooled, so a set none of whose samples could be packed, which stops a training stream, did not show)
+        stats["sets"] = [_set_stats(shard_set, n) for shard_set, n in zip(sets, packed, strict=True)]
+    return stats
+
+
+def _set_stats(shard_set: ShardSet, packed: int) -> dict:
+    listed = [shard.samples for shard in shard_set.shards]
+    samples = sum(listed) if all(n is not None for n in listed) else None  # a manifest's count, when there is one
+    return {"pattern": shard_set.pattern, "weight": shard_set.weight, "samples": samples, "packed": packed}
