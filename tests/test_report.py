@@ -152,7 +152,7 @@ def test_step_panels_skip_nan_inf_and_none(fig) -> None:
     assert mfu[0] == kept and mfu[1] == pytest.approx([100 * (0.3 + s / 10000) for s in kept])
     imbalance = _lines(_panel(fig, "imbalance"))
     assert imbalance["estimated cost"][1] == pytest.approx([1.0 + s / 1000 for s in range(1, STEPS + 1)])
-    assert imbalance["measured fwd+bwd time"][1] == pytest.approx([1.2 - s / 1000 for s in range(1, STEPS + 1)])
+    assert imbalance["measured forward time"][1] == pytest.approx([1.2 - s / 1000 for s in range(1, STEPS + 1)])
 
 
 def test_lmms_panels_one_per_task_with_the_records_sorted_by_step(fig) -> None:
@@ -226,3 +226,38 @@ def test_report_out_a_folder_writes_inside_it_and_a_non_png_name_is_refused(tmp_
     assert "is a PNG image" in capsys.readouterr().err and not (tmp_path / "rep.pdf").exists()
     assert cli.main(["report", str(run), "--out", str(tmp_path / "new" / "dir" / "r.png")]) == 0  # was Errno 2
     assert (tmp_path / "new" / "dir" / "r.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_several_runs_share_axes_and_each_gets_a_summary_line(tmp_path, capsys) -> None:
+    """`report RUN1 RUN2` was 'unrecognized arguments': comparing backends or mixes meant flipping between images
+    with different axes. Each run is one line per panel, named by its folder (with its parent where two are alike)."""
+    from toolkit.report_compare import PANELS, build_comparison, run_names, summary
+
+    a = _write_run(tmp_path / "a")
+    (tmp_path / "other").mkdir()
+    b = _write_run(tmp_path / "other" / "a", mfu=False)  # same folder name
+    records = [json.loads(line) for line in (b / "metrics.jsonl").read_text().splitlines()]
+    for r in records:  # run b: twice the loss, half the throughput
+        scaled = {"loss": 2, "val_loss": 2, "tokens_per_s": 0.5}
+        r.update({k: r[k] * f for k, f in scaled.items() if k in r})
+    (b / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    names = run_names([a, b])
+    assert names == ["tmp_path_name/a".replace("tmp_path_name", tmp_path.name), "other/a"]
+    series = {name: read_series(run / "metrics.jsonl") for name, run in zip(names, [a, b], strict=True)}
+    fig = build_comparison(series)
+    axes = {ax.get_title(): ax for ax in fig.axes}
+    assert set(axes) == set(PANELS.values())  # MFU: run a logged it
+    tokens = _lines(axes[PANELS["tokens_per_s"]])
+    assert tokens[names[0]][1] == [1000.0 + s for s in range(1, STEPS + 1)]
+    assert tokens[names[1]][1] == [(1000.0 + s) / 2 for s in range(1, STEPS + 1)]
+    losses = [s_ for s_ in range(1, STEPS + 1) if s_ != NAN_LOSS_STEP]
+    row = summary(series[names[1]])
+    assert row["steps"] == STEPS and row["best_val_step"] == max(VAL_STEPS)  # the loss falls: the last is best
+    assert row["best_val_loss"] == pytest.approx(2 * (_loss(max(VAL_STEPS)) + 0.1))
+    assert row["train_loss"] == pytest.approx(_debiased_ema([2 * _loss(s) for s in losses], len(losses) // 30)[-1])
+    assert row["median_tokens_per_s"] == pytest.approx((1000.0 + (1 + STEPS) / 2) / 2)
+    assert row["median_mfu"] is None and summary(series[names[0]])["median_mfu"] is not None
+    assert cli.main(["report", str(a), str(b), "--out", str(tmp_path / "cmp.png")]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[1].startswith(f"other/a: {STEPS} steps, train loss ") and "MFU -%" in out[1]
+    assert Image.open(tmp_path / "cmp.png").size[0] > 0

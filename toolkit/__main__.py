@@ -152,8 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--variants ..., --calibrate FILE; pipeline: --photos, --samples N; overhead: --backend NAME, --world 1,2",
     )
     p = sub.choices["report"]
-    p.add_argument("run", help="a run folder (train.run_dir) with metrics.jsonl")
-    p.add_argument("--out", default=None, help="PNG to write (default: RUN/report.png)")
+    p.add_argument("run", nargs="+", help="a run folder (train.run_dir) with metrics.jsonl; several: compared")
+    p.add_argument("--out", default=None, help="PNG to write (default: RUN/report.png; several runs: compare.png)")
     return parser
 
 
@@ -417,17 +417,27 @@ def _eval_lmms(args: argparse.Namespace) -> None:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from toolkit.report import write_report
+    from toolkit.report import read_series, write_report
+    from toolkit.report_compare import format_summary, run_names, summary, write_comparison
 
-    out = Path(args.out) if args.out else None
-    if out is not None and (out.is_dir() or args.out.endswith(("/", os.sep))):
+    several = len(args.run) > 1
+    name = "compare.png" if several else "report.png"
+    out = Path(args.out) if args.out else (Path(name) if several else None)
+    if out is not None and (out.is_dir() or (args.out or "").endswith(("/", os.sep))):
         out.mkdir(parents=True, exist_ok=True)
-        out = out / "report.png"  # a folder: the report goes inside it, not over its name
+        out = out / name  # a folder: the report goes inside it, not over its name
     elif out is not None and out.suffix.lower() != ".png":
         raise UserError(f"--out {args.out}: the report is a PNG image; give a .png file or a folder")
     elif out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)  # a new folder for it: was a raw "[Errno 2]"
-    print(f"wrote {write_report(args.run, out)}")
+    if several:
+        out, lines = write_comparison(args.run, out)
+    else:
+        run = Path(args.run[0])
+        out = write_report(run, out)
+        lines = [format_summary(run_names([run])[0], summary(read_series(run / "metrics.jsonl")))]
+    print("\n".join(lines))
+    print(f"wrote {out}")
     return 0
 
 

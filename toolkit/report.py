@@ -38,7 +38,7 @@ PANEL_INCHES = (6.4, 3.6)  # one panel; the figure is two panels wide
 DPI = 100
 SMOOTH_DIVISOR = 30
 LMMS_PREFIX = "lmms/"
-IMBALANCE_KEYS = {"rank_cost_imbalance": "estimated cost", "rank_time_imbalance": "measured fwd+bwd time"}
+IMBALANCE_KEYS = {"rank_cost_imbalance": "estimated cost", "rank_time_imbalance": "measured forward time"}
 STYLES = [("-", "o"), ("--", "s"), (":", "^"), ("-.", "D"), ((0, (5, 1, 1, 1)), "v")]  # line style, marker
 STEP_LABEL = "optimizer step"
 
