@@ -17,7 +17,6 @@ import sys
 import time
 import types
 from dataclasses import dataclass
-from typing import Any
 
 import pytest
 import torch
@@ -290,69 +289,6 @@ def test_a_benchmark_question_is_asked_as_nanovlm_head_asks_it(adapter, task, co
     assert "<image: " not in rendered and rendered.endswith("<|im_start|>assistant\n")
     assert ids == adapter.tok.encode(rendered + assistant)
     assert torch.equal(pixels, tiles) and grids[0] != (1, 1)
-
-
-@pytest.fixture
-def fake_lmms_eval():
-    """A stand-in lmms_eval: the base class, the v2 manifest and a simple_evaluate that runs one generate task."""
-    calls: list[dict[str, Any]] = []
-
-    class lmms:  # lmms-eval's own name for the base class
-        is_simple = True
-
-        def __init__(self) -> None:
-            self.task_dict: dict = {}
-
-    @dataclass(frozen=True)
-    class ModelManifest:
-        model_id: str
-        simple_class_path: str | None = None
-
-    def simple_evaluate(model, tasks, limit=None, batch_size=None, log_samples=True, task_manager=None):
-        calls.append({"model": model, "tasks": tasks, "limit": limit})
-        model.task_dict["shapes"] = {"test": [{"image": Image.new("RGB", (30, 30), (0, 0, 250))}]}
-        said = model.generate_until([Request(("what is in picture s000x001?", {"max_new_tokens": 4}, visuals, 0,
-                                              "shapes", "test"))])  # fmt: skip
-        return {"results": {task: {"answered,none": float(bool(said[0])), "alias": task} for task in tasks}}
-
-    modules = {name: types.ModuleType(name) for name in
-               ("lmms_eval", "lmms_eval.api", "lmms_eval.api.model", "lmms_eval.evaluator", "lmms_eval.models",
-                "lmms_eval.models.registry_v2", "lmms_eval.tasks")}  # fmt: skip
-    modules["lmms_eval.tasks"].TaskManager = lambda include_path=None, **kw: ("tasks from", include_path)
-    modules["lmms_eval.api.model"].lmms = lmms
-    modules["lmms_eval.evaluator"].simple_evaluate = simple_evaluate
-    modules["lmms_eval.models.registry_v2"].ModelManifest = ModelManifest
-    if importlib.util.find_spec("lmms_eval") is not None:
-        pytest.skip("lmms-eval is installed: test_real_lmms_eval_* run against it instead of this stand-in")
-    import toolkit.lmms
-
-    sys.modules.update(modules)
-    try:
-        importlib.reload(toolkit.lmms)  # now NanoVLMScale subclasses the stand-in lmms
-        yield lmms, calls
-    finally:
-        for name in modules:
-            del sys.modules[name]
-        importlib.reload(toolkit.lmms)  # back to the plain class for later tests
-
-
-def test_entry_point_manifest_names_an_lmms_subclass(fake_lmms_eval):
-    lmms, _ = fake_lmms_eval
-    manifest = sys.modules["toolkit.lmms"].model_manifest()
-    module_name, cls_name = manifest.simple_class_path.rsplit(".", 1)
-    cls = getattr(importlib.import_module(module_name), cls_name)
-    assert manifest.model_id == "nanovlm_scale" and issubclass(cls, lmms) and cls.is_simple
-
-
-def test_eval_lmms_tasks_runs_simple_evaluate_on_the_checkpoint(fake_lmms_eval, checkpoint, capsys):
-    from toolkit.__main__ import main
-
-    _, calls = fake_lmms_eval
-    assert main(["eval", "--checkpoint", checkpoint, "--lmms-tasks", "mme, ai2d", "--lmms-limit", "3"]) == 0
-    assert [c["tasks"] for c in calls] == [["mme", "ai2d"]] and calls[0]["limit"] == 3
-    assert type(calls[0]["model"]).__name__ == "NanoVLMScale"
-    out = capsys.readouterr().out
-    assert "lmms-eval mme: answered=1" in out and "lmms-eval ai2d: answered=1" in out
 
 
 def test_eval_without_lmms_eval_or_shards_says_what_to_do(checkpoint, capsys):

@@ -11,6 +11,7 @@ import pytest
 from cli_runs import logged, train, train_args, write_data
 
 from toolkit.train.schedule import WarmupCosine
+from toolkit.train.trainer import Trainer
 
 
 @pytest.fixture(scope="module")
@@ -27,12 +28,23 @@ def synth(tmp_path_factory) -> Path:
     ],
     ids=["single", "fsdp", "zero2"],
 )
-def test_a_resume_with_a_longer_run_and_new_peaks_trains_on_the_new_recipe(backend, synth, tmp_path, caplog) -> None:
+def test_a_resume_with_a_longer_run_and_new_peaks_trains_on_the_new_recipe(
+    backend, synth, tmp_path, caplog, monkeypatch
+) -> None:
     run = tmp_path / "run"
     assert train(train_args(synth, run, *backend, "train.weight_decay=0.01", steps=4)) == 0
     new = ["train.lr_mp=0.01", "train.lr_language_backbone=0.002", "train.weight_decay=0.2"]
+    decays = []  # the weight decay each resumed step's optimizer holds (the log line alone proved nothing)
+    step = Trainer._run_step
+
+    def run_step(self, *args, **kwargs):
+        decays.append({group["weight_decay"] for group in self.backend.optimizer.param_groups})
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "_run_step", run_step)
     with caplog.at_level(logging.INFO, logger="toolkit"):
         assert train(train_args(synth, run, *backend, *new, steps=8)) == 0
+    assert decays == [{0.2}] * 4
     said = [r.getMessage() for r in caplog.records if "not the checkpoint's" in r.getMessage()]
     assert len(said) == 1 and "train.max_training_steps 4 -> 8" in said[0] and "weight decay 0.01 -> 0.2" in said[0], (
         said

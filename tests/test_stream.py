@@ -114,11 +114,16 @@ def test_fewer_shards_than_readers_split_by_sample(tok, tmp_path: Path) -> None:
 
 
 def test_fewer_shards_than_readers_in_infinite_mode_keeps_going(tok, tmp_path: Path) -> None:
-    shardgen.make_dataset(tmp_path, shards=1, per_shard=10)
+    keys = shardgen.make_dataset(tmp_path, shards=1, per_shard=10)
     cfg = tiny_config(tok, str(tmp_path))
+    seen = []
     for rank in range(3):
         batches, _ = run(cfg, rank=rank, world=3, finite=False, batches=6)  # several epochs of 3-4 samples
         assert len(batches) == 6
+        seen.append(set(batch_keys(batches)))
+    # Every epoch deals the one shard's samples by running index: each rank its own 4, 3 or 3, none shared, none
+    # left out (every rank reading all 10, or overlapping splits, also gave 6 batches).
+    assert sorted(len(s) for s in seen) == [3, 3, 4] and set().union(*seen) == set(keys)
 
 
 def test_a_reader_that_can_never_get_a_sample_raises_instead_of_hanging(tok, tmp_path: Path) -> None:
