@@ -306,6 +306,14 @@ def test_sigterm_checkpoints_the_current_step_and_exits_zero(synth, tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     assert [m["step"] for m in train_steps(run)][-3:] == [last, last + 1, last + 2]
     _check_metrics(run)
+    # The steps after the stop are those of a run never stopped (a resume that kept the step counter but not the
+    # optimizer, RNG or data position numbered its steps alike).
+    whole = tmp_path / "whole"
+    done = python("-m", "toolkit", "train", "--config", "tiny", *args[:-1], f"train.run_dir={whole}",
+                  f"train.stop_at_step={last + 2}")  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    resumed, uninterrupted = ([(m["loss"], m["batch_digest"]) for m in train_steps(r)[-3:]] for r in (run, whole))
+    assert resumed == uninterrupted
 
 
 def test_a_stop_asked_for_during_a_checkpoint_stops_at_that_checkpoint(synth, tmp_path, monkeypatch, caplog):
