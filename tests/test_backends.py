@@ -280,7 +280,7 @@ def test_rank_time_imbalance_sees_a_slow_rank(name: str, launched) -> None:
     at FSDP2's and ZeRO-3's gathers left out), and the imbalance shows it. From forward + backward seconds it
     read 1.00 under DDP and FSDP2: the fast rank waited for the slow one inside the backward."""
     imbalance, fast, slow = json.loads((launched[1] / "slow_rank.json").read_text())[name]
-    assert slow - fast > 1.5 * bw.SLOW_S  # 2 micro-batches a step
+    assert slow - fast > bw.SLOW_S  # 2 micro-batches a step: 2 x SLOW_S, with room for a loaded machine
     assert fast < slow / 2  # rank 0 did not count its waits for rank 1
     assert imbalance == pytest.approx(slow / ((fast + slow) / 2), rel=1e-9) and imbalance > 1.3
 
@@ -706,6 +706,10 @@ def test_balanced_packing_trains_like_token_only_packing(two_rank_train) -> None
     for records in (balanced, token_only):
         assert late_loss(records) < records[0]["loss"] - 1.0
     assert late_loss(balanced) == pytest.approx(late_loss(token_only), rel=0.1)
+    # What balancing is for: the ranks' estimated costs closer together (an imbalance of 1.0 passed any run).
+    # Deterministic (the packs do not depend on timing); on this uniform synthetic data the gain is small.
+    mean_imbalance = [sum(r["rank_cost_imbalance"] for r in rs) / len(rs) for rs in (balanced, token_only)]
+    assert mean_imbalance[0] < mean_imbalance[1], mean_imbalance
 
 
 @pytest.mark.parametrize("kernel", ["dense", "flex", "varlen"])
