@@ -245,7 +245,25 @@ def test_a_batch_feeds_the_tiny_model(tok, mixed) -> None:
     with torch.no_grad():
         out = model(**batch.inputs.as_kwargs(), return_logits=True)
     assert out.logits.shape[:2] == batch.inputs.input_ids.shape
-    assert torch.isfinite(out.loss)
+    # Each packed sample's logits and loss are those of the sample run alone with its own tiles: positions
+    # restart per sample, tiles come in the order of the image tokens, labels are aligned (a finite loss alone
+    # passed with shifted labels or tiles out of order).
+    x, alone, tile = batch.inputs, torch.zeros((), dtype=torch.float64), 0
+    per_tile = cfg.model.mp_image_token_length
+    for row in range(x.input_ids.shape[0]):
+        starts = [*(x.position_ids[row] == 0).nonzero().flatten().tolist(), x.input_ids.shape[1]]
+        for a, b in zip(starts, starts[1:]):  # one sample (or the row's padding) at a time
+            ids = x.input_ids[row, a:b][None]
+            tiles = int((ids == model.image_token_id).sum()) // per_tile
+            pixels = x.pixel_values[tile : tile + tiles] if tiles else None
+            tile += tiles
+            with torch.no_grad():
+                one = model(input_ids=ids, labels=x.labels[row, a:b][None], position_ids=x.position_ids[row, a:b][None],
+                            pixel_values=pixels, return_logits=True)  # fmt: skip
+            torch.testing.assert_close(one.logits[0], out.logits[row, a:b], rtol=0, atol=1e-5)
+            alone += one.loss_sum.double()
+    assert tile == x.pixel_values.shape[0] and len(starts) > 2  # every tile used; packed rows
+    assert float(out.loss_sum) == pytest.approx(float(alone), rel=1e-5)
 
 
 def test_val_split_is_one_ordered_pass(tok, tmp_path: Path) -> None:
