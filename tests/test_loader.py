@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import random
 import shutil
@@ -252,7 +253,7 @@ def test_a_batch_feeds_the_tiny_model(tok, mixed) -> None:
     per_tile = cfg.model.mp_image_token_length
     for row in range(x.input_ids.shape[0]):
         starts = [*(x.position_ids[row] == 0).nonzero().flatten().tolist(), x.input_ids.shape[1]]
-        for a, b in zip(starts, starts[1:]):  # one sample (or the row's padding) at a time
+        for a, b in itertools.pairwise(starts):  # one sample (or the row's padding) at a time
             ids = x.input_ids[row, a:b][None]
             tiles = int((ids == model.image_token_id).sum()) // per_tile
             pixels = x.pixel_values[tile : tile + tiles] if tiles else None
