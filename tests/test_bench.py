@@ -475,3 +475,11 @@ def test_checkpoint_bench_times_both_paths_on_the_same_state(tmp_path):
         assert 0 < background["stall_s"] <= background["written_s"]
         assert result["headline"][f"{backend}_async_stall_vs_sync"] == background["stall_s"] / sync["stall_s"]
     assert list(tmp_path.iterdir()) == []  # its checkpoints are removed
+    # The state it times is the model's: fp32 weights and AdamW's two moments (4 + 4 + 4 bytes a parameter) plus
+    # one fp32 step count per tensor, counted here from the model itself (both rows read one variable).
+    from toolkit.model import VisionLanguageModel
+
+    model = VisionLanguageModel(checkpoint.bench_config("tiny", "single", []).model)
+    params = list(model.parameters())
+    expected = 12 * sum(p.numel() for p in params) + 4 * len(params)
+    assert rows["single", "sync"]["state_GB"] * 1e9 == pytest.approx(expected, rel=1e-12)
