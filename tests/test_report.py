@@ -259,5 +259,8 @@ def test_several_runs_share_axes_and_each_gets_a_summary_line(tmp_path, capsys) 
     assert row["median_mfu"] is None and summary(series[names[0]])["median_mfu"] is not None
     assert cli.main(["report", str(a), str(b), "--out", str(tmp_path / "cmp.png")]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert out[1].startswith(f"other/a: {STEPS} steps, train loss ") and "MFU -%" in out[1]
+    assert out[1].startswith(f"other/a: {STEPS} steps, train loss ") and out[1].endswith("tok/s, MFU -")
+    assert (
+        out[0].endswith("%") and f"best val {_loss(max(VAL_STEPS)) + 0.1:.4f} (step {max(VAL_STEPS)})" in out[0]
+    )
     assert Image.open(tmp_path / "cmp.png").size[0] > 0

@@ -58,7 +58,8 @@ def format_summary(name: str, row: dict[str, float | int | None]) -> str:
     val = "-" if row["best_val_loss"] is None else f"{num('best_val_loss', '.4f')} (step {num('best_val_step', 'd')})"
     return (
         f"{name}: {num('steps', 'd')} steps, train loss {num('train_loss', '.4f')}, best val {val}, "
-        f"{num('median_tokens_per_s', ',.0f')} tok/s, MFU {num('median_mfu', '.1f', 100)}%"
+        f"{num('median_tokens_per_s', ',.0f')} tok/s, MFU {num('median_mfu', '.1f', 100)}"
+        + ("%" if row["median_mfu"] is not None else "")
     )
 
 
