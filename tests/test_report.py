@@ -260,7 +260,5 @@ def test_several_runs_share_axes_and_each_gets_a_summary_line(tmp_path, capsys) 
     assert cli.main(["report", str(a), str(b), "--out", str(tmp_path / "cmp.png")]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[1].startswith(f"other/a: {STEPS} steps, train loss ") and out[1].endswith("tok/s, MFU -")
-    assert (
-        out[0].endswith("%") and f"best val {_loss(max(VAL_STEPS)) + 0.1:.4f} (step {max(VAL_STEPS)})" in out[0]
-    )
+    assert out[0].endswith("%") and f"best val {_loss(max(VAL_STEPS)) + 0.1:.4f} (step {max(VAL_STEPS)})" in out[0]
     assert Image.open(tmp_path / "cmp.png").size[0] > 0
