@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -59,6 +60,14 @@ def test_an_export_from_another_folder_keeps_the_runs_relative_tokenizer(tmp_pat
     monkeypatch.chdir(tmp_path / "synth")  # anywhere else
     assert cli.main(["export", str(tmp_path / "runs" / "rel"), str(tmp_path / "out")]) == 0
     assert (tmp_path / "out" / "tokenizer").is_dir()
+    # From a folder that holds another tokenizer at the run's relative path: the run's own, not that one.
+    other = tmp_path / "elsewhere"
+    (other / "synth").mkdir(parents=True)
+    shutil.copytree(tmp_path / "synth" / "tokenizer", other / "synth" / "tokenizer")
+    (other / "synth" / "tokenizer" / "marker.txt").write_text("not the run's")
+    monkeypatch.chdir(other)
+    assert cli.main(["export", str(tmp_path / "runs" / "rel"), str(tmp_path / "out2")]) == 0
+    assert not (tmp_path / "out2" / "tokenizer" / "marker.txt").exists()
 
 
 def test_generate_takes_every_image_and_a_bounded_token_count(run, tmp_path, capsys, monkeypatch) -> None:

@@ -595,15 +595,20 @@ def checkpoint_weights(src: str | Path) -> tuple[Path, Any, dict[str, torch.Tens
 
 def _run_tokenizer(cfg, run_root: Path) -> str | None:
     """The run's tokenizer folder. A relative model.tokenizer was relative to where training ran, which is the run
-    folder minus its relative train.run_dir: an export from another folder dropped the tokenizer without a word."""
+    folder minus its relative train.run_dir: an export from another folder dropped the tokenizer without a word,
+    and one from a folder holding another tokenizer at that relative path shipped that one (checked first). The
+    current folder's is taken only where the run's own place has none (a run folder moved), with a warning."""
     tok = Path(cfg.model.tokenizer_path)
-    if tok.is_dir():
-        return str(tok)
     run_dir = Path(cfg.train.run_dir)
     if tok.is_absolute() or run_dir.is_absolute():
-        return None
+        return str(tok) if tok.is_dir() else None
     base = run_root.resolve()
     for _ in run_dir.parts:
         base = base.parent
-    found = base / tok
-    return str(found) if found.is_dir() else None
+    if (base / tok).is_dir():
+        return str(base / tok)
+    if tok.is_dir():
+        log.warning("the run's tokenizer %s is not beside the run (%s); exporting %s from the current folder, "
+                    "check that it is the one training used", tok, base / tok, tok.resolve())  # fmt: skip
+        return str(tok)
+    return None
