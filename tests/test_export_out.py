@@ -236,3 +236,35 @@ def test_a_resume_to_an_earlier_step_sets_aside_the_left_branchs_best_export(tmp
     assert "its export was replaced" in line and str(run / "checkpoints" / "step_1") in line
     shutil.copytree(aside, run / "export" / "best")
     assert best_export.where_best_is(RunDir(run), best_step) == f", exported to {run / 'export' / 'best'}"
+
+
+def test_a_source_whose_tokenizer_is_not_here_is_refused_unless_one_is_given(reference_dir, tmp_path, capsys) -> None:
+    """nanoVLM's checkpoint copied without the tokenizer beside it: the export exited 0 with a config naming
+    'tokenizer', a folder that is not there, and generate then failed on it. A Hub id is kept as it is."""
+    from toolkit.export.run import check_named_tokenizer
+
+    shutil.copytree(reference_dir / "checkpoint", tmp_path / "alone")
+    assert cli.main(["export", str(tmp_path / "alone"), str(tmp_path / "out")]) == 2
+    assert "tokenizer 'tokenizer' is not a folder here" in capsys.readouterr().err and not (tmp_path / "out").exists()
+    given = ["--tokenizer", str(reference_dir / "tokenizer")]
+    assert cli.main(["export", str(tmp_path / "alone"), str(tmp_path / "out"), *given]) == 0
+    assert (tmp_path / "out" / "tokenizer").is_dir()
+    check_named_tokenizer("HuggingFaceTB/SmolLM2-360M-Instruct")  # fetched where the export is loaded
+
+
+def test_an_out_it_cannot_write_is_one_line(run, tmp_path, capsys, monkeypatch) -> None:
+    """Under a file, or a place it may not write: a 10-frame traceback (NotADirectoryError, PermissionError)."""
+    from toolkit.model import hub
+
+    (tmp_path / "img.png").write_bytes(b"x")
+    assert cli.main(["export", str(run), str(tmp_path / "img.png" / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "lies under" in err and "is a file" in err and "Traceback" not in err
+
+    def refused(*_args, **_kwargs):
+        raise PermissionError(13, "Permission denied", str(tmp_path / "ro" / "out.tmp"))
+
+    monkeypatch.setattr(hub, "write_nanovlm", refused)
+    assert cli.main(["export", str(run), str(tmp_path / "ro" / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "cannot write the export to" in err and "Permission denied" in err and "Traceback" not in err

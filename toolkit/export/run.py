@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from toolkit.config import ModelConfig
-from toolkit.errors import UserError
+from toolkit.errors import DISK_FULL_ERRNOS, UserError
 
 FORMATS = ("nanovlm", "hf")
 
@@ -51,12 +51,22 @@ def export(src: str | Path, out: str | Path, *, fmt: str = "nanovlm", tokenizer:
 
         check_exportable(cfg)  # what the format cannot hold first: no tokenizer would fix it
     tok = checked_tokenizer(cfg, tokenizer) if tokenizer else tok
+    if fmt == "nanovlm" and tok is None:
+        check_named_tokenizer(cfg.tokenizer_path)
     if fmt == "hf":
-        write_atomically(out, lambda tmp: write_hf(cfg, state, tmp, tokenizer_dir=tok))
+        write = lambda tmp: write_hf(cfg, state, tmp, tokenizer_dir=tok)  # noqa: E731
     else:
         from toolkit.model.hub import write_nanovlm
 
-        write_atomically(out, lambda tmp: write_nanovlm(cfg, state, tmp, tokenizer_dir=tok))
+        write = lambda tmp: write_nanovlm(cfg, state, tmp, tokenizer_dir=tok)  # noqa: E731
+    try:
+        write_atomically(out, write)
+    except OSError as exc:  # a read-only or missing place: was a 10-frame traceback (a full disk: main says so)
+        if exc.errno in DISK_FULL_ERRNOS:
+            raise
+        where = f" ({exc.filename})" if exc.filename else ""
+        raise UserError(f"cannot write the export to {out}: {exc.strerror or exc}{where}; give a folder you can "
+                        "write to") from None  # fmt: skip
     return what
 
 
@@ -80,6 +90,20 @@ def checked_tokenizer(cfg: ModelConfig, path: str) -> str:
     return path
 
 
+def check_named_tokenizer(name: str) -> None:
+    """A source without a tokenizer folder beside it leaves its config's name in the export. A Hugging Face Hub
+    id (org/name) is kept: the machine that loads the export fetches it. Anything else is a folder that is not
+    here: the export exited 0 naming it, and generate then failed on the export."""
+    import re
+
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", name) and not Path(name).exists():
+        return
+    raise UserError(
+        f"the source's tokenizer {name!r} is not a folder here, so the export would name a tokenizer nobody can "
+        "load: pass --tokenizer DIR (the folder training read as model.tokenizer)"
+    )
+
+
 # What an earlier export holds: OUT may be replaced only when it is one (or absent, or empty).
 EXPORT_FILES = {"config.json", "model.safetensors", "model.safetensors.index.json", "generation_config.json"}
 EXPORT_DIRS = {"tokenizer"}
@@ -89,6 +113,9 @@ def check_out(out: Path) -> None:
     """OUT is replaced whole, so it must be absent, empty, or an earlier export: `export RUN RUN` deleted the run's
     checkpoints and `export RUN notes/` the notes, each with exit 0."""
     if not out.exists():
+        parent = next((p for p in out.parents if p.exists()), None)
+        if parent is not None and not parent.is_dir():  # found before the source is read, not after
+            raise UserError(f"export OUT {out} lies under {parent}, which is a file; give a folder's path")
         return
     if not out.is_dir():
         raise UserError(f"export OUT {out} is a file; give a folder that does not exist yet (or an earlier export)")
