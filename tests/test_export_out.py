@@ -268,3 +268,27 @@ def test_an_out_it_cannot_write_is_one_line(run, tmp_path, capsys, monkeypatch) 
     assert cli.main(["export", str(run), str(tmp_path / "ro" / "out")]) == 2
     err = capsys.readouterr().err
     assert "cannot write the export to" in err and "Permission denied" in err and "Traceback" not in err
+
+
+def test_a_linked_step_folder_exports_with_its_own_run_and_a_tying_change_is_named(run, tmp_path, capsys) -> None:
+    """A step folder linked from elsewhere took the link's parent for its run ('config.yaml not found'; inside
+    another run, that run's config silently). A config.yaml whose lm_tie_weights was changed ended in safetensors'
+    'shared tensors' traceback instead of the weights-do-not-fit message."""
+    import json
+    import os
+
+    (tmp_path / "links").mkdir()
+    os.symlink(run / "checkpoints" / "step_2", tmp_path / "links" / "step_2")
+    assert cli.main(["export", str(tmp_path / "links" / "step_2"), str(tmp_path / "out")]) == 0
+    assert cli.main(["export", str(run / "checkpoints" / "step_2"), str(tmp_path / "direct")]) == 0
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config == json.loads((tmp_path / "direct" / "config.json").read_text())
+    capsys.readouterr()
+    untied = tmp_path / "untied"
+    shutil.copytree(run, untied)
+    text = (untied / "config.yaml").read_text()
+    assert "lm_tie_weights: true" in text
+    (untied / "config.yaml").write_text(text.replace("lm_tie_weights: true", "lm_tie_weights: false"))
+    assert cli.main(["export", str(untied), str(tmp_path / "bad")]) == 2
+    err = capsys.readouterr().err
+    assert "do not fit" in err and "one tensor in the checkpoint, two here" in err and "Traceback" not in err

@@ -579,7 +579,7 @@ def checkpoint_weights(src: str | Path) -> tuple[Path, Any, dict[str, torch.Tens
     """A run folder or checkpoint on disk -> (checkpoint, the run's ModelConfig, fp32 weights, tokenizer folder)."""
     from toolkit.config import Config, apply_mapping
 
-    ckpt = find_checkpoint(src)
+    ckpt = find_checkpoint(src).resolve()  # a linked step folder belongs to the run it points into, not the link's
     run_root = ckpt.parent.parent
     config_file = run_root / "config.yaml"
     if not config_file.exists():

@@ -106,7 +106,35 @@ def weights_mismatch(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> 
               if k in expected and tuple(v.shape) != tuple(expected[k].shape)]  # fmt: skip
     parts = [
         f"{label} {len(names)}: {', '.join(names[:3])}{', ...' if len(names) > 3 else ''}"
-        for label, names in (("missing", missing), ("not in the model", unexpected), ("shape differs for", shapes))
+        for label, names in (("missing", missing), ("not in the model", unexpected), ("shape differs for", shapes),
+                             ("tied here, not in the checkpoint", _untied(aliases, state)),
+                             ("one tensor in the checkpoint, two here", _tied(aliases, state)))
         if names
-    ]
+    ]  # fmt: skip
     return "; ".join(parts) or None
+
+
+def _untied(aliases: dict[int, set[str]], state: dict[str, torch.Tensor]) -> list[str]:
+    """Names the model ties (model.lm_tie_weights) that the checkpoint holds as different values."""
+    out = []
+    for names in aliases.values():
+        held = [state[n] for n in sorted(names & state.keys())]
+        if any(not torch.equal(held[0], other) for other in held[1:]):
+            out.append(", ".join(sorted(names)))
+    return out
+
+
+def _tied(aliases: dict[int, set[str]], state: dict[str, torch.Tensor]) -> list[str]:
+    """Names that are separate parameters of the model but one tensor in the checkpoint (it was trained tied):
+    the export then failed deep in safetensors ('shared tensors')."""
+    owner = {name: key for key, names in aliases.items() for name in names}
+    seen: dict[tuple[int, int], str] = {}
+    shared = []
+    for name, value in state.items():
+        if name not in owner or not value.numel():
+            continue
+        where = (value.untyped_storage().data_ptr(), value.storage_offset())
+        if where in seen and owner[seen[where]] != owner[name]:
+            shared.append(f"{seen[where]} = {name}")
+        seen.setdefault(where, name)
+    return shared
