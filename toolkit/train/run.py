@@ -225,6 +225,30 @@ def adopt_init_architecture(cfg: Config) -> None:
     if adopted:
         dist.log0("train.init_from=%s sets the architecture from its config.json: %s", folder, ", ".join(adopted))
     cfg.model.validate()
+    _warn_other_vocabulary(folder, saved.tokenizer, cfg.model.tokenizer_path)
+
+
+def _warn_other_vocabulary(folder: Path, theirs: str, mine: str) -> None:
+    """The folder ships the tokenizer its weights learnt and the run reads another whose ids differ: it trained on
+    silently re-mapped tokens (nanoVLM's fixture under the tiny preset's tokenizer: 125 of 384 ids). A change may
+    be meant (a new tokenizer of the same size), so this warns."""
+    if not theirs or not Path(theirs).is_dir() or not Path(mine).is_dir():
+        return
+    known = [_vocabulary(theirs), _vocabulary(mine)]
+    if Path(theirs).resolve() == Path(mine).resolve() or None in known or known[0] == known[1]:
+        return
+    dist.log0("train.init_from=%s ships its tokenizer %s, whose ids differ from model.tokenizer=%s that this run "
+              "reads: the weights learnt the folder's; set model.tokenizer=%s unless the change is meant", folder,
+              theirs, mine, theirs, level=logging.WARNING)  # fmt: skip
+
+
+def _vocabulary(folder: str) -> object:
+    """tokenizer.json's vocabulary and added tokens (not its formatting), or None when it has none to read."""
+    try:
+        data = json.loads((Path(folder) / "tokenizer.json").read_text())
+        return data["model"].get("vocab"), [(t.get("id"), t.get("content")) for t in data.get("added_tokens", [])]
+    except (OSError, ValueError, KeyError, AttributeError, TypeError):
+        return None
 
 
 def check_same_config(cfg: Config) -> None:
