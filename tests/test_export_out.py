@@ -292,3 +292,13 @@ def test_a_linked_step_folder_exports_with_its_own_run_and_a_tying_change_is_nam
     assert cli.main(["export", str(untied), str(tmp_path / "bad")]) == 2
     err = capsys.readouterr().err
     assert "do not fit" in err and "one tensor in the checkpoint, two here" in err and "Traceback" not in err
+
+
+def test_an_incomplete_step_folder_is_named_as_one(run, tmp_path, capsys) -> None:
+    """A step folder whose save never finished (no trainer.json) was 'neither a run folder ... nor a checkpoint
+    folder (step_N)', though it is named step_N; the resume path calls it an incomplete checkpoint."""
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy)
+    (copy / "checkpoints" / "step_2" / "trainer.json").unlink()
+    assert cli.main(["export", str(copy / "checkpoints" / "step_2"), str(tmp_path / "out")]) == 2
+    assert "is an incomplete checkpoint (its save never finished" in capsys.readouterr().err

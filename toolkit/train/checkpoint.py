@@ -543,6 +543,11 @@ def find_checkpoint(path: str | Path) -> Path:
     """A run folder (its latest checkpoint), its checkpoints/ folder, or one step_N folder."""
     path = Path(path)
     found = _locate(path) if path.exists() else None
+    if found is None and path.is_dir() and re.fullmatch(r"step_\d+", path.name):  # said "neither ... nor step_N"
+        raise FileNotFoundError(
+            f"{path} is an incomplete checkpoint (its save never finished: no trainer.json); export another step, or "
+            f"the run folder {path.parent.parent} (its latest complete checkpoint)"
+        )
     if found is None:
         raise FileNotFoundError(f"{path} is neither a run folder with a checkpoint nor a checkpoint folder (step_N)")
     return found
