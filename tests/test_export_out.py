@@ -302,3 +302,25 @@ def test_an_incomplete_step_folder_is_named_as_one(run, tmp_path, capsys) -> Non
     (copy / "checkpoints" / "step_2" / "trainer.json").unlink()
     assert cli.main(["export", str(copy / "checkpoints" / "step_2"), str(tmp_path / "out")]) == 2
     assert "is an incomplete checkpoint (its save never finished" in capsys.readouterr().err
+
+
+def test_a_tokenizer_named_by_its_hub_id_is_taken_from_the_local_cache(run, tmp_path, capsys, monkeypatch) -> None:
+    """--tokenizer took a folder only: a checkpoint naming a Hub tokenizer that training had cached needed its
+    snapshot folder dug out by hand for --format hf. A Hub id not in the cache is still refused."""
+    import json
+
+    import huggingface_hub.constants as hub_constants
+
+    cache = tmp_path / "hub"
+    snapshot = cache / "models--someorg--tok" / "snapshots" / "0123abcd"
+    shutil.copytree(run.parent / "synth" / "tokenizer", snapshot)
+    (cache / "models--someorg--tok" / "refs").mkdir()
+    (cache / "models--someorg--tok" / "refs" / "main").write_text("0123abcd")
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(cache))
+    out = tmp_path / "hf"
+    assert cli.main(["export", str(run), str(out), "--format", "hf", "--tokenizer", "someorg/tok"]) == 0
+    vocab = [json.loads((d / "tokenizer.json").read_text())["model"]["vocab"] for d in (out, snapshot)]
+    assert vocab[0] == vocab[1]  # the cached tokenizer's (the export adds nanoVLM's extra tokens beside it)
+    capsys.readouterr()
+    assert cli.main(["export", str(run), str(tmp_path / "no"), "--format", "hf", "--tokenizer", "someorg/none"]) == 2
+    assert "nor a Hub id in the local Hugging Face cache" in capsys.readouterr().err

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
@@ -50,6 +51,9 @@ def export(src: str | Path, out: str | Path, *, fmt: str = "nanovlm", tokenizer:
         from toolkit.export.hf import check_exportable, write_hf
 
         check_exportable(cfg)  # what the format cannot hold first: no tokenizer would fix it
+    tokenizer = (cached_hub_folder(tokenizer) or tokenizer) if tokenizer else None  # a Hub id in the local cache
+    if fmt == "hf" and tok is None and not tokenizer:  # the source's own Hub tokenizer, when it is cached here
+        tokenizer = cached_hub_folder(cfg.tokenizer_path)
     tok = checked_tokenizer(cfg, tokenizer) if tokenizer else tok
     if fmt == "nanovlm" and tok is None:
         check_named_tokenizer(cfg.tokenizer_path)
@@ -76,7 +80,10 @@ def checked_tokenizer(cfg: ModelConfig, path: str) -> str:
     from toolkit.data.tokenizer import load_tokenizer
 
     if not Path(path).is_dir():
-        raise UserError(f"--tokenizer {path} is not a folder; give the folder training read as model.tokenizer")
+        raise UserError(
+            f"--tokenizer {path} is not a folder (nor a Hub id in the local Hugging Face cache); give the folder "
+            "training read as model.tokenizer"
+        )
     try:
         load_tokenizer(cfg, path)
     except UserError as exc:  # TokenizerError: the vocabulary does not fit the model
@@ -90,13 +97,28 @@ def checked_tokenizer(cfg: ModelConfig, path: str) -> str:
     return path
 
 
+HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")  # org/name
+
+
+def cached_hub_folder(name: str) -> str | None:
+    """The local Hugging Face cache's snapshot folder of Hub id `name`, or None (not an id, or not cached).
+    --tokenizer took a folder only, so a nanoVLM checkpoint naming SmolLM2's Hub tokenizer, cached by training,
+    needed its snapshot folder dug out by hand for `--format hf`."""
+    if not HUB_ID.fullmatch(name) or Path(name).exists():
+        return None
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(name, local_files_only=True)
+    except Exception:
+        return None
+
+
 def check_named_tokenizer(name: str) -> None:
     """A source without a tokenizer folder beside it leaves its config's name in the export. A Hugging Face Hub
     id (org/name) is kept: the machine that loads the export fetches it. Anything else is a folder that is not
     here: the export exited 0 naming it, and generate then failed on the export."""
-    import re
-
-    if re.fullmatch(r"[\w.-]+/[\w.-]+", name) and not Path(name).exists():
+    if HUB_ID.fullmatch(name) and not Path(name).exists():
         return
     raise UserError(
         f"the source's tokenizer {name!r} is not a folder here, so the export would name a tokenizer nobody can "
