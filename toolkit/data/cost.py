@@ -47,9 +47,9 @@ class SampleCost:
 
     @classmethod
     def from_model(cls, cfg: ModelConfig) -> SampleCost:
-        """Forward + backward FLOPs: per tile, per token and per squared sample length."""
-        attention = 6.0 * cfg.lm_n_blocks * cfg.lm_hidden_dim  # causal: half of 4 x length^2 x width per block
-        return cls(per_tile=vit_tile_flops(cfg), per_token=6.0 * _decoder_flops_per_token(cfg), per_token_sq=attention)
+        """Forward + backward FLOPs: per tile, per token (the head's included) and per squared sample length."""
+        terms = flop_terms(cfg)
+        return cls(per_tile=terms.tile, per_token=terms.token + terms.head_token, per_token_sq=terms.token_sq)
 
     @classmethod
     def from_calibration(cls, path: str | Path) -> SampleCost:
@@ -78,21 +78,27 @@ class SampleCost:
 
 def vit_tile_flops(cfg: ModelConfig) -> float:
     """Forward + backward FLOPs of one tile through the ViT and the projector, every part trained."""
-    return _tile_flops(cfg, _Trained())
+    return flop_terms(cfg).tile
 
 
 @dataclass(frozen=True)
-class _Trained:
-    """Which of the model's three parts train (a part at LR 0 is frozen: toolkit/train/optim.py)."""
+class FlopTerms:
+    """A training step's FLOPs per tile, per token without the output head, per token the head runs on, and per
+    squared sample length (causal attention): the one place the formulas live, for the cost model and MFU."""
 
-    vision: bool = True
-    mp: bool = True
-    language: bool = True
+    tile: float
+    token: float
+    head_token: float
+    token_sq: float
 
 
-def _tile_flops(cfg: ModelConfig, t: _Trained) -> float:
-    """One tile's FLOPs through the ViT and projector: the forward, plus the backward's weight gradients of the
-    parts that train and its input gradients where a trained part lies upstream (pixels need none)."""
+def flop_terms(cfg: ModelConfig, frozen: frozenset[str] = frozenset()) -> FlopTerms:
+    """Forward FLOPs, plus the backward's weight gradients of the parts that train and its input gradients where
+    a trained part lies upstream (pixels need none). `frozen` (of "vision", "mp", "language", the parts at LR 0):
+    their weight gradients are not computed, and a frozen vision tower has no backward at all; counting them put
+    MFU up as work went down. With nothing frozen each term is 3x its forward, the patch embedding's 2x."""
+    vision, mp, language = (part not in frozen for part in ("vision", "mp", "language"))
+    upstream = vision or mp or language  # some gradient flows back through the decoder
     patches = (cfg.vit_img_size // cfg.vit_patch_size) ** 2
     width = cfg.vit_hidden_dim
     weights = 4 * width * width + 2 * width * cfg.vit_inter_dim  # per block and patch: q, k, v, out; fc1, fc2
@@ -100,46 +106,16 @@ def _tile_flops(cfg: ModelConfig, t: _Trained) -> float:
     attention = cfg.vit_n_blocks * 4 * patches * patches * width  # forward: scores and weighted values, all pairs
     projector = 2 * cfg.mp_image_token_length * width * cfg.mp_pixel_shuffle_factor**2 * cfg.lm_hidden_dim
     embed = 2 * patches * 3 * cfg.vit_patch_size**2 * width
-    v = float(t.vision)
-    return blocks * (1 + 2 * v) + attention * (1 + 2 * v) + projector * (1 + t.mp + v) + embed * (1 + v)
-
-
-def _decoder_flops_per_token(cfg: ModelConfig) -> float:
-    """Forward multiply-adds per token of the decoder's weights and output head (x2 for FLOPs, x3 with backward)."""
-    return cfg.lm_n_blocks * _decoder_block_macs(cfg) + _head_macs(cfg)
-
-
-def _decoder_block_macs(cfg: ModelConfig) -> float:
-    width = cfg.lm_hidden_dim
-    kv_width = cfg.lm_n_kv_heads * (width // cfg.lm_n_heads)
-    return 2 * width * width + 2 * width * kv_width + 3 * width * cfg.lm_inter_dim  # q, out; k, v; SwiGLU
-
-
-def _head_macs(cfg: ModelConfig) -> float:
-    return cfg.lm_hidden_dim * cfg.lm_vocab_size
-
-
-def trained_step_flops(
-    cfg: ModelConfig,
-    *,
-    tokens: int,
-    sum_sq_lengths: float,
-    tiles: int,
-    head_tokens: int | None = None,
-    frozen: frozenset[str] = frozenset(),
-) -> float:
-    """The FLOPs a training step computes, for MFU: SampleCost.from_model's count when every part trains and the
-    head sees every token. `frozen` (of "vision", "mp", "language"): those parts' weight gradients are not
-    computed, nor input gradients with no trained part upstream (a frozen vision tower has no backward at all);
-    counting them put MFU up as work went down. `head_tokens`: the tokens the output head runs on (the chunked
-    loss runs it on target tokens only)."""
-    t = _Trained(*(part not in frozen for part in ("vision", "mp", "language")))
-    upstream = t.vision or t.mp or t.language  # some gradient flows back through the decoder
-    body = 2 * cfg.lm_n_blocks * _decoder_block_macs(cfg) * (1 + t.language + upstream)
-    head = 2 * _head_macs(cfg) * (1 + t.language + upstream)
-    attention = 2 * cfg.lm_n_blocks * cfg.lm_hidden_dim * (1 + 2 * upstream)  # causal halves, per squared length
-    head_tokens = tokens if head_tokens is None else head_tokens
-    return tiles * _tile_flops(cfg, t) + tokens * body + head_tokens * head + sum_sq_lengths * attention
+    tile = (blocks + attention) * (1 + 2 * vision) + projector * (1 + mp + vision) + embed * (1 + vision)
+    kv_width = cfg.lm_n_kv_heads * (cfg.lm_hidden_dim // cfg.lm_n_heads)
+    block = 2 * cfg.lm_hidden_dim * (cfg.lm_hidden_dim + kv_width) + 3 * cfg.lm_hidden_dim * cfg.lm_inter_dim  # MACs
+    backward = 1 + language + upstream  # the decoder's forward, weight gradients, input gradients
+    return FlopTerms(
+        tile=float(tile),
+        token=2.0 * cfg.lm_n_blocks * block * backward,
+        head_token=2.0 * cfg.lm_hidden_dim * cfg.lm_vocab_size * backward,
+        token_sq=2.0 * cfg.lm_n_blocks * cfg.lm_hidden_dim * (1 + 2 * upstream),  # causal: half of 4 L^2 W a block
+    )
 
 
 def sample_cost(cfg_model: ModelConfig, calibration: str = "") -> SampleCost:

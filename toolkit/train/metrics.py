@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from toolkit.config import ModelConfig
-from toolkit.data.cost import SampleCost, trained_step_flops, vit_tile_flops
+from toolkit.data.cost import SampleCost, flop_terms, vit_tile_flops
 from toolkit.train.wandb_log import WandbSink, import_wandb, wandb_enabled
 
 log = logging.getLogger(__name__)
@@ -85,8 +85,9 @@ def step_flops(
     """The step's model FLOPs: with every part trained and the head on every token, the sample cost model of
     toolkit/data/cost.py summed over the step's samples (what balanced packing counts); `frozen` parts and the
     chunked loss's `head_tokens` (its targets) take out the work the step does not do."""
-    return trained_step_flops(cfg, tokens=n_tokens, sum_sq_lengths=sum_sq_lengths, tiles=n_tiles,
-                              head_tokens=head_tokens, frozen=frozen)  # fmt: skip
+    t = flop_terms(cfg, frozen)
+    head = n_tokens if head_tokens is None else head_tokens
+    return n_tiles * t.tile + n_tokens * t.token + head * t.head_token + sum_sq_lengths * t.token_sq
 
 
 def _flatten(prefix: str, value: Any, out: dict[str, float]) -> None:
