@@ -97,14 +97,16 @@ def checked_tokenizer(cfg: ModelConfig, path: str) -> str:
     return path
 
 
-HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")  # org/name
+def is_hub_id(name: str) -> bool:
+    """`org/name` and not a path that exists here."""
+    return re.fullmatch(r"[\w.-]+/[\w.-]+", name) is not None and not Path(name).exists()
 
 
 def cached_hub_folder(name: str) -> str | None:
     """The local Hugging Face cache's snapshot folder of Hub id `name`, or None (not an id, or not cached).
     --tokenizer took a folder only, so a nanoVLM checkpoint naming SmolLM2's Hub tokenizer, cached by training,
     needed its snapshot folder dug out by hand for `--format hf`."""
-    if not HUB_ID.fullmatch(name) or Path(name).exists():
+    if not is_hub_id(name):
         return None
     from huggingface_hub import snapshot_download
 
@@ -118,7 +120,7 @@ def check_named_tokenizer(name: str) -> None:
     """A source without a tokenizer folder beside it leaves its config's name in the export. A Hugging Face Hub
     id (org/name) is kept: the machine that loads the export fetches it. Anything else is a folder that is not
     here: the export exited 0 naming it, and generate then failed on the export."""
-    if HUB_ID.fullmatch(name) and not Path(name).exists():
+    if is_hub_id(name):
         return
     raise UserError(
         f"the source's tokenizer {name!r} is not a folder here, so the export would name a tokenizer nobody can "
