@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 import pickle
 import random
@@ -251,6 +250,15 @@ def textless_set(folder: Path, good: int, textless: int) -> None:
     )
 
 
+def strict_loads(line: str):
+    """json.loads as jq and JavaScript read: the bare words NaN and Infinity are not JSON."""
+
+    def refuse(word: str):
+        raise ValueError(f"{word} is not strict JSON: {line}")
+
+    return json.loads(line, parse_constant=refuse)
+
+
 @pytest.mark.parametrize("good", [3, 0], ids=["some-survive", "none-survive"])
 def test_validation_counts_skips_as_data_stats_does(good, synth, tmp_path, capsys):
     from toolkit.config import load_config
@@ -260,7 +268,7 @@ def test_validation_counts_skips_as_data_stats_does(good, synth, tmp_path, capsy
     run = tmp_path / "run"
     args = [*base_args(synth, run, steps=1), f"data.val_shards={tmp_path / 'val'}", "train.export_best=true"]
     assert run_cli(args, capsys)[0] == 0
-    record = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][-1]
+    record = [strict_loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][-1]
     overrides = [a for a in args[3:] if a.startswith(("model.", "data."))] + [f"data.train_shards={tmp_path / 'val'}"]
     stats = data_stats(load_config("tiny", overrides))
     assert record["val_samples"] == {"read": stats["samples_read"], "skipped": stats["skipped"]}
@@ -268,4 +276,4 @@ def test_validation_counts_skips_as_data_stats_does(good, synth, tmp_path, capsy
     if good:
         assert record["val_loss"] > 0 and (run / "export" / "best").is_dir()
     else:  # nothing to score: no loss of 0, no "best" export
-        assert math.isnan(record["val_loss"]) and not (run / "export" / "best").exists()
+        assert record["val_loss"] is None and not (run / "export" / "best").exists()  # strict JSON: null, not NaN

@@ -20,7 +20,8 @@ from toolkit.errors import UserError
 from toolkit.report import TITLES, build_figure, panel_title, read_series, write_report
 
 STEPS = 150
-NAN_LOSS_STEP, INF_GRAD_STEP = 40, 41
+SKIPPED_LOSS = {40: float("nan"), 43: None}  # skipped steps: NaN as runs wrote it before, null as they write it now
+INF_GRAD_STEP = 41
 VAL_STEPS = (30, 60, 90, 120, 150)
 LONE_VAL = (45, 3.25)  # a val_loss record of its own, without train keys
 
@@ -37,8 +38,8 @@ def _lr(step: int) -> dict[str, float]:
 def _record(step: int, *, imbalance: bool, mfu: bool) -> dict:
     record = {"step": step, "loss": _loss(step), "grad_norm": 1.0 + step / 100, "lr": _lr(step),
               "tokens_per_s": 1000.0 + step, "data_wait_share": step / 1000, "step_time_s": 0.5}  # fmt: skip
-    if step == NAN_LOSS_STEP:
-        record["loss"] = float("nan")  # a skipped step: json writes NaN, the report must not draw it
+    if step in SKIPPED_LOSS:
+        record["loss"] = SKIPPED_LOSS[step]  # the report must not draw it
     if step == INF_GRAD_STEP:
         record["grad_norm"] = float("inf")
     if imbalance:
@@ -101,12 +102,12 @@ def test_loss_panel_is_log_with_raw_smoothed_and_validation(fig) -> None:
     ax = _panel(fig, "loss")
     assert ax.get_yscale() == "log"
     lines = _lines(ax)
-    steps = [s for s in range(1, STEPS + 1) if s != NAN_LOSS_STEP]
+    steps = [s for s in range(1, STEPS + 1) if s not in SKIPPED_LOSS]
     raw = [_loss(s) for s in steps]
     assert lines["train (raw)"] == (steps, raw)
     (smoothed,) = [v for k, v in lines.items() if k.startswith("train (EMA")]
     assert smoothed[0] == steps
-    assert smoothed[1] == pytest.approx(_debiased_ema(raw, span=149 // 30), rel=1e-12)  # 149 finite losses
+    assert smoothed[1] == pytest.approx(_debiased_ema(raw, span=148 // 30), rel=1e-12)  # 148 finite losses
     assert smoothed[1] != pytest.approx(raw)  # it does smooth
     val_steps = sorted([*VAL_STEPS, LONE_VAL[0]])
     expected_val = [LONE_VAL[1] if s == LONE_VAL[0] else _loss(s) + 0.1 for s in val_steps]
@@ -239,7 +240,7 @@ def test_several_runs_share_axes_and_each_gets_a_summary_line(tmp_path, capsys) 
     records = [json.loads(line) for line in (b / "metrics.jsonl").read_text().splitlines()]
     for r in records:  # run b: twice the loss, half the throughput
         scaled = {"loss": 2, "val_loss": 2, "tokens_per_s": 0.5}
-        r.update({k: r[k] * f for k, f in scaled.items() if k in r})
+        r.update({k: r[k] * f for k, f in scaled.items() if r.get(k) is not None})
     (b / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     names = run_names([a, b])
     assert names == ["tmp_path_name/a".replace("tmp_path_name", tmp_path.name), "other/a"]
@@ -250,7 +251,7 @@ def test_several_runs_share_axes_and_each_gets_a_summary_line(tmp_path, capsys) 
     tokens = _lines(axes[PANELS["tokens_per_s"]])
     assert tokens[names[0]][1] == [1000.0 + s for s in range(1, STEPS + 1)]
     assert tokens[names[1]][1] == [(1000.0 + s) / 2 for s in range(1, STEPS + 1)]
-    losses = [s_ for s_ in range(1, STEPS + 1) if s_ != NAN_LOSS_STEP]
+    losses = [s_ for s_ in range(1, STEPS + 1) if s_ not in SKIPPED_LOSS]
     row = summary(series[names[1]])
     assert row["steps"] == STEPS and row["best_val_step"] == max(VAL_STEPS)  # the loss falls: the last is best
     assert row["best_val_loss"] == pytest.approx(2 * (_loss(max(VAL_STEPS)) + 0.1))

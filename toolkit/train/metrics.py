@@ -98,6 +98,18 @@ def _flatten(prefix: str, value: Any, out: dict[str, float]) -> None:
         out[prefix] = float(value)
 
 
+def strict_json(value: Any) -> Any:
+    """`value` with NaN and infinities as None: json.dumps writes them as the bare words NaN and Infinity, which
+    strict JSON readers (jq, JavaScript, most log shippers) refuse, and a skipped step logs a NaN loss."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v) for v in value]
+    return value
+
+
 def _quiet_tensorboard_thread_errors() -> None:
     """TensorBoard writes from a thread that stores its OSError (a full disk) for the next add_scalar, flush or
     close to raise, where training says it in one line, and then lets it escape: threading's hook printed a
@@ -212,7 +224,7 @@ class MetricsWriter:
         if not self.active:
             return
         record = {"step": step, **metrics}
-        self._jsonl.write(json.dumps(record) + "\n")
+        self._jsonl.write(json.dumps(strict_json(record), allow_nan=False) + "\n")
         self._jsonl.flush()
         flat: dict[str, float] = {}
         _flatten("", metrics, flat)
