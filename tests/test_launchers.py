@@ -378,3 +378,21 @@ def test_slurm_preemption_signal_becomes_the_stop_file(tmp_path, stubs, mark):
     proc.send_signal(signal.SIGUSR1)
     assert proc.wait(timeout=30) == 0, log.read_text()  # srun's status, after the stop file ended it
     assert (tmp_path / "job.stop").exists()
+    # The job is requeued (same id) or resubmitted with the same NANOVLM_STOP_FILE: the file the preemption left
+    # must not stop the new attempt after one step.
+    env.pop("STUB_WAIT")
+    done = subprocess.run(["bash", str(REPO / "launch" / "train.slurm")], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=30)  # fmt: skip
+    assert done.returncode == 0 and "exists already" not in done.stderr, done.stderr
+    assert not (tmp_path / "job.stop").exists()
+
+
+def test_slurm_keeps_a_stop_file_someone_else_made(tmp_path, stubs):
+    """One a user made (to stop the job at its first step) is kept with a warning, as the other launchers do; it
+    was removed without a word."""
+    (tmp_path / "job.stop").touch()
+    env = slurm_env(tmp_path, stubs, PREFLIGHT="0")
+    done = subprocess.run(["bash", str(REPO / "launch" / "train.slurm")], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=30)  # fmt: skip
+    assert done.returncode == 0 and "job.stop exists already" in done.stderr, done.stderr
+    assert (tmp_path / "job.stop").exists()
