@@ -234,8 +234,17 @@ def test_a_resume_to_an_earlier_step_sets_aside_the_left_branchs_best_export(tmp
     assert f"export/best held step {best_step}'s model" in caplog.text and str(aside) in caplog.text
     line = best_export.where_best_is(RunDir(run), 1)
     assert "its export was replaced" in line and str(run / "checkpoints" / "step_1") in line
-    shutil.copytree(aside, run / "export" / "best")
+    # Training on from step 1 (an exact resume) recomputes the same best step with the same loss: export/best is
+    # that model again, and the copy set aside, the same model, goes (one copy per crash piled up).
+    assert train([*args, f"train.resume={run}/checkpoints/step_1"]) == 0
+    assert best_export.read_note(run / "export" / "best") == {"step": best_step, "val_loss": vals[best_step]}
+    assert not (run / best_export.LEFT).exists()
     assert best_export.where_best_is(RunDir(run), best_step) == f", exported to {run / 'export' / 'best'}"
+    # Another loss at that step is another model: kept.
+    shutil.copytree(run / "export" / "best", aside)
+    (aside / best_export.NOTE).write_text(json.dumps(best_export.note(best_step, vals[best_step] + 0.5)))
+    best_export.drop_recomputed(RunDir(run), best_step, vals[best_step])
+    assert aside.is_dir()
 
 
 def test_a_source_whose_tokenizer_is_not_here_is_refused_unless_one_is_given(reference_dir, tmp_path, capsys) -> None:

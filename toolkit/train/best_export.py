@@ -59,6 +59,22 @@ def set_aside_after_resume(run: RunDir, step: int, best_val_loss: float) -> None
     )
 
 
+def drop_recomputed(run: RunDir, step: int, val_loss: float) -> None:
+    """Rank 0, after export/best is written at `step`: a copy set aside for the same step and loss is the same
+    model, recomputed by an exact resume (a crash between a best export and the next checkpoint), so it goes; a
+    different loss (a changed recipe or data) is another model, and stays."""
+    aside = run.root / LEFT / f"best_step_{step}"
+    found = read_note(aside)
+    if found is None or found["val_loss"] != val_loss:
+        return
+    remove_tree(aside)
+    log.info("%s: step %d's best export was recomputed with the same validation loss; removed", aside, step)
+    try:
+        aside.parent.rmdir()  # the last one gone
+    except OSError:
+        pass
+
+
 def where_best_is(run: RunDir, best_step: int) -> str:
     """The end-of-run line's account of export/best for the best step, in words."""
     found = read_note(run.exports / "best")

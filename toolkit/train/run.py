@@ -133,6 +133,8 @@ class Lifecycle:
         dist.log0("step %d: validation loss %.4f%s", state.step, loss, " (best so far)" if best else "")
         if best and self.cfg.train.export_best:
             self.export("best", notes={best_export.NOTE: best_export.note(state.step, loss)})
+            if self.backend.env.is_main:
+                best_export.drop_recomputed(self.run, state.step, loss)
         out: dict[str, Any] = {"val_loss": loss, "val_samples": result.samples}
         if self.cfg.train.eval_accuracy_samples:
             out["val_accuracy"] = self.accuracy()
