@@ -10,6 +10,7 @@ model), and the end-of-run line says what export/best really holds.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -69,10 +70,8 @@ def drop_recomputed(run: RunDir, step: int, val_loss: float) -> None:
         return
     remove_tree(aside)
     log.info("%s: step %d's best export was recomputed with the same validation loss; removed", aside, step)
-    try:
-        aside.parent.rmdir()  # the last one gone
-    except OSError:
-        pass
+    with contextlib.suppress(OSError):  # not empty: other steps' copies stay
+        aside.parent.rmdir()
 
 
 def where_best_is(run: RunDir, best_step: int) -> str:
