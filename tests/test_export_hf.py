@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 
 from tests.conftest import CPU_ENV, tiny_model_config
 from toolkit.data.prepare.synthetic import write_synth
+from toolkit import __main__ as cli
 from toolkit.errors import UserError
 from toolkit.evaluate import load_for_inference, prompt_inputs
 from toolkit.export import export, hf_inputs
@@ -220,3 +221,29 @@ def test_hf_inputs_refuses_a_processor_that_is_not_an_export():
 
     with pytest.raises(UserError, match="--format hf"):
         hf_inputs(None, "hi", Stock())
+
+
+def test_a_bf16_source_is_exported_in_bf16_both_ways(reference_dir, tmp_path):
+    """A nanoVLM folder saved in bf16 came out in fp32, values exact but the files twice the size. Its own dtype is
+    kept: in nanoVLM format tensor for tensor, and in the HF export's weights and the dtype its config names."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    src = tmp_path / "bf16"
+    shutil.copytree(reference_dir / "checkpoint", src)
+    fp32 = load_file(str(src / "model.safetensors"))
+    save_file({k: v.bfloat16() for k, v in fp32.items()}, str(src / "model.safetensors"), metadata={"format": "pt"})
+    stored = load_file(str(src / "model.safetensors"))
+    tokenizer = ["--tokenizer", str(reference_dir / "tokenizer")]
+    assert cli.main(["export", str(src), str(tmp_path / "nanovlm"), *tokenizer]) == 0
+    out = load_file(str(tmp_path / "nanovlm" / "model.safetensors"))
+    assert out.keys() == stored.keys()
+    assert all(out[k].dtype == torch.bfloat16 and torch.equal(out[k], stored[k]) for k in stored)
+    assert cli.main(["export", str(src), str(tmp_path / "hf"), "--format", "hf", *tokenizer]) == 0
+    hf_tensors = load_file(str(tmp_path / "hf" / "model.safetensors"))
+    assert {t.dtype for t in hf_tensors.values()} == {torch.bfloat16}
+    embed = hf_tensors["model.text_model.embed_tokens.weight"]
+    assert torch.equal(embed, stored["decoder.head.weight"])  # tied: nanoVLM stores the head
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert config.get("torch_dtype", config.get("dtype")) == "bfloat16"

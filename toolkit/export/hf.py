@@ -154,6 +154,13 @@ def layout(cfg: ModelConfig) -> dict[str, Any]:
     }
 
 
+def stored_dtype(state: dict[str, torch.Tensor]) -> torch.dtype:
+    """The source's floating dtype when every weight shares one (a bf16 nanoVLM model), else fp32. RoPE's inverse
+    frequencies are left out: they are no weight of the export, and a model cast whole casts them too."""
+    found = {v.dtype for k, v in state.items() if v.is_floating_point() and not k.endswith("rotary_embd.inv_freq")}
+    return found.pop() if len(found) == 1 else torch.float32
+
+
 def write_hf(cfg: ModelConfig, state: dict[str, torch.Tensor], out: Path, *, tokenizer_dir: str | None) -> None:
     """Model (config.json + model.safetensors + generation_config.json), tokenizer and processor into `out`."""
     from transformers import GenerationConfig, Idefics3ForConditionalGeneration, Idefics3Processor
@@ -175,6 +182,7 @@ def write_hf(cfg: ModelConfig, state: dict[str, torch.Tensor], out: Path, *, tok
             f"Idefics3 did not take the weights: missing {incompatible.missing_keys}, "
             f"unexpected {incompatible.unexpected_keys}"
         )
+    model.to(stored_dtype(state))  # exact: the fp32 model only held the source's values
     model.generation_config = GenerationConfig(
         bos_token_id=bos, eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id
     )

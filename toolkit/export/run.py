@@ -14,7 +14,9 @@ FORMATS = ("nanovlm", "hf")
 
 
 def read_source(src: str | Path) -> tuple[str, ModelConfig, dict[str, torch.Tensor], str | None]:
-    """SRC -> (what it was, model config, fp32 weights, tokenizer folder or None).
+    """SRC -> (what it was, model config, weights, tokenizer folder or None). A run's checkpoint gives fp32 (its
+    master weights); a nanoVLM folder's weights keep the dtype they were stored in, so a bf16 model is not exported
+    at twice its size.
 
     A folder with config.json + model.safetensors is a nanoVLM-format model (the toolkit's export or nanoVLM's
     own); anything else is a run folder, its checkpoints/ folder or one step_N checkpoint.
@@ -27,9 +29,7 @@ def read_source(src: str | Path) -> tuple[str, ModelConfig, dict[str, torch.Tens
         from toolkit.model.hub import read_nanovlm_config
 
         cfg = read_nanovlm_config(path)
-        state = {
-            k: v.float() if v.is_floating_point() else v for k, v in load_file(str(path / "model.safetensors")).items()
-        }
+        state = load_file(str(path / "model.safetensors"))
         tok = cfg.tokenizer_path if Path(cfg.tokenizer_path).is_dir() else None
         return f"nanoVLM folder {path}", cfg, state, tok
     from toolkit.train.checkpoint import checkpoint_weights
