@@ -19,8 +19,8 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from tests.conftest import CPU_ENV, tiny_model_config
-from toolkit.data.prepare.synthetic import write_synth
 from toolkit import __main__ as cli
+from toolkit.data.prepare.synthetic import write_synth
 from toolkit.errors import UserError
 from toolkit.evaluate import load_for_inference, prompt_inputs
 from toolkit.export import export, hf_inputs
