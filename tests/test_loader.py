@@ -291,6 +291,17 @@ def test_data_stats(tok, tmp_path: Path) -> None:
     assert 0.5 < stats["fill"] <= 1.0 and stats["images_per_pack"] == stats["samples_per_pack"]
 
 
+def test_data_stats_max_packs_counts_exactly_trainings_first_packs(tok, tmp_path: Path) -> None:
+    """`--max-packs 5` with batches of 4 packs read 8: it stopped at the first whole batch reaching 5."""
+    shardgen.make_dataset(tmp_path, shards=2, per_shard=20)
+    cfg = tiny_config(tok, str(tmp_path), train={"batch_size": 4})
+    rows = [row for b in build_loader(cfg, rank=0, world=1, finite=True) for row in b.stats.keys if row]
+    assert len(rows) > 8
+    stats = data_stats(cfg, max_packs=5)
+    assert stats["packs"] == 5 and stats["samples_packed"] == sum(len(row) for row in rows[:5])
+    assert cfg.train.batch_size == 4  # the caller's config is left as it was
+
+
 @pytest.mark.parametrize("size", [(40, 40), (64, 100), (130, 70), (200, 200)])
 def test_tiles_are_the_float_image_cut_row_major_with_the_global_tile_first(size):
     """process_image against slicing the [0, 1] float image by hand, and torch's antialiased resize of all of it."""

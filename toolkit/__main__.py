@@ -109,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-packs",
         type=int,
         default=0,
-        help="stop at the first batch (of train.batch_size packs) that reaches this many (0 = one full pass)",
+        help="stop after this many packs, training's first (0 = one full pass)",
     )
     p = sub.choices["eval"]
     p.add_argument("--checkpoint", required=True)

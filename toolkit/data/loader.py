@@ -17,7 +17,7 @@ import os
 import time
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch.utils.data import IterableDataset
@@ -504,7 +504,11 @@ def build_loader(
 
 
 def data_stats(cfg: Config, max_packs: int = 0) -> dict:
-    """One pass of the training data through the whole pipeline (no model): counts, skips, fill and speed."""
+    """One pass of the training data through the whole pipeline (no model): counts, skips, fill and speed. With
+    `max_packs`, the first that many packs exactly: batches of one pack each (the packer's packs do not depend on
+    how many a batch holds, so they are training's first packs); a batch of train.batch_size packs overshot."""
+    if max_packs:
+        cfg = replace(cfg, train=replace(cfg.train, batch_size=1))
     loader = build_loader(cfg, rank=0, world=1, finite=True)
     totals = dict.fromkeys(("rows", "samples", "images", "tiles", "tokens", "targets"), 0)
     sets = loader.dataset.spec.sets
