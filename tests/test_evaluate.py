@@ -58,3 +58,18 @@ def test_questions_without_a_reference_word_are_left_out_not_counted_right() -> 
     samples = [{"images": [], "texts": [{"user": "q", "assistant": " ... "}]} for _ in range(3)]
     acc, shown = answer_accuracy(torch.nn.Module(), None, samples)  # nothing to answer: the model is never asked
     assert (acc.unanswerable, dict(acc.total), shown) == (3, {}, [])
+
+
+def test_generate_refuses_an_empty_prompt_in_one_line_before_reading_anything(tmp_path, capsys) -> None:
+    """`--prompt ""` (an unset shell variable, most often) was answered: the user's turn held the image tokens
+    alone, a turn training never asks (an image-caption pair is asked data.caption_prompt). The error names that
+    prompt, and comes before the checkpoint and the image are looked at (neither exists here)."""
+    from toolkit.__main__ import main
+    from toolkit.config import DataConfig
+
+    for prompt in ("", " \n\t"):
+        argv = ["generate", "--checkpoint", str(tmp_path / "none"), "--image", str(tmp_path / "x.png"), "--prompt"]
+        assert main([*argv, prompt]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: --prompt is empty") and err.count("\n") == 1, err
+        assert f'--prompt "{DataConfig().caption_prompt}"' in err

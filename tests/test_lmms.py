@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import logging
 import os
 import re
 import subprocess
@@ -189,6 +190,80 @@ def test_generate_batch_stops_each_row_at_its_own_eos(batch_adapter):
         assert stopped[row] == cut  # a row ends at its own EOS, kept; the others go on
         assert generate_batch(model, stopper, [prompts[row]], max_new_tokens=6) == [cut]  # = the row alone
     assert len(stopped[0]) < 6 and any(len(t) == 6 for t in stopped)
+
+
+# -- the model's context (lm_max_length, image tokens included) --
+
+
+@pytest.fixture
+def short_context(checkpoint):
+    """The checkpoint's model with its context made shorter (lm_max_length is read only to bound sequences): the
+    tests set it to fit their prompts, and compare with `batch_adapter`, the same weights at the full context."""
+    from toolkit.lmms import NanoVLMScale
+
+    model = NanoVLMScale(checkpoint, device="cpu", max_new_tokens=8, batch_size=2)
+    model.task_dict = {"shapes": {"test": shapes_docs()}}
+    return model
+
+
+def lmms_warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "toolkit.lmms" and r.levelname == "WARNING"]
+
+
+def test_generate_until_answers_within_the_models_context(short_context, batch_adapter, caplog):
+    """A prompt that fills the context is answered "" (it was decoded past every trained position, without a
+    word), an answer stops at the context as `toolkit generate`'s does, and each kind is warned about once with
+    its count, across batches. Batched answers still equal those of one request at a time."""
+    from toolkit.evaluate import answer_from
+
+    picture = "what is in picture s001x002?"
+    # doc 0 fills the context exactly, with its image tokens (its text alone is short); doc 1 leaves room for
+    # fewer than the 8 tokens asked; doc 4 (no image) for all 8; doc 2 runs past the context
+    asked = [(0, "what is it?"), (1, picture), (4, "what is it?"), (2, picture)]
+    requests = [Request((q, {"max_new_tokens": 8, "until": []}, visuals, d, "shapes", "test")) for d, q in asked]
+    prompts = [short_context._prompt(q, visuals(short_context.task_dict["shapes"]["test"][d]) or [], "shapes")
+               for d, q in asked]  # fmt: skip
+    lengths = [len(ids) for ids, _ in prompts]
+    context = lengths[0]
+    assert lengths[3] > context and 0 < context - lengths[1] < 8 and lengths[2] + 8 <= context  # the set-up
+    assert len(short_context._prompt("what is it?", [], "shapes")[0]) < context  # the image tokens count
+    short_context.model.cfg.lm_max_length = context
+    model, tok = short_context.model, short_context.tok
+    capped = answer_from(model, tok, *prompts[1], max_new_tokens=context - lengths[1])
+    expected = ["", capped, answer_from(model, tok, *prompts[2], max_new_tokens=8), ""]
+    assert capped and capped != batch_adapter.generate_until(requests[1:2])[0]  # the cap shortened a real answer
+    with caplog.at_level(logging.WARNING, logger="toolkit.lmms"):
+        batched = short_context.generate_until(requests)
+    warned = lmms_warnings(caplog)
+    assert batched == expected
+    assert len(warned) == 2, warned  # once per kind, not once per batch or per request
+    assert warned[0].startswith("nanovlm_scale: 2 of 4 requests have a prompt that fills the model's context")
+    assert warned[1].startswith("nanovlm_scale: 1 of 4 requests reached the model's context")
+    assert all(f"lm_max_length is {context} tokens" in w for w in warned)
+    assert f"document 1, {context - lengths[1]} new tokens of 8 after a {lengths[1]}-token prompt" in warned[1]
+    short_context.batch_size = 1
+    assert [short_context.generate_until([r])[0] for r in requests] == expected
+
+
+def test_loglikelihood_refuses_a_request_longer_than_the_context(short_context, batch_adapter, caplog):
+    """Prompt + continuation within the context: the score at the full context. One token longer: (-inf, False),
+    counted and warned once, never scored at positions the model was not trained at (nor cut, which would cut
+    the image tokens that open the prompt)."""
+    doc = short_context.task_dict["shapes"]["test"][1]
+    requests = [Request(("what is it?", " it is red", visuals, d, "shapes", "test")) for d in (1, 4)]
+    ids, _ = short_context._prompt("what is it?", visuals(doc), "shapes")
+    fits = len(ids) + len(short_context.tok.encode(" it is red"))
+    full = batch_adapter.loglikelihood(requests)
+    assert all(score > float("-inf") for score, _ in full)
+    short_context.model.cfg.lm_max_length = fits
+    assert short_context.loglikelihood(requests) == full  # the same weights and inputs
+    short_context.model.cfg.lm_max_length = fits - 1
+    with caplog.at_level(logging.WARNING, logger="toolkit.lmms"):
+        scores = short_context.loglikelihood(requests)
+    assert scores == [(float("-inf"), False), full[1]]  # doc 4 (no image) still fits
+    (warned,) = lmms_warnings(caplog)
+    assert warned.startswith("nanovlm_scale: 1 of 2 requests have a prompt and continuation longer than")
+    assert f"document 1, {len(ids)} prompt + {fits - len(ids)} continuation tokens" in warned
 
 
 # -- nanoVLM HEAD's per-benchmark prompts (eval/lmms_eval_wrapper.py at 4e0c096, get_benchmark_formatting) --

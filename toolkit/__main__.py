@@ -129,7 +129,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.choices["generate"]
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--image", required=True, action="append", help="an image file; repeat for several images")
-    p.add_argument("--prompt", required=True)
+    p.add_argument(
+        "--prompt",
+        required=True,
+        help="the question about the images; not empty: to have them described, ask as training asks an image-caption "
+        'pair (data.caption_prompt, "Describe the image.")',
+    )
     p.add_argument("--max-new-tokens", type=int, default=32, help="at most the model's lm_max_length")
     p.add_argument("--sample", action="store_true", help="top-k/top-p sampling instead of greedy")
     p = sub.choices["export"]
@@ -325,6 +330,7 @@ def _read_image(path: str):
 def _generate(args: argparse.Namespace) -> int:
     from toolkit.evaluate import answer_from, load_for_inference, nanovlm_folder, prompt_inputs
 
+    _check_prompt(args.prompt)
     if args.max_new_tokens < 1:
         raise UserError(f"--max-new-tokens {args.max_new_tokens}: give at least 1")
     nanovlm_folder(args.checkpoint)  # which checkpoint first (cheap), then the images, then the model loads
@@ -339,6 +345,16 @@ def _generate(args: argparse.Namespace) -> int:
     new_tokens = _context_left(len(ids), args.max_new_tokens, model.cfg.lm_max_length, len(images))
     print(answer_from(model, tok, ids, pixels, max_new_tokens=new_tokens, greedy=not args.sample))
     return 0
+
+
+def _check_prompt(prompt: str) -> None:
+    """An empty --prompt (an unset shell variable, most often) left the user's turn holding the image tokens alone,
+    a turn training never asks: an image-caption pair is asked data.caption_prompt. Refused, naming that prompt."""
+    from toolkit.config import DataConfig
+
+    if not prompt.strip():
+        raise UserError(f'--prompt is empty; ask a question, e.g. --prompt "{DataConfig().caption_prompt}" to have the '
+                        "image described (what training asks of an image-caption pair)")  # fmt: skip
 
 
 def _context_left(prompt: int, max_new: int, context: int, images: int) -> int:

@@ -15,15 +15,21 @@ request kinds are answered: `generate_until` (greedy unless the task asks for sa
 string; batch_size requests per batched decode, answers equal to batch 1) and `loglikelihood` (the continuation's
 summed log-probability given the prompt, and whether greedy decoding would have produced it; one request at a
 time: lmms-eval 0.7.3 cannot score those results anyway, see tests/test_lmms.py).
+
+Nothing is decoded or scored past the model's context (lm_max_length, image tokens included), where the model
+runs at positions it was never trained at without an error: a prompt that fills the context is answered with an
+empty string, an answer stops at the context, and a prompt and continuation longer than it get log-likelihood
+-inf. Each such request is counted, and each call warns once, at its end, with the count and the first of them.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +50,9 @@ LMMS_MISSING = (
     "`pip install --no-deps lmms-eval==0.7.3` then `pip install -e '.[lmms]'` in this environment"
 )
 IMAGE_PLACEHOLDER = "<image>"
+REFUSED = (float("-inf"), False)  # loglikelihood's answer for a request longer than the model's context
+
+log = logging.getLogger(__name__)
 
 
 def model_manifest() -> Any:
@@ -158,6 +167,34 @@ def format_question(context: str, task: str) -> tuple[str, str]:
     return text, fmt.assistant_prefix
 
 
+@dataclass
+class ContextMisses:
+    """Requests of one generate_until / loglikelihood call that met the model's context, counted as they come and
+    warned about once at the end: one line per kind for a whole benchmark, not one per document (or none)."""
+
+    what: str  # what became of such a request, for the warning
+    seen: list[str] = field(default_factory=list)
+
+    def add(self, task: str, split: str, doc_id: int, tokens: str) -> None:
+        self.seen.append(f"{task} {split} document {doc_id}, {tokens}")
+
+    def warn(self, total: int, context: int) -> None:
+        if self.seen:
+            log.warning("nanovlm_scale: %d of %d requests %s (lm_max_length is %d tokens, image tokens included; the "
+                        "first: %s)", len(self.seen), total, self.what, context, self.seen[0])  # fmt: skip
+
+
+NO_ROOM = (
+    "have a prompt that fills the model's context: each is answered with an empty string, which scores as wrong; "
+    "fewer or smaller images (max_img_size) or a model with a longer lm_max_length would answer them"
+)
+CUT = "reached the model's context before their end of sequence: those answers stop there"
+TOO_LONG = (
+    "have a prompt and continuation longer than the model's context: each gets log-likelihood -inf (never the "
+    "most likely choice), not greedy"
+)
+
+
 class NanoVLMScale(_LMMSBase):
     """A nanoVLM-format model (a run folder, an export or nanoVLM's own checkpoint) answering lmms-eval requests.
 
@@ -191,6 +228,11 @@ class NanoVLMScale(_LMMSBase):
     def batch_size_per_gpu(self) -> int:
         return self.batch_size
 
+    @property
+    def context(self) -> int:
+        """The longest sequence the model was trained at (lm_max_length): prompt, image tokens and answer."""
+        return self.model.cfg.lm_max_length
+
     # -- request plumbing --
     def _doc(self, task: str, split: str, doc_id: int) -> Any:
         return self.task_dict[task][split][doc_id]
@@ -203,54 +245,90 @@ class NanoVLMScale(_LMMSBase):
     @torch.no_grad()
     def generate_until(self, requests: list) -> list[str]:
         """Answers in request order. Requests are grouped by generation settings and taken longest question
-        first (less padding), batch_size at a time; only one batch's images are decoded and tiled at once."""
+        first (less padding), batch_size at a time; only one batch's images are decoded and tiled at once. Requests
+        that met the model's context are warned about once, at the end (see ContextMisses)."""
         out: list[str | None] = [None] * len(requests)
         groups: dict[str, list[int]] = {}
         for i, request in enumerate(requests):
             groups.setdefault(_settings_key(request.args[1]), []).append(i)
+        full, cut = ContextMisses(NO_ROOM), ContextMisses(CUT)
         for members in groups.values():
             members.sort(key=lambda i: -len(requests[i].args[0]))
             for start in range(0, len(members), self.batch_size):
                 chunk = members[start : start + self.batch_size]
-                for i, text in zip(chunk, self._generate([requests[i].args for i in chunk]), strict=True):
+                for i, text in zip(chunk, self._generate([requests[i].args for i in chunk], full, cut), strict=True):
                     out[i] = text
+        for misses in (full, cut):
+            misses.warn(len(requests), self.context)
         return out  # type: ignore[return-value]
 
-    def _generate(self, args: list[tuple]) -> list[str]:
-        """One batch of requests that share their generation settings -> their answers."""
-        prompts = []
-        for context, _, doc_to_visual, doc_id, task, split in args:
-            prompts.append(self._prompt(context, _images(doc_to_visual(self._doc(task, split, doc_id))), task))
+    def _generate(self, args: list[tuple], full: ContextMisses, cut: ContextMisses) -> list[str]:
+        """One batch of requests that share their generation settings -> their answers.
+
+        A row may add tokens up to the model's context only (`toolkit generate`'s rule): the batch decodes to the
+        roomiest row's limit and each row is cut at its own, which is what that row alone would give. A row with
+        no room is not decoded (its answer is empty); both kinds are noted in `full` and `cut`."""
         gen = dict(args[0][1] or {})
+        asked = int(gen.get("max_new_tokens", self.max_new_tokens))
+        prompts = [self._prompt(c, _images(visual(self._doc(task, split, doc_id))), task)
+                   for c, _, visual, doc_id, task, split in args]  # fmt: skip
+        spaces = [self.context - len(ids) for ids, _ in prompts]
+        rooms = [min(asked, space) for space in spaces]  # a task asking for 0 new tokens gets "" unwarned
+        live = [row for row, room in enumerate(rooms) if room > 0]
+        decoded = self._decode([prompts[row] for row in live], gen, max(rooms[row] for row in live)) if live else []
+        tokens_of = dict(zip(live, decoded, strict=True))
+        answers = []
+        for row, (_, _, _, doc_id, task, split) in enumerate(args):
+            room, n = rooms[row], len(prompts[row][0])
+            tokens = tokens_of[row][:room] if row in tokens_of else []
+            if spaces[row] <= 0:
+                full.add(task, split, doc_id, f"a {n}-token prompt")
+            elif room < asked and len(tokens) == room and self.tok.eos_token_id not in tokens:
+                cut.add(task, split, doc_id, f"{room} new tokens of {asked} after a {n}-token prompt")
+            answers.append(cut_at_stop(self.tok.decode(tokens, skip_special_tokens=True), gen.get("until")))
+        return answers
+
+    def _decode(self, prompts: list[tuple], gen: dict, max_new_tokens: int) -> list[list[int]]:
+        """One batched decode under the task's generation settings: greedy unless it asks for sampling."""
         temperature = float(gen.get("temperature", 0.0) or 0.0)
         sample = bool(gen.get("do_sample", False)) and temperature > 0
-        rows = generate_batch(
+        return generate_batch(
             self.model,
             self.tok,
             prompts,
-            max_new_tokens=int(gen.get("max_new_tokens", self.max_new_tokens)),
+            max_new_tokens=max_new_tokens,
             greedy=not sample,
             temperature=temperature if sample else 1.0,
             top_p=float(gen.get("top_p", 1.0) or 1.0),
         )
-        return [cut_at_stop(self.tok.decode(tokens, skip_special_tokens=True), gen.get("until")) for tokens in rows]
 
     @torch.no_grad()
     def loglikelihood(self, requests: list) -> list[tuple[float, bool]]:
+        """Scores in request order. A prompt and continuation longer than the model's context are refused (REFUSED,
+        counted, one warning at the end), not cut: lmms-eval 0.7.3's own image models (llava, llava_hf,
+        llava_onevision, qwen_vl, fuyu ...) neither cut nor check, they feed the whole sequence (the left_truncate_len
+        of their tok_encode, lm-eval-harness's left truncation, is never passed), and cutting from the left here
+        would cut the image tokens that open the prompt first: they would no longer match the tiles."""
         out = []
+        too_long = ContextMisses(TOO_LONG)
         for request in requests:
             context, doc_to_target, doc_to_visual, doc_id, task, split = request.args
             doc = self._doc(task, split, doc_id)
             target = doc_to_target(doc) if callable(doc_to_target) else doc_to_target
             if isinstance(target, list):  # some tasks give the answer as a one-element list
                 target = target[0]
-            out.append(self._score(context, _images(doc_to_visual(doc)), str(target), task))
+            ids, pixels = self._prompt(context, _images(doc_to_visual(doc)), task)
+            cont = self.tok.encode(str(target))
+            if cont and len(ids) + len(cont) > self.context:
+                too_long.add(task, split, doc_id, f"{len(ids)} prompt + {len(cont)} continuation tokens")
+                out.append(REFUSED)
+                continue
+            out.append(self._score(ids, pixels, cont))
+        too_long.warn(len(requests), self.context)
         return out
 
-    def _score(self, context: str, images: list[Image.Image], continuation: str, task: str) -> tuple[float, bool]:
+    def _score(self, ids: list[int], pixels: torch.Tensor | None, cont: list[int]) -> tuple[float, bool]:
         """log p(continuation | prompt, images) summed over its tokens, and whether each token is the argmax."""
-        ids, pixels = self._prompt(context, images, task)
-        cont = self.tok.encode(continuation)
         if not cont:
             return 0.0, True
         full = torch.tensor([ids + cont], device=self.device)
