@@ -76,11 +76,18 @@ def test_stage_shares_account_for_the_whole_end_to_end_time(synth_pipeline):
     stages = pipeline.stage_costs(cfg, tok, table, repeats=1)
     assert set(stages) == {*pipeline.TOOLKIT_STAGES, *pipeline.NANOVLM_STAGES}
     assert all(v > 0 for v in stages.values())
+    # The table's arithmetic on stage times given by hand: each share is its stage's seconds over its pipeline's
+    # end-to-end seconds, and 'other' is what the stages leave (0.2 s of toolkit's 2 s, 0.9 of nanovlm's 3).
+    given = {stage: 0.3 for stage in pipeline.TOOLKIT_STAGES} | {stage: 0.6 for stage in pipeline.NANOVLM_STAGES}
+    given["resize/tile"] = 0.3  # one stage both pipelines have: timed once
     timed = {"toolkit": {"cpu": 2.0, "samples": 48}, "nanovlm": {"cpu": 3.0, "samples": 48}}
-    rows = pipeline.table_rows(timed, stages)
-    for name in ("toolkit", "nanovlm"):
-        parts = [r["share"] for r in rows if r["pipeline"] == name and r["stage"] != "end to end"]
-        assert sum(parts) == pytest.approx(1.0)
+    rows = {(r["pipeline"], r["stage"]): r for r in pipeline.table_rows(timed, given)}
+    assert rows[("toolkit", "end to end")]["samples_per_s"] == 24.0 and rows[("nanovlm", "end to end")]["share"] == 1
+    assert rows[("toolkit", "image decode")]["share"] == pytest.approx(0.15)
+    assert rows[("toolkit", "image decode")]["us_per_sample"] == pytest.approx(0.3e6 / 48)
+    assert rows[("nanovlm", "resize/tile")]["share"] == pytest.approx(0.1)
+    assert rows[("toolkit", "other (loop, buffers, copies)")]["share"] == pytest.approx(0.1)
+    assert rows[("nanovlm", "other (loop, buffers, copies)")]["share"] == pytest.approx((3.0 - 0.3 - 3 * 0.6) / 3.0)
 
 
 # -- overhead ---------------------------------------------------------------------------------------------------------
