@@ -10,11 +10,12 @@
 #      eager), the profile of the sharded rows, and the largest micro-batch with the chunked and the dense loss
 #      (BENCH_BUDGET_S caps it), alone on the machine (on 2026-11-28 the CPU suite beside it slowed some variants
 #      by a third);
-#   3. the `gpu` tests that train each backend over NCCL with one rank, and a short run with train.profile_steps;
+#   3. the `gpu` test that trains each backend over NCCL with one rank and holds its bf16 losses, norms and validation
+#      losses to single's (six launches at once), and a short run with train.profile_steps;
 #   4. issue 14's cost calibration: seconds per tile, per token and per squared sample length (`--calibrate`, the
 #      preset's compiled single backend; last, since its recompiles on new shapes are the least predictable).
 # The CPU suite is left to CI. Each stage has its own time limit, so one that hangs cannot take the others'
-# results with it: 20 s install + 75 + 260 + 90 + 90 = 535 s, under a 580 s device call. Logs are written as
+# results with it: 20 s install + 75 + 240 + 110 + 90 = 535 s, under a 580 s device call. Logs are written as
 # they go.
 set -u
 OUT=${OUT:-runs/gpu-check}
@@ -42,15 +43,16 @@ fi
 echo "bench kernel: $kernel" | tee -a "$OUT/gpu_tests.log"
 
 variants=${BENCH_VARIANTS:-plain,single+compile,ddp+compile,zero1+compile,zero2+compile,fsdp+compile,zero3+compile,zero3}
-timeout "${BENCH_TIMEOUT_S:-260}" python3 -m toolkit.bench.gpu --budget-s "${BENCH_BUDGET_S:-200}" \
+timeout "${BENCH_TIMEOUT_S:-240}" python3 -m toolkit.bench.gpu --budget-s "${BENCH_BUDGET_S:-185}" \
   --steps 8 --warmup 3 --variants "$variants" --profile "${BENCH_PROFILE:-zero3+compile,fsdp+compile,zero2+compile}" \
   --largest-batch "${LARGEST_BATCH:-single}" --largest-limit 24 "train.attention_kernel=$kernel" 2>&1 \
   | tee "$OUT/bench.log"
 cp runs/bench/gpu.json runs/bench/gpu_profile_*.txt "$OUT/" 2>/dev/null
 
-# five one-rank launches side by side when pytest-xdist is there (each uses a few hundred MB of the GPU)
-parallel=$(python3 -c 'import xdist; print("-n 5")' 2>/dev/null)
-timeout "${NCCL_TESTS_TIMEOUT_S:-90}" python3 -m pytest -q -m gpu -p no:cacheprovider $parallel -k "nccl or profile" 2>&1 \
+# the backend comparison starts its six one-rank launches side by side itself (a few hundred MB of the GPU each);
+# with pytest-xdist the profile test runs beside it. -rP prints its table of deviations from single when it passes
+parallel=$(python3 -c 'import xdist; print("-n 2")' 2>/dev/null)
+timeout "${NCCL_TESTS_TIMEOUT_S:-110}" python3 -m pytest -q -rP -m gpu -p no:cacheprovider $parallel -k "nccl or profile" 2>&1 \
   | tee "$OUT/gpu_nccl_tests.log"
 
 timeout "${CALIBRATE_TIMEOUT_S:-90}" python3 -m toolkit.bench.gpu --calibrate "$OUT/cost_calibration.json" \
