@@ -29,6 +29,7 @@ import os
 import pickle
 import re
 import shutil
+import warnings
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -142,6 +143,10 @@ def _import_deepspeed(device: torch.device):
     """Import DeepSpeed pointing it at the CPU accelerator when we train on CPU (it would probe for CUDA)."""
     if device.type == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    # torch 2.13 deprecates the collectives DeepSpeed calls (all_gather_into_tensor, reduce_scatter_tensor): one
+    # FutureWarning per rank, 512 copies of advice for DeepSpeed's authors at 512 GPUs, none the user can act on.
+    for name in ("all_gather_into_tensor", "reduce_scatter_tensor"):
+        warnings.filterwarnings("ignore", rf"`torch\.distributed\.{name}` is deprecated", FutureWarning)
     import deepspeed
 
     return deepspeed
