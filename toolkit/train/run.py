@@ -406,7 +406,9 @@ def _train(cfg: Config, run: RunDir, resume_from: Path | None, *, backend, loade
             history = trainer.fit(loader, max_steps=end)
             profiler.close(trainer.state.step)  # a run that ended inside the window: what was traced
             _finish(cfg, trainer, life)
-        print(f"rank {env.rank}/{env.world_size} finished at step {trainer.state.step}", flush=True)
+        if env.is_main:  # one line for the job, not one per rank (512 alike at 512 GPUs); the last checkpoint was
+            # collective, so every rank has trained to this step
+            print(f"finished at step {trainer.state.step} on {env.world_size} rank(s)", flush=True)
     finally:
         profiler.discard()  # only an error leaves it open here
         writer.close()
