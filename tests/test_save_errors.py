@@ -190,3 +190,53 @@ def test_tensorboards_writer_thread_on_a_full_disk_prints_no_traceback_of_its_ow
     line = one_line(capsys)
     assert line.startswith(f"error: writing to {tmp_path / 'run'} failed") and "No space left" in line, line
     assert escaped == []
+
+
+SYNC_LOGGER = """
+import os
+_fsync = os.fsync
+
+
+def _logged_fsync(fd):
+    _fsync(fd)
+    with open(os.environ["FSYNC_LOG"], "a") as log:  # one short line per call, appended
+        log.write(os.readlink(f"/proc/self/fd/{fd}") + "\\n")
+
+
+os.fsync = _logged_fsync
+"""
+
+
+@pytest.mark.multiproc
+@pytest.mark.parametrize(
+    "backend",
+    [["backend.name=ddp"], ["backend.name=fsdp"], ["backend.name=deepspeed"],
+     ["backend.name=deepspeed", "backend.ds_config=ds_configs/zero3.json"]],
+    ids=["ddp", "fsdp", "zero2", "zero3"],
+)  # fmt: skip
+def test_every_file_of_a_checkpoint_is_synced_before_latest_names_it(backend, synth, tmp_path) -> None:
+    """`latest` (written, synced, renamed) named checkpoints whose model, optimizer and rank files were never synced:
+    a node lost soon after the commit left files cut short, and the resume refused the checkpoint. Every file and
+    folder of each kept checkpoint is synced now, on 2 ranks (each rank's files by that rank); fsync is logged by a
+    sitecustomize in every rank's process."""
+    import subprocess
+
+    from tests.conftest import CPU_ENV, torchrun
+
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "sitecustomize.py").write_text(SYNC_LOGGER)
+    log = tmp_path / "fsync.log"
+    run = tmp_path / "run"
+    env = {**os.environ, **CPU_ENV, "FSYNC_LOG": str(log)}
+    env["PYTHONPATH"] = os.pathsep.join((str(tmp_path / "site"), env["PYTHONPATH"]))
+    args = cli_runs.train_args(synth, run, *backend, "data.val_shards=")[1:]
+    proc = subprocess.run(torchrun(2, "-m", "toolkit", "train", *args), env=env, capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    synced = {path.removesuffix(".tmp") for path in log.read_text().splitlines()}  # DCP syncs, then renames
+    kept = [p for p in (run / "checkpoints").iterdir() if p.is_dir()]
+    assert len(kept) == 2
+    everything = [str(p) for step in kept for p in [step, *step.rglob("*")]]
+    missing = [p for p in everything if p not in synced]
+    assert missing == [], "\n".join(missing)
+    assert str(run / "checkpoints") in synced  # latest's rename

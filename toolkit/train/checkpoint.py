@@ -7,8 +7,9 @@
     runs/NAME/tb/, runs/NAME/metrics.jsonl
 
 A checkpoint is complete only once `latest` names it: `latest` is replaced atomically (write + fsync + rename)
-after a barrier that every rank reaches only when its own files are written. A run killed mid-save therefore
-resumes from the previous checkpoint, and a half-written step_N is overwritten on the next save.
+after a barrier that every rank reaches only when its own files are written and synced to the disk (durable.py:
+a node lost just after a commit cannot leave `latest` naming files still in its page cache). A run killed mid-save
+therefore resumes from the previous checkpoint, and a half-written step_N is overwritten on the next save.
 
 With train.async_checkpoint the backend writes its shards in the background (`start_checkpoint`) while training
 goes on; the small per-rank files are written at once. `finish_checkpoint` then asks every rank, after each step,
@@ -35,6 +36,7 @@ import torch
 
 from toolkit.config import ConfigError
 from toolkit.errors import OtherRankFailed, UserError
+from toolkit.train.durable import save_synced, sync_path
 from toolkit.train.safe_load import CheckpointFileError, WeightsMismatchError, load_plain, weights_mismatch
 from toolkit.train.schedule import apply_recipe, recipe_of
 from toolkit.train.write_errors import explain_write, resume_note
@@ -175,7 +177,7 @@ def prepare_step_dir(path: Path) -> None:
 
 
 def write_rank_state(path: Path, rank: int, loader_state: dict | None) -> None:
-    torch.save({"loader": loader_state, "rng": rng_state()}, path / f"rank_{rank}.pt")
+    save_synced({"loader": loader_state, "rng": rng_state()}, path / f"rank_{rank}.pt")
 
 
 def check_files(path: Path, meta: dict, *, backend) -> None:
@@ -223,9 +225,12 @@ def commit(run: RunDir, step: int, trainer_state: dict, keep: int) -> None:
     """Rank 0, after every rank finished writing: mark step_N complete, point `latest` at it, prune old ones."""
     path = run.step_dir(step)
     _fsync_write(path / "trainer.json", json.dumps(trainer_state, indent=1))
+    for folder, _, _ in os.walk(path):  # the names of every rank's files (os.walk: no stat per file)
+        sync_path(folder)
     tmp = run.checkpoints / "latest.tmp"
     _fsync_write(tmp, path.name)
     os.replace(tmp, run.checkpoints / "latest")
+    sync_path(run.checkpoints)  # the rename
     prune(run, keep)
 
 

@@ -48,6 +48,7 @@ from toolkit.train.backends.base import (
     prepare_blocks,
     tensor_state_numel,
 )
+from toolkit.train.durable import sync_after_save, sync_path
 from toolkit.train.optim import GROUP_PREFIXES, ParamGroup, build_optimizer, freeze_frozen_groups, group_lrs
 from toolkit.train.safe_load import CheckpointFileError, read_failure
 from toolkit.train.schedule import WarmupCosine, build_scheduler
@@ -333,6 +334,9 @@ class DeepSpeedBackend(Backend):
         first_step = _updates_disabled(self.optimizer) if self.stage == 0 and self.bf16 else contextlib.nullcontext()
         with first_step:
             self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=self.optimizer, config=self.ds_config)
+        writer = getattr(self.engine, "checkpoint_engine", None)
+        if type(writer).__name__ == "TorchCheckpointEngine":  # the default; a ds_config's fast or decoupled engine
+            sync_after_save(writer)  # writes in its own way and is left to it
         # ZeRO rewrites the param lists of the AdamW's groups in place; the group dicts (lr, name) stay ours.
         self.scheduler = build_scheduler(self.optimizer, schedule)
         self.engine.train()
@@ -401,6 +405,9 @@ class DeepSpeedBackend(Backend):
             "toolkit_param_groups": _group_settings(self.optimizer),  # for a universal load (see below)
         }
         self.engine.save_checkpoint(str(path), tag=CHECKPOINT_TAG, client_state=state, save_latest=False)
+        if self.env.rank == 0:  # its conversion scripts (zero_to_fp32.py ...), copied in by rank 0 and not synced
+            for script in Path(path).glob("*.py"):
+                sync_path(script)
 
     def load(self, path: str | Path) -> dict:
         dist.log0(PICKLE_WARNING, path, level=logging.WARNING)

@@ -50,6 +50,7 @@ from toolkit.train.backends.base import (
     prepare_blocks,
     tensor_state_numel,
 )
+from toolkit.train.durable import save_synced
 from toolkit.train.optim import ParamGroup, build_optimizer, freeze_frozen_groups
 from toolkit.train.safe_load import (
     CheckpointFileError,
@@ -272,7 +273,7 @@ class FSDPBackend(TorchOptimizerBackend):
         dcp.save(self._sharded_state(), checkpoint_id=str(path))
         if self.env.rank == 0:
             extra = {"scheduler": self.scheduler.state_dict(), "client_state": client_state or {}}
-            torch.save(extra, path / EXTRA_FILE)
+            save_synced(extra, path / EXTRA_FILE)
         dist.barrier()
 
     def save_async(self, path: str | Path, client_state: dict | None = None) -> PendingSave:
@@ -288,7 +289,7 @@ class FSDPBackend(TorchOptimizerBackend):
         future = dcp.async_save(self._sharded_state(), checkpoint_id=str(path), process_group=self._save_group)
         if self.env.rank == 0:
             extra = {"scheduler": self.scheduler.state_dict(), "client_state": client_state or {}}
-            torch.save(extra, path / EXTRA_FILE)
+            save_synced(extra, path / EXTRA_FILE)
         return PendingSave(future)
 
     def load(self, path: str | Path) -> dict:

@@ -29,6 +29,7 @@ from toolkit.train.backends.base import (
     prepare_blocks,
     tensor_state_numel,
 )
+from toolkit.train.durable import save_synced
 from toolkit.train.optim import ParamGroup, build_optimizer, freeze_frozen_groups
 from toolkit.train.safe_load import CheckpointFileError, WeightsMismatchError, load_plain, weights_mismatch
 from toolkit.train.schedule import WarmupCosine, build_scheduler
@@ -188,7 +189,7 @@ def _same_buffer(buffer: Any, leaf: Any) -> bool:
 
 def _write_state(path: Path, state: dict[str, Any]) -> None:
     path.mkdir(parents=True, exist_ok=True)
-    torch.save(state, path / STATE_FILE)
+    save_synced(state, path / STATE_FILE)
 
 
 def _read_state(path: Path, name: str) -> dict:
