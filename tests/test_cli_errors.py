@@ -115,6 +115,35 @@ def test_train_check_runs_the_checks_for_the_given_world_and_starts_nothing(synt
     assert "--world 2 applies to `train --check` only" in capsys.readouterr().err and not (tmp_path / "run").exists()
 
 
+def test_a_shard_set_smaller_than_the_jobs_readers_is_said_with_the_fix(synth_data, tmp_path, caplog):
+    """Fewer shards than readers (ranks x loader workers): every reader opens every shard for its 1/n of the
+    samples, the set read n times a pass (64 validation shards on 512 ranks of 4 workers: 131,072 opens each
+    validation, nothing said). Said once per set at the check, from 16 readers on; below, nothing."""
+    import logging
+
+    from toolkit.data.shards import resolve_sets
+
+    train_shards = len(resolve_sets(str(synth_data / "train"))[0].shards)
+    val_shards = len(resolve_sets(str(synth_data / "val"))[0].shards)
+    assert val_shards < train_shards < 16
+    base = ["train", "--check", "--config", "tiny", f"model.tokenizer={synth_data / 'tokenizer'}",
+            f"data.train_shards={synth_data / 'train'}", f"data.val_shards={synth_data / 'val'}",
+            f"train.run_dir={tmp_path / 'run'}", "backend.name=ddp", "data.num_workers=2"]  # fmt: skip
+    with caplog.at_level(logging.WARNING):
+        assert cli.main([*base, "--world", "7"]) == 0  # 14 readers
+        assert "readers" not in caplog.text
+        assert cli.main([*base, "--world", "8"]) == 0  # 16 readers
+    said = [r.getMessage() for r in caplog.records if "readers" in r.getMessage()]
+    assert len(said) == 2 and said[0].startswith("data.train_shards:") and said[1].startswith("data.val_shards:")
+    assert f"has {train_shards} shards for 16 readers (8 rank(s) x 2 loader worker(s)" in said[0]
+    assert "keeps 1 sample in 16, so a pass reads the set 16 times" in said[1] and "at least 16 shards" in said[1]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):  # the training order's own readers, whatever the ranks
+        assert cli.main([*base, "--world", "2", "data.virtual_readers=16", "train.global_batch_size=64"]) == 0
+    said = [r.getMessage() for r in caplog.records if "readers" in r.getMessage()]
+    assert len(said) == 1 and said[0].startswith("data.train_shards:") and "(data.virtual_readers=16)" in said[0]
+
+
 def test_a_typo_under_torchrun_fails_once_before_any_rank_starts(synth_data, tmp_path):
     """torchrun restarts a failed group (--max_restarts): a config error used to print on every rank of every
     restart and end in torchrun's ChildFailedError (exit 1). The launcher checks once first: exit 2, one line."""

@@ -20,7 +20,7 @@ import yaml
 from toolkit import dist
 from toolkit.config import Config, ConfigError
 from toolkit.data.order import check_layout
-from toolkit.data.shards import resolve_sets
+from toolkit.data.shards import ShardSet, resolve_sets
 from toolkit.data.tokenizer import VLMTokenizer, load_tokenizer
 from toolkit.train.lmms_watch import check_can_score
 from toolkit.train.wandb_log import WANDB_MISSING, wandb_enabled
@@ -56,12 +56,17 @@ def derive_accumulation(cfg: Config, world: int) -> None:
     t.gradient_accumulation_steps = derived
 
 
-def check_run(cfg: Config) -> VLMTokenizer:
+def check_run(cfg: Config, world: int = 1) -> VLMTokenizer:
     """Raise ConfigError naming the first field that would fail later in the run; returns the tokenizer, which
-    checking model.tokenizer (and its fit to the model's vocabulary) has loaded anyway."""
+    checking model.tokenizer (and its fit to the model's vocabulary) has loaded anyway. `world`: the ranks the run
+    will have, for the warning on shard sets smaller than the job's readers."""
     tokenizer = load_tokenizer(cfg.model)
-    resolve_sets(cfg.data.train_shards, name="data.train_shards")
-    _check_eval(cfg)
+    train_sets = resolve_sets(cfg.data.train_shards, name="data.train_shards")
+    workers = max(1, cfg.data.num_workers)
+    per_rank = (world * workers, f"{world} rank(s) x {workers} loader worker(s)")
+    virtual = (cfg.data.virtual_readers, f"data.virtual_readers={cfg.data.virtual_readers}")
+    _warn_few_shards("data.train_shards", train_sets, *(virtual if cfg.data.virtual_readers else per_rank))
+    _warn_few_shards("data.val_shards", _check_eval(cfg), *per_rank)  # validation has no virtual readers
     for field in ("vision_backbone", "language_backbone"):
         _check_backbone(f"model.{field}", getattr(cfg.model, field))
     _check_init_from(cfg)
@@ -87,17 +92,40 @@ def _check_lmms(cfg: Config) -> None:
     check_can_score(t)
 
 
-def _check_eval(cfg: Config) -> None:
+def _check_eval(cfg: Config) -> list[ShardSet]:
     t = cfg.train
     if cfg.data.val_shards:
-        resolve_sets(cfg.data.val_shards, name="data.val_shards")
-        return
+        return resolve_sets(cfg.data.val_shards, name="data.val_shards")
     for field in EVAL_FIELDS:
         if getattr(t, field):
             raise ConfigError(
                 f"train.{field}={getattr(t, field)} asks for validation but data.val_shards is empty; "
                 f"set data.val_shards to held-out shards, or train.{field}=0"
             )
+    return []
+
+
+# Readers of a set with fewer shards than readers each open every shard and keep every n-th sample: the set is read
+# n times a pass (and each shard opened n times on the filesystem). From this many readers on, that is said.
+FEW_SHARDS_READERS = 16
+
+
+def _warn_few_shards(field: str, sets: list[ShardSet], readers: int, how: str) -> None:
+    """A set of fewer shards than the job's readers (ranks x loader workers, or data.virtual_readers) is read by
+    sample: 64 validation shards on 512 ranks of 4 workers were opened 131,072 times a validation, each reader
+    reading the whole set for its 1/2048. Allowed (a small held-out set is common), said once with the fix."""
+    if readers < FEW_SHARDS_READERS:
+        return
+    for shard_set in sets:
+        n = len(shard_set.shards)
+        if n < readers:
+            dist.log0(
+                "%s: %s has %d shards for %d readers (%s): each reader opens every shard and keeps 1 sample in "
+                "%d, so a pass reads the set %d times; write it as at least %d shards (shard-data --shard-size "
+                "smaller) to read each sample once",
+                field, shard_set.pattern, n, readers, how, readers, readers, readers,
+                level=logging.WARNING,
+            )  # fmt: skip
 
 
 def _check_backbone(field: str, folder: str) -> None:

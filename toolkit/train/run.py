@@ -314,7 +314,7 @@ def prepare_run(cfg: Config, env: dist.DistEnv, device: Any = None) -> Prepared:
     m = cfg.model
     check_kernel(cfg.train.attention_kernel, _run_device(cfg, backend, checking=device is not None),
                  m.lm_hidden_dim // m.lm_n_heads, m.lm_dropout)  # fmt: skip
-    tokenizer = check_run(cfg)  # every path and setting the run reads late, before anything starts or is written
+    tokenizer = check_run(cfg, env.world_size)  # every path and setting the run reads late, before it starts
     run = RunDir(cfg.train.run_dir)
     resume_from = resolve_resume(run, cfg.train.resume)
     check_init_and_resume(cfg, run, resume_from)
