@@ -396,3 +396,18 @@ def test_slurm_keeps_a_stop_file_someone_else_made(tmp_path, stubs):
                           capture_output=True, text=True, timeout=30)  # fmt: skip
     assert done.returncode == 0 and "job.stop exists already" in done.stderr, done.stderr
     assert (tmp_path / "job.stop").exists()
+
+
+def test_slurm_runs_the_python_it_is_given(tmp_path, stubs):
+    """PYTHON (a venv on node-local disk, a container's) is what srun starts on every node, as in torchrun.sh and
+    deepspeed.sh; the submit folder's .venv/bin/python when unset (train.slurm always ran that one)."""
+    cmd = ["bash", str(REPO / "launch" / "train.slurm")]
+    for given, expected in ((stubs["PYTHON"], stubs["PYTHON"]), (None, ".venv/bin/python")):
+        env = slurm_env(tmp_path, stubs, PREFLIGHT="0")
+        if given is None:
+            env.pop("PYTHON")
+        (tmp_path / "record").unlink(missing_ok=True)
+        done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=30)
+        assert done.returncode == 0, done.stderr
+        args = first_call(tmp_path)  # srun's
+        assert args[args.index("--kill-on-bad-exit=1") + 1] == expected
