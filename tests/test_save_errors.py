@@ -240,3 +240,26 @@ def test_every_file_of_a_checkpoint_is_synced_before_latest_names_it(backend, sy
     missing = [p for p in everything if p not in synced]
     assert missing == [], "\n".join(missing)
     assert str(run / "checkpoints") in synced  # latest's rename
+
+
+def test_a_filesystem_that_cannot_sync_a_folder_still_checkpoints(tmp_path, monkeypatch) -> None:
+    """CIFS and some FUSE mounts answer a folder's fsync with EINVAL: the checkpoint's files were synced one by one,
+    so that is no failure; a file's fsync error (EIO: its data may be lost) still is."""
+    from toolkit.train import durable
+
+    real_fsync = os.fsync
+    folder, file = tmp_path / "step_1", tmp_path / "step_1" / "rank_0.pt"
+    folder.mkdir()
+
+    def picky_fsync(fd):
+        path = os.readlink(f"/proc/self/fd/{fd}")
+        if path == str(folder):
+            raise OSError(errno.EINVAL, "Invalid argument")
+        if path == str(file):
+            raise OSError(errno.EIO, "Input/output error")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", picky_fsync)
+    durable.sync_path(folder)  # no error
+    with pytest.raises(OSError, match="Input/output error"):
+        durable.save_synced({"x": 1}, file)

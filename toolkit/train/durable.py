@@ -10,6 +10,7 @@ its own shards (FileSystemWriter's sync_files, on by default).
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 from typing import Any
@@ -25,11 +26,19 @@ def save_synced(obj: Any, path: str | Path) -> None:
         os.fsync(fh.fileno())
 
 
+# What fsync of a folder gives on a filesystem that has nothing to sync for one (CIFS, some FUSE mounts): not a
+# failure of the checkpoint, whose files were synced one by one. A file's fsync errors (EIO: data lost) still raise.
+NO_FOLDER_SYNC = {errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EBADF, errno.EISDIR}
+
+
 def sync_path(path: str | Path) -> None:
     """fsync a file or a folder (a folder's entries: the names of files made in it) by path."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
+    except OSError as exc:
+        if not (exc.errno in NO_FOLDER_SYNC and os.path.isdir(path)):
+            raise
     finally:
         os.close(fd)
 
