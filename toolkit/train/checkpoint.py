@@ -36,7 +36,7 @@ import torch
 
 from toolkit.config import ConfigError
 from toolkit.errors import OtherRankFailed, UserError
-from toolkit.train.durable import save_synced, sync_path
+from toolkit.train.durable import save_synced, sync_path, write_text_synced
 from toolkit.train.safe_load import CheckpointFileError, WeightsMismatchError, load_plain, weights_mismatch
 from toolkit.train.schedule import apply_recipe, recipe_of
 from toolkit.train.write_errors import explain_write, resume_note
@@ -214,21 +214,14 @@ def read_rank_state(path: Path, rank: int, saved_world: int | None = None) -> di
     return load_plain(file, what=what)
 
 
-def _fsync_write(path: Path, text: str) -> None:
-    with open(path, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-
-
 def commit(run: RunDir, step: int, trainer_state: dict, keep: int) -> None:
     """Rank 0, after every rank finished writing: mark step_N complete, point `latest` at it, prune old ones."""
     path = run.step_dir(step)
-    _fsync_write(path / "trainer.json", json.dumps(trainer_state, indent=1))
+    write_text_synced(path / "trainer.json", json.dumps(trainer_state, indent=1))
     for folder, _, _ in os.walk(path):  # the names of every rank's files (os.walk: no stat per file)
         sync_path(folder)
     tmp = run.checkpoints / "latest.tmp"
-    _fsync_write(tmp, path.name)
+    write_text_synced(tmp, path.name)
     os.replace(tmp, run.checkpoints / "latest")
     sync_path(run.checkpoints)  # the rename
     prune(run, keep)

@@ -31,6 +31,14 @@ def save_synced(obj: Any, path: str | Path) -> None:
 NO_FOLDER_SYNC = {errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EBADF, errno.EISDIR}
 
 
+def write_text_synced(path: str | Path, text: str) -> None:
+    """A text file (trainer.json, `latest`), its bytes flushed to the disk before returning."""
+    with open(path, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
 def sync_path(path: str | Path) -> None:
     """fsync a file or a folder (a folder's entries: the names of files made in it) by path."""
     fd = os.open(path, os.O_RDONLY)
