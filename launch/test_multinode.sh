@@ -112,8 +112,12 @@ launch_two_hosts() {  # $1 = run dir; output to $1.log
 }
 
 check_run() {  # $1 = two-host run dir
-  grep -q "^$IP1: .*rank 0/2 finished" "$1.log" || fail "no finished rank 0 on host $IP1 (see log above)"
-  grep -q "^$IP2: .*rank 1/2 finished" "$1.log" || fail "no finished rank 1 on host $IP2"
+  # Rank 0 alone says the run finished; each host's DeepSpeed launcher says which rank it ran and how it exited.
+  grep -q "^$IP1: finished at step $STEPS on 2 rank(s)" "$1.log" || fail "rank 0 on host $IP1 did not finish (see log)"
+  grep -q "^$IP2: .*node_rank=1" "$1.log" || fail "host $IP2 was not given node rank 1"
+  for ip in "$IP1" "$IP2"; do
+    grep -q "^$ip: .*Process [0-9]* exits successfully" "$1.log" || fail "the rank on host $ip did not exit cleanly"
+  done
   local step="$1/checkpoints/step_$STEPS"
   for r in 0 1; do
     ls "$step"/model/deepspeed/zero_pp_rank_${r}_*optim_states.pt >/dev/null 2>&1 || fail "no ZeRO-3 shard of rank $r in $step"
@@ -157,7 +161,7 @@ start_sshd
 log "hosts $IP1 ($NS1) and $IP2 ($NS2) up, ssh works"
 "$PY" -m toolkit synth "$WORK/data" --samples 256 --val-samples 16 >/dev/null || fail "synth"
 launch_two_hosts "$WORK/two" || { tail -40 "$WORK/two.log"; fail "two-host run failed"; }
-grep -E "rank [01]/2" "$WORK/two.log" | head -4
+grep -E "node_rank=|finished at step" "$WORK/two.log" | head -4
 check_run "$WORK/two" || exit 1
 DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 "$PY" -m torch.distributed.run --nproc_per_node 2 --master_port $((PORT + 1)) \
   -m toolkit train $(train_args "$WORK/one") >"$WORK/one.log" 2>&1 || { tail -40 "$WORK/one.log"; fail "one-host run"; }
