@@ -405,7 +405,10 @@ def _eval(args: argparse.Namespace) -> int:
             print(f"accuracy {kind:>14}: {value:6.1%}  ({acc.total.get(kind, sum(acc.total.values()))} questions)")
         if acc.unanswerable:
             print(f"accuracy: {acc.unanswerable} questions left out, their reference answer has no word to compare")
-        elif not acc.total:
+        if acc.too_long:
+            print(f"accuracy: {acc.too_long} questions left out, their prompt fills the model's context (lm_max_length "
+                  f"{model.cfg.lm_max_length}, image tokens included)")  # fmt: skip
+        if not (acc.total or acc.unanswerable or acc.too_long):
             print("accuracy: no question was scored (the held-out samples hold none; see the warnings above)")
     if args.lmms_tasks:
         _eval_lmms(args)

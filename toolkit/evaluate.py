@@ -3,6 +3,11 @@
 Answer accuracy compares the first word of the generated answer with the reference answer, case- and
 punctuation-insensitively: the shapes-VQA questions (and most VQA benchmarks) have one-word answers, and a
 model that says "Red." for "red" is right. Results are grouped by the sample's `question_type` when present.
+
+Nothing is generated past the model's context (lm_max_length, image tokens included): RoPE takes any position,
+so decoding there raises no error and writes text the model was never trained to write. `answer_from` and
+`generate_batch` stop each answer at the context and give a prompt that fills it no tokens; each caller keeps its
+own policy on top (`toolkit generate` refuses, lmms-eval and answer accuracy count and warn once).
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from toolkit.errors import UserError
 from toolkit.model import VisionLanguageModel
 
 log = logging.getLogger(__name__)
+ANSWER_TOKENS = 16  # new tokens per answer-accuracy question: the answer's first word is all that is compared
 
 
 def normalise(text: str) -> str:
@@ -40,6 +46,7 @@ class Accuracy:
     correct: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     total: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     unanswerable: int = 0  # questions whose reference answer has no word to compare: left out of the figures
+    too_long: int = 0  # questions whose prompt fills the model's context: never seen whole, left out of the figures
 
     def add(self, kind: str, ok: bool) -> None:
         self.correct[kind] += int(ok)
@@ -52,6 +59,12 @@ class Accuracy:
         n = sum(self.total.values())
         out["all"] = sum(self.correct.values()) / n if n else 0.0
         return out
+
+
+def context_room(model: VisionLanguageModel, prompt_length: int, max_new_tokens: int) -> int:
+    """How many tokens may follow a prompt: at most `max_new_tokens`, and none past the model's context
+    (lm_max_length), the longest sequence it was trained at; 0 when the prompt fills it."""
+    return max(0, min(max_new_tokens, model.cfg.lm_max_length - prompt_length))
 
 
 def tiles_for(model: VisionLanguageModel, images: list[Image.Image]) -> tuple[torch.Tensor | None, list]:
@@ -72,10 +85,10 @@ def answer(
     images: list[Image.Image],
     question: str,
     *,
-    max_new_tokens: int = 16,
+    max_new_tokens: int = ANSWER_TOKENS,
     greedy: bool = True,
 ) -> str:
-    """One question about one sample's images -> the decoded answer."""
+    """One question about one sample's images -> the decoded answer, stopped at the model's context."""
     ids, pixels = prompt_inputs(model, tok, images, question)
     return answer_from(model, tok, ids, pixels, max_new_tokens=max_new_tokens, greedy=greedy)
 
@@ -90,9 +103,14 @@ def answer_from(
     max_new_tokens: int,
     greedy: bool = True,
 ) -> str:
-    """prompt_inputs' (ids, tiles) -> the decoded answer: for a caller that checks the prompt's length first."""
+    """prompt_inputs' (ids, tiles) -> the decoded answer: at most `max_new_tokens`, and none past the model's
+    context, so a prompt that fills it is answered "" (see context_room). A caller that must refuse or report such
+    a prompt checks its length first."""
+    room = context_room(model, len(ids), max_new_tokens)
+    if room == 0:  # generate() cannot give no tokens, and any token here would be past the context
+        return ""
     ids_t = torch.tensor([ids], device=next(model.parameters()).device)
-    out = model.generate(ids_t, pixels, max_new_tokens=max_new_tokens, greedy=greedy, eos_token_id=tok.eos_token_id)
+    out = model.generate(ids_t, pixels, max_new_tokens=room, greedy=greedy, eos_token_id=tok.eos_token_id)
     return tok.decode(out[0].tolist(), skip_special_tokens=True).strip()
 
 
@@ -147,28 +165,58 @@ def generate_batch(
     """(prompt ids, tiles) pairs -> each row's generated tokens, in one batched decode.
 
     Rows are left-padded with an attention mask, so positions and attention see only each row's own tokens and a
-    row's greedy tokens equal those of the same prompt alone. Each row ends at its first EOS (kept, as a lone
-    prompt's `generate` keeps it); `generate` pads finished rows with EOS until the longest row is done.
+    row's greedy tokens equal those of the same prompt alone. A row gets at most `max_new_tokens` and none past the
+    model's context (see context_room): the batch decodes to its roomiest row's limit and each row is cut at its
+    own, which is what that row alone gives; a row whose prompt fills the context is not decoded and gets [].
+    Each row ends at its first EOS (kept, as a lone prompt's `generate` keeps it).
     """
+    rooms = [context_room(model, len(ids), max_new_tokens) for ids, _ in prompts]
+    live = [row for row, room in enumerate(rooms) if room > 0]
+    rows: list[list[int]] = [[] for _ in prompts]
+    if not live:
+        return rows
+    decoded = _decode_rows(model, tok, [prompts[row] for row in live], max(rooms[row] for row in live),
+                           greedy=greedy, temperature=temperature, top_p=top_p)  # fmt: skip
+    for row, tokens in zip(live, decoded, strict=True):
+        tokens = tokens[: rooms[row]]  # a roomier row decoded further: what lies past this row's context goes
+        if tok.eos_token_id in tokens:
+            tokens = tokens[: tokens.index(tok.eos_token_id) + 1]
+        rows[row] = tokens
+    return rows
+
+
+def _decode_rows(
+    model: VisionLanguageModel,
+    tok: VLMTokenizer,
+    prompts: list[tuple[list[int], torch.Tensor | None]],
+    max_new_tokens: int,
+    *,
+    greedy: bool,
+    temperature: float,
+    top_p: float,
+) -> list[list[int]]:
+    """One left-padded `generate` over `prompts`: each row's max_new_tokens tokens, finished rows padded with EOS
+    until the longest row is done."""
     device = next(model.parameters()).device
     ids, mask = left_pad([p for p, _ in prompts], tok.pad_token_id, device)
     tiles = [t for _, t in prompts if t is not None]
     pixels = torch.cat(tiles) if tiles else None  # every row's tiles in row order: the order of its image tokens
     out = model.generate(ids, pixels, mask, max_new_tokens=max_new_tokens, greedy=greedy,
                          temperature=temperature, top_p=top_p, eos_token_id=tok.eos_token_id)  # fmt: skip
-    rows = []
-    for tokens in out.tolist():
-        if tok.eos_token_id in tokens:
-            tokens = tokens[: tokens.index(tok.eos_token_id) + 1]
-        rows.append(tokens)
-    return rows
+    return out.tolist()
 
 
 def answer_accuracy(
     model: VisionLanguageModel, tok: VLMTokenizer, samples: Iterable[dict], *, max_samples: int = 0
 ) -> tuple[Accuracy, list[dict]]:
-    """samples: dicts with `images` (PIL), `texts` (first turn is asked), optional `question_type`."""
-    acc, shown = Accuracy(), []
+    """samples: dicts with `images` (PIL), `texts` (first turn is asked), optional `question_type`.
+
+    A question whose prompt (image tokens included) fills the model's context is left out of the figures and
+    counted in `too_long`, as one without a reference word is in `unanswerable`: the model never saw it whole, so
+    its empty answer would score the context, not the model. One warning per call gives their count and the first.
+    An answer that reaches the context is stopped there and scored as it stands (its first word is compared).
+    """
+    acc, shown, first_too_long = Accuracy(), [], ""
     model.eval()
     for i, sample in enumerate(samples):
         if max_samples and i >= max_samples:
@@ -177,7 +225,12 @@ def answer_accuracy(
         if not normalise(turn["assistant"]):  # no word to compare: an empty answer would match an empty one
             acc.unanswerable += 1
             continue
-        said = answer(model, tok, sample["images"], turn["user"])
+        ids, pixels = prompt_inputs(model, tok, sample["images"], turn["user"])
+        if context_room(model, len(ids), ANSWER_TOKENS) == 0:
+            acc.too_long += 1
+            first_too_long = first_too_long or f"{len(ids)} tokens, {turn['user'][:80]!r}"
+            continue
+        said = answer_from(model, tok, ids, pixels, max_new_tokens=ANSWER_TOKENS)
         ok = normalise(said) == normalise(turn["assistant"])
         acc.add(sample.get("question_type", "all questions"), ok)
         shown.append(
@@ -189,7 +242,16 @@ def answer_accuracy(
                 "description": sample.get("description", ""),
             }
         )
+    if acc.too_long:
+        _warn_too_long(acc.too_long, first_too_long, model.cfg.lm_max_length)
     return acc, shown
+
+
+def _warn_too_long(count: int, first: str, context: int) -> None:
+    """One line per answer_accuracy call, not one per question: a held-out set of long prompts would flood the log."""
+    log.warning("answer accuracy left out %d questions whose prompt fills the model's context (lm_max_length %d, "
+                "image tokens included), the first %s; fewer or smaller images (model.max_img_size) or a model with "
+                "a longer lm_max_length would answer them", count, context, first)  # fmt: skip
 
 
 def nanovlm_folder(path: str | Path) -> Path:

@@ -265,23 +265,20 @@ class NanoVLMScale(_LMMSBase):
     def _generate(self, args: list[tuple], full: ContextMisses, cut: ContextMisses) -> list[str]:
         """One batch of requests that share their generation settings -> their answers.
 
-        A row may add tokens up to the model's context only (`toolkit generate`'s rule): the batch decodes to the
-        roomiest row's limit and each row is cut at its own, which is what that row alone would give. A row with
-        no room is not decoded (its answer is empty); both kinds are noted in `full` and `cut`."""
+        A row adds tokens up to the model's context only (generate_batch's rule, as `toolkit generate`'s): a row
+        with no room gets an empty answer, a row with less room than asked stops at the context; both kinds are
+        noted in `full` and `cut`."""
         gen = dict(args[0][1] or {})
         asked = int(gen.get("max_new_tokens", self.max_new_tokens))
         prompts = [self._prompt(c, _images(visual(self._doc(task, split, doc_id))), task)
                    for c, _, visual, doc_id, task, split in args]  # fmt: skip
-        spaces = [self.context - len(ids) for ids, _ in prompts]
-        rooms = [min(asked, space) for space in spaces]  # a task asking for 0 new tokens gets "" unwarned
-        live = [row for row, room in enumerate(rooms) if room > 0]
-        decoded = self._decode([prompts[row] for row in live], gen, max(rooms[row] for row in live)) if live else []
-        tokens_of = dict(zip(live, decoded, strict=True))
+        decoded = self._decode(prompts, gen, asked)
         answers = []
-        for row, (_, _, _, doc_id, task, split) in enumerate(args):
-            room, n = rooms[row], len(prompts[row][0])
-            tokens = tokens_of[row][:room] if row in tokens_of else []
-            if spaces[row] <= 0:
+        for (ids, _), tokens, (_, _, _, doc_id, task, split) in zip(prompts, decoded, args, strict=True):
+            n = len(ids)
+            space = self.context - n
+            room = min(asked, space)  # a task asking for 0 new tokens gets "" unwarned
+            if space <= 0:
                 full.add(task, split, doc_id, f"a {n}-token prompt")
             elif room < asked and len(tokens) == room and self.tok.eos_token_id not in tokens:
                 cut.add(task, split, doc_id, f"{room} new tokens of {asked} after a {n}-token prompt")
