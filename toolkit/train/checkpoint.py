@@ -19,6 +19,7 @@ resumes from the previous checkpoint, exactly as a run killed during a synchrono
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -26,7 +27,6 @@ import random
 import re
 import shutil
 import sys
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +37,7 @@ import torch
 from toolkit.config import ConfigError
 from toolkit.errors import OtherRankFailed, UserError
 from toolkit.train.durable import save_synced, sync_path, write_text_synced
+from toolkit.train.file_checks import FileCheck, check_files_shared, zip_problem
 from toolkit.train.safe_load import CheckpointFileError, WeightsMismatchError, load_plain, weights_mismatch
 from toolkit.train.schedule import apply_recipe, recipe_of
 from toolkit.train.write_errors import explain_write, resume_note
@@ -180,21 +181,22 @@ def write_rank_state(path: Path, rank: int, loader_state: dict | None) -> None:
     save_synced({"loader": loader_state, "rng": rng_state()}, path / f"rank_{rank}.pt")
 
 
-def check_files(path: Path, meta: dict, *, backend) -> None:
-    """Before the resume builds anything, on every rank alike: each rank file trainer.json implies is there and a
-    whole zip archive (torch.save's format, checked from its end record), then the backend's own files. A file that
-    fails only on the rank that reads it would leave the other ranks waiting in their next collective."""
-    what = "a rank's data-loader and RNG state"
-    for rank in range(int(meta["world_size"])):
-        file = path / f"rank_{rank}.pt"
-        if not file.is_file():
-            raise CheckpointFileError(file, what, f"the file is missing (trainer.json records {meta['world_size']} "
-                                      "rank(s), each writes its own)")  # fmt: skip
-        if not zipfile.is_zipfile(file):
-            raise CheckpointFileError(file, what, "the file is cut short or not a torch file (no zip end record)")
-    check = getattr(backend, "check_files", None)  # single/ddp, fsdp and deepspeed know their files
-    if check is not None:
-        check(path / "model")
+def resume_file_checks(path: Path, meta: dict, *, backend) -> list[FileCheck]:
+    """Every file a resume of `path` reads, to check before it reads any: each rank file trainer.json implies,
+    a whole zip archive (torch.save's format, checked from its end record), then the backend's own files. A file
+    that failed only on the rank that reads it would leave the other ranks waiting in their next collective."""
+    world = int(meta["world_size"])
+    lost = functools.partial(zip_problem, missing=f"the file is missing (trainer.json records {world} rank(s), "
+                             "each writes its own)")  # fmt: skip
+    checks = [FileCheck(path / f"rank_{r}.pt", "a rank's data-loader and RNG state", lost) for r in range(world)]
+    own = getattr(backend, "file_checks", None)  # single/ddp, fsdp and deepspeed know their files
+    return checks + (own(path / "model") if own is not None else [])
+
+
+def check_files(path: Path, meta: dict, *, backend, rank: int = 0, world: int = 1) -> None:
+    """resume_file_checks, raised as CheckpointFileError: in one process (world 1), or shared out over a running
+    process group's `world` ranks (collective: every rank checks every world-th file, all raise the same error)."""
+    check_files_shared(lambda: resume_file_checks(path, meta, backend=backend), rank=rank, world=world)
 
 
 def read_rank_state(path: Path, rank: int, saved_world: int | None = None) -> dict:
@@ -424,25 +426,53 @@ def _restore(path: Path, *, backend, loader) -> dict:
     changed = apply_recipe(backend.optimizer, backend.scheduler, recipe)
     if changed:  # the config is the run's: config.yaml says so, and the schedule is planned from it
         dist.log0("resumed with this config's optimizer settings, not the checkpoint's: %s", "; ".join(changed))
-    own = backend.env.rank if saved_world == world else 0
-    rank_state = read_rank_state(path, own, saved_world)
-    if saved_world == world and loader is not None and rank_state["loader"] is not None:
-        loader.load_state_dict(rank_state["loader"])
-    elif loader is not None:  # every saved rank's data position, rank 0's already read above
-        saved = [rank_state["loader"] if r == own else read_rank_state(path, r, saved_world)["loader"]
-                 for r in range(saved_world)]  # fmt: skip
-        if loader.reshard([state for state in saved if state is not None]):
-            dist.log0("resumed %s ranks -> %s: the data continues at the next global row", saved_world, world)
-        else:
-            dist.log0(
-                "resumed %s ranks -> %s: the data stream starts a new pass (set data.virtual_readers for a global "
-                "order that reshards)",
-                saved_world,
-                world,
-                level=30,
-            )
+    if saved_world == world:
+        rank_state = read_rank_state(path, backend.env.rank, saved_world)
+        if loader is not None and rank_state["loader"] is not None:
+            loader.load_state_dict(rank_state["loader"])
+    else:  # every saved rank's data position, and rank 0's RNG state, on every rank
+        saved = read_rank_states_shared(path, saved_world, rank=backend.env.rank, world=world)
+        rank_state = saved[0]
+        if loader is not None:
+            _reshard(loader, [state["loader"] for state in saved if state["loader"] is not None], saved_world, world)
     restore_rng(rank_state["rng"], rank=backend.env.rank, own=saved_world == world)
     return meta["trainer"]
+
+
+def _reshard(loader, saved: list[dict], saved_world: int, world: int) -> None:
+    from toolkit import dist
+
+    if loader.reshard(saved):
+        dist.log0("resumed %s ranks -> %s: the data continues at the next global row", saved_world, world)
+    else:
+        dist.log0(
+            "resumed %s ranks -> %s: the data stream starts a new pass (set data.virtual_readers for a global order "
+            "that reshards)",
+            saved_world,
+            world,
+            level=logging.WARNING,
+        )
+
+
+def read_rank_states_shared(path: Path, saved_world: int, *, rank: int, world: int) -> list[dict]:
+    """Every saved rank_R.pt on every rank (collective): rank r reads files r, r+W, ... and one all-gather shares
+    them (each rank read every file: 262,000 reads of the shared filesystem for a 512-rank resume). A file that
+    fails on the rank reading it fails every rank alike, with its name."""
+    mine: dict[int, dict] = {}
+    failure = None
+    try:
+        for saved_rank in range(rank, saved_world, world):
+            mine[saved_rank] = read_rank_state(path, saved_rank, saved_world)
+    except CheckpointFileError as exc:
+        failure = (str(exc.file), exc.what, exc.reason)
+    from toolkit import dist
+
+    merged: dict[int, dict] = {}
+    for states, failed in dist.all_gather_object((mine, failure)):
+        if failed is not None:
+            raise CheckpointFileError(*failed)
+        merged.update(states)
+    return [merged[r] for r in range(saved_world)]
 
 
 def restore_rng(state: dict[str, Any], *, rank: int, own: bool) -> None:

@@ -209,24 +209,26 @@ def _check_safetensors(field: str, file: Path) -> None:
 GROUP_LR_FIELDS = ("lr_mp", "lr_vision_backbone", "lr_language_backbone")
 
 
-def check_resume(cfg: Config, checkpoint: Path | None, backend: Any) -> None:
+def check_resume(cfg: Config, checkpoint: Path | None, backend: Any, *, files: bool = True) -> None:
     """What a resume cannot change, against the checkpoint's trainer.json (backend, world size) and its run's
-    config.yaml (architecture, frozen groups), before anything is built or written.
+    config.yaml (architecture, frozen groups), before anything is built or written. `files=False` leaves the
+    checkpoint's files to `check_resume_files` once the ranks' process group runs (a multi-rank run).
 
     Without this a changed model.* failed in load_state_dict after the run folder's config.yaml had been
     rewritten with the new values, and `export` then paired the old weights with the new config.
     """
     if checkpoint is None:
         return
-    from toolkit.train.checkpoint import check_files, check_resumable, damaged, read_trainer_meta
+    from toolkit.train.checkpoint import check_resumable, damaged, read_trainer_meta
     from toolkit.train.safe_load import CheckpointFileError
 
     try:
         meta = read_trainer_meta(checkpoint)
         check_resumable(checkpoint, meta, backend=backend)
-        check_files(checkpoint, meta, backend=backend)
     except CheckpointFileError as exc:
         raise damaged(exc, checkpoint, verb="resume") from exc
+    if files:
+        check_resume_files(checkpoint, backend, rank=0, world=1)
     saved_file = checkpoint.parent.parent / "config.yaml"
     saved = saved_config(saved_file)
     now = cfg.to_dict()
@@ -255,6 +257,21 @@ def check_resume(cfg: Config, checkpoint: Path | None, backend: Any) -> None:
             f"train.run_dir with train.init_from=<an export of it> (`python -m toolkit export {checkpoint} OUT`)"
         )
     _warn_global_batch(cfg, saved.get("train", {}), int(meta["world_size"]), backend.env.world_size)
+
+
+def check_resume_files(checkpoint: Path | None, backend: Any, *, rank: int, world: int) -> None:
+    """Every file the resume of `checkpoint` reads, there and whole: in one process (world 1: `train --check`, a
+    one-rank run), or collective over the running process group, each rank checking every world-th file (every
+    rank checking every file was about two million metadata calls per resume at 512 ranks)."""
+    if checkpoint is None:
+        return
+    from toolkit.train.checkpoint import check_files, damaged, read_trainer_meta
+    from toolkit.train.safe_load import CheckpointFileError
+
+    try:
+        check_files(checkpoint, read_trainer_meta(checkpoint), backend=backend, rank=rank, world=world)
+    except CheckpointFileError as exc:
+        raise damaged(exc, checkpoint, verb="resume") from exc
 
 
 def _warn_global_batch(cfg: Config, saved: dict[str, Any], saved_world: int, world: int) -> None:

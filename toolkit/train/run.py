@@ -43,6 +43,7 @@ from toolkit.train.lmms_watch import LmmsWatch
 from toolkit.train.preflight import (
     ARCHITECTURE_FIELDS,
     check_resume,
+    check_resume_files,
     check_run,
     derive_accumulation,
     saved_config,
@@ -195,7 +196,7 @@ def check_init_and_resume(cfg: Config, run: RunDir, resume_from: Path | None) ->
     dist.log0("%s started from %s and has checkpoints: continuing it from %s", run.root, init, resume_from)
 
 
-def _build(cfg: Config, backend, tokenizer, lock: RunLock | None = None):
+def _build(cfg: Config, backend, tokenizer, lock: RunLock | None = None, resume_from: Path | None = None):
     from toolkit.data.loader import build_loader
     from toolkit.model import VisionLanguageModel
     from toolkit.model.hub import load_backbones, load_weights_from
@@ -205,6 +206,8 @@ def _build(cfg: Config, backend, tokenizer, lock: RunLock | None = None):
     env = backend.env
     backend.start_process_group()
     check_same_config(cfg)
+    if env.world_size > 1:  # before the model is built: a lost or cut file is named at once, on every rank
+        check_resume_files(resume_from, backend, rank=env.rank, world=env.world_size)
     if lock is not None:
         lock.claim()  # after the configs agree: every rank names the same folder
     dist.seed_everything(cfg.train.seed)  # identical initial weights on every rank
@@ -318,7 +321,9 @@ def prepare_run(cfg: Config, env: dist.DistEnv, device: Any = None) -> Prepared:
     run = RunDir(cfg.train.run_dir)
     resume_from = resolve_resume(run, cfg.train.resume)
     check_init_and_resume(cfg, run, resume_from)
-    check_resume(cfg, resume_from, backend)  # architecture, backend and world size the checkpoint allows
+    # Architecture, backend and world size the checkpoint allows; its files in this one process only where no
+    # process group will share them out (a one-rank run, `train --check`): `_build` checks them on many ranks
+    check_resume(cfg, resume_from, backend, files=device is not None or env.world_size == 1)
     if resume_from is None and cfg.train.resume == "none" and (run.checkpoints / "latest").exists():
         raise FileExistsError(
             f"{run.root} already holds checkpoints; continue it with train.resume=auto or start a new train.run_dir"
@@ -360,7 +365,7 @@ def run_training(cfg: Config) -> list[dict[str, Any]]:
     del prepared
     loader, lock = None, RunLock(run.root)
     try:
-        loader = _build(cfg, backend, tokenizer, lock)
+        loader = _build(cfg, backend, tokenizer, lock, resume_from)
         history = _train(cfg, run, resume_from, backend=backend, loader=loader, tokenizer=tokenizer)
     finally:
         lock.release()

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -30,7 +31,6 @@ import pickle
 import re
 import shutil
 import warnings
-import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -49,6 +49,7 @@ from toolkit.train.backends.base import (
     tensor_state_numel,
 )
 from toolkit.train.durable import sync_after_save, sync_path
+from toolkit.train.file_checks import FileCheck, check_files_shared, zip_problem
 from toolkit.train.optim import GROUP_PREFIXES, ParamGroup, build_optimizer, freeze_frozen_groups, group_lrs
 from toolkit.train.safe_load import CheckpointFileError, read_failure
 from toolkit.train.schedule import WarmupCosine, build_scheduler
@@ -180,8 +181,8 @@ def _updates_disabled(optimizer: torch.optim.Optimizer) -> Iterator[None]:
         del optimizer.step
 
 
-def check_checkpoint_files(path: Path) -> None:
-    """The files DeepSpeed wrote under `path/deepspeed/`, checked without unpickling any: a model-states file, one
+def checkpoint_file_checks(path: Path) -> list[FileCheck]:
+    """The files DeepSpeed wrote under `path/deepspeed/`, to check without unpickling any: a model-states file, one
     ZeRO optimizer shard per rank trainer.json records (a lost one would look like another world size and start a
     conversion), each a whole zip archive (torch.save's format; a cut file has no end record). DeepSpeed's own load
     fails on these with torch's message or a bare AssertionError, naming no file."""
@@ -196,13 +197,12 @@ def check_checkpoint_files(path: Path) -> None:
     templates = meta.get("rank_files")  # recorded since 2026-12-07; before, the ZeRO shards' names are inferred
     if templates is None and shards:
         templates = [shards[0][0].name[: shards[0][1].start()] + "zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"]
-    for template in templates or []:  # without them, a checkpoint that lost every shard looked like ZeRO-0's
-        for missing in (tag / template.format(rank=rank) for rank in range(world)):
-            if not missing.is_file():
-                raise CheckpointFileError(missing, what, f"the file is missing (trainer.json records {world} ranks)")
-    for file in files:
-        if not zipfile.is_zipfile(file):
-            raise CheckpointFileError(file, what, "the file is cut short or not a torch checkpoint (no zip end record)")
+    # Without the templates a checkpoint that lost every shard looked like ZeRO-0's
+    expected = [tag / template.format(rank=rank) for template in templates or [] for rank in range(world)]
+    lost = functools.partial(zip_problem, missing=f"the file is missing (trainer.json records {world} ranks)")
+    named = set(expected)
+    others = [f for f in files if f not in named]
+    return [FileCheck(f, what, lost) for f in expected] + [FileCheck(f, what, zip_problem) for f in others]
 
 
 def _stage0_weights(path: Path, model: nn.Module) -> dict[str, torch.Tensor]:
@@ -430,7 +430,6 @@ class DeepSpeedBackend(Backend):
             source = self._universal_copy(path)
         else:
             source = path
-        check_checkpoint_files(path)
         with _universal_loading(self.engine) if universal else contextlib.nullcontext():
             try:
                 loaded, state = self.engine.load_checkpoint(
@@ -493,9 +492,9 @@ class DeepSpeedBackend(Backend):
                 state["step"] = step.detach().to(device=device, dtype=torch.float32).clone()
 
     @classmethod
-    def check_files(cls, path: str | Path) -> None:
-        """check_checkpoint_files, for the resume's preflight (before DeepSpeed's engine reads anything)."""
-        check_checkpoint_files(Path(path))
+    def file_checks(cls, path: str | Path) -> list[FileCheck]:
+        """checkpoint_file_checks, for the resume (before DeepSpeed's engine reads anything)."""
+        return checkpoint_file_checks(Path(path))
 
     @classmethod
     def read_full_weights(cls, path: str | Path, model: nn.Module) -> dict[str, torch.Tensor]:
@@ -504,7 +503,7 @@ class DeepSpeedBackend(Backend):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         logging.getLogger(__name__).warning(PICKLE_WARNING, path)
-        check_checkpoint_files(Path(path))
+        check_files_shared(lambda: checkpoint_file_checks(Path(path)))
         if saved_world_size(Path(path)) is None:  # ZeRO-0: no shards for zero_to_fp32 (it failed on None)
             return _stage0_weights(Path(path), model)
         return get_fp32_state_dict_from_zero_checkpoint(str(path), tag=CHECKPOINT_TAG)

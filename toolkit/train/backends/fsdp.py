@@ -51,6 +51,7 @@ from toolkit.train.backends.base import (
     tensor_state_numel,
 )
 from toolkit.train.durable import save_synced
+from toolkit.train.file_checks import FileCheck, check_files_shared, size_problem, zip_problem
 from toolkit.train.optim import ParamGroup, build_optimizer, freeze_frozen_groups
 from toolkit.train.safe_load import (
     CheckpointFileError,
@@ -122,20 +123,24 @@ SHARDS_WHAT = "the fsdp backend's model and optimizer shards"
 def read_checked_metadata(path: Path) -> dcp_metadata.Metadata:
     """DCP's `.metadata` (through `_SafeReader`), then every shard file it names checked to exist and to be as long
     as the metadata lays out: a missing or cut shard is refused naming the file, before DCP reads any of it (DCP
-    itself fails with a bare EOFError, or a FileNotFoundError inside its per-rank CheckpointException)."""
+    itself fails with a bare EOFError, or a FileNotFoundError inside its per-rank CheckpointException). One
+    process (export); a resume shares the same checks out over its ranks (`FSDPBackend.file_checks`)."""
+    metadata = _read_metadata(path)
+    check_files_shared(lambda: _shard_checks(path, metadata))
+    return metadata
+
+
+def _read_metadata(path: Path) -> dcp_metadata.Metadata:
     reader = _SafeReader(str(path))
-    metadata = _read_dcp(path / ".metadata", "the fsdp checkpoint's shard layout", reader.read_metadata)
+    return _read_dcp(path / ".metadata", "the fsdp checkpoint's shard layout", reader.read_metadata)
+
+
+def _shard_checks(path: Path, metadata: dcp_metadata.Metadata) -> list[FileCheck]:
+    """Each shard file the metadata names, at least as long as the entries it lays out in it."""
     ends: dict[str, int] = {}
     for info in (metadata.storage_data or {}).values():
         ends[info.relative_path] = max(ends.get(info.relative_path, 0), info.offset + info.length)
-    for name, end in sorted(ends.items()):
-        file = path / name
-        if not file.is_file():
-            raise CheckpointFileError(file, SHARDS_WHAT, "the file is missing")
-        if file.stat().st_size < end:
-            reason = f"it is {file.stat().st_size} bytes and .metadata lays out {end}: it was cut short"
-            raise CheckpointFileError(file, SHARDS_WHAT, reason)
-    return metadata
+    return [FileCheck(path / name, SHARDS_WHAT, size_problem(end)) for name, end in sorted(ends.items())]
 
 
 def _read_dcp(file: Path, what: str, read: Callable[[], Any]) -> Any:
@@ -293,12 +298,9 @@ class FSDPBackend(TorchOptimizerBackend):
         return PendingSave(future)
 
     def load(self, path: str | Path) -> dict:
+        """After the resume's file checks (`file_checks`, shared out over the ranks): they are not repeated here."""
         path = Path(path)
-        if not (path / EXTRA_FILE).exists():
-            raise CheckpointFileError(path / EXTRA_FILE, "the fsdp backend's schedule and client state",
-                                      "the file is missing")  # fmt: skip
         extra = load_plain(path / EXTRA_FILE, what="the fsdp backend's schedule and client state")
-        read_checked_metadata(path)  # a refused file raises here, not wrapped in DCP's per-rank CheckpointException
         reader = _SafeReader(str(path))
         state = self._sharded_state()
         _read_dcp(path, SHARDS_WHAT, lambda: dcp.load(state, storage_reader=reader))
@@ -308,13 +310,12 @@ class FSDPBackend(TorchOptimizerBackend):
         return extra["client_state"]
 
     @classmethod
-    def check_files(cls, path: str | Path) -> None:
-        """The schedule file, `.metadata` and every shard it lays out (sizes only): the resume's preflight."""
+    def file_checks(cls, path: str | Path) -> list[FileCheck]:
+        """The schedule file, `.metadata` (read here: it names the shards) and every shard it lays out (sizes
+        only): what a resume checks before it reads any."""
         path = Path(path)
-        if not (path / EXTRA_FILE).is_file():
-            raise CheckpointFileError(path / EXTRA_FILE, "the fsdp backend's schedule and client state",
-                                      "the file is missing")  # fmt: skip
-        read_checked_metadata(path)
+        extra = FileCheck(path / EXTRA_FILE, "the fsdp backend's schedule and client state", zip_problem)
+        return [extra, *_shard_checks(path, _read_metadata(path))]
 
     @classmethod
     def read_full_weights(cls, path: str | Path, model: nn.Module) -> dict[str, torch.Tensor]:

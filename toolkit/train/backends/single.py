@@ -10,7 +10,6 @@ backend.grad_reduce_dtype=bf16 that exchange sends bf16 copies of the fp32 gradi
 from __future__ import annotations
 
 import contextlib
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +29,7 @@ from toolkit.train.backends.base import (
     tensor_state_numel,
 )
 from toolkit.train.durable import save_synced
+from toolkit.train.file_checks import FileCheck, zip_problem
 from toolkit.train.optim import ParamGroup, build_optimizer, freeze_frozen_groups
 from toolkit.train.safe_load import CheckpointFileError, WeightsMismatchError, load_plain, weights_mismatch
 from toolkit.train.schedule import WarmupCosine, build_scheduler
@@ -152,12 +152,10 @@ class SingleBackend(TorchOptimizerBackend):
         return _read_state(Path(path), cls.name)["model"]
 
     @classmethod
-    def check_files(cls, path: str | Path) -> None:
-        """state.pt there and whole (its zip end record), without reading it: checked by the resume's preflight."""
-        file = Path(path) / STATE_FILE
-        if not file.is_file() or not zipfile.is_zipfile(file):
-            reason = "the file is missing" if not file.is_file() else "the file is cut short (no zip end record)"
-            raise CheckpointFileError(file, f"the {cls.name} backend's model, optimizer and schedule state", reason)
+    def file_checks(cls, path: str | Path) -> list[FileCheck]:
+        """state.pt there and whole (its zip end record), without reading it: checked before a resume reads it."""
+        return [FileCheck(Path(path) / STATE_FILE, f"the {cls.name} backend's model, optimizer and schedule state",
+                          zip_problem)]  # fmt: skip
 
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
         if self.env.rank != 0:
