@@ -37,18 +37,6 @@ def zip_problem(file: Path, *, missing: str = "the file is missing") -> str | No
     return None
 
 
-def size_problem(end: int) -> Callable[[Path], str | None]:
-    """A file at least `end` bytes long (a DCP shard: its metadata lays out where each entry ends)."""
-
-    def problem(file: Path) -> str | None:
-        if not file.is_file():
-            return "the file is missing"
-        size = file.stat().st_size
-        return f"it is {size} bytes and .metadata lays out {end}: it was cut short" if size < end else None
-
-    return problem
-
-
 Failure = tuple[int, str, str, str]  # (index in the list, file, what, reason): plain data, so it can be gathered
 
 

@@ -51,7 +51,7 @@ from toolkit.train.backends.base import (
     tensor_state_numel,
 )
 from toolkit.train.durable import save_synced
-from toolkit.train.file_checks import FileCheck, check_files_shared, size_problem, zip_problem
+from toolkit.train.file_checks import FileCheck, check_files_shared, zip_problem
 from toolkit.train.optim import ParamGroup, build_optimizer, freeze_frozen_groups
 from toolkit.train.safe_load import (
     CheckpointFileError,
@@ -135,12 +135,24 @@ def _read_metadata(path: Path) -> dcp_metadata.Metadata:
     return _read_dcp(path / ".metadata", "the fsdp checkpoint's shard layout", reader.read_metadata)
 
 
+def _size_problem(end: int) -> Callable[[Path], str | None]:
+    """A shard at least `end` bytes long: .metadata lays out where each of its entries ends."""
+
+    def problem(file: Path) -> str | None:
+        if not file.is_file():
+            return "the file is missing"
+        size = file.stat().st_size
+        return f"it is {size} bytes and .metadata lays out {end}: it was cut short" if size < end else None
+
+    return problem
+
+
 def _shard_checks(path: Path, metadata: dcp_metadata.Metadata) -> list[FileCheck]:
     """Each shard file the metadata names, at least as long as the entries it lays out in it."""
     ends: dict[str, int] = {}
     for info in (metadata.storage_data or {}).values():
         ends[info.relative_path] = max(ends.get(info.relative_path, 0), info.offset + info.length)
-    return [FileCheck(path / name, SHARDS_WHAT, size_problem(end)) for name, end in sorted(ends.items())]
+    return [FileCheck(path / name, SHARDS_WHAT, _size_problem(end)) for name, end in sorted(ends.items())]
 
 
 def _read_dcp(file: Path, what: str, read: Callable[[], Any]) -> Any:
