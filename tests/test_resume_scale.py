@@ -157,3 +157,52 @@ def test_a_cut_file_checked_by_one_rank_stops_both_with_its_name(one_rank_run, t
     assert proc.stderr.count(said) == 2, proc.stderr[-4000:]
     assert proc.stderr.count(f"train.resume={run / 'checkpoints' / 'step_1'}") == 2
     assert max(cli_runs.logged(run)) == 2  # nothing trained past the checkpoint
+
+
+# Each rank its own "node" (LOCAL_RANK 0 of 1); rank 1 with its own mount of FOLDER when BLIND is set: it sees an
+# empty tmpfs where rank 0 sees train.run_dir, as a node whose run_dir is on its local disk would.
+NODE_WORKER = """
+import os, sys
+os.environ.update(LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
+if os.environ["RANK"] == "1" and os.environ.get("BLIND"):
+    mount = 'mount --make-rprivate / && mount -t tmpfs tmpfs "$0" && exec "$@"'
+    os.execvp("unshare", ["unshare", "-m", "sh", "-c", mount, os.environ["BLIND"], sys.executable, "-m", "toolkit",
+                          *sys.argv[1:]])
+from toolkit.__main__ import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def can_unshare_mounts() -> bool:
+    if shutil.which("unshare") is None or os.geteuid() != 0:
+        return False
+    probe = subprocess.run(["unshare", "-m", "sh", "-c", "mount --make-rprivate / && mount -t tmpfs tmpfs /mnt"],
+                           capture_output=True)  # fmt: skip
+    return probe.returncode == 0
+
+
+@pytest.mark.multiproc
+@pytest.mark.skipif(not can_unshare_mounts(), reason="needs root and mount namespaces (unshare -m) to give one rank "
+                    "its own view of a folder, as a node-local disk would")  # fmt: skip
+def test_a_run_folder_one_node_cannot_see_is_refused_before_training(one_rank_run, tmp_path):
+    """Two 'nodes' (a rank each); the second sees its own empty folder where the first writes train.run_dir (a
+    node-local /tmp). Before, this trained to its first checkpoint and failed there with a bare "No such file or
+    directory" for rank 1's file (measured). The same two nodes sharing the folder train."""
+    synth, _ = one_rank_run
+    (tmp_path / "worker.py").write_text(NODE_WORKER)
+    env = {**os.environ, **CPU_ENV}
+    for blind in (True, False):
+        folder = tmp_path / ("local" if blind else "shared")
+        folder.mkdir()
+        run = folder / "run"
+        env["BLIND"] = str(folder) if blind else ""
+        cmd = torchrun(2, str(tmp_path / "worker.py"), *args(synth, run, steps=1))
+        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+        if blind:
+            assert proc.returncode != 0
+            said = f"train.run_dir={run} is not one folder for every node: the first rank of 1 node(s) (rank 1 on"
+            assert proc.stderr.count(said) == 2, proc.stderr[-4000:]
+            assert not (run / "metrics.jsonl").exists() and not (run / ".node-probe").exists()
+        else:
+            assert proc.returncode == 0, proc.stderr[-4000:]
+            assert max(cli_runs.logged(run)) == 1 and not (run / ".node-probe").exists()

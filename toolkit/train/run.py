@@ -50,6 +50,7 @@ from toolkit.train.preflight import (
 )
 from toolkit.train.profiling import StepProfiler
 from toolkit.train.run_lock import RunLock
+from toolkit.train.shared_folder import check_shared
 from toolkit.train.trainer import Trainer, TrainerState
 from toolkit.train.validation import validation_loss
 
@@ -210,6 +211,7 @@ def _build(cfg: Config, backend, tokenizer, lock: RunLock | None = None, resume_
         check_resume_files(resume_from, backend, rank=env.rank, world=env.world_size)
     if lock is not None:
         lock.claim()  # after the configs agree: every rank names the same folder
+    check_shared(Path(cfg.train.run_dir), env)  # every node must see the checkpoints the others write
     dist.seed_everything(cfg.train.seed)  # identical initial weights on every rank
     model = VisionLanguageModel(cfg.model)
     if cfg.model.vision_backbone or cfg.model.language_backbone:
