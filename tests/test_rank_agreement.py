@@ -1,4 +1,5 @@
-"""Ranks launched with different configs stop at the start with one message, instead of hanging or drifting."""
+"""Ranks launched with different configs, library versions or toolkit code stop at the start with one message,
+instead of hanging or drifting."""
 
 from __future__ import annotations
 
@@ -59,3 +60,61 @@ def test_the_collective_timeout_is_the_configs(monkeypatch) -> None:
     monkeypatch.setattr(dist, "init_distributed", lambda device, env, timeout_s: seen.update(timeout_s=timeout_s))
     backend.start_process_group()
     assert seen == {"timeout_s": 77}
+
+
+# Rank 1 on its own "node" (every rank LOCAL_RANK 0 of 1), with what the test gives it: another torch version, or
+# the toolkit imported from another copy of its code.
+OTHER_NODE_WORKER = """
+import os, sys
+os.environ.update(LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
+if os.environ["RANK"] == "1":
+    if os.environ.get("OTHER_TOOLKIT"):
+        sys.path.insert(0, os.environ["OTHER_TOOLKIT"])
+    if os.environ.get("OTHER_TORCH"):
+        import torch
+        torch.__version__ = os.environ["OTHER_TORCH"]
+from toolkit.__main__ import main
+import toolkit
+print("rank", os.environ["RANK"], "runs", toolkit.__file__, flush=True)
+sys.exit(main(["train", "--config", sys.argv[1]]))
+"""
+
+
+@pytest.mark.multiproc
+def test_nodes_with_other_libraries_or_other_toolkit_code_are_refused_before_training(tmp_path: Path) -> None:
+    """A node with another torch (a stale container image) or another checkout of the toolkit (pulled on one node)
+    hung in a collective or failed on one rank deep inside a library; now every rank refuses at the start, naming
+    what differs and where. The config is the same on both ranks."""
+    import shutil
+
+    from toolkit.config import load_config, save_config
+    from toolkit.data.prepare.synthetic import write_synth
+
+    write_synth(str(tmp_path / "synth"), samples=16, val_samples=4, seed=0)
+    cfg = load_config("tiny", [f"model.tokenizer={tmp_path / 'synth' / 'tokenizer'}",
+                               f"data.train_shards={tmp_path / 'synth' / 'train'}", "data.val_shards=",
+                               "data.num_workers=0", "train.eval_interval=0", "backend.name=ddp", "backend.device=cpu",
+                               f"train.run_dir={tmp_path / 'run'}", "train.max_training_steps=2"])  # fmt: skip
+    save_config(cfg, tmp_path / "cfg.yaml")
+    (tmp_path / "worker.py").write_text(OTHER_NODE_WORKER)
+    other = tmp_path / "other_checkout"
+    shutil.copytree(REPO / "toolkit", other / "toolkit", ignore=shutil.ignore_patterns("__pycache__"))
+    edited = other / "toolkit" / "train" / "trainer.py"
+    edited.write_text(edited.read_text() + "\n# edited on this node only\n")
+    cases = {
+        "OTHER_TORCH": ("0.0.1-other", "run different software (torch: rank 0 on "),
+        "OTHER_TOOLKIT": (str(other), "the toolkit's code differs between nodes (toolkit code: rank 0 on "),
+    }
+    for variable, (value, says) in cases.items():
+        env = {**os.environ, **CPU_ENV, variable: value}
+        cmd = torchrun(2, str(tmp_path / "worker.py"), str(tmp_path / "cfg.yaml"))
+        done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+        assert done.returncode != 0
+        assert done.stderr.count(says) == 2, done.stderr[-3000:]
+        said = done.stderr[done.stderr.index(says) :].splitlines()[0]
+        assert ", rank 1 on " in said, said
+        if variable == "OTHER_TORCH":
+            assert f"'{value}')" in said, said
+        else:  # rank 1 really ran the other copy
+            assert f"rank 1 runs {other / 'toolkit' / '__init__.py'}" in done.stdout, done.stdout[-2000:]
+        assert not (tmp_path / "run" / "metrics.jsonl").exists()

@@ -29,6 +29,7 @@ from toolkit.config import Config, ConfigError, save_config
 from toolkit.data.loader import sum_counts
 from toolkit.model.attention import check_kernel
 from toolkit.train import best_export
+from toolkit.train.agreement import check_same_config
 from toolkit.train.checkpoint import (
     PendingCheckpoint,
     RunDir,
@@ -206,7 +207,7 @@ def _build(cfg: Config, backend, tokenizer, lock: RunLock | None = None, resume_
 
     env = backend.env
     backend.start_process_group()
-    check_same_config(cfg)
+    check_same_config(cfg, env)  # config, library versions and toolkit code, on every rank
     if env.world_size > 1:  # before the model is built: a lost or cut file is named at once, on every rank
         check_resume_files(resume_from, backend, rank=env.rank, world=env.world_size)
     if lock is not None:
@@ -269,34 +270,6 @@ def _vocabulary(folder: str) -> object:
         return data["model"].get("vocab"), [(t.get("id"), t.get("content")) for t in data.get("added_tokens", [])]
     except (OSError, ValueError, KeyError, AttributeError, TypeError):
         return None
-
-
-def check_same_config(cfg: Config) -> None:
-    """Every rank must run the same config. A launcher that gives one rank other overrides (a per-node wrapper,
-    an edited file on one host) hung at the first checkpoint or log line one rank reached alone, or trained two
-    drifting replicas and exited 0. One all-gather at the start; every rank raises the same error."""
-    configs = dist.all_gather_object(_flat(cfg.to_dict()))
-    differ = {}
-    for rank, other in enumerate(configs[1:], start=1):
-        for key in sorted(set(configs[0]) | set(other)):
-            if configs[0].get(key) != other.get(key):
-                differ.setdefault(key, f"rank 0 {configs[0].get(key)!r}, rank {rank} {other.get(key)!r}")
-    if differ:
-        shown = "; ".join(f"{k}: {v}" for k, v in list(differ.items())[:5])
-        raise ConfigError(
-            f"the ranks were launched with different configs ({shown}{'; ...' if len(differ) > 5 else ''}); give "
-            "every rank the same --config file and overrides (same command and files on every node)"
-        )
-
-
-def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict) and prefix == "":  # sections; a field's own dict value compares whole
-            out.update(_flat(value, f"{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 @dataclass
