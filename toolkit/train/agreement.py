@@ -5,8 +5,9 @@ node) a digest of the toolkit's source; every rank compares them with rank 0's a
 
 - A launcher that gave one rank other overrides (a per-node wrapper, a file edited on one host) hung at the first
   checkpoint or log line one rank reached alone, or trained two drifting replicas and exited 0.
-- A node with another torch, DeepSpeed or torchdata (a stale container image, a venv updated on one node) hangs
-  in a collective whose arguments differ between versions, or fails deep inside a library on one rank only.
+- A node with other library versions (torch, torchdata, the backend's engine; a stale container image, a venv
+  updated on one node) hangs in a collective whose arguments differ between versions, or fails deep inside a
+  library on one rank only.
 - A node with other toolkit code (a checkout pulled on one node, not on the others) does the same, or computes
   something else without a word.
 """
@@ -26,13 +27,14 @@ from toolkit import dist
 from toolkit.config import Config, ConfigError
 
 TOOLKIT_ROOT = Path(__file__).resolve().parents[1]
-LIBRARIES = ("deepspeed", "torchdata", "transformers", "webdataset")  # what a rank's work or its files depend on
+LIBRARIES = ("torchdata", "transformers", "webdataset")  # what every rank's work or its files depend on
 
 
-def check_same_config(cfg: Config, env: dist.DistEnv | None = None) -> None:
-    """Collective: refuse ranks that differ in config, library versions or toolkit code (see the module doc)."""
+def check_same_config(cfg: Config, env: dist.DistEnv | None = None, *, engine: tuple[str, ...] = ()) -> None:
+    """Collective: refuse ranks that differ in config, library versions or toolkit code (see the module doc);
+    `engine`: the backend's own packages (Backend.libraries), compared too."""
     env = env or dist.dist_env()
-    mine = {"config": _flat(cfg.to_dict()), "software": software(), "host": socket.gethostname(),
+    mine = {"config": _flat(cfg.to_dict()), "software": software(engine), "host": socket.gethostname(),
             "code": code_digest() if env.local_rank == 0 else None}  # fmt: skip
     ranks = dist.all_gather_object(mine)
     differ = _differences([r["config"] for r in ranks])
@@ -57,14 +59,14 @@ def check_same_config(cfg: Config, env: dist.DistEnv | None = None) -> None:
         )
 
 
-def software() -> dict[str, str]:
-    """Python, torch (and the CUDA and NCCL it was built with) and the libraries the toolkit uses, by version."""
+def software(engine: tuple[str, ...] = ()) -> dict[str, str]:
+    """Python, torch (and the CUDA and NCCL it was built with), the libraries the toolkit uses and `engine`'s."""
     python = ".".join(platform.python_version_tuple()[:2])  # 3.11.7 and 3.11.9 pickle and behave alike
     found = {"python": python, "torch": torch.__version__, "torch cuda": str(torch.version.cuda)}
     nccl = getattr(torch.cuda, "nccl", None)
     if torch.cuda.is_available() and nccl is not None:
         found["nccl"] = ".".join(map(str, nccl.version()))
-    for name in LIBRARIES:
+    for name in (*LIBRARIES, *engine):
         try:
             found[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:

@@ -207,7 +207,7 @@ def _build(cfg: Config, backend, tokenizer, lock: RunLock | None = None, resume_
 
     env = backend.env
     backend.start_process_group()
-    check_same_config(cfg, env)  # config, library versions and toolkit code, on every rank
+    check_same_config(cfg, env, engine=backend.libraries)  # config, library versions and toolkit code
     if env.world_size > 1:  # before the model is built: a lost or cut file is named at once, on every rank
         check_resume_files(resume_from, backend, rank=env.rank, world=env.world_size)
     if lock is not None:

@@ -182,6 +182,8 @@ class Backend(ABC):
     capabilities = Capabilities(distributed=True, reshardable=False)
     # Backends that write the same checkpoint files resume each other's (`single` <-> `ddp`); "" = its own only.
     checkpoint_format = ""
+    # Its engine's packages beyond torch: every rank must run the same versions (train/agreement.py compares them)
+    libraries: tuple[str, ...] = ()
 
     def __init__(self, cfg: Config, *, env: DistEnv, device: torch.device) -> None:
         self.cfg = cfg

@@ -282,6 +282,7 @@ def _group_settings(optimizer: torch.optim.Optimizer) -> list[dict]:
 
 class DeepSpeedBackend(Backend):
     name = "deepspeed"
+    libraries = ("deepspeed",)
     # ZeRO 1-3 reshard through DeepSpeed's universal checkpoint (set per instance in __init__); ZeRO-0 and NVMe
     # offload do not: stage 0 writes no ZeRO shards to convert, and the engine skips the ZeRO load under NVMe.
     capabilities = Capabilities(distributed=True, reshardable=False)
