@@ -206,3 +206,25 @@ def test_a_run_folder_one_node_cannot_see_is_refused_before_training(one_rank_ru
         else:
             assert proc.returncode == 0, proc.stderr[-4000:]
             assert max(cli_runs.logged(run)) == 1 and not (run / ".node-probe").exists()
+
+
+@pytest.mark.multiproc
+@pytest.mark.skipif(not can_unshare_mounts(), reason="needs root and mount namespaces (unshare -m) to give one rank "
+                    "its own view of a folder, as a node-local disk would")  # fmt: skip
+def test_ranks_that_find_different_checkpoints_to_resume_are_refused(one_rank_run, tmp_path):
+    """train.resume=auto where one node sees the run's checkpoints and the other sees none: rank 0 would load step 2
+    and rank 1 start fresh, then wait in different collectives. Every rank refuses, naming what each found."""
+    synth, saved = one_rank_run
+    (tmp_path / "worker.py").write_text(NODE_WORKER)
+    folder = tmp_path / "local"
+    run = folder / "run"
+    shutil.copytree(saved, run)
+    env = {**os.environ, **CPU_ENV, "BLIND": str(folder)}
+    proc = subprocess.run(torchrun(2, str(tmp_path / "worker.py"), *args(synth, run, steps=3)), cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode != 0
+    said = "the ranks found different checkpoints to resume from train.resume=auto (checkpoint: rank 0 on "
+    assert proc.stderr.count(said) == 2, proc.stderr[-4000:]
+    line = proc.stderr[proc.stderr.index(said) :].splitlines()[0]
+    assert f"'{run / 'checkpoints' / 'step_2'}', rank 1 on " in line and "'None')" in line, line
+    assert max(cli_runs.logged(run)) == 2  # nothing trained

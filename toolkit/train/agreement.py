@@ -30,33 +30,37 @@ TOOLKIT_ROOT = Path(__file__).resolve().parents[1]
 LIBRARIES = ("torchdata", "transformers", "webdataset")  # what every rank's work or its files depend on
 
 
-def check_same_config(cfg: Config, env: dist.DistEnv | None = None, *, engine: tuple[str, ...] = ()) -> None:
-    """Collective: refuse ranks that differ in config, library versions or toolkit code (see the module doc);
-    `engine`: the backend's own packages (Backend.libraries), compared too."""
+# What every rank must agree on, in the order they are checked, and the error for each: {shown} lists what differs.
+REFUSALS = {
+    "config": "the ranks were launched with different configs ({shown}); give every rank the same --config file "
+    "and overrides (same command and files on every node)",
+    "resume": "the ranks found different checkpoints to resume from train.resume={resume} ({shown}): train.run_dir "
+    "does not look the same from every node. Put it on a filesystem every node mounts, or give "
+    "train.resume=RUN/checkpoints/step_N",
+    "software": "the ranks run different software ({shown}); give every node the same environment (one container "
+    "image, or one venv on a shared filesystem)",
+    "code": "the toolkit's code differs between nodes ({shown}: a digest of its .py files); run one checkout on "
+    "every node (the same commit and no local edits, or one checkout on a shared filesystem)",
+}
+
+
+def check_same_config(
+    cfg: Config, env: dist.DistEnv | None = None, *, engine: tuple[str, ...] = (), resume_from: Path | None = None
+) -> None:
+    """Collective: refuse ranks that differ in config, library versions or toolkit code (see the module doc), or
+    that found different checkpoints to resume (`resume_from`, resolved by each rank from train.resume: ranks that
+    load different steps, or some none, then wait in different collectives); `engine`: the backend's own packages
+    (Backend.libraries), compared too."""
     env = env or dist.dist_env()
-    mine = {"config": _flat(cfg.to_dict()), "software": software(engine), "host": socket.gethostname(),
-            "code": code_digest() if env.local_rank == 0 else None}  # fmt: skip
+    code = {"toolkit code": code_digest()} if env.local_rank == 0 else {}  # one per node: its files
+    mine = {"config": _flat(cfg.to_dict()), "resume": {"checkpoint": str(resume_from)},
+            "software": software(engine), "code": code, "host": socket.gethostname()}  # fmt: skip
     ranks = dist.all_gather_object(mine)
-    differ = _differences([r["config"] for r in ranks])
-    if differ:
-        raise ConfigError(
-            f"the ranks were launched with different configs ({_shown(differ)}); give every rank the same --config "
-            "file and overrides (same command and files on every node)"
-        )
-    differ = _differences([r["software"] for r in ranks], hosts=[r["host"] for r in ranks])
-    if differ:
-        raise ConfigError(
-            f"the ranks run different software ({_shown(differ)}); give every node the same environment (one "
-            "container image, or one venv on a shared filesystem)"
-        )
-    codes = [r["code"] for r in ranks]
-    differ = _differences([{"toolkit code": c} if c is not None else {} for c in codes], [r["host"] for r in ranks],
-                          skip_missing=True)  # fmt: skip
-    if differ:
-        raise ConfigError(
-            f"the toolkit's code differs between nodes ({_shown(differ)}: a digest of its .py files); run one "
-            f"checkout on every node (the same commit and no local edits, or one checkout on a shared filesystem)"
-        )
+    hosts = [r["host"] for r in ranks]
+    for key, words in REFUSALS.items():
+        differ = _differences([r[key] for r in ranks], None if key == "config" else hosts, skip_missing=key == "code")
+        if differ:
+            raise ConfigError(words.format(shown=_shown(differ), resume=cfg.train.resume))
 
 
 def software(engine: tuple[str, ...] = ()) -> dict[str, str]:

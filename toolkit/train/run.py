@@ -207,12 +207,13 @@ def _build(cfg: Config, backend, tokenizer, lock: RunLock | None = None, resume_
 
     env = backend.env
     backend.start_process_group()
-    check_same_config(cfg, env, engine=backend.libraries)  # config, library versions and toolkit code
-    if env.world_size > 1:  # before the model is built: a lost or cut file is named at once, on every rank
-        check_resume_files(resume_from, backend, rank=env.rank, world=env.world_size)
+    # Config, library versions, toolkit code and the checkpoint each rank found to resume: the same on every rank
+    check_same_config(cfg, env, engine=backend.libraries, resume_from=resume_from)
     if lock is not None:
         lock.claim()  # after the configs agree: every rank names the same folder
     check_shared(Path(cfg.train.run_dir), env)  # every node must see the checkpoints the others write
+    if env.world_size > 1:  # before the model is built: a lost or cut file is named at once, on every rank
+        check_resume_files(resume_from, backend, rank=env.rank, world=env.world_size)
     dist.seed_everything(cfg.train.seed)  # identical initial weights on every rank
     model = VisionLanguageModel(cfg.model)
     if cfg.model.vision_backbone or cfg.model.language_backbone:
