@@ -228,3 +228,27 @@ def test_ranks_that_find_different_checkpoints_to_resume_are_refused(one_rank_ru
     line = proc.stderr[proc.stderr.index(said) :].splitlines()[0]
     assert f"'{run / 'checkpoints' / 'step_2'}', rank 1 on " in line and "'None')" in line, line
     assert max(cli_runs.logged(run)) == 2  # nothing trained
+
+
+@pytest.mark.multiproc
+def test_a_rank_file_that_fails_only_where_it_is_read_stops_every_rank_with_its_error(one_rank_run, tmp_path):
+    """rank_1.pt rewritten as a whole torch file that holds a Python object beyond plain data (it passes the zip
+    check; only rank 1 reads it): rank 1 refused it and rank 0 went on to its next collective, where it failed with
+    'another rank stopped first'. Both ranks now give the refusal, naming the file."""
+    import datetime
+
+    import torch
+
+    synth, _ = one_rank_run
+    run = tmp_path / "run"
+    done = subprocess.run(torchrun(2, "-m", "toolkit", *args(synth, run, steps=2)), cwd=REPO,
+                          env={**os.environ, **CPU_ENV}, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-4000:]
+    rank_file = run / "checkpoints" / "step_2" / "rank_1.pt"
+    torch.save({"loader": None, "rng": datetime.date(2026, 1, 1)}, rank_file)
+    proc, _ = resume_on_two_ranks(synth, run, tmp_path)
+    assert proc.returncode != 0
+    assert (
+        proc.stderr.count(f"{rank_file}") >= 2 and proc.stderr.count("holds Python objects, not only tensors") == 2
+    ), proc.stderr[-4000:]
+    assert "another rank stopped first" not in proc.stderr

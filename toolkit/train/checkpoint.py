@@ -27,6 +27,7 @@ import random
 import re
 import shutil
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -427,7 +428,7 @@ def _restore(path: Path, *, backend, loader) -> dict:
     if changed:  # the config is the run's: config.yaml says so, and the schedule is planned from it
         dist.log0("resumed with this config's optimizer settings, not the checkpoint's: %s", "; ".join(changed))
     if saved_world == world:
-        rank_state = read_rank_state(path, backend.env.rank, saved_world)
+        rank_state = read_agreed(lambda: read_rank_state(path, backend.env.rank, saved_world), share=False)[0]
         if loader is not None and rank_state["loader"] is not None:
             loader.load_state_dict(rank_state["loader"])
     else:  # every saved rank's data position, and rank 0's RNG state, on every rank
@@ -458,21 +459,31 @@ def read_rank_states_shared(path: Path, saved_world: int, *, rank: int, world: i
     """Every saved rank_R.pt on every rank (collective): rank r reads files r, r+W, ... and one all-gather shares
     them (each rank read every file: 262,000 reads of the shared filesystem for a 512-rank resume). A file that
     fails on the rank reading it fails every rank alike, with its name."""
-    mine: dict[int, dict] = {}
-    failure = None
-    try:
-        for saved_rank in range(rank, saved_world, world):
-            mine[saved_rank] = read_rank_state(path, saved_rank, saved_world)
-    except CheckpointFileError as exc:
-        failure = (str(exc.file), exc.what, exc.reason)
-    from toolkit import dist
+
+    def my_share() -> dict[int, dict]:
+        return {r: read_rank_state(path, r, saved_world) for r in range(rank, saved_world, world)}
 
     merged: dict[int, dict] = {}
-    for states, failed in dist.all_gather_object((mine, failure)):
-        if failed is not None:
-            raise CheckpointFileError(*failed)
+    for states in read_agreed(my_share, share=True):
         merged.update(states)
     return [merged[r] for r in range(saved_world)]
+
+
+def read_agreed(read: Callable[[], Any], *, share: bool) -> list[Any]:
+    """`read()` on every rank (collective): with `share`, every rank's result in rank order, else [this rank's].
+    A read that fails on some ranks only (a garbled file that passed the zip check, a file holding code) fails
+    every rank with the same error, the lowest failing rank's: the others waited in their next collective."""
+    try:
+        mine, failure = read(), None
+    except UserError as exc:
+        mine, failure = None, exc
+    from toolkit import dist
+
+    gathered = dist.all_gather_object((mine if share else None, failure))
+    failed = next((f for _, f in gathered if f is not None), None)
+    if failed is not None:
+        raise failed
+    return [m for m, _ in gathered] if share else [mine]
 
 
 def restore_rng(state: dict[str, Any], *, rank: int, own: bool) -> None:

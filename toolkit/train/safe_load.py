@@ -39,6 +39,10 @@ class CheckpointFileError(UserError):
         self.file, self.what, self.reason = Path(file), what, reason
         super().__init__(f"{self.file} ({what}) cannot be read: {reason}")
 
+    def __reduce__(self) -> tuple:
+        """Picklable (its arguments are not its message): one rank's failure is gathered and raised on all."""
+        return (type(self), (self.file, self.what, self.reason))
+
 
 class WeightsMismatchError(UserError):
     """A checkpoint's weights do not fit the model its run's config describes; the message says how."""
