@@ -1,7 +1,8 @@
 """Every rank runs the same config, the same libraries and the same toolkit code, or none starts.
 
-One all-gather at the start carries each rank's config, its library versions and (from the first rank of each
-node) a digest of the toolkit's source; every rank compares them with rank 0's and raises the same error.
+One all-gather at the start carries each rank's config, the checkpoint it found to resume, its library versions
+and (from the first rank of each node) a digest of the toolkit's source; every rank compares them with rank 0's
+and raises the same error.
 
 - A launcher that gave one rank other overrides (a per-node wrapper, a file edited on one host) hung at the first
   checkpoint or log line one rank reached alone, or trained two drifting replicas and exited 0.
