@@ -20,11 +20,8 @@ sys.exit(main(["train", "--config", sys.argv[1], *extra]))
 """
 
 
-@pytest.mark.multiproc
-def test_ranks_with_different_configs_are_refused_before_training(tmp_path: Path) -> None:
-    """Measured before: train.log_interval=2 on one rank hung at step 1 (one rank gathered sample counts, the other
-    started the next step), train.checkpoint_interval hung at the save barrier, train.lr_mp trained two drifting
-    DDP replicas and exited 0."""
+def write_config(tmp_path: Path, *, steps: int):
+    """tmp_path/cfg.yaml: the tiny preset on DDP over synthetic data written beside it, for `steps` steps."""
     from toolkit.config import load_config, save_config
     from toolkit.data.prepare.synthetic import write_synth
 
@@ -32,8 +29,17 @@ def test_ranks_with_different_configs_are_refused_before_training(tmp_path: Path
     cfg = load_config("tiny", [f"model.tokenizer={tmp_path / 'synth' / 'tokenizer'}",
                                f"data.train_shards={tmp_path / 'synth' / 'train'}", "data.val_shards=",
                                "data.num_workers=0", "train.eval_interval=0", "backend.name=ddp", "backend.device=cpu",
-                               f"train.run_dir={tmp_path / 'run'}", "train.max_training_steps=4"])  # fmt: skip
+                               f"train.run_dir={tmp_path / 'run'}", f"train.max_training_steps={steps}"])  # fmt: skip
     save_config(cfg, tmp_path / "cfg.yaml")
+    return cfg
+
+
+@pytest.mark.multiproc
+def test_ranks_with_different_configs_are_refused_before_training(tmp_path: Path) -> None:
+    """Measured before: train.log_interval=2 on one rank hung at step 1 (one rank gathered sample counts, the other
+    started the next step), train.checkpoint_interval hung at the save barrier, train.lr_mp trained two drifting
+    DDP replicas and exited 0."""
+    cfg = write_config(tmp_path, steps=4)
     (tmp_path / "worker.py").write_text(WORKER)
     cmd = torchrun(
         2, str(tmp_path / "worker.py"), str(tmp_path / "cfg.yaml"), "train.log_interval=2", "train.lr_mp=0.01"
@@ -87,15 +93,7 @@ def test_nodes_with_other_libraries_or_other_toolkit_code_are_refused_before_tra
     what differs and where. The config is the same on both ranks."""
     import shutil
 
-    from toolkit.config import load_config, save_config
-    from toolkit.data.prepare.synthetic import write_synth
-
-    write_synth(str(tmp_path / "synth"), samples=16, val_samples=4, seed=0)
-    cfg = load_config("tiny", [f"model.tokenizer={tmp_path / 'synth' / 'tokenizer'}",
-                               f"data.train_shards={tmp_path / 'synth' / 'train'}", "data.val_shards=",
-                               "data.num_workers=0", "train.eval_interval=0", "backend.name=ddp", "backend.device=cpu",
-                               f"train.run_dir={tmp_path / 'run'}", "train.max_training_steps=2"])  # fmt: skip
-    save_config(cfg, tmp_path / "cfg.yaml")
+    write_config(tmp_path, steps=2)
     (tmp_path / "worker.py").write_text(OTHER_NODE_WORKER)
     other = tmp_path / "other_checkout"
     shutil.copytree(REPO / "toolkit", other / "toolkit", ignore=shutil.ignore_patterns("__pycache__"))

@@ -37,7 +37,7 @@ import torch
 from PIL import Image
 
 from toolkit.errors import UserError
-from toolkit.evaluate import generate_batch, load_for_inference, prompt_inputs
+from toolkit.evaluate import context_room, generate_batch, load_for_inference, prompt_inputs
 
 try:  # the registry checks that the class is an lmms subclass; without lmms-eval the adapter still works alone
     from lmms_eval.api.model import lmms as _LMMSBase
@@ -277,7 +277,7 @@ class NanoVLMScale(_LMMSBase):
         for (ids, _), tokens, (_, _, _, doc_id, task, split) in zip(prompts, decoded, args, strict=True):
             n = len(ids)
             space = self.context - n
-            room = min(asked, space)  # a task asking for 0 new tokens gets "" unwarned
+            room = context_room(self.model, n, asked)  # a task asking for 0 new tokens gets "" unwarned
             if space <= 0:
                 full.add(task, split, doc_id, f"a {n}-token prompt")
             elif room < asked and len(tokens) == room and self.tok.eos_token_id not in tokens:

@@ -45,7 +45,7 @@ REFUSALS = {
 }
 
 
-def check_same_config(
+def check_ranks_agree(
     cfg: Config, env: dist.DistEnv | None = None, *, engine: tuple[str, ...] = (), resume_from: Path | None = None
 ) -> None:
     """Collective: refuse ranks that differ in config, library versions or toolkit code (see the module doc), or

@@ -38,7 +38,7 @@ import torch
 from toolkit.config import ConfigError
 from toolkit.errors import OtherRankFailed, UserError
 from toolkit.train.durable import save_synced, sync_path, write_text_synced
-from toolkit.train.file_checks import FileCheck, check_files_shared, zip_problem
+from toolkit.train.file_checks import FileCheck, zip_problem
 from toolkit.train.safe_load import CheckpointFileError, WeightsMismatchError, load_plain, weights_mismatch
 from toolkit.train.schedule import apply_recipe, recipe_of
 from toolkit.train.write_errors import explain_write, resume_note
@@ -192,12 +192,6 @@ def resume_file_checks(path: Path, meta: dict, *, backend) -> list[FileCheck]:
     checks = [FileCheck(path / f"rank_{r}.pt", "a rank's data-loader and RNG state", lost) for r in range(world)]
     own = getattr(backend, "file_checks", None)  # single/ddp, fsdp and deepspeed know their files
     return checks + (own(path / "model") if own is not None else [])
-
-
-def check_files(path: Path, meta: dict, *, backend, rank: int = 0, world: int = 1) -> None:
-    """resume_file_checks, raised as CheckpointFileError: in one process (world 1), or shared out over a running
-    process group's `world` ranks (collective: every rank checks every world-th file, all raise the same error)."""
-    check_files_shared(lambda: resume_file_checks(path, meta, backend=backend), rank=rank, world=world)
 
 
 def read_rank_state(path: Path, rank: int, saved_world: int | None = None) -> dict:

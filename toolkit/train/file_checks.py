@@ -37,21 +37,20 @@ def zip_problem(file: Path, *, missing: str = "the file is missing") -> str | No
     return None
 
 
-Failure = tuple[int, str, str, str]  # (index in the list, file, what, reason): plain data, so it can be gathered
-
-
-def _first_failure(build: Callable[[], list[FileCheck]], rank: int, world: int) -> Failure | None:
-    """This rank's share of the checks; a failure to build the list (a file every rank reads to know the others,
-    such as DCP's .metadata) comes first, at index -1."""
+def _first_failure(
+    build: Callable[[], list[FileCheck]], rank: int, world: int
+) -> tuple[int, CheckpointFileError] | None:
+    """This rank's share of the checks, as (index in the list, error); a failure to build the list (a file every
+    rank reads to know the others, such as DCP's .metadata) comes first, at index -1."""
     try:
         checks = build()
     except CheckpointFileError as exc:
-        return (-1, str(exc.file), exc.what, exc.reason)
+        return (-1, exc)
     for index in range(rank, len(checks), world):
         check = checks[index]
         reason = check.problem(check.file)
         if reason is not None:
-            return (index, str(check.file), check.what, reason)
+            return (index, CheckpointFileError(check.file, check.what, reason))
     return None
 
 
@@ -64,5 +63,4 @@ def check_files_shared(build: Callable[[], list[FileCheck]], *, rank: int = 0, w
     mine = _first_failure(build, rank, world)
     found = [f for f in (dist.all_gather_object(mine) if world > 1 else [mine]) if f is not None]
     if found:
-        _, file, what, reason = min(found, key=lambda failure: failure[0])
-        raise CheckpointFileError(file, what, reason)
+        raise min(found, key=lambda failure: failure[0])[1]

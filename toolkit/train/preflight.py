@@ -265,11 +265,13 @@ def check_resume_files(checkpoint: Path | None, backend: Any, *, rank: int, worl
     rank checking every file was about two million metadata calls per resume at 512 ranks)."""
     if checkpoint is None:
         return
-    from toolkit.train.checkpoint import check_files, damaged, read_trainer_meta
+    from toolkit.train.checkpoint import damaged, read_trainer_meta, resume_file_checks
+    from toolkit.train.file_checks import check_files_shared
     from toolkit.train.safe_load import CheckpointFileError
 
     try:
-        check_files(checkpoint, read_trainer_meta(checkpoint), backend=backend, rank=rank, world=world)
+        meta = read_trainer_meta(checkpoint)
+        check_files_shared(lambda: resume_file_checks(checkpoint, meta, backend=backend), rank=rank, world=world)
     except CheckpointFileError as exc:
         raise damaged(exc, checkpoint, verb="resume") from exc
 

@@ -29,7 +29,7 @@ from toolkit.config import Config, ConfigError, save_config
 from toolkit.data.loader import sum_counts
 from toolkit.model.attention import check_kernel
 from toolkit.train import best_export
-from toolkit.train.agreement import check_same_config
+from toolkit.train.agreement import check_ranks_agree
 from toolkit.train.checkpoint import (
     PendingCheckpoint,
     RunDir,
@@ -208,7 +208,7 @@ def _build(cfg: Config, backend, tokenizer, lock: RunLock | None = None, resume_
     env = backend.env
     backend.start_process_group()
     # Config, library versions, toolkit code and the checkpoint each rank found to resume: the same on every rank
-    check_same_config(cfg, env, engine=backend.libraries, resume_from=resume_from)
+    check_ranks_agree(cfg, env, engine=backend.libraries, resume_from=resume_from)
     if lock is not None:
         lock.claim()  # after the configs agree: every rank names the same folder
     check_shared(Path(cfg.train.run_dir), env)  # every node must see the checkpoints the others write

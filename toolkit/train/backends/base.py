@@ -282,7 +282,7 @@ class Backend(ABC):
 
     def checkpoint_meta(self) -> dict[str, Any]:
         """What trainer.json records beside backend and world size, for the offline checks of the backend's files
-        (`check_files`) where the files alone cannot say what should be there; nothing by default."""
+        (`file_checks`) where the files alone cannot say what should be there; nothing by default."""
         return {}
 
     @abstractmethod
